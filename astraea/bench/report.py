@@ -1,0 +1,112 @@
+"""Aggregate benchmark runs into rows, tables, JSON and a plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+AVERAGED = (
+    "mean_jct_s", "p50_jct_s", "p90_jct_s", "p99_jct_s", "max_jct_s", "mean_slowdown",
+    "normalized_latency_s_per_token", "mean_ttft_s", "throughput_jobs_per_s",
+    "peak_kv_utilization", "sim_wall_s",
+)
+SUMMED = ("jobs", "jobs_completed", "kv_preserve", "kv_swap", "kv_discard", "preemptions",
+          "tokens_recomputed", "tokens_swapped_out")
+
+
+def aggregate(runs: list[dict], baseline: str = "vllm-fcfs") -> list[dict]:
+    """One row per (policy, qps): metrics averaged over seeds, counts summed, and the ratio
+    of mean and p99 JCT to the baseline policy's at the same QPS."""
+    keys = []
+    for r in runs:
+        k = (r["policy"], r["qps"])
+        if k not in keys:
+            keys.append(k)
+    rows = []
+    for policy, qps in keys:
+        group = [r for r in runs if r["policy"] == policy and r["qps"] == qps]
+        row = {"policy": policy, "qps": qps, "seeds": [r["seed"] for r in group]}
+        for k in AVERAGED:
+            vals = [r[k] for r in group if k in r]
+            row[k] = float(np.mean(vals)) if vals else float("nan")
+        for k in SUMMED:
+            row[k] = int(sum(r.get(k, 0) for r in group))
+        rows.append(row)
+    for row in rows:
+        base = next((b for b in rows if b["policy"] == baseline and b["qps"] == row["qps"]), None)
+        if base is not None:
+            row["mean_jct_ratio_vs_" + baseline] = row["mean_jct_s"] / base["mean_jct_s"]
+            row["p99_jct_ratio_vs_" + baseline] = row["p99_jct_s"] / base["p99_jct_s"]
+    return rows
+
+
+COLUMNS = (
+    ("policy", "policy", "{:<14}"),
+    ("mean_jct_s", "mean", "{:>8.2f}"),
+    ("p50_jct_s", "p50", "{:>8.2f}"),
+    ("p90_jct_s", "p90", "{:>8.2f}"),
+    ("p99_jct_s", "p99", "{:>8.2f}"),
+    ("max_jct_s", "max", "{:>8.2f}"),
+    ("mean_slowdown", "slowdown", "{:>8.2f}"),
+    ("normalized_latency_s_per_token", "s/token", "{:>8.4f}"),
+    ("throughput_jobs_per_s", "jobs/s", "{:>7.3f}"),
+    ("kv_preserve", "preserve", "{:>8d}"),
+    ("kv_swap", "swap", "{:>7d}"),
+    ("kv_discard", "discard", "{:>7d}"),
+    ("peak_kv_utilization", "peakKV", "{:>6.2f}"),
+    ("mean_jct_ratio_vs_vllm-fcfs", "xFCFS", "{:>6.3f}"),
+)
+
+
+def format_tables(rows: list[dict]) -> str:
+    out = []
+    for qps in dict.fromkeys(r["qps"] for r in rows):
+        group = [r for r in rows if r["qps"] == qps]
+        label = "trace arrivals" if qps is None else f"QPS {qps:g}"
+        seeds = ",".join(str(s) for s in group[0]["seeds"])
+        out.append(f"\n{label} (seeds {seeds}; JCT in seconds; xFCFS = mean JCT / vllm-fcfs's)")
+        out.append(" ".join(f"{name:>{len(fmt.format(0) if 'd' in fmt or 'f' in fmt else name)}}"
+                            if i else f"{name:<14}" for i, (_, name, fmt) in enumerate(COLUMNS)))
+        for r in group:
+            cells = []
+            for key, name, fmt in COLUMNS:
+                v = r.get(key)
+                if v is None:
+                    cells.append(f"{'-':>{len(name)}}")
+                else:
+                    cells.append(fmt.format(v))
+            out.append(" ".join(cells))
+    return "\n".join(out)
+
+
+def write_json(path: str | Path, spec: dict, rows: list[dict], runs: list[dict]) -> None:
+    Path(path).write_text(json.dumps({"spec": spec, "rows": rows, "runs": runs}, indent=1))
+
+
+def plot(path: str | Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        pts = sorted((r["qps"], r["mean_jct_s"], r["p99_jct_s"]) for r in rows
+                     if r["policy"] == policy and r["qps"] is not None)
+        if not pts:
+            continue
+        q, mean, p99 = zip(*pts)
+        axes[0].plot(q, mean, marker="o", label=policy)
+        axes[1].plot(q, p99, marker="o", label=policy)
+    for ax, title in zip(axes, ("mean JCT", "p99 JCT")):
+        ax.set_xlabel("QPS (jobs/s)")
+        ax.set_ylabel(f"{title} (s)")
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

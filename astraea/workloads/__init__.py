@@ -1,0 +1,61 @@
+"""Agent workloads: generated mixes and trace files (native JSONL, InferCept JSON)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from astraea.workloads.generator import INFERCEPT_MIX, generate_mix, with_poisson_arrivals
+from astraea.workloads.infercept_format import read_infercept
+from astraea.workloads.native import read_native, write_native
+from astraea.workloads.trace import JobTrace, Segment, ToolCall, TraceError
+
+__all__ = [
+    "INFERCEPT_MIX", "JobTrace", "Segment", "ToolCall", "TraceError", "generate_mix",
+    "load_trace", "read_infercept", "read_native", "with_poisson_arrivals", "write_native",
+    "take_jobs",
+]
+
+
+def load_trace(path: str | Path) -> list[JobTrace]:
+    """Read a native JSONL or an InferCept JSON trace: a first line that is a whole job
+    object makes it JSONL, anything else is read as one InferCept JSON document."""
+    import json
+
+    path = Path(path)
+    if not path.exists():
+        raise TraceError(f"{path}: no such trace file")
+    with path.open() as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        obj = json.loads(first)
+    except json.JSONDecodeError:
+        obj = None
+    if isinstance(obj, dict) and "segments" in obj:
+        return read_native(path)
+    return read_infercept(path)
+
+
+def take_jobs(jobs: list[JobTrace], n: int, context_window: int | None = None) -> list[JobTrace]:
+    """The first `n` jobs in file order, cycling with fresh ids (and shifted arrivals) when
+    `n` exceeds the file; a job longer than the context window is an error naming it."""
+    if context_window is not None:
+        for job in jobs:
+            if job.total_tokens > context_window:
+                raise TraceError(
+                    f"job {job.job_id!r} reaches {job.total_tokens} tokens, more than the "
+                    f"profile's context window of {context_window}")
+    timed = all(j.arrival_s is not None for j in jobs)
+    span = 0.0
+    if timed:
+        first, last = min(j.arrival_s for j in jobs), max(j.arrival_s for j in jobs)
+        span = (last - first) * (1 + 1 / max(len(jobs) - 1, 1)) if len(jobs) > 1 else 1.0
+    out = []
+    for i in range(n):
+        cycle, k = divmod(i, len(jobs))
+        job = jobs[k]
+        if cycle == 0:
+            out.append(job)
+            continue
+        arrival = job.arrival_s + cycle * span if timed else None
+        out.append(job.with_id(f"{job.job_id}~{cycle}", arrival))
+    return out

@@ -1,0 +1,115 @@
+"""Every scheduling knob in one place, with the default and why.
+
+Defaults were picked by measurement on the InferCept mix (`astraea bench`); the sweep that
+chose them is recorded in the README ("Choosing the MLFQ defaults").
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class MlfqConfig:
+    """Stateful-MLFQ (DESIGN §3)."""
+
+    num_levels: int = 4
+    # Quota of level 0 in token cost (prefill-token equivalents, see token_cost.py); level k
+    # gets quota_base · quota_growth**k. A segment that exceeds its level's quota is demoted.
+    quota_base: float = 4000.0
+    quota_growth: float = 4.0
+    # A job in the lowest level whose response ratio (W + T) / T exceeds this moves to level 0.
+    aging_ratio: float = 8.0
+    # True: fill the batch from every level in order (work-conserving, the default).
+    # False: the paper's text — only the first non-empty level is considered.
+    work_conserving: bool = True
+    # Promote a job one level when a segment yields to an API before using its quota.
+    promote_on_api_yield: bool = True
+
+    def quota(self, level: int) -> float:
+        return self.quota_base * self.quota_growth**level
+
+
+@dataclass(frozen=True)
+class KvPolicyConfig:
+    """Pressure-adaptive KV decisions during API waits (DESIGN §4)."""
+
+    # Below this KV utilisation every API wait preserves: free memory costs nobody anything.
+    low_pressure: float = 0.5
+    # At or above this utilisation the preserve waste counts in full (InferCept's rule).
+    high_pressure: float = 0.9
+    # When a ready job does not fit, reclaim memory from jobs paused in API waits (swap if the
+    # host has room and the predicted wait exceeds the swap round trip, discard otherwise).
+    reclaim_for_ready_jobs: bool = True
+    # Keep at least this share of blocks free when admitting (vLLM's watermark, 1 %).
+    watermark: float = 0.01
+
+
+@dataclass(frozen=True)
+class PlasConfig:
+    """Autellix's program-level attained service (PLAS)."""
+
+    # Upper bounds of the queues in seconds of attained service (doubling, 7 queues + the rest).
+    boundaries_s: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+    # Anti-starvation: promote to the top queue when waiting / service exceeds this.
+    starvation_ratio: float = 8.0
+    # Preempt lower-queue running calls to admit a higher-queue call that does not fit.
+    preemptive: bool = True
+
+
+@dataclass(frozen=True)
+class ContinuumConfig:
+    """Continuum's KV time-to-live during tool calls."""
+
+    # Memory held for τ seconds is priced as τ · (held share of the KV capacity) · this many
+    # seconds of GPU time: the exchange rate between the benefit (time) and the cost (memory).
+    memory_price_s: float = 1.0
+    max_ttl_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    mlfq: MlfqConfig = MlfqConfig()
+    kv: KvPolicyConfig = KvPolicyConfig()
+    plas: PlasConfig = PlasConfig()
+    continuum: ContinuumConfig = ContinuumConfig()
+    # Batch size assumed when converting a decode token into token cost.
+    nominal_batch_size: int = 32
+    # A work-conserving fill stops after this many candidates in a row did not fit: the rest
+    # are lower priority and the plan is rebuilt at the next event anyway.
+    max_skipped_candidates: int = 64
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_overrides(self, overrides: dict[str, str]) -> SchedulerConfig:
+        """Apply `section.field=value` overrides, e.g. {"mlfq.num_levels": "3"}."""
+        cfg = self
+        for key, raw in overrides.items():
+            section, _, name = key.partition(".")
+            sub = getattr(cfg, section, None)
+            if sub is None or not name or name not in {f.name for f in fields(sub)}:
+                raise ValueError(f"unknown scheduler setting {key!r}")
+            current = getattr(sub, name)
+            value = _parse_like(current, raw, key)
+            cfg = replace(cfg, **{section: replace(sub, **{name: value})})
+        return cfg
+
+
+def _parse_like(current: object, raw: str, key: str) -> object:
+    try:
+        if isinstance(current, bool):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        if isinstance(current, tuple):
+            return tuple(float(x) for x in raw.split("/"))
+    except ValueError:
+        raise ValueError(f"bad value {raw!r} for {key}") from None
+    raise ValueError(f"setting {key} cannot be overridden")

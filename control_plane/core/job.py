@@ -1,0 +1,143 @@
+"""A job's lifecycle as the scheduler sees it.
+
+A job alternates *segments* (the model generates) and *API waits* (a tool runs, the model is
+idle for this job). The scheduler only knows what a real deployment knows: the tokens appended
+before each segment, the tokens it generated, and hints such as the tool category. Output
+lengths and tool durations of the future are never stored here: the simulator keeps those.
+
+States::
+
+    ARRIVED ──first segment──▶ READY ──admit──▶ RUNNING ──segment ends with a tool call──▶ API_WAIT ──tool returns──▶ READY
+      ▲                │  └──segment ends (stop/length)──▶ FINISHED
+      └──preempted─────┘
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class JobState(enum.Enum):
+    ARRIVED = "arrived"
+    READY = "ready"
+    RUNNING = "running"
+    API_WAIT = "api_wait"
+    FINISHED = "finished"
+
+
+class KvAction(enum.Enum):
+    """What happens to a job's KV cache while it waits for an API."""
+
+    PRESERVE = "preserve"  # blocks stay on the GPU
+    SWAP = "swap"  # blocks copied to host memory and freed on the GPU
+    DISCARD = "discard"  # blocks freed; the context is recomputed on resume
+
+
+class KvState(enum.Enum):
+    """Where a job's KV cache is right now."""
+
+    NONE = "none"  # nothing computed yet (a new job)
+    RESIDENT = "resident"  # on the GPU of `Job.worker_id` (running, or preserved)
+    SWAPPED = "swapped"  # in host memory of `Job.worker_id`
+    DISCARDED = "discarded"  # gone (a prefix cache may still hold part of it)
+
+
+class IllegalTransition(RuntimeError):
+    """An event arrived that the job's current state does not allow."""
+
+
+@dataclass
+class Job:
+    """Mutable scheduler-side state of one job."""
+
+    job_id: str
+    arrival_s: float
+    category: str = "unknown"
+    state: JobState = JobState.ARRIVED
+    kv_state: KvState = KvState.NONE
+    worker_id: int | None = None
+    level: int = 0  # MLFQ level (0 = highest priority)
+    segment_index: int = 0
+    context_tokens: int = 0  # tokens of the job held in its KV (prompt + outputs so far)
+    pending_tokens: int = 0  # tokens appended for the current segment, not yet prefilled
+    # Accounting used by the policies.
+    waiting_s: float = 0.0  # accumulated time ready but not running (HRRN's W)
+    ready_since_s: float = 0.0
+    segment_cost: float = 0.0  # token cost attained by the current segment
+    attained_cost: float = 0.0  # token cost attained by the whole job (PLAS)
+    api_start_s: float = 0.0
+    predicted_api_s: float = 0.0
+    next_tool_category: str | None = None
+    finished_s: float | None = None
+    # Free-form per-policy data (e.g. Continuum's TTL deadline).
+    extra: dict = field(default_factory=dict)
+
+    # --- transitions -------------------------------------------------------------------
+    def _expect(self, *states: JobState) -> None:
+        if self.state not in states:
+            allowed = ", ".join(s.value for s in states)
+            raise IllegalTransition(
+                f"job {self.job_id}: event needs state {allowed}, job is {self.state.value}"
+            )
+
+    def mark_running(self, now: float, worker_id: int) -> None:
+        self._expect(JobState.READY)
+        self.waiting_s += now - self.ready_since_s
+        self.state = JobState.RUNNING
+        self.worker_id = worker_id
+        self.kv_state = KvState.RESIDENT
+
+    def mark_preempted(self, now: float, generated_tokens: int) -> None:
+        """The worker freed the job's blocks mid-segment; it must recompute on re-admission."""
+        self._expect(JobState.RUNNING)
+        self.context_tokens += self.pending_tokens + generated_tokens
+        self.pending_tokens = 0
+        self.kv_state = KvState.DISCARDED
+        self.state = JobState.READY
+        self.ready_since_s = now
+
+    def mark_segment_end(self, now: float, generated_tokens: int, calls_tool: bool) -> None:
+        self._expect(JobState.RUNNING)
+        self.context_tokens += self.pending_tokens + generated_tokens
+        self.pending_tokens = 0
+        self.segment_index += 1
+        if calls_tool:
+            self.state = JobState.API_WAIT
+            self.api_start_s = now
+        else:
+            self.state = JobState.FINISHED
+            self.finished_s = now
+
+    def mark_ready(self, now: float, new_tokens: int) -> None:
+        """A new segment was submitted: the first one, or the one after a tool returned."""
+        self._expect(JobState.ARRIVED, JobState.API_WAIT)
+        self.pending_tokens = new_tokens
+        self.segment_cost = 0.0
+        self.state = JobState.READY
+        self.ready_since_s = now
+
+    def apply_kv_action(self, action: KvAction) -> None:
+        self._expect(JobState.API_WAIT, JobState.READY)
+        if action is KvAction.SWAP:
+            self.kv_state = KvState.SWAPPED
+        elif action is KvAction.DISCARD:
+            # worker_id is kept as an affinity hint: that worker's prefix cache may still hit.
+            self.kv_state = KvState.DISCARDED
+        else:
+            self.kv_state = KvState.RESIDENT
+
+    # --- derived ----------------------------------------------------------------------
+    def waiting_now(self, now: float) -> float:
+        """HRRN's W: accumulated ready-but-not-running time, including the current wait."""
+        if self.state is JobState.READY:
+            return self.waiting_s + (now - self.ready_since_s)
+        return self.waiting_s
+
+    @property
+    def tokens_to_prefill_if_resident(self) -> int:
+        return self.pending_tokens
+
+    @property
+    def tokens_to_prefill_if_discarded(self) -> int:
+        return self.context_tokens + self.pending_tokens

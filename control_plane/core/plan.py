@@ -1,0 +1,95 @@
+"""The contract between the scheduler and a worker: memory views in, plan actions out.
+
+Like vLLM's `SchedulerOutput`, a plan is plain data a worker can execute without knowing the
+policy: admit (or resume) a segment, pause a job with a KV action after its segment ended,
+evict the KV of a job that waits for an API, preempt a running segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from control_plane.core.job import KvAction
+
+
+@dataclass(frozen=True)
+class Admit:
+    """Run the job's next segment on `worker_id`.
+
+    `new_tokens` are appended and prefilled; `context_tokens` is the job's history, which the
+    worker already holds (preserved), copies back (`swap_in`), or recomputes (after a discard,
+    less whatever its prefix cache still has).
+    """
+
+    job_id: str
+    worker_id: int
+    new_tokens: int
+    context_tokens: int
+    swap_in: bool = False
+
+
+@dataclass(frozen=True)
+class Pause:
+    """The job's segment ended with a tool call: keep, swap out or drop its KV."""
+
+    job_id: str
+    worker_id: int
+    action: KvAction
+
+
+@dataclass(frozen=True)
+class Evict:
+    """Free the GPU blocks of a job that is not running (waiting for its API, or ready)."""
+
+    job_id: str
+    worker_id: int
+    action: KvAction  # SWAP or DISCARD
+
+
+@dataclass(frozen=True)
+class Preempt:
+    """Stop a running segment now; its KV is swapped out or dropped (recomputed later)."""
+
+    job_id: str
+    worker_id: int
+    action: KvAction
+
+
+PlanAction = Admit | Pause | Evict | Preempt
+
+
+@dataclass(frozen=True)
+class KvDecision:
+    """A KV action with the inputs that led to it, so a trace can explain it."""
+
+    job_id: str
+    action: KvAction
+    reason: str
+    inputs: dict = field(default_factory=dict)
+
+
+@dataclass
+class WorkerView:
+    """What the scheduler knows of one worker's memory when it plans."""
+
+    worker_id: int
+    total_blocks: int
+    free_blocks: int  # allocatable now (free + evictable prefix-cache blocks)
+    block_size: int
+    host_free_blocks: int
+    running_seqs: int
+    max_seqs: int
+    running_context_tokens: int  # Σ context of running sequences (the batch's KV reads)
+    step_time_s: float  # duration of the current/last step (for the swap budget)
+    step_index: int
+    swapping_out_blocks: int = 0  # blocks that a swap-out in flight will free
+    blocks_of: Callable[[str], int] | None = None  # exact blocks a job holds, where known
+    preemptible: Callable[[str], bool] | None = None  # can this running job be preempted now
+
+    @property
+    def utilization(self) -> float:
+        return 1.0 - self.free_blocks / self.total_blocks if self.total_blocks else 1.0
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)

@@ -1,0 +1,146 @@
+"""Scheduling policies by name: a discipline plus a KV policy, each documented with its source.
+
+| name            | discipline                           | KV during API waits                 |
+|-----------------|--------------------------------------|-------------------------------------|
+| vllm-fcfs       | FCFS per segment, blocking           | discard (prefix cache may still hit)|
+| infercept       | FCFS by job arrival, blocking        | min waste, swap budget              |
+| autellix-plas   | program-level least attained service | discard (prefix cache may still hit)|
+| continuum       | FCFS by job arrival, blocking        | pin for a TTL from the tool's CDF   |
+| astraea         | Stateful-MLFQ + HRRN + aging         | pressure-adaptive + reclaim         |
+| astraea-paper   | Stateful-MLFQ, first non-empty level | pressure-adaptive, decided at yield |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from astraea.profile import HardwareProfile
+from control_plane.core.config import SchedulerConfig
+from control_plane.core.discipline import Discipline, Fcfs, Plas
+from control_plane.core.estimates import ServiceTimeEstimator
+from control_plane.core.kv_policy import AlwaysDiscard, KvPolicy, MinWaste, PressureAdaptive, TimeToLive
+from control_plane.core.mlfq import StatefulMlfq
+from control_plane.core.scheduler import Scheduler
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    name: str
+    summary: str
+    source: str
+    build: Callable[[HardwareProfile, ServiceTimeEstimator, SchedulerConfig], Scheduler]
+
+
+def _scheduler(discipline: Discipline, kv: Callable[[Scheduler], KvPolicy] | KvPolicy,
+               profile: HardwareProfile, estimator: ServiceTimeEstimator,
+               config: SchedulerConfig) -> Scheduler:
+    # The TTL policy needs the scheduler's recent queueing delay, so it may be built late.
+    placeholder = AlwaysDiscard(profile, estimator)
+    sched = Scheduler(discipline, placeholder, profile, estimator, config)
+    sched.kv_policy = kv(sched) if callable(kv) and not isinstance(kv, KvPolicy) else kv
+    return sched
+
+
+def _vllm(profile, estimator, config):
+    return _scheduler(Fcfs("segment"), AlwaysDiscard(profile, estimator), profile, estimator, config)
+
+
+def _infercept(profile, estimator, config):
+    return _scheduler(Fcfs("job"), MinWaste(profile, estimator), profile, estimator, config)
+
+
+def _plas(profile, estimator, config):
+    return _scheduler(Plas(config.plas), AlwaysDiscard(profile, estimator), profile, estimator, config)
+
+
+def _continuum(profile, estimator, config):
+    return _scheduler(
+        Fcfs("job"),
+        lambda s: TimeToLive(profile, estimator, config.continuum, lambda: s._recent_wait_s),
+        profile, estimator, config)
+
+
+def _astraea(profile, estimator, config):
+    return _scheduler(StatefulMlfq(config.mlfq), PressureAdaptive(profile, estimator, config.kv),
+                      profile, estimator, config)
+
+
+def _astraea_paper(profile, estimator, config):
+    mlfq = replace(config.mlfq, work_conserving=False)
+    kv = replace(config.kv, reclaim_for_ready_jobs=False)
+    config = replace(config, mlfq=mlfq, kv=kv)
+    return _scheduler(StatefulMlfq(mlfq), PressureAdaptive(profile, estimator, kv),
+                      profile, estimator, config)
+
+
+POLICIES: dict[str, PolicySpec] = {
+    p.name: p
+    for p in (
+        PolicySpec(
+            "vllm-fcfs",
+            "vLLM as shipped: every segment is a new request, FCFS by its own arrival; the "
+            "waiting queue stops at the first request that does not fit; KV dropped at each "
+            "tool call (its full blocks stay in the prefix cache until evicted); preemption "
+            "recomputes the latest admitted request.",
+            "vLLM v1 scheduler (vllm/v1/core/sched/scheduler.py); InferCept's 'vLLM' baseline "
+            "re-appends a resumed request at the end of the waiting queue.",
+            _vllm,
+        ),
+        PolicySpec(
+            "infercept",
+            "FCFS by the job's original arrival; at each API yield the KV is swapped if the "
+            "per-iteration swap budget hides the copy, else discarded or preserved by the "
+            "smaller memory waste; jobs the budget could not swap are offered again at the "
+            "next step.",
+            "InferCept (ICML 2024), WukLab/InferCept vllm/core/scheduler_v2.py; same predictor "
+            "as every policy (InferCept itself reads the true API time from the trace — use "
+            "--predictor oracle to give it that).",
+            _infercept,
+        ),
+        PolicySpec(
+            "autellix-plas",
+            "Program-level least attained service: a call's queue is its program's attained "
+            "service (wall time of its earlier calls plus this one's); FCFS inside a queue; "
+            "waiting/service above 8 promotes to the top queue; a higher-queue call preempts "
+            "lower-queue calls (swapping them out when the host has room); KV dropped at tool "
+            "calls.",
+            "Autellix (arXiv 2502.13965, NSDI '26 'Agentix'); boundaries doubling from 0.25 s "
+            "and β = 8 are our choice where the paper's table was not available (third-party "
+            "reimplementations use 7 doubling quanta and β = 8); work-conserving fill and "
+            "swap-based preemption, the choices that favour it.",
+            _plas,
+        ),
+        PolicySpec(
+            "continuum",
+            "Program-level FCFS; at a tool call the KV is pinned for τ* = argmax P(T ≤ τ)·"
+            "benefit − τ·price from the tool category's empirical duration CDF (exponential at "
+            "cold start), dropped when τ expires, unpinned under memory pressure.",
+            "Continuum (arXiv 2511.02230).",
+            _continuum,
+        ),
+        PolicySpec(
+            "astraea",
+            "Stateful-MLFQ (token-cost quotas, demote on quota, promote on API yield, HRRN "
+            "inside levels, aging) with a work-conserving fill, and the pressure-adaptive KV "
+            "policy that also reclaims memory from paused jobs when a ready job does not fit.",
+            "Astraea (arXiv 2512.14142) and this project's improvements (README).",
+            _astraea,
+        ),
+        PolicySpec(
+            "astraea-paper",
+            "Astraea as the paper's text reads: only the first non-empty MLFQ level is "
+            "considered, and KV decisions are taken at the API yield only.",
+            "Astraea (arXiv 2512.14142).",
+            _astraea_paper,
+        ),
+    )
+}
+
+
+def build_scheduler(name: str, profile: HardwareProfile, estimator: ServiceTimeEstimator,
+                    config: SchedulerConfig | None = None) -> Scheduler:
+    spec = POLICIES.get(name)
+    if spec is None:
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
+    return spec.build(profile, estimator, config or SchedulerConfig())

@@ -1,0 +1,326 @@
+"""The scheduling core: job registry, events in, batch plans out.
+
+Pure: no I/O and no clock — every call carries `now`. The simulator and the control-plane
+service drive the very same object: they report events (arrival, segment submitted, segment
+ended, preempted) and ask `build_plan(now, views)` for what the workers should do next.
+
+A policy is a discipline (who goes first) plus a KV policy (what happens during API waits),
+see `policies.py`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable
+
+from astraea.profile import HardwareProfile
+from control_plane.core.config import SchedulerConfig
+from control_plane.core.discipline import Discipline
+from control_plane.core.estimates import ServiceTimeEstimator
+from control_plane.core.job import Job, JobState, KvAction, KvState
+from control_plane.core.kv_policy import KvPolicy
+from control_plane.core.plan import Admit, Evict, KvDecision, Pause, PlanAction, Preempt, WorkerView
+from control_plane.core.token_cost import TokenCostModel
+
+
+class SchedulerError(ValueError):
+    """An event that does not fit the job's state (unknown id, wrong state, bad numbers)."""
+
+
+class Scheduler:
+    def __init__(
+        self,
+        discipline: Discipline,
+        kv_policy: KvPolicy,
+        profile: HardwareProfile,
+        estimator: ServiceTimeEstimator,
+        config: SchedulerConfig | None = None,
+        on_decision: Callable[[KvDecision, Job], None] | None = None,
+    ) -> None:
+        self.config = config or SchedulerConfig()
+        self.discipline = discipline
+        self.kv_policy = kv_policy
+        self.profile = profile
+        self.estimator = estimator
+        self.token_cost = TokenCostModel.from_profile(profile, self.config.nominal_batch_size)
+        self.jobs: dict[str, Job] = {}
+        self.running: dict[int, dict[str, Job]] = {}
+        self.paused: dict[int, dict[str, Job]] = {}  # API_WAIT with KV resident on the worker
+        self.decision_counts: Counter[str] = Counter()
+        self.on_decision = on_decision
+        self._recent_wait_s = 0.0  # EWMA of queueing delay at admission (Continuum's benefit)
+
+    # --- events -------------------------------------------------------------------------
+    def job_arrived(self, job_id: str, now: float, category: str = "unknown") -> Job:
+        if job_id in self.jobs:
+            raise SchedulerError(f"duplicate job id {job_id!r}")
+        job = Job(job_id=job_id, arrival_s=now, category=category)
+        self.jobs[job_id] = job
+        return job
+
+    def segment_submitted(self, job_id: str, now: float, new_tokens: int,
+                          next_tool_category: str | None = None) -> Job:
+        """A segment is ready: the job's first, or the one after its tool returned."""
+        job = self._job(job_id)
+        if new_tokens < 0:
+            raise SchedulerError(f"job {job_id}: negative token count {new_tokens}")
+        if job.state is JobState.API_WAIT:
+            self.estimator.observe_api(job.next_tool_category or "unknown", now - job.api_start_s)
+            self.kv_policy.forget(job)
+            if job.worker_id is not None:
+                self.paused.get(job.worker_id, {}).pop(job_id, None)
+        elif job.state is not JobState.ARRIVED:
+            raise SchedulerError(
+                f"job {job_id}: cannot submit a segment while {job.state.value}")
+        job.mark_ready(now, new_tokens)
+        job.next_tool_category = next_tool_category
+        self._enqueue(job, now)
+        return job
+
+    def segment_ended(self, job_id: str, now: float, generated_tokens: int,
+                      prefill_tokens: int, calls_tool: bool, tool_category: str | None,
+                      view: WorkerView) -> Pause | None:
+        """The worker finished a segment; for a tool call, decide the KV action now."""
+        job = self._job(job_id)
+        if job.state is not JobState.RUNNING or job.worker_id != view.worker_id:
+            raise SchedulerError(f"job {job_id} is not running on worker {view.worker_id}")
+        run_s = now - job.extra.pop("running_since_s", now)
+        decode_context = job.context_tokens + job.pending_tokens
+        cost = self.token_cost.cost(prefill_tokens, generated_tokens, decode_context)
+        job.segment_cost += cost
+        job.attained_cost += cost
+        self.estimator.observe_output(job, generated_tokens)
+        self.discipline.on_segment_end(job, now, calls_tool, job.segment_cost, run_s)
+        job.mark_segment_end(now, generated_tokens, calls_tool)
+        self.running[view.worker_id].pop(job_id, None)
+        if not calls_tool:
+            return None
+        job.next_tool_category = tool_category
+        decision = self.kv_policy.on_api_yield(job, now, view)
+        self._record(decision, job)
+        self._apply_kv(job, decision.action)
+        return Pause(job_id, view.worker_id, decision.action)
+
+    def segment_preempted(self, job_id: str, now: float, generated_tokens: int,
+                          action: KvAction = KvAction.DISCARD) -> None:
+        """The worker stopped a running segment (out of memory, or a Preempt action)."""
+        job = self._job(job_id)
+        if job.state is not JobState.RUNNING:
+            raise SchedulerError(f"job {job_id} is not running")
+        self.running[job.worker_id].pop(job_id, None)
+        job.extra.pop("preempting", None)
+        self.discipline.on_preempted(job, now)
+        job.extra.pop("running_since_s", None)
+        job.mark_preempted(now, generated_tokens)
+        job.kv_state = KvState.SWAPPED if action is KvAction.SWAP else KvState.DISCARDED
+        self.decision_counts["preempt_" + action.value] += 1
+        self._enqueue(job, now)
+
+    def job_cancelled(self, job_id: str, now: float) -> Job:
+        job = self._job(job_id)
+        if job.state is JobState.READY:
+            self.discipline.remove(job)
+        if job.worker_id is not None:
+            self.running.get(job.worker_id, {}).pop(job_id, None)
+            self.paused.get(job.worker_id, {}).pop(job_id, None)
+        self.kv_policy.forget(job)
+        job.state = JobState.FINISHED
+        job.finished_s = now
+        return job
+
+    def forget_finished(self, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None and job.state is JobState.FINISHED:
+            del self.jobs[job_id]
+
+    # --- planning -----------------------------------------------------------------------
+    def build_plan(self, now: float, views: dict[int, WorkerView]) -> list[PlanAction]:
+        """Decide what each worker does next. `views` are updated in place as admissions,
+        evictions and preemptions are planned, so the caller sees the planned state."""
+        actions: list[PlanAction] = []
+        for w, view in views.items():
+            self.running.setdefault(w, {})
+            paused = self.paused.setdefault(w, {})
+            if paused:
+                for d in self.kv_policy.revisit(now, list(paused.values()), view):
+                    actions.append(self._evict(self.jobs[d.job_id], d, view))
+        room = [self._most_room(views)]
+        room_tried: set[int] = set()
+        misses = 0
+        for job in self.discipline.candidates(now, room):
+            view, need = self._place(job, views)
+            if view is not None and view.running_seqs < view.max_seqs:
+                if need > self._admissible_blocks(view) and view.worker_id not in room_tried:
+                    # Room is made for the most important blocked job of each worker only.
+                    room_tried.add(view.worker_id)
+                    actions.extend(self._make_room(job, now, view, need))
+                if need <= self._admissible_blocks(view):
+                    actions.append(self._admit(job, now, view, need))
+                    room[0] = self._most_room(views)
+                    misses = 0
+                    continue
+            if self.discipline.blocking:
+                break
+            misses += 1
+            if misses >= self.config.max_skipped_candidates or room[0] <= 0:
+                break
+        return actions
+
+    def _most_room(self, views: dict[int, WorkerView]) -> int:
+        """The most blocks any worker with a free sequence slot can still give."""
+        return max((self._admissible_blocks(v) for v in views.values()
+                    if v.running_seqs < v.max_seqs), default=0)
+
+    def next_timer(self) -> float | None:
+        """When the core wants `build_plan` called even if no event arrives (e.g. a TTL)."""
+        return self.kv_policy.next_deadline()
+
+    def queue_lengths(self) -> list[int]:
+        return self.discipline.queue_lengths()
+
+    # --- internals ----------------------------------------------------------------------
+    def _job(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise SchedulerError(f"unknown job id {job_id!r}")
+        return job
+
+    def _record(self, decision: KvDecision, job: Job) -> None:
+        self.decision_counts[decision.action.value] += 1
+        if self.on_decision is not None:
+            self.on_decision(decision, job)
+
+    def _apply_kv(self, job: Job, action: KvAction) -> None:
+        job.apply_kv_action(action)
+        if action is KvAction.PRESERVE and job.state is JobState.API_WAIT:
+            self.paused.setdefault(job.worker_id, {})[job.job_id] = job
+        else:
+            self.paused.get(job.worker_id, {}).pop(job.job_id, None)
+
+    def _tokens_to_prefill(self, job: Job) -> int:
+        if job.kv_state in (KvState.RESIDENT, KvState.SWAPPED):
+            return job.pending_tokens
+        return job.context_tokens + job.pending_tokens
+
+    def _need_blocks(self, job: Job, block_size: int) -> int:
+        total = -(-(job.context_tokens + job.pending_tokens) // block_size)
+        if job.kv_state is KvState.RESIDENT:
+            return total - (-(-job.context_tokens // block_size))
+        return total
+
+    def predicted_compute_s(self, job: Job) -> float:
+        """T of HRRN: the segment's compute time alone on the engine."""
+        prefill = self._tokens_to_prefill(job)
+        context = job.context_tokens + job.pending_tokens
+        out = self.estimator.output_tokens(job)
+        prior = job.context_tokens if prefill == job.pending_tokens else 0
+        return self.profile.prefill_time_s(prefill, prior) + out * self.profile.step_time_s(1, context)
+
+    def _enqueue(self, job: Job, now: float) -> None:
+        need = self._need_blocks(job, self.profile.block_size)
+        self.discipline.add(job, now, self.predicted_compute_s(job), need)
+
+    def _admissible_blocks(self, view: WorkerView) -> int:
+        reserve = int(self.config.kv.watermark * view.total_blocks)
+        return view.free_blocks - reserve
+
+    def _place(self, job: Job, views: dict[int, WorkerView]) -> tuple[WorkerView | None, int]:
+        """A job whose KV is on a worker stays there; otherwise prefer the worker whose prefix
+        cache may hold it, then the one with the most free memory."""
+        if job.kv_state in (KvState.RESIDENT, KvState.SWAPPED):
+            view = views.get(job.worker_id)
+            return (view, self._need_blocks(job, view.block_size)) if view else (None, 0)
+        if len(views) == 1:
+            view = next(iter(views.values()))
+            return view, self._need_blocks(job, view.block_size)
+        best = None
+        for view in views.values():
+            if view.running_seqs >= view.max_seqs:
+                continue
+            key = (view.worker_id == job.worker_id, self._admissible_blocks(view), -view.running_seqs)
+            if best is None or key > best[0]:
+                best = (key, view)
+        if best is None:
+            return None, 0
+        view = best[1]
+        need = self._need_blocks(job, view.block_size)
+        if job.worker_id is not None and view.worker_id == job.worker_id and need > self._admissible_blocks(view):
+            # Affinity only helps if it fits; fall back to the roomiest worker.
+            view = max(views.values(), key=lambda v: (self._admissible_blocks(v), -v.running_seqs))
+        return view, need
+
+    def _admit(self, job: Job, now: float, view: WorkerView, need: int) -> Admit:
+        self.discipline.remove(job)
+        swap_in = job.kv_state is KvState.SWAPPED
+        wait = job.waiting_now(now) - job.waiting_s
+        self._recent_wait_s += 0.05 * (wait - self._recent_wait_s)
+        job.mark_running(now, view.worker_id)
+        job.extra["running_since_s"] = now
+        self.running.setdefault(view.worker_id, {})[job.job_id] = job
+        view.free_blocks -= need
+        view.running_seqs += 1
+        view.running_context_tokens += job.context_tokens + job.pending_tokens
+        if swap_in:
+            view.host_free_blocks += view.blocks_for(job.context_tokens)
+        return Admit(job.job_id, view.worker_id, job.pending_tokens, job.context_tokens, swap_in)
+
+    def _evict(self, job: Job, decision: KvDecision, view: WorkerView) -> Evict:
+        self._record(decision, job)
+        blocks = view.blocks_of(job.job_id) if view.blocks_of else view.blocks_for(job.context_tokens)
+        if decision.action is KvAction.SWAP:
+            view.swapping_out_blocks += blocks
+            view.host_free_blocks -= blocks
+        else:
+            view.free_blocks += blocks
+        self._apply_kv(job, decision.action)
+        if job.state is JobState.READY:  # a ready job's needs change with its KV state
+            self.discipline.remove(job)
+            self.discipline.add(job, 0.0, self.predicted_compute_s(job),
+                                self._need_blocks(job, view.block_size))
+        return Evict(job.job_id, view.worker_id, decision.action)
+
+    def _make_room(self, job: Job, now: float, view: WorkerView, need: int) -> list[PlanAction]:
+        actions: list[PlanAction] = []
+        short = need - self._admissible_blocks(view) - view.swapping_out_blocks
+        paused = self.paused.get(view.worker_id)
+        if short > 0 and paused:
+            for d in self.kv_policy.reclaim(now, list(paused.values()), view, short):
+                actions.append(self._evict(self.jobs[d.job_id], d, view))
+        if self.discipline.preemptive and need > self._admissible_blocks(view):
+            actions.extend(self._preempt_for(job, now, view, need))
+        return actions
+
+    def _preempt_for(self, job: Job, now: float, view: WorkerView, need: int) -> list[Preempt]:
+        """Preempt running segments of strictly lower priority, lowest first, but only if
+        together they free enough for `job` (otherwise preempting helps nobody)."""
+        mine = self.discipline.priority_key(job, now)[0]
+        victims = []
+        for r in self.running.get(view.worker_id, {}).values():
+            if r.extra.get("preempting") or (view.preemptible and not view.preemptible(r.job_id)):
+                continue
+            key = self.discipline.priority_key(r, now)
+            if key[0] > mine:
+                blocks = view.blocks_of(r.job_id) if view.blocks_of else view.blocks_for(
+                    r.context_tokens + r.pending_tokens)
+                victims.append((key, blocks, r))
+        short = need - self._admissible_blocks(view) - view.swapping_out_blocks
+        if sum(v[1] for v in victims) < short:
+            return []
+        victims.sort(key=lambda v: v[0], reverse=True)
+        out: list[Preempt] = []
+        for _, blocks, victim in victims:
+            if short <= 0:
+                break
+            if view.host_free_blocks >= blocks:
+                action = KvAction.SWAP
+                view.host_free_blocks -= blocks
+                view.swapping_out_blocks += blocks
+            else:
+                action = KvAction.DISCARD
+                view.free_blocks += blocks
+            short -= blocks
+            view.running_seqs -= 1
+            view.running_context_tokens -= victim.context_tokens + victim.pending_tokens
+            victim.extra["preempting"] = True
+            out.append(Preempt(victim.job_id, view.worker_id, action))
+        return out

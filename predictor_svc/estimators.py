@@ -1,0 +1,139 @@
+"""Online service-time estimators (pure: no I/O, no clock of their own).
+
+* API latency per tool category: a sliding window of recent durations gives the mean, the
+  quantiles and — what heavy tails need — the expected *remaining* time given the time already
+  waited (E[T − e | T > e]), which a plain mean gets wrong once a long call has run a while.
+  An unseen category borrows the pooled window of all categories; with no data at all, a prior.
+* Output tokens per segment: running means per (category, first segment or later), falling
+  back to the category, then to all jobs, then to a prior.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+from control_plane.core.job import Job, JobState
+
+PRIOR_API_S = 1.0
+PRIOR_OUTPUT_TOKENS = 64.0
+
+
+@dataclass
+class DurationWindow:
+    """The last `size` observations of one quantity, kept sorted for quantile queries."""
+
+    size: int = 512
+    _fifo: deque = field(default_factory=deque)
+    _sorted: list = field(default_factory=list)
+    _sum: float = 0.0
+    count: int = 0  # all observations ever
+
+    def add(self, x: float) -> None:
+        self.count += 1
+        self._fifo.append(x)
+        bisect.insort(self._sorted, x)
+        self._sum += x
+        if len(self._fifo) > self.size:
+            old = self._fifo.popleft()
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+            self._sum -= old
+
+    def __len__(self) -> int:
+        return len(self._fifo)
+
+    @property
+    def mean(self) -> float:
+        return self._sum / len(self._fifo)
+
+    def quantile(self, q: float) -> float:
+        s = self._sorted
+        return s[min(len(s) - 1, max(0, int(q * len(s))))]
+
+    def expected_remaining(self, elapsed: float) -> float:
+        """E[T − elapsed | T > elapsed] over the window; if every sample is shorter, the
+        window's mean residual is unknown, so assume the call ends about now."""
+        s = self._sorted
+        i = bisect.bisect_right(s, elapsed)
+        longer = len(s) - i
+        if longer == 0:
+            return 0.0
+        tail_sum = sum(s[i:]) if longer < 64 else self._sum - sum(s[:i])
+        return tail_sum / longer - elapsed
+
+    @property
+    def sorted_samples(self) -> list[float]:
+        return self._sorted
+
+
+class OnlineEstimator:
+    """Learns API latencies and output lengths from what the control plane observes."""
+
+    name = "online"
+
+    def __init__(self, window: int = 512, prior_api_s: float = PRIOR_API_S,
+                 prior_output_tokens: float = PRIOR_OUTPUT_TOKENS) -> None:
+        self._window = window
+        self.prior_api_s = prior_api_s
+        self.prior_output_tokens = prior_output_tokens
+        self._api: dict[str, DurationWindow] = {}
+        self._api_all = DurationWindow(window)
+        self._out_sum: dict[tuple, float] = defaultdict(float)
+        self._out_n: dict[tuple, int] = defaultdict(int)
+
+    # --- API latency ------------------------------------------------------------------
+    def _api_window(self, category: str | None) -> DurationWindow | None:
+        w = self._api.get(category or "")
+        if w is not None and len(w) >= 8:
+            return w
+        return self._api_all if len(self._api_all) else None
+
+    def api_duration_s(self, job: Job) -> float:
+        w = self._api_window(job.next_tool_category)
+        return w.mean if w else self.prior_api_s
+
+    def remaining_api_s(self, job: Job, now: float) -> float:
+        if job.state is not JobState.API_WAIT:
+            return 0.0
+        w = self._api_window(job.next_tool_category)
+        elapsed = now - job.api_start_s
+        if w is None:
+            return max(self.prior_api_s - elapsed, 0.0)
+        return w.expected_remaining(elapsed)
+
+    def api_duration_samples(self, category: str) -> list[float]:
+        w = self._api_window(category)
+        return w.sorted_samples if w else []
+
+    def api_quantile(self, category: str, q: float) -> float:
+        w = self._api_window(category)
+        return w.quantile(q) if w else self.prior_api_s
+
+    def observe_api(self, category: str, duration_s: float) -> None:
+        if duration_s < 0:
+            raise ValueError(f"negative API duration {duration_s}")
+        w = self._api.get(category)
+        if w is None:
+            w = self._api[category] = DurationWindow(self._window)
+        w.add(duration_s)
+        self._api_all.add(duration_s)
+
+    # --- output length ----------------------------------------------------------------
+    @staticmethod
+    def _keys(job: Job) -> tuple[tuple, ...]:
+        first = job.segment_index == 0
+        return ((job.category, first), (job.category,), ())
+
+    def output_tokens(self, job: Job) -> float:
+        for key in self._keys(job):
+            n = self._out_n.get(key, 0)
+            if n >= 4:
+                return self._out_sum[key] / n
+        return self.prior_output_tokens
+
+    def observe_output(self, job: Job, tokens: int) -> None:
+        # Called before the job's segment index advances, so `_keys` names the segment.
+        for key in self._keys(job):
+            self._out_sum[key] += tokens
+            self._out_n[key] += 1
