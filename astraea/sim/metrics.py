@@ -20,6 +20,7 @@ class JobRecord:
     api_s: float = 0.0
     output_tokens: int = 0
     ttft_s: list[float] = field(default_factory=list)
+    final_context_tokens: int = 0  # the scheduler's count when the job finished
 
     @property
     def jct_s(self) -> float:

@@ -122,7 +122,9 @@ class Simulation:
         self._dirty = True
 
     def _finish(self, job_id: str) -> None:
-        self.records[job_id].finish_s = self.now
+        record = self.records[job_id]
+        record.finish_s = self.now
+        record.final_context_tokens = self.sched.jobs[job_id].context_tokens
         self.sched.forget_finished(job_id)
         self._generated.pop(job_id, None)
         self._done += 1
