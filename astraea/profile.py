@@ -146,6 +146,21 @@ class HardwareProfile:
             if isinstance(e, ProfileError):
                 raise
             raise ProfileError(f"{origin}: bad value: {e}") from None
+        positive = {
+            "kv_bytes_per_token": prof.kv_bytes_per_token, "block_size": prof.block_size,
+            "attention_bandwidth_bytes_per_s": prof.attention_bandwidth_bytes_per_s,
+            "swap_bandwidth_bytes_per_s": prof.swap_bandwidth_bytes_per_s,
+            "gpu_memory_bytes": prof.gpu_memory_bytes, "context_window": prof.context_window,
+            "max_num_batched_tokens": prof.max_num_batched_tokens,
+            "max_num_seqs": prof.max_num_seqs,
+        }
+        for key, value in positive.items():
+            if not value > 0:
+                raise ProfileError(f"{origin}: {key} must be positive, got {value}")
+        if not 0 < prof.gpu_memory_utilization <= 1:
+            raise ProfileError(f"{origin}: gpu_memory_utilization must be in (0, 1]")
+        if prof.host_swap_bytes < 0 or prof.weights_bytes < 0 or prof.c_ms < 0 or prof.a_ms_per_token < 0:
+            raise ProfileError(f"{origin}: sizes and times must not be negative")
         if prof.kv_capacity_blocks <= 0:
             raise ProfileError(f"{origin}: no KV capacity left after the weights")
         if prof.max_num_seqs > prof.max_num_batched_tokens:

@@ -9,6 +9,7 @@ import numpy as np
 
 AVERAGED = (
     "mean_jct_s", "p50_jct_s", "p90_jct_s", "p99_jct_s", "max_jct_s", "mean_slowdown",
+    "mean_idle_jct_s",
     "normalized_latency_s_per_token", "mean_ttft_s", "throughput_jobs_per_s",
     "peak_kv_utilization", "sim_wall_s",
 )
@@ -39,6 +40,12 @@ def aggregate(runs: list[dict], baseline: str = "vllm-fcfs") -> list[dict]:
         if base is not None:
             row["mean_jct_ratio_vs_" + baseline] = row["mean_jct_s"] / base["mean_jct_s"]
             row["p99_jct_ratio_vs_" + baseline] = row["p99_jct_s"] / base["p99_jct_s"]
+            # The best any scheduler could do: every job at its idle-engine JCT.
+            row["mean_jct_bound_vs_" + baseline] = row["mean_idle_jct_s"] / base["mean_jct_s"]
+            excess = base["mean_jct_s"] - base["mean_idle_jct_s"]
+            if excess > 0:
+                row["excess_jct_ratio_vs_" + baseline] = (
+                    row["mean_jct_s"] - row["mean_idle_jct_s"]) / excess
     return rows
 
 
@@ -57,6 +64,8 @@ COLUMNS = (
     ("kv_discard", "discard", "{:>7d}"),
     ("peak_kv_utilization", "peakKV", "{:>6.2f}"),
     ("mean_jct_ratio_vs_vllm-fcfs", "xFCFS", "{:>6.3f}"),
+    ("mean_jct_bound_vs_vllm-fcfs", "bound", "{:>6.3f}"),
+    ("excess_jct_ratio_vs_vllm-fcfs", "excess", "{:>6.3f}"),
 )
 
 
@@ -66,7 +75,9 @@ def format_tables(rows: list[dict]) -> str:
         group = [r for r in rows if r["qps"] == qps]
         label = "trace arrivals" if qps is None else f"QPS {qps:g}"
         seeds = ",".join(str(s) for s in group[0]["seeds"])
-        out.append(f"\n{label} (seeds {seeds}; JCT in seconds; xFCFS = mean JCT / vllm-fcfs's)")
+        out.append(f"\n{label} (seeds {seeds}; JCT in seconds; xFCFS = mean JCT / vllm-fcfs's; "
+                   "bound = idle-engine mean JCT / vllm-fcfs's, the best any scheduler can do; "
+                   "excess = (mean JCT - idle) / vllm-fcfs's)")
         out.append(" ".join(f"{name:>{len(fmt.format(0) if 'd' in fmt or 'f' in fmt else name)}}"
                             if i else f"{name:<14}" for i, (_, name, fmt) in enumerate(COLUMNS)))
         for r in group:

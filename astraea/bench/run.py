@@ -88,9 +88,11 @@ def _run_task(args):
     return run_one(*args)
 
 
-def run_matrix(spec: BenchSpec, parallel: int | None = None, log=sys.stderr) -> list[dict]:
-    """Every (qps, seed, policy) run; the same jobs for every policy at a (qps, seed)."""
+def run_matrix(spec: BenchSpec, parallel: int | None = None, log=None) -> list[dict]:
+    """Every (qps, seed, policy) run; the same jobs for every policy at a (qps, seed).
+    Progress goes to `log` (default: the current stderr)."""
     validate(spec)
+    log = log if log is not None else sys.stderr
     tasks = [(spec, p, q, s) for q in spec.qps for s in spec.seeds for p in spec.policies]
     parallel = max(1, min(parallel or os.cpu_count() or 1, len(tasks)))
     runs: list[dict] = []

@@ -74,6 +74,8 @@ def summarize(records: list[JobRecord], makespan_s: float) -> dict:
         "p99_jct_s": float(np.percentile(jct, 99)),
         "max_jct_s": float(jct.max()),
         "mean_slowdown": float(np.mean([r.slowdown for r in done])),
+        # No scheduler can beat the idle-engine JCT; mean JCT minus it is what scheduling adds.
+        "mean_idle_jct_s": float(np.mean([r.idle_jct_s for r in done])),
         "normalized_latency_s_per_token": float(np.mean([r.normalized_latency_s for r in done])),
         "mean_ttft_s": float(np.mean([t for r in done for t in r.ttft_s])) if any(r.ttft_s for r in done) else 0.0,
         "throughput_jobs_per_s": len(done) / makespan_s if makespan_s > 0 else 0.0,

@@ -144,7 +144,7 @@ class Simulation:
                 seg = self.trace[action.job_id].segments[job.segment_index]
                 engine.admit(action.job_id, action.new_tokens, action.context_tokens,
                              seg.output_tokens - self._generated[action.job_id],
-                             action.swap_in, self.now)
+                             action.swap_in, self.now, action.priority)
             elif isinstance(action, (Pause, Evict)):
                 engine.evict(action.job_id, action.action, self.now)
             elif isinstance(action, Preempt):

@@ -25,6 +25,9 @@ class MlfqConfig:
     work_conserving: bool = True
     # Promote a job one level when a segment yields to an API before using its quota.
     promote_on_api_yield: bool = True
+    # Tell the worker to prefill admitted segments in MLFQ order (level, then predicted
+    # compute time) instead of admission order.
+    prioritize_prefill: bool = True
 
     def quota(self, level: int) -> float:
         return self.quota_base * self.quota_growth**level
@@ -78,15 +81,24 @@ class SchedulerConfig:
     # A work-conserving fill stops after this many candidates in a row did not fit: the rest
     # are lower priority and the plan is rebuilt at the next event anyway.
     max_skipped_candidates: int = 64
+    # Admit at most this many running segments per worker (0: the engine's max_num_seqs).
+    # Fewer co-runners make each decode step shorter (the attention read grows with the
+    # batch's context), so a priority order can finish short segments sooner.
+    max_running_per_worker: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def with_overrides(self, overrides: dict[str, str]) -> SchedulerConfig:
-        """Apply `section.field=value` overrides, e.g. {"mlfq.num_levels": "3"}."""
+        """Apply `section.field=value` (or top-level `field=value`) overrides, e.g.
+        {"mlfq.num_levels": "3"}."""
         cfg = self
         for key, raw in overrides.items():
             section, _, name = key.partition(".")
+            if not name and section in {f.name for f in fields(cfg)} and not hasattr(
+                    getattr(cfg, section), "__dataclass_fields__"):
+                cfg = replace(cfg, **{section: _parse_like(getattr(cfg, section), raw, key)})
+                continue
             sub = getattr(cfg, section, None)
             if sub is None or not name or name not in {f.name for f in fields(sub)}:
                 raise ValueError(f"unknown scheduler setting {key!r}")

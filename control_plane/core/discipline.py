@@ -46,6 +46,11 @@ class Discipline:
     def queue_lengths(self) -> list[int]:
         raise NotImplementedError
 
+    def engine_priority(self, job: Job, now: float, predicted_s: float) -> float:
+        """The order in which the worker should give prefill budget to admitted segments
+        (lower first). Default: none, so the worker keeps admission order (vLLM FCFS)."""
+        return 0.0
+
     def level_of(self, job: Job) -> int:
         return 0
 

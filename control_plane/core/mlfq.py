@@ -75,6 +75,12 @@ class StatefulMlfq(Discipline):
         score = level.score_of(job, now) if job in level else 0.0
         return (job.level, -score)
 
+    def engine_priority(self, job: Job, now: float, predicted_s: float) -> float:
+        """Inside the worker too, higher levels first and, within a level, the shorter
+        predicted segment first: a 25-token tool result should not wait for the budget
+        behind a 1,500-token first prompt admitted a moment earlier."""
+        return job.level * 1e6 + predicted_s if self.config.prioritize_prefill else 0.0
+
     def queue_lengths(self) -> list[int]:
         return [len(q) for q in self._levels]
 

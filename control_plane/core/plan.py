@@ -27,6 +27,7 @@ class Admit:
     new_tokens: int
     context_tokens: int
     swap_in: bool = False
+    priority: float = 0.0  # the worker prefills lower values first (ties: admission order)
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def _astraea(profile, estimator, config):
 
 
 def _astraea_paper(profile, estimator, config):
-    mlfq = replace(config.mlfq, work_conserving=False)
+    mlfq = replace(config.mlfq, work_conserving=False, prioritize_prefill=False)
     kv = replace(config.kv, reclaim_for_ready_jobs=False)
     config = replace(config, mlfq=mlfq, kv=kv)
     return _scheduler(StatefulMlfq(mlfq), PressureAdaptive(profile, estimator, kv),
@@ -130,7 +130,8 @@ POLICIES: dict[str, PolicySpec] = {
         PolicySpec(
             "astraea-paper",
             "Astraea as the paper's text reads: only the first non-empty MLFQ level is "
-            "considered, and KV decisions are taken at the API yield only.",
+            "considered, KV decisions are taken at the API yield only, and the worker keeps "
+            "admission order for prefill.",
             "Astraea (arXiv 2512.14142).",
             _astraea_paper,
         ),

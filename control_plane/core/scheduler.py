@@ -23,6 +23,9 @@ from control_plane.core.plan import Admit, Evict, KvDecision, Pause, PlanAction,
 from control_plane.core.token_cost import TokenCostModel
 
 
+NO_LIMIT = 1 << 62
+
+
 class SchedulerError(ValueError):
     """An event that does not fit the job's state (unknown id, wrong state, bad numbers)."""
 
@@ -46,6 +49,7 @@ class Scheduler:
         self.jobs: dict[str, Job] = {}
         self.running: dict[int, dict[str, Job]] = {}
         self.paused: dict[int, dict[str, Job]] = {}  # API_WAIT with KV resident on the worker
+        self.resident_ready: dict[int, dict[str, Job]] = {}  # READY with KV resident, not running
         self.decision_counts: Counter[str] = Counter()
         self.on_decision = on_decision
         self._recent_wait_s = 0.0  # EWMA of queueing delay at admission (Continuum's benefit)
@@ -69,6 +73,8 @@ class Scheduler:
             self.kv_policy.forget(job)
             if job.worker_id is not None:
                 self.paused.get(job.worker_id, {}).pop(job_id, None)
+                if job.kv_state is KvState.RESIDENT:
+                    self.resident_ready.setdefault(job.worker_id, {})[job_id] = job
         elif job.state is not JobState.ARRIVED:
             raise SchedulerError(
                 f"job {job_id}: cannot submit a segment while {job.state.value}")
@@ -123,6 +129,7 @@ class Scheduler:
         if job.worker_id is not None:
             self.running.get(job.worker_id, {}).pop(job_id, None)
             self.paused.get(job.worker_id, {}).pop(job_id, None)
+            self.resident_ready.get(job.worker_id, {}).pop(job_id, None)
         self.kv_policy.forget(job)
         job.state = JobState.FINISHED
         job.finished_s = now
@@ -138,33 +145,45 @@ class Scheduler:
         """Decide what each worker does next. `views` are updated in place as admissions,
         evictions and preemptions are planned, so the caller sees the planned state."""
         actions: list[PlanAction] = []
+        cap = self.config.max_running_per_worker
         for w, view in views.items():
+            if cap:
+                view.max_seqs = min(view.max_seqs, cap)
             self.running.setdefault(w, {})
             paused = self.paused.setdefault(w, {})
             if paused:
                 for d in self.kv_policy.revisit(now, list(paused.values()), view):
                     actions.append(self._evict(self.jobs[d.job_id], d, view))
-        room = [self._most_room(views)]
+        # Until room has been made on every worker, no candidate is filtered out for size:
+        # the most important blocked job must reach `_make_room`.
+        room = [NO_LIMIT]
         room_tried: set[int] = set()
         misses = 0
         for job in self.discipline.candidates(now, room):
             view, need = self._place(job, views)
             if view is not None and view.running_seqs < view.max_seqs:
-                if need > self._admissible_blocks(view) and view.worker_id not in room_tried:
+                if not self._fits(view, need) and view.worker_id not in room_tried:
                     # Room is made for the most important blocked job of each worker only.
                     room_tried.add(view.worker_id)
                     actions.extend(self._make_room(job, now, view, need))
-                if need <= self._admissible_blocks(view):
+                    if len(room_tried) == len(views):
+                        room[0] = self._most_room(views)
+                if self._fits(view, need):
                     actions.append(self._admit(job, now, view, need))
-                    room[0] = self._most_room(views)
+                    if room[0] != NO_LIMIT:
+                        room[0] = self._most_room(views)
                     misses = 0
                     continue
             if self.discipline.blocking:
                 break
             misses += 1
-            if misses >= self.config.max_skipped_candidates or room[0] <= 0:
+            if misses >= self.config.max_skipped_candidates or (
+                    room[0] != NO_LIMIT and room[0] <= 0):
                 break
         return actions
+
+    def _fits(self, view: WorkerView, need: int) -> bool:
+        return need <= 0 or need <= self._admissible_blocks(view)
 
     def _most_room(self, views: dict[int, WorkerView]) -> int:
         """The most blocks any worker with a free sequence slot can still give."""
@@ -251,6 +270,7 @@ class Scheduler:
 
     def _admit(self, job: Job, now: float, view: WorkerView, need: int) -> Admit:
         self.discipline.remove(job)
+        self.resident_ready.get(view.worker_id, {}).pop(job.job_id, None)
         swap_in = job.kv_state is KvState.SWAPPED
         wait = job.waiting_now(now) - job.waiting_s
         self._recent_wait_s += 0.05 * (wait - self._recent_wait_s)
@@ -262,7 +282,8 @@ class Scheduler:
         view.running_context_tokens += job.context_tokens + job.pending_tokens
         if swap_in:
             view.host_free_blocks += view.blocks_for(job.context_tokens)
-        return Admit(job.job_id, view.worker_id, job.pending_tokens, job.context_tokens, swap_in)
+        return Admit(job.job_id, view.worker_id, job.pending_tokens, job.context_tokens, swap_in,
+                     self.discipline.engine_priority(job, now, self.predicted_compute_s(job)))
 
     def _evict(self, job: Job, decision: KvDecision, view: WorkerView) -> Evict:
         self._record(decision, job)
@@ -273,6 +294,7 @@ class Scheduler:
         else:
             view.free_blocks += blocks
         self._apply_kv(job, decision.action)
+        self.resident_ready.get(view.worker_id, {}).pop(job.job_id, None)
         if job.state is JobState.READY:  # a ready job's needs change with its KV state
             self.discipline.remove(job)
             self.discipline.add(job, 0.0, self.predicted_compute_s(job),
@@ -286,9 +308,30 @@ class Scheduler:
         if short > 0 and paused:
             for d in self.kv_policy.reclaim(now, list(paused.values()), view, short):
                 actions.append(self._evict(self.jobs[d.job_id], d, view))
-        if self.discipline.preemptive and need > self._admissible_blocks(view):
+        if self.discipline.preemptive and not self._fits(view, need):
             actions.extend(self._preempt_for(job, now, view, need))
+        if view.running_seqs == 0 and not self._fits(view, need) and not view.swapping_out_blocks:
+            actions.extend(self._break_deadlock(job, now, view, need))
         return actions
+
+    def _break_deadlock(self, job: Job, now: float, view: WorkerView, need: int) -> list[Evict]:
+        """Nothing runs on the worker, nothing is being copied out, and the next job does not
+        fit: the memory is held by jobs that are not running (paused, or ready behind this
+        one). Nothing would ever change, so drop their KV — paused jobs first (the longest
+        predicted wait first), then ready ones from the lowest priority — until it fits."""
+        paused = sorted(self.paused.get(view.worker_id, {}).values(),
+                        key=lambda j: -self.estimator.remaining_api_s(j, now) * j.context_tokens)
+        ready = sorted((j for j in self.resident_ready.get(view.worker_id, {}).values() if j is not job),
+                       key=lambda j: self.discipline.priority_key(j, now), reverse=True)
+        out: list[Evict] = []
+        for victim in paused + ready:
+            if self._fits(view, need):
+                break
+            decision = KvDecision(victim.job_id, KvAction.DISCARD,
+                                  "deadlock breaker: worker idle and the next job cannot fit",
+                                  {"blocks_needed": need, "free_blocks": view.free_blocks})
+            out.append(self._evict(victim, decision, view))
+        return out
 
     def _preempt_for(self, job: Job, now: float, view: WorkerView, need: int) -> list[Preempt]:
         """Preempt running segments of strictly lower priority, lowest first, but only if

@@ -23,12 +23,18 @@ sequences needing a new block at a step are one residue class of `base mod block
 from __future__ import annotations
 
 import heapq
+import itertools
 from dataclasses import dataclass, field
 
 from astraea.profile import HardwareProfile
 from control_plane.core.job import KvAction
 from control_plane.core.plan import WorkerView
 from worker.sim_engine.kv_blocks import BlockPool
+
+
+def _kv_positions(history: int) -> int:
+    """KV positions a paused job's blocks hold: its last sampled token has none yet."""
+    return max(history - 1, 0)
 
 
 class EngineError(RuntimeError):
@@ -51,6 +57,7 @@ class Sequence:
     ready_at: float = 0.0  # a swapped-in sequence may not run before its copy lands
     version: int = 0  # invalidates stale entries of the finish heap
     decoding_at_removal: bool = False
+    priority: float = 0.0  # prefill order: lower first, then admission order
 
 
 @dataclass
@@ -95,6 +102,9 @@ class SimulatedEngine:
         self._sum_base = 0
         self._residue = [0] * self.bs
         self._finish: list[tuple[int, int, str, int]] = []  # (step, order, job, version)
+        # Versions are unique across sequences: a re-admitted job's new Sequence must not
+        # match a stale finish entry of its preempted predecessor.
+        self._versions = itertools.count(1)
         self._order = 0
         self.held: dict[str, tuple[int, int]] = {}  # ended/paused: job → (blocks, context)
         self.swapped: dict[str, tuple[int, int]] = {}  # job → (host blocks, context)
@@ -113,7 +123,9 @@ class SimulatedEngine:
 
     # --- plan actions -------------------------------------------------------------------
     def admit(self, job_id: str, new_tokens: int, context_tokens: int, max_tokens: int,
-              swap_in: bool, now: float) -> None:
+              swap_in: bool, now: float, priority: float = 0.0) -> None:
+        """Start a segment. Prefill chunks go to segments by (priority, admission order):
+        lower priority values first, as vLLM's priority scheduling orders its batch."""
         if job_id in self.running:
             raise EngineError(f"job {job_id} is already running on worker {self.worker_id}")
         if max_tokens < 1:
@@ -153,7 +165,7 @@ class SimulatedEngine:
             self.tokens_recomputed += context_tokens - hit
         self._order += 1
         seq = Sequence(job_id, self._order, context_tokens, to_prefill, total, max_tokens,
-                       blocks=blocks, ready_at=ready_at)
+                       blocks=blocks, ready_at=ready_at, priority=priority)
         self.running[job_id] = seq
         # Even with nothing new to prefill the sequence passes one prefill step, which
         # samples its first token (vLLM feeds the last token again).
@@ -187,7 +199,7 @@ class SimulatedEngine:
             self.swapped[job_id] = (blocks, ctx)
         elif action is KvAction.DISCARD:
             del self.held[job_id]
-            self.pool.release_to_cache(job_id, blocks, ctx)
+            self.pool.release_to_cache(job_id, blocks, _kv_positions(ctx))
         else:
             raise EngineError(f"evict needs SWAP or DISCARD, got {action.value}")
 
@@ -195,7 +207,7 @@ class SimulatedEngine:
         """The job finished or was cancelled: free what it holds (cached, like vLLM)."""
         if job_id in self.held:
             blocks, ctx = self.held.pop(job_id)
-            self.pool.release_to_cache(job_id, blocks, ctx)
+            self.pool.release_to_cache(job_id, blocks, _kv_positions(ctx))
         self._drop_swapped(job_id)
 
     def preempt(self, job_id: str, action: KvAction, now: float) -> tuple[int, KvAction]:
@@ -261,7 +273,10 @@ class SimulatedEngine:
         context_read = self._sum_base + self._n_decode * s
         chunks = []
         left = self.budget - tokens
-        for seq in self._prefilling.values():
+        prefilling = self._prefilling.values()
+        if len(self._prefilling) > 1:
+            prefilling = sorted(prefilling, key=lambda q: (q.priority, q.order))
+        for seq in prefilling:
             if left <= 0:
                 break
             if seq.ready_at > now:
@@ -395,7 +410,7 @@ class SimulatedEngine:
         self._n_decode += 1
         self._sum_base += seq.base
         self._residue[seq.base % self.bs] += 1
-        seq.version += 1
+        seq.version = next(self._versions)
         finish = s + seq.max_tokens - seq.generated
         heapq.heappush(self._finish, (finish, seq.order, seq.job_id, seq.version))
 
@@ -405,7 +420,7 @@ class SimulatedEngine:
             self._n_decode -= 1
             self._sum_base -= seq.base
             self._residue[seq.base % self.bs] -= 1
-            seq.version += 1
+            seq.version = next(self._versions)
 
     def _remove_running(self, seq: Sequence) -> tuple[int, int, int]:
         """Take a sequence out of the batch (preemption). Returns (blocks it holds, KV
