@@ -190,6 +190,10 @@ def test_reclaim_evicts_the_most_wasteful_paused_jobs_first_until_enough_is_free
     out = p.reclaim(1.0, jobs, v, blocks_needed=250)
     assert [d.job_id for d in out] == ["big", "mid"]
     assert all(d.action is KvAction.SWAP for d in out)  # host has room, waits are long
+    # By default reclaim only swaps: with no host room it leaves everything in place...
+    assert p.reclaim(1.0, jobs, view(gptj, free=0, host_free=0), blocks_needed=250) == []
+    # ...and with reclaim_discards it drops the same jobs instead.
+    p = PressureAdaptive(gptj, est, KvPolicyConfig(reclaim_discards=True))
     none_on_host = p.reclaim(1.0, jobs, view(gptj, free=0, host_free=0), blocks_needed=250)
     assert [(d.job_id, d.action) for d in none_on_host] == [("big", KvAction.DISCARD),
                                                             ("mid", KvAction.DISCARD)]

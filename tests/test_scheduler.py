@@ -185,7 +185,8 @@ def test_reclaim_evicts_paused_kv_for_a_ready_job_that_does_not_fit(gptj):
 
 
 def test_plas_preempts_a_lower_queue_call_to_admit_a_higher_one(gptj):
-    s = build_scheduler("autellix-plas", gptj, OnlineEstimator())
+    config = SchedulerConfig().with_overrides({"plas.preemptive": "true"})
+    s = build_scheduler("autellix-plas", gptj, OnlineEstimator(), config)
     old = running_job(s, "old", tokens=1600, now=0.0)
     # "old" has run for 20 s: its program's attained service puts it in the last queue.
     s.job_arrived("new", 20.0)

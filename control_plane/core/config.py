@@ -16,7 +16,7 @@ class MlfqConfig:
     num_levels: int = 4
     # Quota of level 0 in token cost (prefill-token equivalents, see token_cost.py); level k
     # gets quota_base · quota_growth**k. A segment that exceeds its level's quota is demoted.
-    quota_base: float = 4000.0
+    quota_base: float = 8000.0
     quota_growth: float = 4.0
     # A job in the lowest level whose response ratio (W + T) / T exceeds this moves to level 0.
     aging_ratio: float = 8.0
@@ -44,6 +44,9 @@ class KvPolicyConfig:
     # When a ready job does not fit, reclaim memory from jobs paused in API waits (swap if the
     # host has room and the predicted wait exceeds the swap round trip, discard otherwise).
     reclaim_for_ready_jobs: bool = True
+    # Reclaim may also discard (recompute later) when swapping is impossible. Off by default:
+    # under overload the GPU is the bottleneck, and recompute spends it.
+    reclaim_discards: bool = False
     # Keep at least this share of blocks free when admitting (vLLM's watermark, 1 %).
     watermark: float = 0.01
 
@@ -57,7 +60,9 @@ class PlasConfig:
     # Anti-starvation: promote to the top queue when waiting / service exceeds this.
     starvation_ratio: float = 8.0
     # Preempt lower-queue running calls to admit a higher-queue call that does not fit.
-    preemptive: bool = True
+    # Off by default: measured on the InferCept mix it thrashes (README), and the choice
+    # left open by the paper is taken in the peer's favour.
+    preemptive: bool = False
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,11 @@ from control_plane.core.job import Job
 from control_plane.core.queues import FcfsQueue
 
 
+# A build admits at most max_num_seqs jobs and gives up after 64 misses in a row, so looking
+# past the first few hundred jobs of a FCFS-ordered queue can never change its outcome.
+CANDIDATE_WINDOW = 512
+
+
 class Discipline:
     name = "base"
     blocking = False  # stop at the first candidate that does not fit
@@ -89,7 +94,7 @@ class Fcfs(Discipline):
         self._queue.remove(job)
 
     def candidates(self, now: float, room: list[int]) -> list[Job]:
-        return self._queue.snapshot()
+        return self._queue.snapshot(CANDIDATE_WINDOW)
 
     def on_preempted(self, job: Job, now: float) -> None:
         self._preempted.add(job.job_id)
@@ -165,7 +170,7 @@ class Plas(Discipline):
         self._promote_starved(now)
         need = self._need
         for level in self._levels:
-            for job in level.snapshot():
+            for job in level.snapshot(CANDIDATE_WINDOW):
                 if need[job.job_id] <= room[0]:
                     yield job
 

@@ -178,25 +178,6 @@ class MinWaste(KvPolicy):
                 out.append(d)
         return out
 
-    def reclaim(self, now: float, paused: list[Job], view: WorkerView,
-                blocks_needed: int) -> list[KvDecision]:
-        """When memory is needed, InferCept evicts preserved requests, the largest preserve
-        waste first: swapped while the host has room, discarded otherwise."""
-        victims = sorted(paused, key=lambda j: -self.estimator.remaining_api_s(j, now) * j.context_tokens)
-        out, freed, host_left = [], 0, view.host_free_blocks
-        for job in victims:
-            if freed >= blocks_needed:
-                break
-            blocks = view.blocks_for(job.context_tokens)
-            freed += blocks
-            self._swap_wanted.pop(job.job_id, None)
-            if host_left >= blocks:
-                host_left -= blocks
-                out.append(KvDecision(job.job_id, KvAction.SWAP, "memory needed: swap out"))
-            else:
-                out.append(KvDecision(job.job_id, KvAction.DISCARD, "memory needed: host full"))
-        return out
-
     def forget(self, job: Job) -> None:
         self._swap_wanted.pop(job.job_id, None)
 
@@ -339,6 +320,8 @@ class PressureAdaptive(MinWaste):
             if freed >= blocks_needed:
                 break
             blocks = view.blocks_for(job.context_tokens)
+            if not self.config.reclaim_discards and (remaining <= round_trip or host_left < blocks):
+                continue
             freed += blocks
             inputs = {"remaining_api_s": remaining, "waste_preserve_token_s": waste,
                       "blocks_needed": blocks_needed}

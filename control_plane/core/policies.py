@@ -102,13 +102,13 @@ POLICIES: dict[str, PolicySpec] = {
             "autellix-plas",
             "Program-level least attained service: a call's queue is its program's attained "
             "service (wall time of its earlier calls plus this one's); FCFS inside a queue; "
-            "waiting/service above 8 promotes to the top queue; a higher-queue call preempts "
-            "lower-queue calls (swapping them out when the host has room); KV dropped at tool "
-            "calls.",
+            "waiting/service above 8 promotes to the top queue; KV dropped at tool calls "
+            "(the prefix cache may still hit).",
             "Autellix (arXiv 2502.13965, NSDI '26 'Agentix'); boundaries doubling from 0.25 s "
             "and β = 8 are our choice where the paper's table was not available (third-party "
-            "reimplementations use 7 doubling quanta and β = 8); work-conserving fill and "
-            "swap-based preemption, the choices that favour it.",
+            "reimplementations use 7 doubling quanta and β = 8); a work-conserving fill, and "
+            "no preemption of running calls (plas.preemptive=true swaps them out; measured, "
+            "it thrashes on this workload) — the choices that favour it.",
             _plas,
         ),
         PolicySpec(

@@ -51,8 +51,9 @@ class FcfsQueue:
         """In key order. Do not push or remove while iterating."""
         return iter(self._jobs)
 
-    def snapshot(self) -> list[Job]:
-        return list(self._jobs)
+    def snapshot(self, limit: int | None = None) -> list[Job]:
+        """The first `limit` jobs (all by default), as a list safe to iterate while removing."""
+        return self._jobs[:limit] if limit is not None else list(self._jobs)
 
 
 TOP_K = 16

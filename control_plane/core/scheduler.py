@@ -280,8 +280,7 @@ class Scheduler:
         view.free_blocks -= need
         view.running_seqs += 1
         view.running_context_tokens += job.context_tokens + job.pending_tokens
-        if swap_in:
-            view.host_free_blocks += view.blocks_for(job.context_tokens)
+        # A swap-in frees its host blocks only when the copy lands (the worker reports it).
         return Admit(job.job_id, view.worker_id, job.pending_tokens, job.context_tokens, swap_in,
                      self.discipline.engine_priority(job, now, self.predicted_compute_s(job)))
 
