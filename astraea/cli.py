@@ -48,7 +48,7 @@ def _overrides(items: list[str]) -> dict[str, str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from astraea.bench.report import aggregate, format_tables, plot, write_json
+    from astraea.bench.report import aggregate, format_tables, plot, replica_check, write_json
     from astraea.bench.run import BenchSpec, run_matrix
 
     qps: tuple = args.qps
@@ -72,6 +72,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     runs = run_matrix(spec, parallel=args.parallel)
     rows = aggregate(runs)
     print(format_tables(rows))
+    check = replica_check(rows)
+    if check:
+        print("\nastraea against vllm-fcfs and the peers (the paper-replica criteria):")
+        print("\n".join("  " + line for line in check))
     print(f"\n{len(runs)} simulations in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if args.out:
         write_json(args.out, spec.to_dict(), rows, runs)
@@ -79,6 +83,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         plot(args.plot, rows)
         print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from astraea.bench.report import format_tables, markdown_summary, replica_check
+
+    try:
+        with open(args.results) as f:
+            data = json.load(f)
+        rows = data["rows"]
+    except FileNotFoundError:
+        raise ValueError(f"{args.results}: no such results file") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{args.results}: not a results file written by 'astraea bench --out'") from None
+    print(markdown_summary(rows) if args.markdown else format_tables(rows))
+    print("\n".join(replica_check(rows)))
     return 0
 
 
@@ -138,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="write rows and runs as JSON")
     b.add_argument("--plot", help="write mean and p99 JCT against QPS as a PNG")
     b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("report", help="print the tables of a saved 'astraea bench --out' file")
+    r.add_argument("results")
+    r.add_argument("--markdown", action="store_true", help="a Markdown summary table")
+    r.set_defaults(func=cmd_report)
 
     o = sub.add_parser("bench-overhead", help="time batch builds and events of the core")
     o.add_argument("--policy", default="astraea")

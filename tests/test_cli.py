@@ -148,3 +148,24 @@ def test_bench_errors_do_not_write_the_output_file(tmp_path, capsys):
     _error(capsys, ["bench", "--jobs", "5", "--qps", "1", "--policies", "nope", "--parallel", "1",
                     "--out", str(out)])
     assert not out.exists()
+
+
+def test_bench_plot_and_report_read_back_what_bench_wrote(tmp_path, capsys):
+    out, png = tmp_path / "r.json", tmp_path / "jct.png"
+    assert main(["bench", "--jobs", "20", "--qps", "1,2", "--policies", "vllm-fcfs,astraea",
+                 "--parallel", "1", "--out", str(out), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert main(["report", str(out), "--markdown"]) == 0
+    table = capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    astraea_at_2 = next(r for r in rows if r["policy"] == "astraea" and r["qps"] == 2.0)
+    assert f"{astraea_at_2['mean_jct_s']:.1f}" in table  # the summary quotes the saved rows
+    assert "QPS 1:" in table and "QPS 2:" in table  # the criteria check, per QPS
+
+
+def test_report_of_a_file_that_is_not_bench_output_is_an_error(tmp_path, capsys):
+    bad = tmp_path / "x.json"
+    bad.write_text('{"hello": 1}')
+    assert main(["report", str(bad)]) == 2
+    assert "not a results file" in capsys.readouterr().err

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from control_plane.core.job import Job
-from predictor_svc.estimators import PRIOR_API_S, PRIOR_OUTPUT_TOKENS, DurationWindow, OnlineEstimator
+from predictor_svc.estimators import (
+    PRIOR_API_S,
+    PRIOR_OUTPUT_TOKENS,
+    DurationWindow,
+    OnlineEstimator,
+)
 
 
 def waiting_job(category: str | None, api_start: float = 0.0, segment_index: int = 1,

@@ -69,7 +69,7 @@ def test_preemption_keeps_generated_tokens_and_requires_recompute():
     assert job.context_tokens == 107
     assert job.pending_tokens == 0
     assert job.ready_since_s == 2.0
-    assert job.tokens_to_prefill_if_discarded == 107
+    assert job.tokens_to_prefill == 107
     assert job.segment_index == 0  # still the same segment
 
 
@@ -92,8 +92,12 @@ def test_prefill_needs_depend_on_where_the_kv_is():
     job.mark_running(1.0, 0)
     job.mark_segment_end(2.0, 20, calls_tool=True)
     job.mark_ready(3.0, 30)
-    assert job.tokens_to_prefill_if_resident == 30
-    assert job.tokens_to_prefill_if_discarded == 150
+    assert job.kv_state is KvState.RESIDENT
+    assert job.tokens_to_prefill == 30
+    job.apply_kv_action(KvAction.SWAP)
+    assert job.tokens_to_prefill == 30  # swapped back in, not recomputed
+    job.apply_kv_action(KvAction.DISCARD)
+    assert job.tokens_to_prefill == 150
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,12 @@ import pytest
 from control_plane.core.config import ContinuumConfig, KvPolicyConfig
 from control_plane.core.job import Job, JobState, KvAction
 from control_plane.core.kv_policy import (
-    AlwaysDiscard, MinWaste, PressureAdaptive, TimeToLive, memory_waste)
+    AlwaysDiscard,
+    MinWaste,
+    PressureAdaptive,
+    TimeToLive,
+    memory_waste,
+)
 from control_plane.core.plan import WorkerView
 
 

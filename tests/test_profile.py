@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import profile_dict
 
 from astraea.profile import BUILTIN_PROFILES, HardwareProfile, ProfileError, load_profile
-
-from conftest import profile_dict
 
 
 @pytest.mark.parametrize("name", BUILTIN_PROFILES)

@@ -21,7 +21,6 @@ from astraea.workloads import JobTrace, Segment, ToolCall, generate_mix
 from control_plane.core.job import Job, JobState
 from control_plane.core.policies import POLICIES
 
-
 PROFILE = "gptj-6b-a100"
 N_JOBS, QPS, KV_BLOCKS = 80, 4.0, 1000
 SEEDS = (0, 1)
@@ -54,13 +53,13 @@ class CheckedSimulation(Simulation):
                 self.violations.append((self.now, e.worker_id, "host", e.host_used, swapped, incoming))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def workload(seed: int, n: int = N_JOBS, qps: float = QPS) -> tuple[JobTrace, ...]:
     profile = load_profile(PROFILE)
     return tuple(generate_mix(n, seed, qps=qps, context_window=profile.context_window))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def simulate(policy: str, seed: int, workers: int = 1, kv_blocks: int = KV_BLOCKS):
     sim = CheckedSimulation(list(workload(seed)), load_profile(PROFILE), policy,
                             num_workers=workers, kv_blocks=kv_blocks)

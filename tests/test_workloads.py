@@ -8,8 +8,18 @@ import numpy as np
 import pytest
 
 from astraea.workloads import (
-    JobTrace, Segment, ToolCall, TraceError, generate_mix, load_trace,
-    read_infercept, read_native, take_jobs, with_poisson_arrivals, write_native)
+    JobTrace,
+    Segment,
+    ToolCall,
+    TraceError,
+    generate_mix,
+    load_trace,
+    read_infercept,
+    read_native,
+    take_jobs,
+    with_poisson_arrivals,
+    write_native,
+)
 
 # DESIGN §7, the paper's Table 1: (API time s, API calls per job) means per category.
 TABLE1 = {

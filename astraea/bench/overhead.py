@@ -19,7 +19,6 @@ from control_plane.core.plan import WorkerView
 from control_plane.core.policies import build_scheduler
 from predictor_svc.estimators import OnlineEstimator
 
-
 WARMUP = 20  # builds not timed: first calls pay for lazy imports and cold caches
 
 
@@ -46,7 +45,7 @@ def measure(policy: str = "astraea", profile_name: str = "gptj-6b-a100",
         est = OnlineEstimator()
         sched = build_scheduler(policy, profile, est)
         now = 0.0
-        arrive_ns, submit_ns, end_ns, return_ns, build_ns = [], [], [], [], []
+        arrive_ns, end_ns, return_ns, build_ns = [], [], [], []
         for i in range(n):
             now += 0.001
             t0 = time.perf_counter_ns()

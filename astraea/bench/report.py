@@ -121,3 +121,65 @@ def plot(path: str | Path, rows: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def replica_check(rows: list[dict], policy: str = "astraea", baseline: str = "vllm-fcfs",
+                  band: tuple[float, float] = (1.5, 10.0), target: float = 0.70) -> list[str]:
+    """The paper-replica criteria, QPS by QPS: where the baseline completes its jobs with a
+    mean slowdown inside `band`, is `policy`'s mean JCT at most `target` × the baseline's
+    (and what is the physical bound), no higher than any peer's, and its p99 no higher than
+    the baseline's? Elsewhere, is it still no higher than any peer's?"""
+    lines = []
+    for qps in dict.fromkeys(r["qps"] for r in rows):
+        group = {r["policy"]: r for r in rows if r["qps"] == qps}
+        if policy not in group or baseline not in group:
+            continue
+        mine, base = group[policy], group[baseline]
+        peers = {p: r for p, r in group.items() if p != policy and not p.startswith(policy)}
+        best_peer = min(peers.items(), key=lambda kv: kv[1]["mean_jct_s"]) if peers else None
+        beats_peers = best_peer is None or mine["mean_jct_s"] <= best_peer[1]["mean_jct_s"]
+        in_band = (band[0] <= base["mean_slowdown"] <= band[1]
+                   and base["jobs_completed"] == base["jobs"])
+        ratio = mine["mean_jct_s"] / base["mean_jct_s"]
+        bound = mine["mean_idle_jct_s"] / base["mean_jct_s"]
+        label = "trace" if qps is None else f"QPS {qps:g}"
+        peer_txt = (f"best peer {best_peer[0]} {best_peer[1]['mean_jct_s']:.2f} s"
+                    if best_peer else "no peer")
+        verdict = "beats every peer" if beats_peers else "DOES NOT beat every peer"
+        if in_band:
+            ok_ratio = ratio <= target
+            ok_p99 = mine["p99_jct_s"] <= base["p99_jct_s"]
+            lines.append(
+                f"{label}: {baseline} slowdown {base['mean_slowdown']:.2f} (in band) -> "
+                f"{policy} mean JCT x{ratio:.3f} of {baseline} (target <= {target:.2f}: "
+                f"{'met' if ok_ratio else 'NOT met'}; physical bound x{bound:.3f}); "
+                f"p99 {'<=' if ok_p99 else '>'} {baseline}'s; {verdict} ({peer_txt})")
+        else:
+            lines.append(
+                f"{label}: {baseline} slowdown {base['mean_slowdown']:.2f} (outside band) -> "
+                f"{policy} x{ratio:.3f}; {verdict} ({peer_txt})")
+    return lines
+
+
+def markdown_summary(rows: list[dict], baseline: str = "vllm-fcfs") -> str:
+    """Mean JCT per policy and QPS as a Markdown table, with each policy's ratio to the
+    baseline and the baseline's mean slowdown (to see where it is overloaded)."""
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    head = ["QPS", f"{baseline} slowdown"] + [f"{p} mean JCT s (×FCFS)" for p in policies] + ["idle bound ×FCFS"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for qps in dict.fromkeys(r["qps"] for r in rows):
+        group = {r["policy"]: r for r in rows if r["qps"] == qps}
+        base = group.get(baseline)
+        cells = ["trace" if qps is None else f"{qps:g}",
+                 f"{base['mean_slowdown']:.2f}" if base else "-"]
+        for p in policies:
+            r = group.get(p)
+            if r is None:
+                cells.append("-")
+            elif base:
+                cells.append(f"{r['mean_jct_s']:.1f} (×{r['mean_jct_s'] / base['mean_jct_s']:.3f})")
+            else:
+                cells.append(f"{r['mean_jct_s']:.1f}")
+        cells.append(f"×{base['mean_idle_jct_s'] / base['mean_jct_s']:.3f}" if base else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

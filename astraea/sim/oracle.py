@@ -6,8 +6,8 @@ future. Observations still feed an online estimator, whose samples Continuum's C
 
 from __future__ import annotations
 
-from control_plane.core.job import Job, JobState
 from astraea.workloads.trace import JobTrace
+from control_plane.core.job import Job, JobState
 from predictor_svc.estimators import OnlineEstimator
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from astraea.profile import HardwareProfile
 from astraea.sim.metrics import JobRecord, idle_jct_s, summarize

@@ -14,7 +14,6 @@ from control_plane.core.config import PlasConfig
 from control_plane.core.job import Job
 from control_plane.core.queues import FcfsQueue
 
-
 # A build admits at most max_num_seqs jobs and gives up after 64 misses in a row, so looking
 # past the first few hundred jobs of a FCFS-ordered queue can never change its outcome.
 CANDIDATE_WINDOW = 512

@@ -8,7 +8,8 @@ them from observations; the simulator also offers a labelled trace oracle.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from control_plane.core.job import Job
 

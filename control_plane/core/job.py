@@ -135,9 +135,9 @@ class Job:
         return self.waiting_s
 
     @property
-    def tokens_to_prefill_if_resident(self) -> int:
-        return self.pending_tokens
-
-    @property
-    def tokens_to_prefill_if_discarded(self) -> int:
+    def tokens_to_prefill(self) -> int:
+        """What the next admission prefills: only the new tokens while the KV is kept (on the
+        GPU or on the host), the whole context again once it was discarded."""
+        if self.kv_state in (KvState.RESIDENT, KvState.SWAPPED):
+            return self.pending_tokens
         return self.context_tokens + self.pending_tokens

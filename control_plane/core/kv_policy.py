@@ -21,6 +21,8 @@ Policies:
 from __future__ import annotations
 
 import heapq
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from astraea.profile import HardwareProfile
@@ -194,7 +196,7 @@ class TimeToLive(KvPolicy):
     name = "ttl"
 
     def __init__(self, profile: HardwareProfile, estimator: ServiceTimeEstimator,
-                 config: ContinuumConfig, queueing_delay_s: callable) -> None:
+                 config: ContinuumConfig, queueing_delay_s: Callable[[], float]) -> None:
         super().__init__(profile, estimator)
         self.config = config
         self._queueing_delay_s = queueing_delay_s
@@ -210,8 +212,6 @@ class TimeToLive(KvPolicy):
             # Cold start: exponential durations with the estimator's prior mean.
             mean = max(self.estimator.api_duration_s(job), 1e-6)
             # d/dτ [(1 − e^{−τ/mean})·B − τ·price] = 0  →  τ = mean·ln(B / (mean·price))
-            import math
-
             arg = benefit / (mean * price) if price > 0 else float("inf")
             tau = mean * math.log(arg) if arg > 1 else 0.0
         else:

@@ -19,7 +19,6 @@ from control_plane.core.discipline import Discipline
 from control_plane.core.job import Job
 from control_plane.core.queues import HrrnQueue
 
-
 # Aging is a starvation guard over waits of seconds; checking it every 10 ms is plenty and
 # keeps it off most batch builds.
 AGING_PERIOD_S = 0.01

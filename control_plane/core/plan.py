@@ -7,8 +7,8 @@ evict the KV of a job that waits for an API, preempt a running segment.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from control_plane.core.job import KvAction
 

@@ -12,14 +12,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 from astraea.profile import HardwareProfile
 from control_plane.core.config import SchedulerConfig
 from control_plane.core.discipline import Discipline, Fcfs, Plas
 from control_plane.core.estimates import ServiceTimeEstimator
-from control_plane.core.kv_policy import AlwaysDiscard, KvPolicy, MinWaste, PressureAdaptive, TimeToLive
+from control_plane.core.kv_policy import (
+    AlwaysDiscard,
+    KvPolicy,
+    MinWaste,
+    PressureAdaptive,
+    TimeToLive,
+)
 from control_plane.core.mlfq import StatefulMlfq
 from control_plane.core.scheduler import Scheduler
 
@@ -32,14 +38,9 @@ class PolicySpec:
     build: Callable[[HardwareProfile, ServiceTimeEstimator, SchedulerConfig], Scheduler]
 
 
-def _scheduler(discipline: Discipline, kv: Callable[[Scheduler], KvPolicy] | KvPolicy,
-               profile: HardwareProfile, estimator: ServiceTimeEstimator,
-               config: SchedulerConfig) -> Scheduler:
-    # The TTL policy needs the scheduler's recent queueing delay, so it may be built late.
-    placeholder = AlwaysDiscard(profile, estimator)
-    sched = Scheduler(discipline, placeholder, profile, estimator, config)
-    sched.kv_policy = kv(sched) if callable(kv) and not isinstance(kv, KvPolicy) else kv
-    return sched
+def _scheduler(discipline: Discipline, kv: KvPolicy, profile: HardwareProfile,
+               estimator: ServiceTimeEstimator, config: SchedulerConfig) -> Scheduler:
+    return Scheduler(discipline, kv, profile, estimator, config)
 
 
 def _vllm(profile, estimator, config):
@@ -55,10 +56,13 @@ def _plas(profile, estimator, config):
 
 
 def _continuum(profile, estimator, config):
-    return _scheduler(
-        Fcfs("job"),
-        lambda s: TimeToLive(profile, estimator, config.continuum, lambda: s._recent_wait_s),
-        profile, estimator, config)
+    # The TTL's benefit includes the queueing a returning job would pay: the scheduler's
+    # recent queueing delay, read when each TTL is chosen.
+    holder: list[Scheduler] = []
+    ttl = TimeToLive(profile, estimator, config.continuum,
+                     lambda: holder[0].recent_queueing_delay_s if holder else 0.0)
+    holder.append(_scheduler(Fcfs("job"), ttl, profile, estimator, config))
+    return holder[0]
 
 
 def _astraea(profile, estimator, config):

@@ -11,7 +11,7 @@ see `policies.py`.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 from astraea.profile import HardwareProfile
 from control_plane.core.config import SchedulerConfig
@@ -21,7 +21,6 @@ from control_plane.core.job import Job, JobState, KvAction, KvState
 from control_plane.core.kv_policy import KvPolicy
 from control_plane.core.plan import Admit, Evict, KvDecision, Pause, PlanAction, Preempt, WorkerView
 from control_plane.core.token_cost import TokenCostModel
-
 
 NO_LIMIT = 1 << 62
 
@@ -52,7 +51,7 @@ class Scheduler:
         self.resident_ready: dict[int, dict[str, Job]] = {}  # READY with KV resident, not running
         self.decision_counts: Counter[str] = Counter()
         self.on_decision = on_decision
-        self._recent_wait_s = 0.0  # EWMA of queueing delay at admission (Continuum's benefit)
+        self.recent_queueing_delay_s = 0.0  # EWMA of the wait before admission
 
     # --- events -------------------------------------------------------------------------
     def job_arrived(self, job_id: str, now: float, category: str = "unknown") -> Job:
@@ -177,9 +176,10 @@ class Scheduler:
             if self.discipline.blocking:
                 break
             misses += 1
-            if misses >= self.config.max_skipped_candidates or (
-                    room[0] != NO_LIMIT and room[0] <= 0):
-                break
+            if (misses >= self.config.max_skipped_candidates
+                    or (room[0] != NO_LIMIT and room[0] <= 0)
+                    or all(v.running_seqs >= v.max_seqs for v in views.values())):
+                break  # nothing more can start in this build
         return actions
 
     def _fits(self, view: WorkerView, need: int) -> bool:
@@ -216,11 +216,6 @@ class Scheduler:
         else:
             self.paused.get(job.worker_id, {}).pop(job.job_id, None)
 
-    def _tokens_to_prefill(self, job: Job) -> int:
-        if job.kv_state in (KvState.RESIDENT, KvState.SWAPPED):
-            return job.pending_tokens
-        return job.context_tokens + job.pending_tokens
-
     def _need_blocks(self, job: Job, block_size: int) -> int:
         total = -(-(job.context_tokens + job.pending_tokens) // block_size)
         if job.kv_state is KvState.RESIDENT:
@@ -229,7 +224,7 @@ class Scheduler:
 
     def predicted_compute_s(self, job: Job) -> float:
         """T of HRRN: the segment's compute time alone on the engine."""
-        prefill = self._tokens_to_prefill(job)
+        prefill = job.tokens_to_prefill
         context = job.context_tokens + job.pending_tokens
         out = self.estimator.output_tokens(job)
         prior = job.context_tokens if prefill == job.pending_tokens else 0
@@ -273,7 +268,7 @@ class Scheduler:
         self.resident_ready.get(view.worker_id, {}).pop(job.job_id, None)
         swap_in = job.kv_state is KvState.SWAPPED
         wait = job.waiting_now(now) - job.waiting_s
-        self._recent_wait_s += 0.05 * (wait - self._recent_wait_s)
+        self.recent_queueing_delay_s += 0.05 * (wait - self.recent_queueing_delay_s)
         job.mark_running(now, view.worker_id)
         job.extra["running_since_s"] = now
         self.running.setdefault(view.worker_id, {})[job.job_id] = job
