@@ -186,7 +186,7 @@ def test_pressure_adaptive_weighs_preserve_waste_by_pressure(gptj):
 
 def test_reclaim_evicts_the_most_wasteful_paused_jobs_first_until_enough_is_freed(gptj):
     est = FixedEstimator(per_job={"small": 50.0, "big": 50.0, "soon": 1e-6, "mid": 20.0})
-    p = PressureAdaptive(gptj, est, KvPolicyConfig())
+    p = PressureAdaptive(gptj, est, KvPolicyConfig(reclaim_for_ready_jobs=True))
     jobs = [paused_job("small", 160), paused_job("big", 3200), paused_job("soon", 3200),
             paused_job("mid", 1600)]
     v = view(gptj, free=0, total=10_000, host_free=10_000)
@@ -198,7 +198,7 @@ def test_reclaim_evicts_the_most_wasteful_paused_jobs_first_until_enough_is_free
     # By default reclaim only swaps: with no host room it leaves everything in place...
     assert p.reclaim(1.0, jobs, view(gptj, free=0, host_free=0), blocks_needed=250) == []
     # ...and with reclaim_discards it drops the same jobs instead.
-    p = PressureAdaptive(gptj, est, KvPolicyConfig(reclaim_discards=True))
+    p = PressureAdaptive(gptj, est, KvPolicyConfig(reclaim_for_ready_jobs=True, reclaim_discards=True))
     none_on_host = p.reclaim(1.0, jobs, view(gptj, free=0, host_free=0), blocks_needed=250)
     assert [(d.job_id, d.action) for d in none_on_host] == [("big", KvAction.DISCARD),
                                                             ("mid", KvAction.DISCARD)]

@@ -170,7 +170,8 @@ def test_a_resident_ready_job_that_needs_no_new_blocks_is_admitted_when_memory_i
 
 
 def test_reclaim_evicts_paused_kv_for_a_ready_job_that_does_not_fit(gptj):
-    s = build_scheduler("astraea", gptj, OnlineEstimator(prior_api_s=30.0))
+    config = SchedulerConfig().with_overrides({"kv.reclaim_for_ready_jobs": "true"})
+    s = build_scheduler("astraea", gptj, OnlineEstimator(prior_api_s=30.0), config)
     running_job(s, "paused", tokens=3200)  # 200 blocks
     pause = s.segment_ended("paused", 1.0, 10, 3200, True, "chat", view(free=4000))
     assert pause.action is KvAction.PRESERVE

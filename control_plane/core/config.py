@@ -43,7 +43,8 @@ class KvPolicyConfig:
     high_pressure: float = 0.9
     # When a ready job does not fit, reclaim memory from jobs paused in API waits (swap if the
     # host has room and the predicted wait exceeds the swap round trip, discard otherwise).
-    reclaim_for_ready_jobs: bool = True
+    # Off by default: measured on the InferCept mix it does not pay (README, "Reclaim").
+    reclaim_for_ready_jobs: bool = False
     # Reclaim may also discard (recompute later) when swapping is impossible. Off by default:
     # under overload the GPU is the bottleneck, and recompute spends it.
     reclaim_discards: bool = False

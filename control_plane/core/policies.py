@@ -6,7 +6,7 @@
 | infercept       | FCFS by job arrival, blocking        | min waste, swap budget              |
 | autellix-plas   | program-level least attained service | discard (prefix cache may still hit)|
 | continuum       | FCFS by job arrival, blocking        | pin for a TTL from the tool's CDF   |
-| astraea         | Stateful-MLFQ + HRRN + aging         | pressure-adaptive + reclaim         |
+| astraea         | Stateful-MLFQ + HRRN + aging         | pressure-adaptive                   |
 | astraea-paper   | Stateful-MLFQ, first non-empty level | pressure-adaptive, decided at yield |
 """
 
@@ -127,7 +127,8 @@ POLICIES: dict[str, PolicySpec] = {
             "astraea",
             "Stateful-MLFQ (token-cost quotas, demote on quota, promote on API yield, HRRN "
             "inside levels, aging) with a work-conserving fill, and the pressure-adaptive KV "
-            "policy that also reclaims memory from paused jobs when a ready job does not fit.",
+            "policy; the worker prefills admitted segments in MLFQ order. (Reclaiming memory "
+            "from paused jobs for a blocked ready job is an option, kv.reclaim_for_ready_jobs.)",
             "Astraea (arXiv 2512.14142) and this project's improvements (README).",
             _astraea,
         ),
