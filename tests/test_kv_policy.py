@@ -157,7 +157,7 @@ def test_pressure_adaptive_preserves_below_low_pressure_even_for_a_long_call(gpt
 
 def test_pressure_adaptive_under_full_pressure_discards_a_long_call_without_budget(gptj):
     p = PressureAdaptive(gptj, FixedEstimator(remaining=30.0), KvPolicyConfig())
-    v = view(gptj, free=500, total=10_000, step_time_s=0.0)  # utilisation 0.95, no budget
+    v = view(gptj, free=50, total=10_000, step_time_s=0.0)  # utilisation 0.995, no budget
     w = memory_waste(gptj, 2000, 30.0, 0)
     assert w.discard < w.preserve
     d = p.on_api_yield(paused_job("j", 2000), 1.0, v)

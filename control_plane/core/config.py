@@ -38,9 +38,10 @@ class KvPolicyConfig:
     """Pressure-adaptive KV decisions during API waits (DESIGN §4)."""
 
     # Below this KV utilisation every API wait preserves: free memory costs nobody anything.
-    low_pressure: float = 0.5
+    # (Swept 0.5–0.99 on the InferCept mix, README "Choosing the KV thresholds".)
+    low_pressure: float = 0.9
     # At or above this utilisation the preserve waste counts in full (InferCept's rule).
-    high_pressure: float = 0.9
+    high_pressure: float = 0.99
     # When a ready job does not fit, reclaim memory from jobs paused in API waits (swap if the
     # host has room and the predicted wait exceeds the swap round trip, discard otherwise).
     # Off by default: measured on the InferCept mix it does not pay (README, "Reclaim").
@@ -72,7 +73,8 @@ class ContinuumConfig:
 
     # Memory held for τ seconds is priced as τ · (held share of the KV capacity) · this many
     # seconds of GPU time: the exchange rate between the benefit (time) and the cost (memory).
-    memory_price_s: float = 1.0
+    # The paper gives no value; 0.01 was Continuum's best in a sweep of 0.001–10 (README).
+    memory_price_s: float = 0.01
     max_ttl_s: float = 60.0
 
 
