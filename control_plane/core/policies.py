@@ -108,7 +108,7 @@ POLICIES: dict[str, PolicySpec] = {
             "service (wall time of its earlier calls plus this one's); FCFS inside a queue; "
             "waiting/service above 8 promotes to the top queue; KV dropped at tool calls "
             "(the prefix cache may still hit).",
-            "Autellix (arXiv 2502.13965, NSDI '26 'Agentix'); boundaries doubling from 0.25 s "
+            "Autellix (arXiv 2502.13965, NSDI '26 'Agentix'); boundaries doubling from 1 s "
             "and β = 8 are our choice where the paper's table was not available (third-party "
             "reimplementations use 7 doubling quanta and β = 8); a work-conserving fill, and "
             "no preemption of running calls (plas.preemptive=true swaps them out; measured, "
