@@ -152,7 +152,7 @@ class Scheduler:
             paused = self.paused.setdefault(w, {})
             if paused:
                 for d in self.kv_policy.revisit(now, list(paused.values()), view):
-                    actions.append(self._evict(self.jobs[d.job_id], d, view))
+                    actions.append(self._evict(self.jobs[d.job_id], d, view, now))
         # Until room has been made on every worker, no candidate is filtered out for size:
         # the most important blocked job must reach `_make_room`.
         room = [NO_LIMIT]
@@ -279,7 +279,7 @@ class Scheduler:
         return Admit(job.job_id, view.worker_id, job.pending_tokens, job.context_tokens, swap_in,
                      self.discipline.engine_priority(job, now, self.predicted_compute_s(job)))
 
-    def _evict(self, job: Job, decision: KvDecision, view: WorkerView) -> Evict:
+    def _evict(self, job: Job, decision: KvDecision, view: WorkerView, now: float) -> Evict:
         self._record(decision, job)
         blocks = view.blocks_of(job.job_id) if view.blocks_of else view.blocks_for(job.context_tokens)
         if decision.action is KvAction.SWAP:
@@ -291,7 +291,7 @@ class Scheduler:
         self.resident_ready.get(view.worker_id, {}).pop(job.job_id, None)
         if job.state is JobState.READY:  # a ready job's needs change with its KV state
             self.discipline.remove(job)
-            self.discipline.add(job, 0.0, self.predicted_compute_s(job),
+            self.discipline.add(job, now, self.predicted_compute_s(job),
                                 self._need_blocks(job, view.block_size))
         return Evict(job.job_id, view.worker_id, decision.action)
 
@@ -301,7 +301,7 @@ class Scheduler:
         paused = self.paused.get(view.worker_id)
         if short > 0 and paused:
             for d in self.kv_policy.reclaim(now, list(paused.values()), view, short):
-                actions.append(self._evict(self.jobs[d.job_id], d, view))
+                actions.append(self._evict(self.jobs[d.job_id], d, view, now))
         if self.discipline.preemptive and not self._fits(view, need):
             actions.extend(self._preempt_for(job, now, view, need))
         if view.running_seqs == 0 and not self._fits(view, need) and not view.swapping_out_blocks:
@@ -324,7 +324,7 @@ class Scheduler:
             decision = KvDecision(victim.job_id, KvAction.DISCARD,
                                   "deadlock breaker: worker idle and the next job cannot fit",
                                   {"blocks_needed": need, "free_blocks": view.free_blocks})
-            out.append(self._evict(victim, decision, view))
+            out.append(self._evict(victim, decision, view, now))
         return out
 
     def _preempt_for(self, job: Job, now: float, view: WorkerView, need: int) -> list[Preempt]:
