@@ -65,8 +65,15 @@ def run_one(spec: BenchSpec, policy: str, qps: float | None, seed: int) -> dict:
     profile = load_profile(spec.profile)
     jobs = workload_jobs(spec, qps, seed)
     config = SchedulerConfig().with_overrides(spec.overrides)
+    def progress(done: int, total: int) -> None:
+        # Long runs (thousands of jobs) say how far they are, a line every 2,000 jobs.
+        if done % 2000 == 0 and done < total:
+            label = "trace" if qps is None else f"{qps:g}"
+            print(f"  {policy} qps={label} seed={seed}: {done}/{total} jobs done",
+                  file=sys.stderr, flush=True)
+
     sim = Simulation(jobs, profile, policy, num_workers=spec.num_workers,
-                     predictor=spec.predictor, config=config)
+                     predictor=spec.predictor, config=config, progress=progress)
     result = sim.run()
     counts = result.decision_counts
     return {
