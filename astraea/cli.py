@@ -124,6 +124,26 @@ def cmd_trace_gen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace_stats(args: argparse.Namespace) -> int:
+    from collections import defaultdict
+
+    from astraea.workloads import load_trace
+
+    jobs = load_trace(args.trace)
+    by: dict[str, list] = defaultdict(list)
+    for job in jobs:
+        by[job.category].append(job)
+    print(f"{'category':<12}{'jobs':>6}{'API calls':>11}{'API s/call':>12}{'context tok':>13}{'output tok':>12}")
+    for category, group in sorted(by.items()):
+        calls = [sum(1 for s in j.segments if s.tool) for j in group]
+        per_call = [s.tool.duration_s for j in group for s in j.segments if s.tool]
+        print(f"{category:<12}{len(group):>6}{sum(calls) / len(group):>11.2f}"
+              f"{(sum(per_call) / len(per_call) if per_call else 0.0):>12.4g}"
+              f"{sum(j.total_tokens for j in group) / len(group):>13.0f}"
+              f"{sum(j.output_tokens for j in group) / len(group):>12.0f}")
+    return 0
+
+
 def cmd_profiles(args: argparse.Namespace) -> int:
     for name in BUILTIN_PROFILES:
         p = load_profile(name)
@@ -182,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--profile", default="gptj-6b-a100", help="sets the context window")
     g.add_argument("--out", required=True)
     g.set_defaults(func=cmd_trace_gen)
+
+    st = tsub.add_parser("stats", help="per-category means of a trace file")
+    st.add_argument("trace")
+    st.set_defaults(func=cmd_trace_stats)
 
     p = sub.add_parser("profiles", help="list built-in hardware profiles")
     p.set_defaults(func=cmd_profiles)

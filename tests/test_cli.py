@@ -169,3 +169,17 @@ def test_report_of_a_file_that_is_not_bench_output_is_an_error(tmp_path, capsys)
     bad.write_text('{"hello": 1}')
     assert main(["report", str(bad)]) == 2
     assert "not a results file" in capsys.readouterr().err
+
+
+def test_trace_stats_reports_each_category_of_a_trace(tmp_path, capsys):
+    path = tmp_path / "t.jsonl"
+    assert main(["trace", "gen", "--jobs", "120", "--seed", "3", "--out", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["trace", "stats", str(path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()[1:]
+    jobs = load_trace(path)
+    counts = {line.split()[0]: int(line.split()[1]) for line in lines}
+    expected = {}
+    for job in jobs:
+        expected[job.category] = expected.get(job.category, 0) + 1
+    assert counts == expected

@@ -7,7 +7,7 @@
 | autellix-plas   | program-level least attained service | discard (prefix cache may still hit)|
 | continuum       | FCFS by job arrival, blocking        | pin for a TTL from the tool's CDF   |
 | astraea         | Stateful-MLFQ + HRRN + aging         | pressure-adaptive                   |
-| astraea-paper   | Stateful-MLFQ, first non-empty level | pressure-adaptive, decided at yield |
+| astraea-paper   | Stateful-MLFQ, first non-empty level | pressure-adaptive                   |
 """
 
 from __future__ import annotations
@@ -135,8 +135,8 @@ POLICIES: dict[str, PolicySpec] = {
         PolicySpec(
             "astraea-paper",
             "Astraea as the paper's text reads: only the first non-empty MLFQ level is "
-            "considered, KV decisions are taken at the API yield only, and the worker keeps "
-            "admission order for prefill.",
+            "considered, and the worker keeps admission order for prefill; the same "
+            "pressure-adaptive KV policy, without reclaim.",
             "Astraea (arXiv 2512.14142).",
             _astraea_paper,
         ),
