@@ -66,6 +66,19 @@ class DurationWindow:
     def sorted_samples(self) -> list[float]:
         return self._sorted
 
+    def export_state(self) -> dict:
+        return {"samples": list(self._fifo), "sum": self._sum, "count": self.count}
+
+    @classmethod
+    def from_state(cls, data: dict, size: int) -> DurationWindow:
+        w = cls(size)
+        samples = [float(x) for x in data["samples"]]
+        w._fifo = deque(samples)
+        w._sorted = sorted(samples)
+        w._sum = float(data["sum"])
+        w.count = int(data["count"])
+        return w
+
 
 class OnlineEstimator:
     """Learns API latencies and output lengths from what the control plane observes."""
@@ -90,17 +103,28 @@ class OnlineEstimator:
         return self._api_all if len(self._api_all) else None
 
     def api_duration_s(self, job: Job) -> float:
-        w = self._api_window(job.next_tool_category)
-        return w.mean if w else self.prior_api_s
+        return self.api_mean_s(job.next_tool_category)
 
     def remaining_api_s(self, job: Job, now: float) -> float:
         if job.state is not JobState.API_WAIT:
             return 0.0
-        w = self._api_window(job.next_tool_category)
-        elapsed = now - job.api_start_s
+        return self.api_remaining_s(job.next_tool_category, now - job.api_start_s)
+
+    # Category-keyed forms of the Job-based queries above, for the predictor service, which
+    # receives categories and counts over the wire rather than `Job` objects.
+    def api_mean_s(self, category: str | None) -> float:
+        w = self._api_window(category)
+        return w.mean if w else self.prior_api_s
+
+    def api_remaining_s(self, category: str | None, elapsed: float) -> float:
+        w = self._api_window(category)
         if w is None:
             return max(self.prior_api_s - elapsed, 0.0)
         return w.expected_remaining(elapsed)
+
+    def api_is_learned(self, category: str | None) -> bool:
+        """True when API estimates for `category` come from observations, not the prior."""
+        return self._api_window(category) is not None
 
     def api_duration_samples(self, category: str) -> list[float]:
         w = self._api_window(category)
@@ -121,19 +145,68 @@ class OnlineEstimator:
 
     # --- output length ----------------------------------------------------------------
     @staticmethod
+    def _output_keys(category: str, segment_index: int) -> tuple[tuple, ...]:
+        first = segment_index == 0
+        return ((category, first), (category,), ())
+
+    @staticmethod
     def _keys(job: Job) -> tuple[tuple, ...]:
-        first = job.segment_index == 0
-        return ((job.category, first), (job.category,), ())
+        return OnlineEstimator._output_keys(job.category, job.segment_index)
 
     def output_tokens(self, job: Job) -> float:
-        for key in self._keys(job):
-            n = self._out_n.get(key, 0)
-            if n >= 4:
-                return self._out_sum[key] / n
-        return self.prior_output_tokens
+        return self.output_tokens_for(job.category, job.segment_index)
 
     def observe_output(self, job: Job, tokens: int) -> None:
         # Called before the job's segment index advances, so `_keys` names the segment.
-        for key in self._keys(job):
+        self.observe_output_for(job.category, job.segment_index, tokens)
+
+    def _learned_output_key(self, category: str, segment_index: int) -> tuple | None:
+        for key in self._output_keys(category, segment_index):
+            if self._out_n.get(key, 0) >= 4:
+                return key
+        return None
+
+    def output_tokens_for(self, category: str, segment_index: int) -> float:
+        key = self._learned_output_key(category, segment_index)
+        if key is None:
+            return self.prior_output_tokens
+        return self._out_sum[key] / self._out_n[key]
+
+    def output_is_learned(self, category: str, segment_index: int) -> bool:
+        return self._learned_output_key(category, segment_index) is not None
+
+    def observe_output_for(self, category: str, segment_index: int, tokens: int) -> None:
+        for key in self._output_keys(category, segment_index):
             self._out_sum[key] += tokens
             self._out_n[key] += 1
+
+    # --- state export / import (predictor_svc/state.py persists these) -------------------
+    def export_state(self) -> dict:
+        """Everything learned, as plain JSON-able data. Window sums are kept as they are
+        (not recomputed) so a reloaded estimator answers bit-for-bit the same."""
+        return {
+            "window": self._window,
+            "prior_api_s": self.prior_api_s,
+            "prior_output_tokens": self.prior_output_tokens,
+            "api": {cat: w.export_state() for cat, w in sorted(self._api.items())},
+            "api_all": self._api_all.export_state(),
+            "outputs": [
+                {"key": list(key), "sum": self._out_sum[key], "n": self._out_n[key]}
+                for key in sorted(self._out_n, key=repr)
+            ],
+        }
+
+    @classmethod
+    def from_state(cls, data: dict) -> OnlineEstimator:
+        """The inverse of `export_state`; `data` is trusted to be well-formed
+        (predictor_svc/state.py validates files before calling this)."""
+        est = cls(window=int(data["window"]), prior_api_s=float(data["prior_api_s"]),
+                  prior_output_tokens=float(data["prior_output_tokens"]))
+        est._api = {cat: DurationWindow.from_state(w, est._window)
+                    for cat, w in data["api"].items()}
+        est._api_all = DurationWindow.from_state(data["api_all"], est._window)
+        for entry in data["outputs"]:
+            key = tuple(entry["key"])
+            est._out_sum[key] = float(entry["sum"])
+            est._out_n[key] = int(entry["n"])
+        return est

@@ -1,0 +1,266 @@
+"""The predictor service: `astraea.v1.PredictorService` over gRPC (DESIGN §5, issue #3).
+
+It serves batched service-time estimates to the control plane and learns from the
+observations the control plane forwards: API durations per tool category and output lengths
+(`estimators.OnlineEstimator`), and engine step timings (`step_time.StepTimeModel`, seeded
+from a hardware profile). Its state can be saved to and loaded from a file on its host.
+
+Requests are untrusted. A request with any bad element is rejected whole with
+INVALID_ARGUMENT naming the field and index, and nothing from it is applied: the whole batch is
+validated before any of it is learned. Unknown categories are fine: they borrow the pooled
+estimates, then the prior. Handlers run on a thread pool; one lock guards the learned state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+
+from astraea.profile import HardwareProfile, ProfileError, load_profile
+from astraea.v1 import predictor_pb2, predictor_pb2_grpc
+from predictor_svc.estimators import OnlineEstimator
+from predictor_svc.state import PredictorState, StateError, load_state, save_state
+from predictor_svc.step_time import StepTimeModel
+
+log = logging.getLogger("astraea.predictor")
+
+MAX_BATCH = 10_000  # elements per request; bounds the time one call holds the lock
+DEFAULT_LISTEN = "127.0.0.1:50071"
+DEFAULT_PROFILE = "gptj-6b-a100"
+SHUTDOWN_GRACE_S = 5.0
+
+
+class InvalidRequest(ValueError):
+    """A request element failed validation; the message names the field and index."""
+
+
+def _finite_nonneg(value: float, where: str) -> None:
+    if not math.isfinite(value):
+        raise InvalidRequest(f"{where} is {value}: must be a finite number")
+    if value < 0:
+        raise InvalidRequest(f"{where} is {value}: must be >= 0")
+
+
+def _batch_size(n: int, what: str) -> None:
+    if n == 0:
+        raise InvalidRequest(f"{what} is empty: send at least one element")
+    if n > MAX_BATCH:
+        raise InvalidRequest(f"{what} has {n} elements: at most {MAX_BATCH} per request")
+
+
+def validate_estimate(req: predictor_pb2.EstimateBatchRequest) -> None:
+    _batch_size(len(req.requests), "EstimateBatchRequest.requests")
+    for i, r in enumerate(req.requests):
+        where = f"EstimateBatchRequest.requests[{i}]"
+        if not r.job_id:
+            raise InvalidRequest(f"{where}.job_id is empty")
+        # An empty category is allowed here: the job's next tool may not be known yet, and
+        # the pooled estimates are then the best answer.
+        _finite_nonneg(r.elapsed_api_s, f"{where}.elapsed_api_s")
+
+
+def validate_observe(req: predictor_pb2.ObserveRequest) -> None:
+    total = len(req.api_calls) + len(req.outputs) + len(req.steps)
+    _batch_size(total, "ObserveRequest (api_calls + outputs + steps)")
+    for i, a in enumerate(req.api_calls):
+        where = f"ObserveRequest.api_calls[{i}]"
+        if not a.category:
+            raise InvalidRequest(f"{where}.category is empty")
+        _finite_nonneg(a.duration_s, f"{where}.duration_s")
+    for i, o in enumerate(req.outputs):
+        if not o.category:
+            raise InvalidRequest(f"ObserveRequest.outputs[{i}].category is empty")
+    for i, s in enumerate(req.steps):
+        where = f"ObserveRequest.steps[{i}]"
+        if s.tokens == 0:
+            raise InvalidRequest(f"{where}.tokens is 0: a step processes at least one token")
+        if s.decode_tokens > s.tokens:
+            raise InvalidRequest(
+                f"{where}.decode_tokens ({s.decode_tokens}) exceeds tokens ({s.tokens})")
+        _finite_nonneg(s.duration_s, f"{where}.duration_s")
+
+
+class Predictor:
+    """The learned state and the estimate/observe logic, free of gRPC; thread-safe."""
+
+    def __init__(self, profile: HardwareProfile) -> None:
+        self.profile = profile
+        self._lock = threading.Lock()
+        self._est = OnlineEstimator()
+        self._steps = StepTimeModel(profile)
+
+    def estimate(self, req: predictor_pb2.EstimateBatchRequest) -> predictor_pb2.EstimateBatchResponse:
+        validate_estimate(req)
+        out = predictor_pb2.EstimateBatchResponse()
+        with self._lock:
+            est, steps = self._est, self._steps
+            steps_learned = steps.is_learned  # refits once, if observations came in
+            for r in req.requests:
+                cat = r.category
+                tokens = est.output_tokens_for(cat, r.segment_index)
+                context = r.context_tokens + r.new_tokens
+                # The scheduler's T (Scheduler.predicted_compute_s): prefill the new tokens
+                # over the resident history, then decode `tokens` steps at the full context.
+                compute = (steps.prefill_time_s(r.new_tokens, r.context_tokens)
+                           + tokens * steps.decode_step_s(context))
+                learned = (steps_learned or est.api_is_learned(cat)
+                           or est.output_is_learned(cat, r.segment_index))
+                out.estimates.add(
+                    job_id=r.job_id,
+                    output_tokens=tokens,
+                    compute_s=compute,
+                    api_total_s=est.api_mean_s(cat),
+                    api_remaining_s=est.api_remaining_s(cat, r.elapsed_api_s),
+                    source=(predictor_pb2.ESTIMATE_SOURCE_MODEL if learned
+                            else predictor_pb2.ESTIMATE_SOURCE_PRIOR),
+                )
+        return out
+
+    def observe(self, req: predictor_pb2.ObserveRequest) -> predictor_pb2.ObserveResponse:
+        validate_observe(req)  # all or nothing: nothing is learned from a bad batch
+        with self._lock:
+            for a in req.api_calls:
+                self._est.observe_api(a.category, a.duration_s)
+            for o in req.outputs:
+                self._est.observe_output_for(o.category, o.segment_index, o.output_tokens)
+            for s in req.steps:
+                self._steps.observe(s.tokens, s.context_tokens_read, s.duration_s)
+        return predictor_pb2.ObserveResponse(
+            accepted=len(req.api_calls) + len(req.outputs) + len(req.steps))
+
+    def snapshot(self) -> PredictorState:
+        # export_state copies everything, so the file can be written outside the lock.
+        with self._lock:
+            est = OnlineEstimator.from_state(self._est.export_state())
+            return PredictorState(est, self._steps.samples, self.profile.name)
+
+    def save(self, path: str) -> int:
+        return save_state(self.snapshot(), path)
+
+    def load(self, path: str) -> None:
+        state = load_state(path)  # validated in full before anything is replaced
+        steps = StepTimeModel(self.profile, window=self._steps.window)
+        steps.replace_samples(state.step_samples)
+        with self._lock:
+            self._est, self._steps = state.estimator, steps
+
+
+class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+
+    def Estimate(self, request, context):
+        try:
+            return self.predictor.estimate(request)
+        except InvalidRequest as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    def Observe(self, request, context):
+        try:
+            return self.predictor.observe(request)
+        except InvalidRequest as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    def SaveState(self, request, context):
+        if not request.path:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "SaveStateRequest.path is empty")
+        try:
+            size = self.predictor.save(request.path)
+        except OSError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"cannot write state file {request.path}: {e.strerror or e}")
+        log.info("state saved to %s (%d bytes)", request.path, size)
+        return predictor_pb2.SaveStateResponse(size_bytes=size)
+
+    def LoadState(self, request, context):
+        if not request.path:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "LoadStateRequest.path is empty")
+        try:
+            self.predictor.load(request.path)
+        except StateError as e:
+            code = (grpc.StatusCode.NOT_FOUND if not os.path.exists(request.path)
+                    else grpc.StatusCode.INVALID_ARGUMENT)
+            context.abort(code, str(e))
+        log.info("state loaded from %s", request.path)
+        return predictor_pb2.LoadStateResponse()
+
+
+def serve(address: str, profile_name: str, state_path: str | None = None,
+          max_workers: int = 8) -> grpc.Server:
+    """Start a predictor on `address` (host:port; port 0 picks a free one) and return the
+    running server. The bound port is `server.bound_port`, the logic `server.predictor`.
+    A `state_path` that exists is loaded first; a bad one raises `StateError`."""
+    predictor = Predictor(load_profile(profile_name))
+    if state_path and os.path.exists(state_path):
+        predictor.load(state_path)
+        log.info("state loaded from %s", state_path)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
+                                                    thread_name_prefix="predictor"))
+    predictor_pb2_grpc.add_PredictorServiceServicer_to_server(PredictorServicer(predictor), server)
+    # grpcio-health-checking is not a dependency of this project, so the standard health
+    # service is registered only where it happens to be installed.
+    try:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    except ImportError:
+        pass
+    else:
+        hs = health.HealthServicer()
+        hs.set("astraea.v1.PredictorService", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    server.bound_port = port  # type: ignore[attr-defined]
+    server.predictor = predictor  # type: ignore[attr-defined]
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="astraea-predictor", description=__doc__.split("\n")[0])
+    parser.add_argument("--listen", default=DEFAULT_LISTEN, help="host:port to serve on")
+    parser.add_argument("--profile", default=DEFAULT_PROFILE,
+                        help="hardware profile name or JSON path (seeds the step-time model)")
+    parser.add_argument("--state", default=None, metavar="FILE",
+                        help="state file: loaded at start if it exists, saved on SIGTERM/SIGINT")
+    parser.add_argument("--grace", type=float, default=SHUTDOWN_GRACE_S,
+                        help="seconds in-flight calls get to finish on shutdown")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        server = serve(args.listen, args.profile, args.state)
+    except (ProfileError, StateError, OSError) as e:
+        parser.exit(2, f"astraea-predictor: error: {e}\n")
+    log.info("predictor serving on %s:%d (profile %s)", args.listen.rsplit(":", 1)[0],
+             server.bound_port, args.profile)
+
+    stop = threading.Event()
+
+    def _on_signal(signum, _frame) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    stop.wait()
+    # Stop first, so observations from calls finishing within the grace are saved too.
+    server.stop(args.grace).wait()
+    if args.state:
+        try:
+            size = server.predictor.save(args.state)
+        except OSError as e:
+            log.error("cannot save state to %s: %s", args.state, e)
+            return 1
+        log.info("state saved to %s (%d bytes)", args.state, size)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
