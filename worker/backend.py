@@ -1,0 +1,144 @@
+"""The engine backend interface of a worker, and what a backend reports back.
+
+A worker process owns one backend: the simulated engine running in real time
+(`worker/sim_backend.py`) or a real engine (vLLM, issue #4). The worker feeds it the control
+plane's plan actions in order (`apply`), forwards what it reports (`events`) on the
+worker ↔ control-plane stream, and sends its memory (`view`) when asked.
+
+Conventions every backend follows:
+* `generated_tokens` in `SegmentFinished` and `SegmentPreempted` count the tokens of *this
+  admission* (what `Scheduler.segment_ended` / `segment_preempted` take); a segment resumed
+  after a preemption is a new admission with a smaller `max_tokens`.
+* `TokensGenerated.first_index` counts from the start of the segment (proto `JobTokens`):
+  the admission's first token has index `SegmentInput.first_index`. Every token is reported
+  exactly once, in order, before the `SegmentFinished` / `SegmentPreempted` that ends it.
+* Times and durations are in engine time (seconds), which is wall time for a real engine.
+* An action the engine cannot carry out raises `BackendError` and changes nothing. A dead
+  engine raises `BackendFailed`: from `apply`, and from the `events()` iterator after the
+  events emitted before the failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from astraea.wire import WireAction
+from control_plane.core.job import KvAction
+from control_plane.core.plan import WorkerView
+
+
+class BackendError(RuntimeError):
+    """A plan action the engine cannot carry out (unknown job, wrong state, no room).
+
+    The backend's state is unchanged; the worker reports it and carries on."""
+
+
+class BackendFailed(RuntimeError):
+    """The engine itself failed (did not start, or died): the worker reports it and exits."""
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What a worker registers with (proto `Register`)."""
+
+    model: str
+    backend: str  # "sim" or "vllm"
+    kv_capacity_blocks: int
+    block_size: int
+    host_swap_blocks: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    profile_name: str
+
+
+@dataclass(frozen=True)
+class SegmentInput:
+    """The segment data an `Admit` needs beyond the core's plan action (proto `Admit`)."""
+
+    max_tokens: int  # tokens this admission generates at most (the simulated backend: exactly)
+    first_index: int = 0  # index in the segment's output of this admission's first token
+    prompt_token_ids: tuple[int, ...] | None = None  # the new tokens (a real engine needs them)
+    context_token_ids: tuple[int, ...] | None = None  # the history, when it must be recomputed
+
+
+# --- events ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokensGenerated:
+    """New tokens of a job's segment, in order (proto `JobTokens`)."""
+
+    job_id: str
+    token_ids: tuple[int, ...]
+    first_index: int
+
+
+@dataclass(frozen=True)
+class SegmentFinished:
+    """An admission generated its last token; the job's KV stays resident until a Pause."""
+
+    job_id: str
+    generated_tokens: int
+    prefill_tokens: int  # tokens prefilled for it (new plus recomputed context)
+    ttft_s: float  # admission to first token
+    duration_s: float  # admission to end
+
+
+@dataclass(frozen=True)
+class SegmentPreempted:
+    """A running segment was stopped, by a `Preempt` or by the engine when out of blocks."""
+
+    job_id: str
+    generated_tokens: int
+    action: KvAction  # what was done with its KV: SWAP or DISCARD
+
+
+@dataclass(frozen=True)
+class StepTimed:
+    """One engine step (proto `StepTiming`; the predictor fits step time from these)."""
+
+    tokens: int  # tokens processed (decoded plus prefilled)
+    context_tokens_read: int  # KV tokens read by the step's attention
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class MemoryChanged:
+    """The worker's memory after a change (proto `MemoryReport`)."""
+
+    view: WorkerView
+
+
+BackendEvent = TokensGenerated | SegmentFinished | SegmentPreempted | StepTimed | MemoryChanged
+
+
+# --- the interface --------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """An engine a worker drives. All methods are called from the worker's event loop."""
+
+    async def start(self) -> None:
+        """Start the engine (load the model, allocate the KV cache); raises `BackendFailed`."""
+
+    async def stop(self) -> None:
+        """Stop stepping and release the engine; `events()` then ends. Idempotent."""
+
+    def describe(self) -> BackendInfo:
+        """Model, capacities and limits, for registration. Valid after `start()`."""
+
+    async def apply(self, action: WireAction,
+                    segment: SegmentInput | None = None) -> SegmentPreempted | None:
+        """Carry out one plan action (`segment` is required for an `Admit`). A `Preempt`
+        returns what was done (also emitted as an event); `Abort` of a job not held is a no-op.
+        Raises `BackendError` (nothing changed) or `BackendFailed`."""
+
+    def events(self) -> AsyncIterator[BackendEvent]:
+        """Everything the engine reports, in order; one consumer. Ends after `stop()`,
+        raises `BackendFailed` if the engine dies."""
+
+    def view(self) -> WorkerView:
+        """The worker's memory now."""

@@ -1,0 +1,347 @@
+"""The simulated engine as a worker backend, running in real time on asyncio.
+
+`SimulatedEngine` is driven from outside; here one stepping task drives it against a clock:
+while the engine has work it starts a step, sleeps the step's duration (× `time_scale`), and
+finishes it; swap copies complete when their time comes (also mid-step); a sequence waiting
+for its swap-in starts when the copy lands; an `apply` wakes the task. Tokens are
+placeholders (`placeholder_token`), step durations follow the profile.
+
+Engine time is ``(clock() − start) / time_scale`` seconds: `time_scale < 1` runs faster than
+real time (tests), and every time or duration reported is in engine time.
+
+Plan actions are checked before they reach the engine, so a bad one raises `BackendError`
+and leaves the engine as it was (`SimulatedEngine.admit` can fail after changing state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from astraea.profile import HardwareProfile
+from astraea.wire import Abort, WireAction
+from control_plane.core.job import KvAction
+from control_plane.core.plan import Admit, Evict, Pause, Preempt, WorkerView
+from worker.backend import (
+    BackendError,
+    BackendEvent,
+    BackendFailed,
+    BackendInfo,
+    MemoryChanged,
+    SegmentFinished,
+    SegmentInput,
+    SegmentPreempted,
+    StepTimed,
+    TokensGenerated,
+)
+from worker.sim_engine.engine import EngineError, Sequence, SimulatedEngine
+
+VOCAB = 32000
+_END = object()  # end of the event stream
+
+
+def placeholder_token(job_id: str, index: int) -> int:
+    """The simulated backend's token at `index` of a job's segment (stable across runs)."""
+    return (zlib.crc32(job_id.encode()) + index) % VOCAB
+
+
+@dataclass
+class _Admission:
+    admitted_s: float
+    first_index: int
+    emitted: int = 0  # tokens of this admission reported so far
+    first_token_s: float | None = None
+
+
+class SimulatedBackend:
+    """`worker.backend.Backend` over `SimulatedEngine`, stepping in (scaled) real time."""
+
+    def __init__(self, profile: HardwareProfile, worker_id: int = 0,
+                 kv_blocks: int | None = None, time_scale: float = 1.0,
+                 clock: Callable[[], float] | None = None) -> None:
+        if not time_scale > 0:
+            raise ValueError(f"time_scale must be positive, got {time_scale}")
+        self.profile = profile
+        self.engine = SimulatedEngine(profile, worker_id, kv_blocks)
+        self.time_scale = time_scale
+        self._clock = clock
+        self._origin = 0.0
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+        self._waiter: asyncio.Future | None = None
+        self._admissions: dict[str, _Admission] = {}
+        self._step_end = 0.0
+        self._step_shape: tuple[int, int] = (0, 0)
+        self._last_memory: tuple | None = None
+        self._failed: BackendFailed | None = None
+        self._stopped = False
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is not None:
+            raise BackendError("backend already started")
+        loop = asyncio.get_running_loop()
+        if self._clock is None:
+            self._clock = loop.time
+        self._origin = self._clock()
+        self._task = loop.create_task(self._run(), name=f"sim-backend-{self.engine.worker_id}")
+        self._memory_changed()
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._failed is None:
+            self._queue.put_nowait(_END)
+
+    def describe(self) -> BackendInfo:
+        p = self.profile
+        return BackendInfo(model=p.model, backend="sim", kv_capacity_blocks=self.engine.pool.total,
+                           block_size=p.block_size, host_swap_blocks=self.engine.host_total,
+                           max_num_seqs=p.max_num_seqs,
+                           max_num_batched_tokens=p.max_num_batched_tokens, profile_name=p.name)
+
+    def now(self) -> float:
+        """Engine time: seconds since `start()`, divided by `time_scale`."""
+        return (self._clock() - self._origin) / self.time_scale
+
+    def view(self) -> WorkerView:
+        return self.engine.view()
+
+    async def events(self) -> AsyncIterator[BackendEvent]:
+        while True:
+            item = await self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BackendFailed):
+                raise item
+            yield item
+
+    # --- plan actions -------------------------------------------------------------------
+    async def apply(self, action: WireAction,
+                    segment: SegmentInput | None = None) -> SegmentPreempted | None:
+        if self._failed is not None:
+            raise self._failed
+        if self._task is None or self._stopped:
+            raise BackendError("backend is not running")
+        now = self.now()
+        e = self.engine
+        out = None
+        try:
+            if isinstance(action, Admit):
+                self._check_admit(action, segment)
+                e.admit(action.job_id, action.new_tokens, action.context_tokens,
+                        segment.max_tokens, action.swap_in, now, action.priority)
+                self._admissions[action.job_id] = _Admission(now, segment.first_index)
+            elif isinstance(action, Pause):
+                e.pause(action.job_id, action.action, now)
+            elif isinstance(action, Evict):
+                e.evict(action.job_id, action.action, now)
+            elif isinstance(action, Preempt):
+                if action.action is KvAction.PRESERVE:
+                    raise BackendError(f"job {action.job_id}: a preemption must SWAP or DISCARD")
+                if action.job_id not in e.running:
+                    raise BackendError(f"job {action.job_id} is not running on worker {e.worker_id}")
+                generated, taken = e.preempt(action.job_id, action.action, now)
+                self._flush_tokens(action.job_id, generated)
+                out = self._preempted(action.job_id, generated, taken)
+            elif isinstance(action, Abort):
+                if action.job_id in e.running:
+                    e.preempt(action.job_id, KvAction.DISCARD, now)
+                    self._admissions.pop(action.job_id, None)
+                e.release(action.job_id)
+            else:
+                raise BackendError(f"not a plan action: {action!r}")
+        except EngineError as exc:
+            raise BackendError(str(exc)) from None
+        except BackendError:
+            raise
+        except Exception as exc:  # not a refused action: the engine's state is suspect
+            raise self._fail(exc) from exc
+        self._memory_changed()
+        self._wake()
+        return out
+
+    def _check_admit(self, a: Admit, seg: SegmentInput | None) -> None:
+        """Everything `SimulatedEngine.admit` may fail on, checked before it changes state."""
+        e, j = self.engine, a.job_id
+        if seg is None:
+            raise BackendError(f"job {j}: an Admit needs its SegmentInput (max_tokens)")
+        if seg.max_tokens < 1:
+            raise BackendError(f"job {j}: max_tokens must be at least 1, got {seg.max_tokens}")
+        if a.new_tokens < 0 or a.context_tokens < 0 or seg.first_index < 0:
+            raise BackendError(f"job {j}: token counts must not be negative")
+        if j in e.running:
+            raise BackendError(f"job {j} is already running on worker {e.worker_id}")
+        if len(e.running) >= e.max_seqs:
+            raise BackendError(f"job {j}: worker {e.worker_id} already runs {len(e.running)} "
+                               f"sequences (max_num_seqs {e.max_seqs})")
+        need = e._blocks(a.context_tokens + a.new_tokens)
+        swapping_out = any(t.job_id == j and t.direction == "out" for t in e.transfers)
+        held = e.swapped[j] if a.swap_in and swapping_out else e.held.get(j)
+        if held is None and a.swap_in:
+            held = e.swapped.get(j)
+            if held is None:
+                raise BackendError(f"job {j} is not swapped out on worker {e.worker_id}")
+            held = (0, held[1])  # a swap-in allocates all its blocks anew
+        if held is not None:
+            blocks, ctx = held
+            if ctx != a.context_tokens:
+                raise BackendError(f"job {j}: worker {e.worker_id} holds {ctx} tokens of "
+                                   f"context, the plan says {a.context_tokens}")
+            need -= blocks
+        if need > e.pool.allocatable:
+            raise BackendError(f"job {j}: needs {need} KV blocks, worker {e.worker_id} has "
+                               f"{e.pool.allocatable}")
+
+    # --- stepping -----------------------------------------------------------------------
+    async def _run(self) -> None:
+        e = self.engine
+        try:
+            while True:
+                now = self.now()
+                nxt = e.next_transfer_s()
+                if nxt is not None and nxt <= now:
+                    e.complete_transfers(now)
+                    self._memory_changed()
+                if e.busy:
+                    if now >= self._step_end:
+                        self._finish_step(now)
+                        continue
+                    deadline = self._step_end
+                elif e.has_work(now):
+                    self._start_step(now)
+                    if e.busy:
+                        continue
+                    deadline = None
+                else:
+                    deadline = e.next_ready_s(now)
+                nxt = e.next_transfer_s()
+                if nxt is not None:
+                    deadline = nxt if deadline is None else min(deadline, nxt)
+                await self._sleep_until(deadline)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the engine broke: report it, accept nothing more
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> BackendFailed:
+        if self._failed is None:
+            self._failed = BackendFailed(f"simulated engine on worker {self.engine.worker_id} "
+                                         f"failed: {type(exc).__name__}: {exc}")
+            self._failed.__cause__ = exc
+            self._queue.put_nowait(self._failed)
+            if self._task is not None and self._task is not asyncio.current_task():
+                self._task.cancel()
+        return self._failed
+
+    async def _sleep_until(self, deadline: float | None) -> None:
+        """Wait for `deadline` (engine time) or an `apply`, whichever comes first."""
+        loop = asyncio.get_running_loop()
+        self._waiter = fut = loop.create_future()
+        handle = None
+        if deadline is not None:
+            delay = max(deadline - self.now(), 0.0) * self.time_scale
+            handle = loop.call_later(delay, self._wake)
+        try:
+            await fut
+        finally:
+            self._waiter = None
+            if handle is not None:
+                handle.cancel()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _start_step(self, now: float) -> None:
+        e = self.engine
+        duration, result = e.start_step(now)
+        for job_id, generated in result.preempted:
+            self._flush_tokens(job_id, generated)
+            self._preempted(job_id, generated, KvAction.DISCARD)
+        if result.preempted:
+            self._memory_changed()
+        if e.busy:
+            self._step_end = now + duration
+            self._step_shape = self._shape_of_step()
+
+    def _shape_of_step(self) -> tuple[int, int]:
+        """(tokens, context tokens read) of the step just planned. The engine computes them
+        in `start_step` without returning them, so they are rebuilt from its step plan."""
+        e = self.engine
+        chunks, n_decode, s = e._step_plan
+        tokens = n_decode + sum(chunk for _, chunk in chunks)
+        context = e._sum_base + n_decode * s + sum(q.prompt_total - q.to_prefill for q, _ in chunks)
+        return tokens, context
+
+    def _finish_step(self, now: float) -> None:
+        e = self.engine
+        duration = e.last_step_s
+        result = e.finish_step(now)
+        self._emit(StepTimed(*self._step_shape, duration))
+        for job_id in result.first_token:
+            adm = self._admissions.get(job_id)
+            if adm is not None and adm.first_token_s is None:
+                adm.first_token_s = now
+        ended = {end.job_id: end for end in result.ended}
+        for job_id in list(self._admissions):
+            end = ended.get(job_id)
+            self._flush_tokens(job_id, end.generated_tokens if end else None)
+        for end in result.ended:
+            adm = self._admissions.pop(end.job_id)
+            ttft = (adm.first_token_s if adm.first_token_s is not None else now) - adm.admitted_s
+            self._emit(SegmentFinished(end.job_id, end.generated_tokens, end.prefill_tokens,
+                                       ttft, now - adm.admitted_s))
+        self._memory_changed()
+
+    # --- reporting ----------------------------------------------------------------------
+    def _generated(self, seq: Sequence) -> int:
+        """Tokens a running sequence has generated after the completed steps (a decoding
+        sequence's count is implicit in the engine's step counter)."""
+        if not seq.decoding:
+            return seq.generated
+        return seq.base + self.engine.step - seq.prompt_total + 1
+
+    def _flush_tokens(self, job_id: str, generated: int | None = None) -> None:
+        """Report the tokens of `job_id`'s admission not reported yet (up to `generated`)."""
+        adm = self._admissions.get(job_id)
+        if adm is None:
+            return
+        if generated is None:
+            seq = self.engine.running.get(job_id)
+            if seq is None:
+                return
+            generated = self._generated(seq)
+        if generated > adm.emitted:
+            start = adm.first_index + adm.emitted
+            ids = tuple(placeholder_token(job_id, i)
+                        for i in range(start, adm.first_index + generated))
+            adm.emitted = generated
+            self._emit(TokensGenerated(job_id, ids, start))
+
+    def _preempted(self, job_id: str, generated: int, action: KvAction) -> SegmentPreempted:
+        self._admissions.pop(job_id, None)
+        event = SegmentPreempted(job_id, generated, action)
+        self._emit(event)
+        return event
+
+    def _memory_changed(self) -> None:
+        """Emit the memory view if anything the scheduler plans with has changed."""
+        v = self.engine.view()
+        key = (v.total_blocks, v.free_blocks, v.host_free_blocks, v.running_seqs,
+               v.swapping_out_blocks)
+        if key != self._last_memory:
+            self._last_memory = key
+            self._emit(MemoryChanged(v))
+
+    def _emit(self, event: BackendEvent) -> None:
+        self._queue.put_nowait(event)
