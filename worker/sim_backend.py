@@ -36,7 +36,7 @@ from worker.backend import (
     StepTimed,
     TokensGenerated,
 )
-from worker.sim_engine.engine import EngineError, Sequence, SimulatedEngine
+from worker.sim_engine.engine import EngineError, SimulatedEngine
 
 VOCAB = 32000
 _END = object()  # end of the event stream
@@ -171,36 +171,15 @@ class SimulatedBackend:
         return out
 
     def _check_admit(self, a: Admit, seg: SegmentInput | None) -> None:
-        """Everything `SimulatedEngine.admit` may fail on, checked before it changes state."""
-        e, j = self.engine, a.job_id
+        """What only the backend knows to check: the segment input. Everything else (room,
+        context, state) the engine checks itself before it changes any state."""
+        j = a.job_id
         if seg is None:
             raise BackendError(f"job {j}: an Admit needs its SegmentInput (max_tokens)")
         if seg.max_tokens < 1:
             raise BackendError(f"job {j}: max_tokens must be at least 1, got {seg.max_tokens}")
         if a.new_tokens < 0 or a.context_tokens < 0 or seg.first_index < 0:
             raise BackendError(f"job {j}: token counts must not be negative")
-        if j in e.running:
-            raise BackendError(f"job {j} is already running on worker {e.worker_id}")
-        if len(e.running) >= e.max_seqs:
-            raise BackendError(f"job {j}: worker {e.worker_id} already runs {len(e.running)} "
-                               f"sequences (max_num_seqs {e.max_seqs})")
-        need = e._blocks(a.context_tokens + a.new_tokens)
-        swapping_out = any(t.job_id == j and t.direction == "out" for t in e.transfers)
-        held = e.swapped[j] if a.swap_in and swapping_out else e.held.get(j)
-        if held is None and a.swap_in:
-            held = e.swapped.get(j)
-            if held is None:
-                raise BackendError(f"job {j} is not swapped out on worker {e.worker_id}")
-            held = (0, held[1])  # a swap-in allocates all its blocks anew
-        if held is not None:
-            blocks, ctx = held
-            if ctx != a.context_tokens:
-                raise BackendError(f"job {j}: worker {e.worker_id} holds {ctx} tokens of "
-                                   f"context, the plan says {a.context_tokens}")
-            need -= blocks
-        if need > e.pool.allocatable:
-            raise BackendError(f"job {j}: needs {need} KV blocks, worker {e.worker_id} has "
-                               f"{e.pool.allocatable}")
 
     # --- stepping -----------------------------------------------------------------------
     async def _run(self) -> None:
@@ -275,13 +254,8 @@ class SimulatedBackend:
             self._step_shape = self._shape_of_step()
 
     def _shape_of_step(self) -> tuple[int, int]:
-        """(tokens, context tokens read) of the step just planned. The engine computes them
-        in `start_step` without returning them, so they are rebuilt from its step plan."""
-        e = self.engine
-        chunks, n_decode, s = e._step_plan
-        tokens = n_decode + sum(chunk for _, chunk in chunks)
-        context = e._sum_base + n_decode * s + sum(q.prompt_total - q.to_prefill for q, _ in chunks)
-        return tokens, context
+        """(tokens, context tokens read) of the step just planned."""
+        return self.engine.last_step_tokens, self.engine.last_step_context_read
 
     def _finish_step(self, now: float) -> None:
         e = self.engine
@@ -304,23 +278,15 @@ class SimulatedBackend:
         self._memory_changed()
 
     # --- reporting ----------------------------------------------------------------------
-    def _generated(self, seq: Sequence) -> int:
-        """Tokens a running sequence has generated after the completed steps (a decoding
-        sequence's count is implicit in the engine's step counter)."""
-        if not seq.decoding:
-            return seq.generated
-        return seq.base + self.engine.step - seq.prompt_total + 1
-
     def _flush_tokens(self, job_id: str, generated: int | None = None) -> None:
         """Report the tokens of `job_id`'s admission not reported yet (up to `generated`)."""
         adm = self._admissions.get(job_id)
         if adm is None:
             return
         if generated is None:
-            seq = self.engine.running.get(job_id)
-            if seq is None:
+            if job_id not in self.engine.running:
                 return
-            generated = self._generated(seq)
+            generated = self.engine.generated_of(job_id)
         if generated > adm.emitted:
             start = adm.first_index + adm.emitted
             ids = tuple(placeholder_token(job_id, i)

@@ -96,6 +96,8 @@ class SimulatedEngine:
         self.step = 0
         self.busy = False
         self.last_step_s = profile.step_time_s(1, 0)
+        self.last_step_tokens = 0  # shape of the current/last step, for step-time reports
+        self.last_step_context_read = 0
         self.running: dict[str, Sequence] = {}  # admission order
         self._prefilling: dict[str, Sequence] = {}
         self._n_decode = 0
@@ -126,28 +128,21 @@ class SimulatedEngine:
               swap_in: bool, now: float, priority: float = 0.0) -> None:
         """Start a segment. Prefill chunks go to segments by (priority, admission order):
         lower priority values first, as vLLM's priority scheduling orders its batch."""
-        if job_id in self.running:
-            raise EngineError(f"job {job_id} is already running on worker {self.worker_id}")
-        if max_tokens < 1:
-            raise EngineError(f"job {job_id}: max_tokens must be at least 1")
+        self._check_admit(job_id, new_tokens, context_tokens, max_tokens, swap_in)
         total = context_tokens + new_tokens
         ready_at = now
         if swap_in and self._cancel_swap_out(job_id):
             swap_in = False
         if job_id in self.held:
             blocks, ctx = self.held.pop(job_id)
-            if ctx != context_tokens:
-                raise EngineError(f"job {job_id}: worker holds {ctx} tokens, plan says {context_tokens}")
             extra = self._blocks(total) - blocks
-            self._allocate(extra, job_id)
+            self.pool.allocate(extra)
             blocks += extra
             to_prefill = new_tokens
         elif swap_in:
-            if job_id not in self.swapped:
-                raise EngineError(f"job {job_id} is not swapped out on worker {self.worker_id}")
             host_blocks, ctx = self.swapped.pop(job_id)
             blocks = self._blocks(total)
-            self._allocate(blocks, job_id)
+            self.pool.allocate(blocks)
             start = max(now, self._link_free_at["in"])
             ready_at = start + self.profile.swap_time_s(ctx)
             self._link_free_at["in"] = ready_at
@@ -160,7 +155,7 @@ class SimulatedEngine:
             hit = hit_blocks * self.bs
             self.prefix_hit_tokens += hit
             blocks = self._blocks(total)
-            self._allocate(blocks - hit_blocks, job_id, already=hit_blocks)
+            self.pool.allocate(blocks - hit_blocks)
             to_prefill = total - hit
             self.tokens_recomputed += context_tokens - hit
         self._order += 1
@@ -172,6 +167,43 @@ class SimulatedEngine:
         seq.to_prefill = max(to_prefill, 1)
         self._prefilling[job_id] = seq
         self._note_usage()
+
+    def _check_admit(self, job_id: str, new_tokens: int, context_tokens: int, max_tokens: int,
+                     swap_in: bool) -> None:
+        """Everything `admit` may refuse, checked before it changes any state, so a refused
+        admission leaves the job's KV exactly where it was."""
+        if job_id in self.running:
+            raise EngineError(f"job {job_id} is already running on worker {self.worker_id}")
+        if max_tokens < 1:
+            raise EngineError(f"job {job_id}: max_tokens must be at least 1")
+        if new_tokens < 0 or context_tokens < 0:
+            raise EngineError(f"job {job_id}: token counts must not be negative")
+        if len(self.running) >= self.max_seqs:
+            raise EngineError(f"job {job_id}: worker {self.worker_id} already runs "
+                              f"{len(self.running)} sequences (max_num_seqs {self.max_seqs})")
+        need = self._blocks(context_tokens + new_tokens)
+        swapping_out = any(t.job_id == job_id and t.direction == "out" for t in self.transfers)
+        if swap_in and swapping_out:
+            kept = self.swapped[job_id]  # the copy is cancelled: its GPU blocks are reused
+        elif job_id in self.held:
+            kept = self.held[job_id]
+        elif swap_in:
+            if job_id not in self.swapped:
+                raise EngineError(f"job {job_id} is not swapped out on worker {self.worker_id}")
+            kept = (0, self.swapped[job_id][1])  # a swap-in allocates all its blocks anew
+        else:
+            kept = None
+        if kept is not None:
+            blocks, ctx = kept
+            if ctx != context_tokens:
+                raise EngineError(f"job {job_id}: worker {self.worker_id} holds {ctx} tokens of "
+                                  f"context, the plan says {context_tokens}")
+            need -= blocks
+        # (A prefix-cache hit needs no extra room: the job's cached blocks already count as
+        # allocatable, and a hit turns them into its own.)
+        if need > self.pool.allocatable:
+            raise EngineError(f"job {job_id}: needs {need} KV blocks, worker {self.worker_id} "
+                              f"has {self.pool.allocatable}")
 
     def pause(self, job_id: str, action: KvAction, now: float) -> None:
         """Apply the KV action to a job whose segment just ended (its blocks are held)."""
@@ -291,6 +323,7 @@ class SimulatedEngine:
             return 0.0, result
         self._step_plan = (chunks, self._n_decode, s)
         self.busy = True
+        self.last_step_tokens, self.last_step_context_read = tokens, context_read
         self.last_step_s = self.profile.step_time_s(tokens, context_read)
         self._note_usage()
         return self.last_step_s, result
@@ -350,6 +383,14 @@ class SimulatedEngine:
             preemptible=self.is_decoding,
         )
 
+    def generated_of(self, job_id: str) -> int:
+        """Tokens a running segment has generated after the completed steps (a decoding
+        sequence's count is implicit in the step counter)."""
+        seq = self.running[job_id]
+        if not seq.decoding:
+            return seq.generated
+        return seq.base + self.step - seq.prompt_total + 1
+
     def is_decoding(self, job_id: str) -> bool:
         """Decoding segments can be preempted (and swapped); prefilling ones finish first."""
         seq = self.running.get(job_id)
@@ -372,13 +413,6 @@ class SimulatedEngine:
     # --- internals ----------------------------------------------------------------------
     def _blocks(self, tokens: int) -> int:
         return -(-tokens // self.bs)
-
-    def _allocate(self, n: int, job_id: str, already: int = 0) -> None:
-        if n > self.pool.allocatable:
-            self.pool.release(already)  # give back a prefix hit taken for this admission
-            raise EngineError(
-                f"job {job_id}: needs {n} KV blocks, worker {self.worker_id} has {self.pool.allocatable}")
-        self.pool.allocate(n)
 
     def _drop_swapped(self, job_id: str) -> None:
         """Forget a job's host copy (it will be recomputed, or the job ended). A swap-out
