@@ -352,3 +352,30 @@ def test_block_pool_evicts_least_recently_cached_jobs_first():
     assert pool.used == 5 + 2
     with pytest.raises(OutOfBlocks):
         pool.allocate(4)
+
+
+def test_a_refused_admission_leaves_the_jobs_kv_where_it_was(simple_profile):
+    """A plan the engine cannot carry out (no room, wrong context) changes nothing: the
+    paused job's KV, the prefix cache and the free blocks are as before, and a valid
+    admission afterwards still works."""
+    e = SimulatedEngine(simple_profile, kv_blocks=20)
+    e.admit("a", 100, 0, 5, False, 0.0)
+    run(e)
+    held_before = dict(e.held)
+    free_before, cached_before = e.pool.free, e.pool.cached_total
+    with pytest.raises(EngineError, match="holds 105 tokens"):
+        e.admit("a", 10, 999, 5, False, 1.0)  # wrong context for the preserved job
+    with pytest.raises(EngineError, match="needs"):
+        e.admit("a", 400, 105, 5, False, 1.0)  # no room for the new tokens
+    assert e.held == held_before
+    assert (e.pool.free, e.pool.cached_total) == (free_before, cached_before)
+    e.evict("a", KvAction.DISCARD, 1.0)
+    cached = e.pool.cached_blocks("a")
+    with pytest.raises(EngineError, match="needs"):
+        e.admit("a", 500, 105, 5, False, 2.0)  # recompute would not fit either
+    assert e.pool.cached_blocks("a") == cached  # the prefix cache kept the job's blocks
+    e.admit("a", 10, 105, 5, False, 3.0)  # and a valid admission still works, hitting the cache
+    ended, _, _, _ = run(e, now=3.0)
+    assert ended["a"].generated_tokens == 5
+    assert ended["a"].prefill_tokens == 105 + 10 - cached * BS
+    assert e.pool.free + e.pool.cached_total + e.pool.used == e.pool.total
