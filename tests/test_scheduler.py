@@ -212,3 +212,21 @@ def test_config_overrides_parse_values_and_reject_unknown_keys():
         SchedulerConfig().with_overrides({"mlfq.nope": "1"})
     with pytest.raises(ValueError, match="bad value 'x' for mlfq.num_levels"):
         SchedulerConfig().with_overrides({"mlfq.num_levels": "x"})
+
+
+def test_a_lost_worker_requeues_its_running_and_kept_jobs_with_their_kv_discarded(sched):
+    running = running_job(sched, "run", tokens=320)
+    paused = running_job(sched, "paused", tokens=160)
+    pause = sched.segment_ended("paused", 1.0, 8, 160, True, "qa", view())
+    assert pause.action is KvAction.PRESERVE  # low pressure: its KV stays on worker 0
+    affected = sched.worker_lost(0, 2.0, {"run": 5})
+    assert sorted(affected) == ["paused", "run"]
+    # The running segment is ready again, with what it generated kept, and must recompute.
+    assert running.state is JobState.READY and running.kv_state is KvState.DISCARDED
+    assert running.context_tokens == 325 and running.tokens_to_prefill == 325
+    # The paused job waits for its tool as before, but its KV is gone.
+    assert paused.state is JobState.API_WAIT and paused.kv_state is KvState.DISCARDED
+    assert 0 not in sched.running and 0 not in sched.paused
+    # Another worker picks the running job up, recomputing its context.
+    actions = sched.build_plan(2.0, {1: view(worker=1)})
+    assert [admit_fields(a) for a in actions] == [("run", 1, 0, 325, False)]

@@ -134,6 +134,29 @@ class Scheduler:
         job.finished_s = now
         return job
 
+    def worker_lost(self, worker_id: int, now: float, generated: dict[str, int]) -> list[str]:
+        """A worker is gone, and all the KV it held with it. Its running segments are
+        re-queued as preempted with their KV discarded (`generated[job_id]` tokens they had
+        produced are kept in the history); jobs whose KV it kept, paused or ready, become
+        discarded so they may be placed anywhere. Returns the affected job ids."""
+        affected = []
+        for job in list(self.running.get(worker_id, {}).values()):
+            self.segment_preempted(job.job_id, now, generated.get(job.job_id, 0), KvAction.DISCARD)
+            affected.append(job.job_id)
+        for job in self.jobs.values():
+            if (job.worker_id == worker_id and job.state in (JobState.API_WAIT, JobState.READY)
+                    and job.kv_state in (KvState.RESIDENT, KvState.SWAPPED)):
+                self.kv_policy.forget(job)
+                job.kv_state = KvState.DISCARDED
+                if job.state is JobState.READY:  # its needs changed: queue it again
+                    self.discipline.remove(job)
+                    self._enqueue(job, now)
+                if job.job_id not in affected:
+                    affected.append(job.job_id)
+        for table in (self.running, self.paused, self.resident_ready):
+            table.pop(worker_id, None)
+        return affected
+
     def forget_finished(self, job_id: str) -> None:
         job = self.jobs.get(job_id)
         if job is not None and job.state is JobState.FINISHED:

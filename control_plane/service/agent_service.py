@@ -1,0 +1,156 @@
+"""`AgentService`: the client-facing API on the shared `Scheduler`.
+
+Errors are gRPC statuses with a message naming the job and the problem: NOT_FOUND for an
+unknown job, ALREADY_EXISTS for a duplicate id, FAILED_PRECONDITION for a call the job's state
+does not allow (a segment on a finished job, or while one runs), INVALID_ARGUMENT for bad
+input. A bad call changes nothing. A client that goes away mid-segment cancels its job, which
+frees its worker's memory (an Abort).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+
+from astraea.telemetry import get_logger
+from astraea.v1 import agent_pb2, agent_pb2_grpc
+from control_plane.core.job import JobState
+from control_plane.service import validation
+from control_plane.service.context import ControlPlane
+from control_plane.service.registry import JobEntry, Segment, SegmentClosed
+
+log = get_logger("astraea.control_plane.agents")
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+
+    async def _entry(self, job_id: str, context) -> JobEntry:
+        if not job_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job_id is empty")
+        entry = self.cp.registry.jobs.get(job_id)
+        if entry is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job id {job_id!r}")
+        return entry
+
+    # --- StartJob ---------------------------------------------------------------------------
+    async def StartJob(self, request, context):
+        cfg = self.cp.config
+        try:
+            validation.check_id(request.job_id, "job_id", cfg)
+            validation.check_id(request.category, "category", cfg)
+        except validation.InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        job_id = request.job_id or uuid.uuid4().hex
+        if job_id in self.cp.registry.jobs:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"job id {job_id!r} already exists")
+        job = self.cp.scheduler.job_arrived(job_id, self.cp.now(), request.category or "unknown")
+        self.cp.registry.jobs[job_id] = JobEntry(job=job, arrival_unix_s=time.time())
+        log.info("job started", job_id=job_id, category=job.category)
+        return agent_pb2.StartJobResponse(job_id=job_id)
+
+    # --- RunSegment -------------------------------------------------------------------------
+    async def RunSegment(self, request, context):
+        entry = await self._entry(request.job_id, context)
+        seg = await self._submit(entry, request, context)
+        try:
+            while True:
+                event = await seg.events.get()
+                if isinstance(event, SegmentClosed):
+                    await context.abort(event.code, event.message)
+                yield event
+                if event.WhichOneof("event") == "done":
+                    return
+        finally:
+            if not seg.done:  # the client went away (or the call was cancelled) mid-segment
+                self.cp.finish_job(entry, "client disconnected mid-segment", cancel=True)
+
+    async def _submit(self, entry: JobEntry, request, context) -> Segment:
+        job, cfg = entry.job, self.cp.config
+        if job.state is JobState.FINISHED:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"job {job.job_id!r} is finished: no more segments")
+        if job.state in (JobState.READY, JobState.RUNNING):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"job {job.job_id!r} is already running segment "
+                                f"{job.segment_index}: wait for its done event")
+        try:
+            validation.check_id(request.next_tool_category, "next_tool_category", cfg)
+            new_tokens = validation.prompt_tokens(request, cfg)
+            sampling = validation.sampling(request.sampling, cfg,
+                                           self.cp.scheduler.profile.context_window,
+                                           job.context_tokens, new_tokens)
+        except validation.InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"job {job.job_id!r}: {e}")
+        hint = request.next_tool_category or None
+        now = self.cp.now()
+        wait_before = job.waiting_s
+        self.cp.scheduler.segment_submitted(job.job_id, now, new_tokens, hint)
+        entry.tool_started_s = None
+        seg = Segment(index=job.segment_index, new_tokens=new_tokens,
+                      max_tokens=sampling.max_tokens, sampling=sampling, request=request,
+                      calls_tool=hint is not None, tool_category=hint, submitted_s=now,
+                      wait_before=wait_before)
+        entry.segment = seg
+        self.cp.mark_dirty()
+        return seg
+
+    # --- tool calls, end, cancel, status --------------------------------------------------
+    async def ReportToolCall(self, request, context):
+        entry = await self._entry(request.job_id, context)
+        job = entry.job
+        try:
+            validation.check_id(request.category, "category", self.cp.config)
+        except validation.InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if request.phase == agent_pb2.TOOL_CALL_PHASE_UNSPECIFIED:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "phase is TOOL_CALL_PHASE_UNSPECIFIED: send START or END")
+        if request.phase not in (agent_pb2.TOOL_CALL_PHASE_START, agent_pb2.TOOL_CALL_PHASE_END):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"unknown tool call phase {request.phase}")
+        if job.state is not JobState.API_WAIT:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"job {job.job_id!r} is {job.state.value}: a tool call follows "
+                                "a segment that ended with TOOL_CALL")
+        now = self.cp.now()
+        if request.phase == agent_pb2.TOOL_CALL_PHASE_START:
+            entry.tool_started_s = now
+            if request.category:
+                # The API wait is learned under the tool actually called (observed at resume).
+                job.next_tool_category = request.category
+            return agent_pb2.ReportToolCallResponse()
+        if entry.tool_started_s is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"job {job.job_id!r}: tool call END without START")
+        observed = now - entry.tool_started_s
+        entry.tool_started_s = None
+        return agent_pb2.ReportToolCallResponse(observed_duration_s=observed)
+
+    async def EndJob(self, request, context):
+        entry = await self._entry(request.job_id, context)
+        job = entry.job
+        if job.state in (JobState.READY, JobState.RUNNING):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"job {job.job_id!r} is running a segment: wait for it or "
+                                "CancelJob")
+        if entry.finished_unix_s is None:
+            self.cp.finish_job(entry, "EndJob", cancel=True)
+        return agent_pb2.EndJobResponse(status=self.cp.job_status(entry))
+
+    async def CancelJob(self, request, context):
+        entry = await self._entry(request.job_id, context)
+        if entry.finished_unix_s is None:
+            self.cp.finish_job(entry, f"cancelled: {request.reason or 'no reason given'}",
+                               cancel=True)
+        return agent_pb2.CancelJobResponse()
+
+    async def GetJob(self, request, context):
+        entry = await self._entry(request.job_id, context)
+        return self.cp.job_status(entry)
+
+

@@ -1,0 +1,130 @@
+"""The shared state of one control plane and the operations every handler needs.
+
+Everything runs on one asyncio event loop, and every call into the `Scheduler` is synchronous
+(no `await` between reading and changing its state), so handlers and the planner never see
+the core half-updated: the event loop is the lock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import grpc
+
+from astraea import wire
+from astraea.telemetry import get_logger
+from astraea.v1 import agent_pb2, worker_pb2
+from control_plane.core.job import Job, JobState
+from control_plane.core.scheduler import Scheduler
+from control_plane.service.registry import JobEntry, Registry, SegmentClosed
+
+log = get_logger("astraea.control_plane")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Limits and defaults of the client API, and the clock."""
+
+    # Scheduler seconds per wall second is 1 / time_scale: a control plane driving workers
+    # whose simulated engines run `time_scale` times real time sets the same scale, so the
+    # scheduler's times (waits, API durations, TTLs) are in the engines' time.
+    time_scale: float = 1.0
+    default_max_tokens: int = 256
+    max_prompt_chars: int = 1 << 20
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256
+    max_temperature: float = 2.0  # OpenAI's range; above it sampling is noise
+    max_id_chars: int = 256  # job ids and categories
+
+
+class ControlPlane:
+    def __init__(self, scheduler: Scheduler, config: ServiceConfig) -> None:
+        if not config.time_scale > 0:
+            raise ValueError(f"time_scale must be positive, got {config.time_scale}")
+        self.scheduler = scheduler
+        self.config = config
+        self.registry = Registry()
+        self._origin = time.monotonic()
+        self._mark_dirty = lambda: None  # set by the planner
+
+    # --- clock ----------------------------------------------------------------------------
+    def now(self) -> float:
+        """Scheduler time: monotonic seconds since start, in engine time (see time_scale)."""
+        return (time.monotonic() - self._origin) / self.config.time_scale
+
+    def mark_dirty(self) -> None:
+        """Something the plan depends on changed: the planner will run."""
+        self._mark_dirty()
+
+    # --- to workers -----------------------------------------------------------------------
+    def send(self, worker_id: int, actions: Iterable[worker_pb2.PlanAction]) -> bool:
+        """Queue actions (already protos) for a worker; False if it is not connected."""
+        entry = self.registry.workers.get(worker_id)
+        actions = list(actions)
+        if entry is None or not actions:
+            return False
+        entry.outbound.put_nowait(worker_pb2.ControlMessage(plan=worker_pb2.Plan(actions=actions)))
+        return True
+
+    def abort_on_worker(self, job: Job, reason: str) -> None:
+        """Free whatever the job's worker holds for it (running segment, GPU or host KV, or
+        just its prefix-cache affinity: an Abort of a job the worker does not hold is a no-op)."""
+        if job.worker_id is not None:
+            self.send(job.worker_id, [wire.plan_action_to_proto(
+                wire.Abort(job.job_id, job.worker_id, reason))])
+
+    # --- job lifecycle --------------------------------------------------------------------
+    def finish_job(self, entry: JobEntry, reason: str, cancel: bool) -> None:
+        """The job is over: end it in the core (`cancel`: it has not ended there yet), free
+        its worker's memory, close a RunSegment still streaming, and drop it from the core."""
+        job = entry.job
+        if cancel and job.state is not JobState.FINISHED:
+            self.scheduler.job_cancelled(job.job_id, self.now())
+        self.abort_on_worker(job, reason)
+        seg = entry.segment
+        if seg is not None and not seg.done:
+            seg.done = True
+            seg.events.put_nowait(SegmentClosed(grpc.StatusCode.CANCELLED, f"job {job.job_id} ended: {reason}"))
+        entry.finished_unix_s = time.time()
+        self.scheduler.forget_finished(job.job_id)
+        self.mark_dirty()
+        log.info("job finished", job_id=job.job_id, reason=reason,
+                 jct_s=(job.finished_s or 0.0) - job.arrival_s)
+
+    def job_status(self, entry: JobEntry) -> agent_pb2.JobStatus:
+        job = entry.job
+        status = agent_pb2.JobStatus(
+            job_id=job.job_id, category=job.category, state=wire.job_state_to_proto(job.state),
+            level=job.level, kv_state=wire.kv_state_to_proto(job.kv_state),
+            segment_index=job.segment_index, context_tokens=job.context_tokens,
+            pending_tokens=job.pending_tokens,
+            generated_tokens=entry.generated_total, arrival_unix_s=entry.arrival_unix_s,
+            waiting_s=job.waiting_now(self.now()))
+        if job.worker_id is not None:
+            status.worker_id = job.worker_id
+        if entry.finished_unix_s is not None:
+            status.finished_unix_s = entry.finished_unix_s
+        return status
+
+    # --- worker loss ----------------------------------------------------------------------
+    def worker_lost(self, worker_id: int, expected: bool = False) -> None:
+        """The worker's stream closed: all KV it held is gone. Running segments are re-queued
+        as preempted with a discard (the tokens already streamed count as generated), kept
+        jobs become discarded so they may be placed anywhere (`Scheduler.worker_lost`)."""
+        entry = self.registry.workers.pop(worker_id, None)
+        if entry is None:
+            return
+        entry.outbound.put_nowait(None)
+        generated = {}
+        for job_id in self.scheduler.running.get(worker_id, {}):
+            seg = self.registry.jobs[job_id].segment
+            if seg:  # tokens already streamed count as generated: nothing is sent twice
+                generated[job_id] = seg.next_index - seg.admission_base
+                seg.generated += generated[job_id]
+        self.scheduler.worker_lost(worker_id, self.now(), generated)
+        (log.info if expected else log.warning)(
+            "worker disconnected" if expected else "worker lost",
+            worker_id=worker_id, worker_name=entry.name)
+        self.mark_dirty()

@@ -1,0 +1,90 @@
+"""The planner: one task that asks the core for a plan whenever something changed.
+
+Plans are made on events only (a job arrived or returned from its tool, a segment ended or was
+preempted, a worker's memory changed, a worker came or went) or when the core's own timer
+(`Scheduler.next_timer`, e.g. a TTL) falls due — never per engine step. Events only mark the
+planner dirty; several events before it runs give one plan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+
+from astraea import wire
+from astraea.telemetry import get_logger
+from astraea.v1 import worker_pb2
+from control_plane.core.plan import Admit
+from control_plane.service.context import ControlPlane
+
+log = get_logger("astraea.control_plane.planner")
+
+
+class Planner:
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+        self._dirty = asyncio.Event()
+        cp._mark_dirty = self._dirty.set
+        self.plans = 0  # plans built (for tests and logs)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            timer = self.cp.scheduler.next_timer()
+            timeout = None
+            if timer is not None:
+                timeout = max(0.0, (timer - self.cp.now()) * self.cp.config.time_scale)
+            try:
+                await asyncio.wait_for(self._dirty.wait(), timeout)
+            except TimeoutError:
+                pass
+            await asyncio.sleep(0)  # let the reports of this instant land before planning
+            self._dirty.clear()
+            started = loop.time()
+            try:
+                self.plan_once()
+            except Exception:  # a bug in one plan must not stop planning for good
+                log.exception("build_plan failed")
+            took = loop.time() - started
+            if took > 0.05:
+                log.warning("slow plan", seconds=round(took, 4))
+
+    def plan_once(self) -> None:
+        """Build a plan and queue each worker's part on its stream (synchronous: atomic)."""
+        cp = self.cp
+        views = cp.registry.views()
+        if not views:
+            return
+        actions = cp.scheduler.build_plan(cp.now(), views)
+        self.plans += 1
+        per_worker: dict[int, list[worker_pb2.PlanAction]] = defaultdict(list)
+        for action in actions:
+            msg = wire.plan_action_to_proto(action)
+            if isinstance(action, Admit):
+                self._fill_admit(action, msg.admit)
+            per_worker[action.worker_id].append(msg)
+        for worker_id, msgs in per_worker.items():
+            cp.send(worker_id, msgs)
+
+    def _fill_admit(self, action: Admit, admit: worker_pb2.Admit) -> None:
+        """The segment's input, which the core's Admit does not carry: what is left of the
+        token budget, the sampling, and the prompt (on the first admission only: after a
+        preemption the worker or the recomputation already has it)."""
+        entry = self.cp.registry.jobs[action.job_id]
+        seg = entry.segment
+        admit.max_tokens = seg.max_tokens - seg.generated
+        admit.sampling.CopyFrom(seg.sampling)
+        # The worker derives the admission's first token index from
+        # sampling.max_tokens - max_tokens (the Admit message has no first_index field).
+        seg.admission_base = seg.generated
+        if seg.next_index != seg.generated:
+            log.warning("streamed and reported token counts differ", job_id=action.job_id,
+                        streamed=seg.next_index, reported=seg.generated)
+        if not seg.admitted:
+            seg.admitted = True
+            seg.admitted_s = self.cp.now()
+            which = seg.request.WhichOneof("input")
+            if which == "prompt_text":
+                admit.prompt_text = seg.request.prompt_text
+            elif which == "prompt_token_ids":
+                admit.prompt_token_ids.CopyFrom(seg.request.prompt_token_ids)

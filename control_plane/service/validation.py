@@ -1,0 +1,86 @@
+"""Checks of client requests. Each failure raises `InvalidRequest` naming the field, the value
+and what is allowed, so the client gets an INVALID_ARGUMENT it can act on."""
+
+from __future__ import annotations
+
+import math
+
+from astraea.v1 import agent_pb2, common_pb2
+from control_plane.service.context import ServiceConfig
+
+# Without a tokenizer in the control plane, text is counted at ~4 bytes per token (the usual
+# BPE average for English); the worker tokenizes the text itself.
+BYTES_PER_TOKEN = 4
+
+
+class InvalidRequest(ValueError):
+    pass
+
+
+def check_id(value: str, field: str, cfg: ServiceConfig) -> None:
+    if len(value) > cfg.max_id_chars:
+        raise InvalidRequest(f"{field} has {len(value)} characters: at most {cfg.max_id_chars}")
+
+
+def prompt_tokens(req: agent_pb2.RunSegmentRequest, cfg: ServiceConfig) -> int:
+    """The number of tokens the request appends; rejects a missing, empty or huge prompt."""
+    which = req.WhichOneof("input")
+    if which is None:
+        raise InvalidRequest("RunSegmentRequest needs exactly one of prompt_text or "
+                             "prompt_token_ids")
+    if which == "prompt_text":
+        text = req.prompt_text
+        if not text:
+            raise InvalidRequest("prompt_text is empty: a segment must append input")
+        if len(text) > cfg.max_prompt_chars:
+            raise InvalidRequest(f"prompt_text has {len(text)} characters: at most "
+                                 f"{cfg.max_prompt_chars}")
+        return -(-len(text.encode("utf-8")) // BYTES_PER_TOKEN)
+    n = len(req.prompt_token_ids.ids)
+    if n == 0:
+        raise InvalidRequest("prompt_token_ids is empty: a segment must append input")
+    return n
+
+
+def sampling(req: common_pb2.SamplingParams, cfg: ServiceConfig, max_context: int,
+             context_tokens: int, new_tokens: int) -> common_pb2.SamplingParams:
+    """The request's sampling with defaults filled in; rejects values out of range, and a
+    segment whose context, input and budget cannot fit the model's context window."""
+    out = common_pb2.SamplingParams()
+    out.CopyFrom(req)
+    if req.HasField("temperature"):
+        t = req.temperature
+        if not (math.isfinite(t) and 0.0 <= t <= cfg.max_temperature):
+            raise InvalidRequest(f"sampling.temperature is {t}: must be in [0, "
+                                 f"{cfg.max_temperature}]")
+    else:
+        out.temperature = 1.0
+    if req.HasField("top_p"):
+        p = req.top_p
+        if not (math.isfinite(p) and 0.0 < p <= 1.0):
+            raise InvalidRequest(f"sampling.top_p is {p}: must be in (0, 1]")
+    else:
+        out.top_p = 1.0
+    if len(req.stop) > cfg.max_stop_strings:
+        raise InvalidRequest(f"sampling.stop has {len(req.stop)} strings: at most "
+                             f"{cfg.max_stop_strings}")
+    for i, s in enumerate(req.stop):
+        if not s or len(s) > cfg.max_stop_chars:
+            raise InvalidRequest(f"sampling.stop[{i}] must have 1 to {cfg.max_stop_chars} "
+                                 "characters")
+    room = max_context - context_tokens - new_tokens
+    if room < 1:
+        raise InvalidRequest(f"prompt too long: the job's {context_tokens} context tokens plus "
+                             f"{new_tokens} new ones leave no room in the {max_context}-token "
+                             "context window")
+    if req.HasField("max_tokens"):
+        m = req.max_tokens
+        if m < 1:
+            raise InvalidRequest("sampling.max_tokens is 0: must be at least 1")
+        if m > room:
+            raise InvalidRequest(f"sampling.max_tokens is {m}: at most {room} fit in the "
+                                 f"{max_context}-token context window after the job's "
+                                 f"{context_tokens + new_tokens} tokens")
+    else:
+        out.max_tokens = min(cfg.default_max_tokens, room)
+    return out

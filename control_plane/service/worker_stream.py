@@ -1,0 +1,209 @@
+"""`WorkerService.Connect`: a worker registers, then reports; plans go back on the same stream.
+
+The finish-reason rule. A real engine knows why a segment ended and says so in
+`SegmentEnded.finish_reason`; that is used as is. The simulated backend generates exactly
+`max_tokens` placeholder tokens and reports no reason (UNSPECIFIED); then the client's
+RunSegment decides: a segment submitted with a `next_tool_category` hint ends with TOOL_CALL
+(the job enters its API wait and the KV policy decides now, as in the simulator, which reads
+the same fact from the trace), one without ends with LENGTH and finishes the job. So a client
+replaying a trace sends the hint exactly on segments that call a tool.
+
+Reports that do not fit (a job the worker does not hold, tokens out of order) are logged and
+ignored: they come from races with cancellations and must not take the worker down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from astraea import wire
+from astraea.telemetry import get_logger
+from astraea.v1 import agent_pb2, common_pb2, worker_pb2, worker_pb2_grpc
+from control_plane.core.job import JobState
+from control_plane.core.scheduler import SchedulerError
+from control_plane.service.context import ControlPlane
+from control_plane.service.registry import JobEntry, Segment, WorkerEntry
+from worker.backend import BackendInfo
+
+log = get_logger("astraea.control_plane.workers")
+
+
+class _StreamError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _info(reg: worker_pb2.Register) -> BackendInfo:
+    if reg.kv_capacity_blocks == 0 or reg.block_size == 0 or reg.max_num_seqs == 0:
+        raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                           "register needs kv_capacity_blocks, block_size and max_num_seqs > 0")
+    return BackendInfo(model=reg.model, backend=reg.backend,
+                       kv_capacity_blocks=reg.kv_capacity_blocks, block_size=reg.block_size,
+                       host_swap_blocks=reg.host_swap_blocks, max_num_seqs=reg.max_num_seqs,
+                       max_num_batched_tokens=reg.max_num_batched_tokens,
+                       profile_name=reg.profile_name)
+
+
+class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+
+    async def Connect(self, request_iterator, context):
+        it = request_iterator.__aiter__()
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("msg") != "register":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first message must be register")
+        try:
+            info = _info(first.register)
+        except _StreamError as e:
+            await context.abort(e.code, e.message)
+        name = first.register.worker_name or context.peer()
+        worker = self.cp.registry.add_worker(name, info)
+        log.info("worker registered", worker_id=worker.worker_id, worker_name=name,
+                 kv_blocks=info.kv_capacity_blocks, backend=info.backend)
+        yield worker_pb2.ControlMessage(
+            registered=worker_pb2.Registered(worker_id=worker.worker_id))
+        self.cp.mark_dirty()
+        reader = asyncio.ensure_future(self._consume(it, worker))
+        error: _StreamError | None = None
+        closed_by_us = False
+        try:
+            while True:
+                get = asyncio.ensure_future(worker.outbound.get())
+                done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if get in done:
+                    msg = get.result()
+                    if msg is None:
+                        closed_by_us = True
+                        break
+                    yield msg
+                    continue
+                get.cancel()
+                exc = reader.exception()
+                if isinstance(exc, _StreamError):
+                    error = exc
+                elif exc is not None:
+                    log.error("worker stream failed", worker_id=worker.worker_id,
+                              error=repr(exc))
+                    error = _StreamError(grpc.StatusCode.INTERNAL, f"control plane error: {exc}")
+                break  # the worker closed its side (or broke the protocol)
+        finally:
+            reader.cancel()
+            self.cp.worker_lost(worker.worker_id, expected=closed_by_us)
+        if error is not None:
+            await context.abort(error.code, error.message)
+
+    async def _consume(self, it, worker: WorkerEntry) -> None:
+        async for msg in it:
+            kind = msg.WhichOneof("msg")
+            if kind == "register":
+                raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"worker {worker.worker_id} is already registered on this "
+                                   "stream: register must be sent once")
+            try:
+                if kind == "memory":
+                    worker.view = wire.worker_view_from_proto(msg.memory, worker.worker_id)
+                    self.cp.mark_dirty()
+                elif kind == "tokens":
+                    for jt in msg.tokens.jobs:
+                        self._tokens(worker, jt)
+                elif kind == "segment_ended":
+                    self._segment_ended(worker, msg.segment_ended)
+                elif kind == "preempted":
+                    self._preempted(worker, msg.preempted)
+                elif kind in ("step_report", "heartbeat"):
+                    pass  # step timings feed the remote predictor (a later step)
+                else:
+                    raise ValueError("WorkerMessage has no msg set")
+            except (ValueError, SchedulerError) as e:
+                # One bad report is dropped; the stream and the other jobs carry on.
+                log.warning("bad worker report ignored", worker_id=worker.worker_id,
+                            kind=kind, error=str(e))
+
+    # --- reports --------------------------------------------------------------------------
+    def _held(self, worker: WorkerEntry, job_id: str, what: str) -> tuple[JobEntry, Segment] | None:
+        """The job's entry and running segment if `worker` runs it; else log and None."""
+        entry = self.cp.registry.jobs.get(job_id)
+        job = entry.job if entry else None
+        if (entry is None or entry.segment is None or job.state is not JobState.RUNNING
+                or job.worker_id != worker.worker_id):
+            # After a cancel or a worker-side race this is expected; otherwise a worker bug.
+            expected = entry is not None and job.state is JobState.FINISHED
+            (log.info if expected else log.warning)(
+                "report for a job the worker does not run, ignored", worker_id=worker.worker_id,
+                job_id=job_id, report=what, job_state=job.state.value if job else "unknown")
+            return None
+        return entry, entry.segment
+
+    def _tokens(self, worker: WorkerEntry, jt: worker_pb2.JobTokens) -> None:
+        held = self._held(worker, jt.job_id, "tokens")
+        if held is None:
+            return
+        entry, seg = held
+        ids = list(jt.token_ids)
+        skip = seg.next_index - jt.first_index
+        if skip < 0:
+            log.warning("token gap from worker", job_id=jt.job_id, expected=seg.next_index,
+                        got=jt.first_index)
+            skip = 0
+        ids = ids[skip:]  # tokens already streamed are never sent twice
+        if not ids:
+            return
+        if seg.first_token_s is None:
+            seg.first_token_s = self.cp.now()
+        seg.events.put_nowait(agent_pb2.RunSegmentEvent(tokens=agent_pb2.TokenEvent(
+            first_index=seg.next_index, token_ids=ids, text=jt.text if skip == 0 else "")))
+        seg.next_index += len(ids)
+        entry.generated_total += len(ids)
+
+    def _segment_ended(self, worker: WorkerEntry, m: worker_pb2.SegmentEnded) -> None:
+        held = self._held(worker, m.job_id, "segment_ended")
+        if held is None:
+            return
+        entry, seg = held
+        if m.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED:
+            reason = (common_pb2.FINISH_REASON_TOOL_CALL if seg.calls_tool
+                      else common_pb2.FINISH_REASON_LENGTH)
+        else:
+            reason = m.finish_reason
+        calls_tool = reason == common_pb2.FINISH_REASON_TOOL_CALL
+        now = self.cp.now()
+        job = entry.job
+        job.extra.pop("preempting", None)  # a Preempt that lost the race to the segment's end
+        pause = self.cp.scheduler.segment_ended(m.job_id, now, m.generated_tokens,
+                                                m.prefill_tokens, calls_tool,
+                                                seg.tool_category, worker.view)
+        seg.generated += m.generated_tokens
+        if seg.generated != seg.next_index:
+            log.warning("worker's token count differs from tokens streamed", job_id=m.job_id,
+                        reported=seg.generated, streamed=seg.next_index)
+        seg.done = True
+        first = seg.first_token_s if seg.first_token_s is not None else now
+        seg.events.put_nowait(agent_pb2.RunSegmentEvent(done=agent_pb2.SegmentDone(
+            finish_reason=reason, segment_index=seg.index,
+            timings=common_pb2.Timings(
+                queue_wait_s=job.waiting_s - seg.wait_before, ttft_s=first - seg.submitted_s,
+                duration_s=now - seg.submitted_s, prefill_tokens=m.prefill_tokens,
+                decode_tokens=seg.generated))))
+        if pause is not None:
+            self.cp.send(worker.worker_id, [wire.plan_action_to_proto(pause)])
+        else:
+            self.cp.finish_job(entry, "segment ended without a tool call", cancel=False)
+        self.cp.mark_dirty()
+
+    def _preempted(self, worker: WorkerEntry, m: worker_pb2.Preempted) -> None:
+        held = self._held(worker, m.job_id, "preempted")
+        if held is None:
+            return
+        _, seg = held
+        action = wire.kv_action_from_proto(m.action, "Preempted.action")
+        self.cp.scheduler.segment_preempted(m.job_id, self.cp.now(), m.generated_tokens, action)
+        seg.generated += m.generated_tokens
+        self.cp.mark_dirty()

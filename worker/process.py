@@ -1,0 +1,300 @@
+"""The worker process: one engine backend on one `WorkerService.Connect` stream.
+
+    astraea-worker --control-plane 127.0.0.1:50051 --backend sim --profile gptj-6b-a100
+
+It registers with what `backend.describe()` says, then concurrently carries out the control
+plane's plans (`backend.apply`) and forwards what the backend reports. One task writes the
+stream; it batches whatever is queued at the moment (tokens of several jobs into one
+TokenBatch, step timings into one StepReport, only the newest MemoryReport) while keeping each
+job's tokens ahead of its SegmentEnded/Preempted.
+
+A plan action the engine refuses (`BackendError`) is logged and skipped. A refused Admit
+would leave the job "running" in the control plane forever, so the worker drops whatever it
+holds for the job (Abort) and reports it as preempted with its KV discarded: the control
+plane then queues it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+
+import grpc
+
+from astraea import wire
+from astraea.telemetry import configure_logging, get_logger
+from astraea.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from control_plane.core.job import KvAction
+from control_plane.core.plan import Admit
+from worker.backend import (
+    Backend,
+    BackendError,
+    BackendFailed,
+    MemoryChanged,
+    SegmentFinished,
+    SegmentInput,
+    SegmentPreempted,
+    StepTimed,
+    TokensGenerated,
+)
+
+log = get_logger("astraea.worker")
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+class _Failed:
+    """Queued by the forwarder when the backend dies."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _segment_input(a: worker_pb2.Admit) -> SegmentInput:
+    # The Admit carries what is left of the segment's budget (`max_tokens`) and the whole
+    # budget (`sampling.max_tokens`); their difference is where this admission starts.
+    budget = a.sampling.max_tokens if a.sampling.HasField("max_tokens") else 0
+    max_tokens = a.max_tokens or budget
+    ids = tuple(a.prompt_token_ids.ids) if a.WhichOneof("prompt") == "prompt_token_ids" else None
+    ctx = tuple(a.context_token_ids.ids) if a.HasField("context_token_ids") else None
+    return SegmentInput(max_tokens=max_tokens, first_index=max(budget - max_tokens, 0),
+                        prompt_token_ids=ids, context_token_ids=ctx)
+
+
+def _to_messages(items: list, worker_id: int) -> list[worker_pb2.WorkerMessage]:
+    """Backend events (in order) as stream messages, batched."""
+    out: list[worker_pb2.WorkerMessage] = []
+    tokens: dict[str, worker_pb2.JobTokens] = {}
+    steps: list[common_pb2.StepTiming] = []
+    last_memory = max((i for i, e in enumerate(items) if isinstance(e, MemoryChanged)), default=-1)
+
+    def flush_tokens() -> None:
+        if tokens:
+            out.append(worker_pb2.WorkerMessage(
+                tokens=worker_pb2.TokenBatch(jobs=list(tokens.values()))))
+            tokens.clear()
+
+    for i, ev in enumerate(items):
+        if isinstance(ev, TokensGenerated):
+            jt = tokens.get(ev.job_id)
+            if jt is not None and jt.first_index + len(jt.token_ids) != ev.first_index:
+                flush_tokens()
+                jt = None
+            if jt is None:
+                tokens[ev.job_id] = worker_pb2.JobTokens(
+                    job_id=ev.job_id, first_index=ev.first_index, token_ids=ev.token_ids)
+            else:
+                jt.token_ids.extend(ev.token_ids)
+        elif isinstance(ev, StepTimed):
+            steps.append(common_pb2.StepTiming(tokens=ev.tokens,
+                                               context_tokens_read=ev.context_tokens_read,
+                                               duration_s=ev.duration_s))
+        elif isinstance(ev, MemoryChanged):
+            if i == last_memory:
+                flush_tokens()
+                out.append(worker_pb2.WorkerMessage(memory=wire.worker_view_to_proto(ev.view)))
+        elif isinstance(ev, SegmentFinished):
+            flush_tokens()
+            out.append(worker_pb2.WorkerMessage(segment_ended=worker_pb2.SegmentEnded(
+                job_id=ev.job_id, generated_tokens=ev.generated_tokens,
+                prefill_tokens=ev.prefill_tokens, ttft_s=ev.ttft_s, duration_s=ev.duration_s)))
+        elif isinstance(ev, SegmentPreempted):
+            flush_tokens()
+            out.append(worker_pb2.WorkerMessage(preempted=worker_pb2.Preempted(
+                job_id=ev.job_id, generated_tokens=ev.generated_tokens,
+                action=wire.kv_action_to_proto(ev.action))))
+    flush_tokens()
+    if steps:
+        out.append(worker_pb2.WorkerMessage(step_report=worker_pb2.StepReport(steps=steps)))
+    return out
+
+
+class WorkerProcess:
+    def __init__(self, backend: Backend, name: str) -> None:
+        self.backend = backend
+        self.name = name
+        self.worker_id = -1
+        self._out: asyncio.Queue = asyncio.Queue()  # backend events, and _Failed
+        self._shutdown: worker_pb2.Shutdown | None = None
+
+    async def run(self, address: str) -> int:
+        try:
+            await self.backend.start()
+        except BackendFailed as e:
+            log.error("backend failed to start", error=str(e))
+            return EXIT_FAILED
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                return await self._session(worker_pb2_grpc.WorkerServiceStub(channel))
+        except grpc.aio.AioRpcError as e:
+            log.error("control plane stream failed", code=e.code().name, details=e.details())
+            return EXIT_FAILED
+        finally:
+            await self.backend.stop()
+
+    async def _session(self, stub: worker_pb2_grpc.WorkerServiceStub) -> int:
+        info = self.backend.describe()
+        call = stub.Connect()
+        await call.write(worker_pb2.WorkerMessage(register=worker_pb2.Register(
+            worker_name=self.name, model=info.model, backend=info.backend,
+            kv_capacity_blocks=info.kv_capacity_blocks, block_size=info.block_size,
+            host_swap_blocks=info.host_swap_blocks, max_num_seqs=info.max_num_seqs,
+            max_num_batched_tokens=info.max_num_batched_tokens, profile_name=info.profile_name)))
+        first = await call.read()
+        if first is grpc.aio.EOF or first.WhichOneof("msg") != "registered":
+            log.error("control plane did not answer register", got=str(first))
+            call.cancel()
+            return EXIT_FAILED
+        self.worker_id = first.registered.worker_id
+        log.info("registered", worker_id=self.worker_id, worker_name=self.name)
+        tasks = [asyncio.create_task(self._receive(call), name="receive"),
+                 asyncio.create_task(self._forward(), name="forward"),
+                 asyncio.create_task(self._send(call), name="send")]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t.exception() is not None:
+                    raise t.exception()
+                code = t.result()
+                if code is not None:
+                    return code
+            return EXIT_OK
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+
+    async def _receive(self, call) -> int:
+        """Carry out plans until the control plane shuts us down or closes the stream."""
+        while True:
+            msg = await call.read()
+            if msg is grpc.aio.EOF:
+                if self._shutdown is None:
+                    log.error("control plane closed the stream")
+                    return EXIT_FAILED
+                return EXIT_OK
+            kind = msg.WhichOneof("msg")
+            if kind == "plan":
+                for pa in msg.plan.actions:
+                    await self._apply(pa)
+            elif kind == "shutdown":
+                self._shutdown = msg.shutdown
+                log.info("shutdown requested", reason=msg.shutdown.reason,
+                         drain=msg.shutdown.drain)
+                if msg.shutdown.drain:
+                    while self.backend.view().running_seqs:
+                        await asyncio.sleep(0.05)
+                    await asyncio.sleep(0)  # let the last reports reach the sender
+                await self._flush()
+                await call.done_writing()
+                return EXIT_OK
+            else:
+                log.warning("unexpected control message ignored", kind=kind)
+
+    async def _apply(self, pa: worker_pb2.PlanAction) -> None:
+        try:
+            action = wire.plan_action_from_proto(pa, self.worker_id)
+        except ValueError as e:
+            log.warning("bad plan action ignored", error=str(e))
+            return
+        segment = _segment_input(pa.admit) if isinstance(action, Admit) else None
+        try:
+            await self.backend.apply(action, segment)
+        except BackendError as e:
+            log.warning("plan action refused", action=type(action).__name__,
+                        job_id=action.job_id, error=str(e))
+            if isinstance(action, Admit):
+                await self.backend.apply(wire.Abort(action.job_id, self.worker_id,
+                                                    "admit refused"))
+                self._out.put_nowait(SegmentPreempted(action.job_id, 0, KvAction.DISCARD))
+
+    async def _forward(self) -> None:
+        try:
+            async for ev in self.backend.events():
+                self._out.put_nowait(ev)
+        except BackendFailed as e:
+            self._out.put_nowait(_Failed(e))
+        # events() ended: the backend stopped; the other tasks decide how we exit.
+        await asyncio.Event().wait()
+
+    async def _send(self, call) -> int:
+        while True:
+            items = [await self._out.get()]
+            while not self._out.empty():
+                items.append(self._out.get_nowait())
+            failed = next((i for i in items if isinstance(i, _Failed)), None)
+            events = [i for i in items if not isinstance(i, _Failed)]
+            for msg in _to_messages(events, self.worker_id):
+                await call.write(msg)
+            if failed is not None:
+                # No message carries an error: closing the stream with a cancel makes the
+                # control plane drop this worker and re-queue its jobs.
+                log.error("backend failed; leaving", error=str(failed.exc))
+                call.cancel()
+                return EXIT_FAILED
+
+    async def _flush(self) -> None:
+        """Wait until the sender has written everything queued so far."""
+        while not self._out.empty():
+            await asyncio.sleep(0.01)
+
+
+async def run_worker(control_plane_address: str, backend: Backend, name: str) -> int:
+    """Run a worker until the control plane shuts it down (0) or something fails (1)."""
+    return await WorkerProcess(backend, name).run(control_plane_address)
+
+
+def _make_backend(args: argparse.Namespace) -> Backend:
+    from astraea.profile import load_profile
+    from worker.sim_backend import SimulatedBackend
+
+    if args.backend != "sim":
+        raise ValueError(f"backend {args.backend!r} is not available yet (only 'sim')")
+    return SimulatedBackend(load_profile(args.profile), time_scale=args.time_scale,
+                            kv_blocks=args.kv_blocks)
+
+
+async def _main_async(args: argparse.Namespace) -> int:
+    backend = _make_backend(args)
+    task = asyncio.create_task(run_worker(args.control_plane, backend, args.name))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        log.info("stopped by signal")
+        return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="astraea-worker", description="Astraea worker")
+    parser.add_argument("--control-plane", default="127.0.0.1:50051", help="host:port")
+    parser.add_argument("--backend", default="sim", choices=["sim"])
+    parser.add_argument("--profile", default="gptj-6b-a100")
+    parser.add_argument("--time-scale", type=float, default=1.0,
+                        help="wall seconds per engine second (< 1 runs faster than real time)")
+    parser.add_argument("--kv-blocks", type=int, default=None,
+                        help="GPU KV blocks (default: from the profile)")
+    parser.add_argument("--name", default=f"{socket.gethostname()}:sim")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        code = asyncio.run(_main_async(args))
+    except (ValueError, OSError) as e:
+        print(f"astraea-worker: error: {e}", file=sys.stderr)
+        return 2
+    if code != EXIT_OK:
+        print("astraea-worker: exiting with an error (see the log above)", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
