@@ -22,8 +22,10 @@ import threading
 from concurrent import futures
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from astraea.profile import HardwareProfile, ProfileError, load_profile
+from astraea.telemetry import TelemetryConfig, TelemetryConfigError, setup_telemetry
 from astraea.v1 import predictor_pb2, predictor_pb2_grpc
 from predictor_svc.estimators import OnlineEstimator
 from predictor_svc.state import PredictorState, StateError, load_state, save_state
@@ -204,22 +206,19 @@ def serve(address: str, profile_name: str, state_path: str | None = None,
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                     thread_name_prefix="predictor"))
     predictor_pb2_grpc.add_PredictorServiceServicer_to_server(PredictorServicer(predictor), server)
-    # grpcio-health-checking is not a dependency of this project, so the standard health
-    # service is registered only where it happens to be installed.
-    try:
-        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    except ImportError:
-        pass
-    else:
-        hs = health.HealthServicer()
-        hs.set("astraea.v1.PredictorService", health_pb2.HealthCheckResponse.SERVING)
-        health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    # The standard health service: SERVING while up, NOT_SERVING from the start of a graceful
+    # stop (`server.health.enter_graceful_shutdown()`, as main does on SIGTERM).
+    hs = health.HealthServicer()
+    for name in ("", "astraea.v1.PredictorService"):
+        hs.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     server.start()
     server.bound_port = port  # type: ignore[attr-defined]
     server.predictor = predictor  # type: ignore[attr-defined]
+    server.health = hs  # type: ignore[attr-defined]
     return server
 
 
@@ -232,12 +231,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="state file: loaded at start if it exists, saved on SIGTERM/SIGINT")
     parser.add_argument("--grace", type=float, default=SHUTDOWN_GRACE_S,
                         help="seconds in-flight calls get to finish on shutdown")
+    parser.add_argument("--log-level", default=None,
+                        help="debug … critical (default: $ASTRAEA_LOG_LEVEL or info)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # structlog JSON lines on stderr (stdlib records of this module included), with trace ids.
+    try:
+        overrides = {"log_level": args.log_level} if args.log_level else {}
+        tel = setup_telemetry(TelemetryConfig.from_env("astraea-predictor", **overrides),
+                              install_global=True)
+    except TelemetryConfigError as e:
+        parser.error(str(e))
+    try:
+        return _run(args)
+    finally:
+        tel.shutdown()
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         server = serve(args.listen, args.profile, args.state)
     except (ProfileError, StateError, OSError) as e:
-        parser.exit(2, f"astraea-predictor: error: {e}\n")
+        log.error("cannot start: %s", e)
+        return 2
     log.info("predictor serving on %s:%d (profile %s)", args.listen.rsplit(":", 1)[0],
              server.bound_port, args.profile)
 
@@ -250,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     stop.wait()
+    server.health.enter_graceful_shutdown()  # NOT_SERVING during the drain
     # Stop first, so observations from calls finishing within the grace are saved too.
     server.stop(args.grace).wait()
     if args.state:

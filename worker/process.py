@@ -21,12 +21,11 @@ import asyncio
 import contextlib
 import signal
 import socket
-import sys
 
 import grpc
 
 from astraea import wire
-from astraea.telemetry import configure_logging, get_logger
+from astraea.telemetry import TelemetryConfig, TelemetryConfigError, get_logger, setup_telemetry
 from astraea.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from control_plane.core.job import KvAction
 from control_plane.core.plan import Admit
@@ -283,16 +282,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-blocks", type=int, default=None,
                         help="GPU KV blocks (default: from the profile)")
     parser.add_argument("--name", default=f"{socket.gethostname()}:sim")
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", default=None,
+                        help="debug … critical (default: $ASTRAEA_LOG_LEVEL or info)")
     args = parser.parse_args(argv)
-    configure_logging(args.log_level)
+    # structlog JSON lines on stderr, with the current trace's ids.
+    try:
+        overrides = {"log_level": args.log_level} if args.log_level else {}
+        tel = setup_telemetry(TelemetryConfig.from_env("astraea-worker", **overrides),
+                              install_global=True)
+    except TelemetryConfigError as e:
+        parser.error(str(e))
     try:
         code = asyncio.run(_main_async(args))
     except (ValueError, OSError) as e:
-        print(f"astraea-worker: error: {e}", file=sys.stderr)
+        log.error("cannot start", error=str(e))
         return 2
+    finally:
+        tel.shutdown()
     if code != EXIT_OK:
-        print("astraea-worker: exiting with an error (see the log above)", file=sys.stderr)
+        log.error("exiting with an error (see the log above)", exit_code=code)
     return code
 
 

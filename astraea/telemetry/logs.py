@@ -135,4 +135,25 @@ def configure_logging(level: str = "info", *, json: bool = True, stream: TextIO 
 def get_logger(name: str, **bound: Any) -> Any:
     """A structlog logger whose lines carry ``logger=name`` and the `bound` keys (e.g.
     ``job_id``)."""
-    return structlog.get_logger().bind(logger=name, **bound)
+    # Lazy, not `structlog.get_logger().bind(...)` now: a module-level logger created at
+    # import, before the service's main() configures structlog, must still render with the
+    # configuration in force when it logs.
+    return _LazyLogger({"logger": name, **bound})
+
+
+class _LazyLogger:
+    """Binds its context to a logger of the current structlog configuration at each use."""
+
+    __slots__ = ("_context",)
+
+    def __init__(self, context: dict[str, Any]) -> None:
+        self._context = context
+
+    def _current(self) -> Any:
+        return structlog.get_logger().bind(**self._context)
+
+    def bind(self, **values: Any) -> _LazyLogger:
+        return _LazyLogger({**self._context, **values})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._current(), name)

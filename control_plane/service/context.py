@@ -54,6 +54,13 @@ class ControlPlane:
         """Scheduler time: monotonic seconds since start, in engine time (see time_scale)."""
         return (time.monotonic() - self._origin) / self.config.time_scale
 
+    def observe_steps(self, steps) -> None:
+        """A worker's engine step timings: forwarded to the remote predictor when the
+        estimator is a `PredictorLink`; dropped otherwise (the core has no use for them)."""
+        observe = getattr(self.scheduler.estimator, "observe_steps", None)
+        if observe is not None:
+            observe(steps)
+
     def mark_dirty(self) -> None:
         """Something the plan depends on changed: the planner will run."""
         self._mark_dirty()

@@ -118,8 +118,10 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
                     self._segment_ended(worker, msg.segment_ended)
                 elif kind == "preempted":
                     self._preempted(worker, msg.preempted)
-                elif kind in ("step_report", "heartbeat"):
-                    pass  # step timings feed the remote predictor (a later step)
+                elif kind == "step_report":
+                    self.cp.observe_steps(msg.step_report.steps)
+                elif kind == "heartbeat":
+                    pass
                 else:
                     raise ValueError("WorkerMessage has no msg set")
             except (ValueError, SchedulerError) as e:

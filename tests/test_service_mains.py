@@ -1,0 +1,103 @@
+"""The services' main() functions, run as real processes: structlog JSON logs on stderr, the
+predictor link flag, and a clean exit (0) on SIGTERM after a graceful drain."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(module: str, *args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OTEL_EXPORTER_OTLP_ENDPOINT", "ASTRAEA_TELEMETRY_CONSOLE",
+                        "ASTRAEA_LOG_LEVEL")}
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_serving(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, "service did not become SERVING"
+            time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen) -> tuple[int, list[dict]]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines, "no log lines"
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    for r in records:
+        assert {"level", "event", "timestamp"} <= r.keys(), r
+    return proc.returncode, records
+
+
+def test_control_plane_main_logs_json_and_exits_cleanly_on_sigterm():
+    port = _free_port()
+    # A predictor nobody runs: the control plane still starts and logs the fallback.
+    proc = _start("control_plane.service.server", "--listen", f"127.0.0.1:{port}",
+                  "--grace", "0.2", "--predictor", f"127.0.0.1:{_free_port()}")
+    try:
+        _wait_serving(port)
+        time.sleep(1.0)
+    finally:
+        code, records = _stop(proc)
+    assert code == 0
+    events = [r["event"] for r in records]
+    assert "control plane serving" in events
+    assert "shutting down" in events
+    warn = [r for r in records if r["event"] == "predictor unreachable, using local estimates"]
+    assert len(warn) == 1 and warn[0]["level"] == "warning"  # once per outage
+
+
+def test_predictor_and_worker_mains_log_json():
+    pport, cport = _free_port(), _free_port()
+    pred = _start("predictor_svc.server", "--listen", f"127.0.0.1:{pport}", "--grace", "0.2")
+    cp = _start("control_plane.service.server", "--listen", f"127.0.0.1:{cport}",
+                "--grace", "0.2", "--predictor", f"127.0.0.1:{pport}")
+    worker = None
+    try:
+        _wait_serving(pport)
+        _wait_serving(cport)
+        worker = _start("worker.process", "--control-plane", f"127.0.0.1:{cport}",
+                        "--time-scale", "0.01", "--name", "w1")
+        time.sleep(1.0)
+    finally:
+        if worker is not None:
+            wcode, wrec = _stop(worker)
+        ccode, crec = _stop(cp)
+        pcode, prec = _stop(pred)
+    assert (wcode, ccode, pcode) == (0, 0, 0)
+    assert any(r["event"] == "registered" for r in wrec)
+    assert any(r["event"] == "predictor connected" for r in crec)
+    assert any(r["event"].startswith("predictor serving") and r["logger"] == "astraea.predictor"
+               for r in prec)
