@@ -1,4 +1,4 @@
-"""`astraea` command line: benchmarks, traces and profiles."""
+"""`astraea` command line: benchmarks, traces, profiles, and replays on the live stack."""
 
 from __future__ import annotations
 
@@ -152,6 +152,143 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay_live(args: argparse.Namespace, jobs, profile):
+    """Replay `jobs` on the live stack, in-process (`--stack`) or at `--control-plane`:
+    the ReplayResult and the KV decision counts (None when not in-process)."""
+    import asyncio
+
+    from astraea.replay import local_stack, replay
+
+    if args.time_scale <= 0:
+        raise ValueError(f"--time-scale must be positive, got {args.time_scale}")
+    if args.concurrency is not None and args.concurrency < 1:
+        raise ValueError("--concurrency must be at least 1")
+
+    async def go():
+        if args.stack:
+            if args.workers < 1:
+                raise ValueError("--workers must be at least 1")
+            async with local_stack(args.policy, args.profile, args.workers,
+                                   args.time_scale) as st:
+                print(f"astraea replay: in-process stack at {st.address} ({args.policy}, "
+                      f"{args.workers} workers, time scale {args.time_scale:g})", file=sys.stderr)
+                res = await replay(jobs, st.address, profile, args.time_scale, args.concurrency)
+                return res, st.decision_counts
+        return await replay(jobs, args.control_plane, profile, args.time_scale,
+                            args.concurrency), None
+
+    if not args.stack:
+        return asyncio.run(go())
+    import structlog
+
+    from astraea.telemetry.logs import configure_logging
+
+    saved = structlog.get_config()  # the in-process services log at --log-level only
+    configure_logging(args.log_level, capture_stdlib=False)
+    try:
+        return asyncio.run(go())
+    finally:
+        structlog.configure(**saved)
+
+
+def _replay_setup(args: argparse.Namespace):
+    from astraea.replay import replay_jobs
+
+    profile = load_profile(args.profile)
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError("--jobs must be at least 1")
+    if args.qps is not None and args.qps <= 0:
+        raise ValueError("--qps must be positive")
+    jobs, qps = replay_jobs(args.trace, args.jobs, args.qps, args.seed, profile.context_window)
+    if qps is None and args.qps is not None:
+        print(f"{args.trace} has its own arrival times: --qps is ignored", file=sys.stderr)
+    return profile, jobs, qps
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from astraea.bench.report import aggregate, format_tables, write_json
+    from astraea.replay import run_row
+
+    profile, jobs, qps = _replay_setup(args)
+    where = "an in-process stack" if args.stack else args.control_plane
+    print(f"astraea replay: {len(jobs)} jobs against {where}, time scale {args.time_scale:g}",
+          file=sys.stderr)
+    result, counts = _replay_live(args, jobs, profile)
+    run = run_row(result, args.policy_label, qps, args.seed, len(jobs), counts)
+    rows = aggregate([run])
+    print(format_tables(rows))
+    for job_id, err in list(result.errors.items())[:10]:
+        print(f"job {job_id} failed: {err}", file=sys.stderr)
+    print(f"\n{run.get('jobs_completed', 0)}/{len(jobs)} jobs completed in "
+          f"{result.wall_s:.1f} s wall ({result.makespan_s:.1f} virtual s)", file=sys.stderr)
+    if args.out:
+        spec = {"command": "replay", "trace": args.trace, "profile": args.profile,
+                "policy_label": args.policy_label, "qps": qps, "jobs": len(jobs),
+                "seed": args.seed, "time_scale": args.time_scale,
+                "control_plane": None if args.stack else args.control_plane,
+                "stack": {"policy": args.policy, "workers": args.workers} if args.stack else None,
+                "concurrency": args.concurrency}
+        write_json(args.out, spec, rows, [run])
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0 if not result.errors else 1
+
+
+def cmd_compare_live(args: argparse.Namespace) -> int:
+    from astraea.replay import run_row
+    from astraea.sim.simulator import Simulation
+
+    args.stack = True
+    args.control_plane = None
+    profile, jobs, qps = _replay_setup(args)
+    print(f"astraea compare-live: {len(jobs)} jobs, policy {args.policy}, {args.workers} "
+          f"workers, profile {args.profile}", file=sys.stderr)
+    sim = Simulation(jobs, profile, args.policy, num_workers=args.workers).run()
+    print(f"  simulator: mean JCT {sim.summary.get('mean_jct_s', float('nan')):.2f} s "
+          f"({sim.wall_s:.1f} s wall)", file=sys.stderr)
+    live, counts = _replay_live(args, jobs, profile)
+    live_row = run_row(live, "live", qps, args.seed, len(jobs), counts)
+    sim_mean = sim.summary.get("mean_jct_s", float("nan"))
+    live_mean = live_row.get("mean_jct_s", float("nan"))
+    ratio = live_mean / sim_mean if sim_mean > 0 else float("nan")
+    idle = sim.summary.get("mean_idle_jct_s", float("nan"))
+    print(f"{'':<11}{'jobs done':>10}{'mean JCT s':>12}{'p99 JCT s':>11}{'idle JCT s':>12}")
+    print(f"{'simulator':<11}{sim.summary.get('jobs_completed', 0):>10d}{sim_mean:>12.2f}"
+          f"{sim.summary.get('p99_jct_s', float('nan')):>11.2f}{idle:>12.2f}")
+    print(f"{'live':<11}{live_row.get('jobs_completed', 0):>10d}{live_mean:>12.2f}"
+          f"{live_row.get('p99_jct_s', float('nan')):>11.2f}"
+          f"{live_row.get('mean_idle_jct_s', float('nan')):>12.2f}")
+    print(f"live / simulator mean JCT: {ratio:.3f} ({(ratio - 1) * 100:+.1f} %)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"policy": args.policy, "jobs": len(jobs), "qps": qps,
+                       "time_scale": args.time_scale, "workers": args.workers,
+                       "simulator": sim.summary, "live": live_row, "ratio": ratio}, f, indent=1)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0 if not live.errors else 1
+
+
+def _replay_args(p: argparse.ArgumentParser, jobs_default, qps_default, ts_default) -> None:
+    p.add_argument("trace", help="a trace file (native JSONL or InferCept JSON), or 'infercept' "
+                                 "for the generated mix")
+    p.add_argument("--jobs", type=int, default=jobs_default,
+                   help="first N jobs of the trace (cycled when N exceeds it)")
+    p.add_argument("--qps", type=float, default=qps_default,
+                   help="Poisson arrival rate for traces without arrival times")
+    p.add_argument("--seed", type=int, default=0, help="seed of generated jobs and arrivals")
+    p.add_argument("--time-scale", type=float, default=ts_default,
+                   help="the stack's time scale (control plane and workers): wall seconds per "
+                        "virtual second")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="most jobs in flight at once (default: no limit)")
+    p.add_argument("--policy", default="astraea", help="scheduling policy of the stack")
+    p.add_argument("--workers", type=int, default=2, help="simulated workers of the stack")
+    p.add_argument("--profile", default="gptj-6b-a100",
+                   help=f"built-in ({', '.join(BUILTIN_PROFILES)}) or a profile JSON path")
+    p.add_argument("--log-level", default="warning",
+                   help="log level of the in-process stack's services (default: warning)")
+    p.add_argument("--out", help="write the results as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="astraea", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +343,22 @@ def build_parser() -> argparse.ArgumentParser:
     st = tsub.add_parser("stats", help="per-category means of a trace file")
     st.add_argument("trace")
     st.set_defaults(func=cmd_trace_stats)
+
+    rp = sub.add_parser("replay", help="drive a live control plane with a trace; report JCT "
+                                       "as 'astraea bench' does")
+    _replay_args(rp, jobs_default=None, qps_default=None, ts_default=1.0)
+    rp.add_argument("--control-plane", default="127.0.0.1:50051",
+                    help="the control plane's address (ignored with --stack)")
+    rp.add_argument("--stack", action="store_true",
+                    help="start a control plane and --workers workers in this process on a free "
+                         "loopback port for the replay")
+    rp.add_argument("--policy-label", default="live", help="the policy name in the table")
+    rp.set_defaults(func=cmd_replay)
+
+    cl = sub.add_parser("compare-live", help="the same jobs through the simulator and the live "
+                                             "stack (in-process): mean JCT side by side")
+    _replay_args(cl, jobs_default=200, qps_default=2.0, ts_default=0.05)
+    cl.set_defaults(func=cmd_compare_live, workers=1)
 
     p = sub.add_parser("profiles", help="list built-in hardware profiles")
     p.set_defaults(func=cmd_profiles)

@@ -1,0 +1,40 @@
+"""Python client of the Astraea control plane's `astraea.v1.AgentService`.
+
+The canonical agent loop — run a segment, run the tool it calls, resume — with the async
+client (the sync `AgentClient` has the same methods without `await`)::
+
+    from astraea.client import AsyncAgentClient, FinishReason
+
+    async with AsyncAgentClient("127.0.0.1:50051") as client:
+        job = await client.start_job(category="react")
+        prompt = "Find the population of Lyon."
+        while True:
+            seg = await client.run_segment(job, prompt_text=prompt, max_tokens=256,
+                                           next_tool_category="search")
+            if seg.finish_reason is not FinishReason.TOOL_CALL:
+                break                              # STOP or LENGTH: the answer is complete
+            async with client.tool_call(job, "search"):   # ReportToolCall START … END
+                prompt = await run_my_tool(seg.text)      # the tool's result is the next input
+        status = await client.end_job(job)
+
+A segment ends in a tool call exactly when `next_tool_category` is non-empty (the simulated
+workers follow that hint); pass None on the segment that gives the final answer.
+`stream_segment` yields the tokens as they arrive instead of collecting them. Every gRPC
+error is raised as `AstraeaError` carrying the status code and the server's message.
+"""
+
+from astraea.client.client import (
+    AgentClient,
+    AstraeaError,
+    AsyncAgentClient,
+    FinishReason,
+    SegmentResult,
+    StreamOrderError,
+    Timings,
+    TokenChunk,
+)
+
+__all__ = [
+    "AgentClient", "AstraeaError", "AsyncAgentClient", "FinishReason", "SegmentResult",
+    "StreamOrderError", "Timings", "TokenChunk",
+]

@@ -1,0 +1,343 @@
+"""`AgentClient` (blocking, `grpc`) and `AsyncAgentClient` (`grpc.aio`): see the package doc."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from astraea.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+
+
+class AstraeaError(Exception):
+    """A failed call: `code` is the gRPC status code, `message` the server's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, method: str = "") -> None:
+        self.code = code
+        self.message = message
+        self.method = method
+        where = f"{method}: " if method else ""
+        super().__init__(f"{where}{code.name}: {message}")
+
+
+class StreamOrderError(AstraeaError):
+    """The RunSegment stream broke its contract (a gap or overlap in token indices, an event
+    after `done`, or no `done` at all). Reported with code DATA_LOSS."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.DATA_LOSS, message, "RunSegment")
+
+
+def _wrap(e: grpc.RpcError, method: str) -> AstraeaError:
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = e.details() if hasattr(e, "details") else str(e)
+    return AstraeaError(code or grpc.StatusCode.UNKNOWN, details or "", method)
+
+
+class FinishReason(enum.Enum):
+    TOOL_CALL = common_pb2.FINISH_REASON_TOOL_CALL  # the job waits for a tool
+    STOP = common_pb2.FINISH_REASON_STOP  # EOS or a stop string
+    LENGTH = common_pb2.FINISH_REASON_LENGTH  # max_tokens reached
+
+
+@dataclass(frozen=True)
+class Timings:
+    """The server's timings of one segment, in the stack's (engine) seconds."""
+
+    queue_wait_s: float
+    ttft_s: float
+    duration_s: float
+    prefill_tokens: int
+    decode_tokens: int
+
+    @classmethod
+    def from_proto(cls, t: common_pb2.Timings) -> Timings:
+        return cls(t.queue_wait_s, t.ttft_s, t.duration_s, t.prefill_tokens, t.decode_tokens)
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """Tokens of one stream event: `token_ids[0]` is output token `first_index`."""
+
+    first_index: int
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass
+class SegmentResult:
+    """One finished segment: every token in order, why it ended, and its timings."""
+
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    timings: Timings | None = None
+    segment_index: int = 0
+
+    @property
+    def calls_tool(self) -> bool:
+        return self.finish_reason is FinishReason.TOOL_CALL
+
+
+class _Collector:
+    """Checks a RunSegment stream event by event and accumulates its SegmentResult."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.result = SegmentResult()
+        self._texts: list[str] = []
+        self.finished = False
+
+    def feed(self, ev: agent_pb2.RunSegmentEvent) -> TokenChunk | None:
+        if self.finished:
+            raise StreamOrderError(f"job {self.job_id!r}: event after the done event")
+        kind = ev.WhichOneof("event")
+        if kind == "tokens":
+            expected = len(self.result.tokens)
+            if ev.tokens.first_index != expected:
+                raise StreamOrderError(
+                    f"job {self.job_id!r}: tokens not contiguous: expected first_index "
+                    f"{expected}, got {ev.tokens.first_index}")
+            ids = tuple(ev.tokens.token_ids)
+            self.result.tokens.extend(ids)
+            self._texts.append(ev.tokens.text)
+            return TokenChunk(expected, ids, ev.tokens.text)
+        if kind == "done":
+            d = ev.done
+            self.result.finish_reason = FinishReason(d.finish_reason)
+            self.result.timings = Timings.from_proto(d.timings)
+            self.result.segment_index = d.segment_index
+            self.result.text = "".join(self._texts)
+            self.finished = True
+            return None
+        raise StreamOrderError(f"job {self.job_id!r}: event with neither tokens nor done")
+
+    def close(self) -> SegmentResult:
+        if not self.finished:
+            raise StreamOrderError(f"job {self.job_id!r}: stream ended without a done event")
+        return self.result
+
+
+def _segment_request(job_id: str, prompt_text: str | None, prompt_token_ids, max_tokens,
+                     temperature, next_tool_category, top_p=None, seed=None,
+                     stop=None) -> agent_pb2.RunSegmentRequest:
+    if (prompt_text is None) == (prompt_token_ids is None):
+        raise ValueError("give exactly one of prompt_text and prompt_token_ids")
+    sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                         top_p=top_p, seed=seed, stop=stop or [])
+    req = agent_pb2.RunSegmentRequest(job_id=job_id, sampling=sampling,
+                                      next_tool_category=next_tool_category or "")
+    if prompt_text is not None:
+        req.prompt_text = prompt_text
+    else:
+        req.prompt_token_ids.CopyFrom(common_pb2.TokenIds(ids=list(prompt_token_ids)))
+    return req
+
+
+@dataclass
+class ToolCallHandle:
+    """What `tool_call` yields; `observed_duration_s` (the server's view, engine seconds) is
+    set when the block exits."""
+
+    job_id: str
+    category: str
+    observed_duration_s: float | None = None
+
+
+class SegmentStream:
+    """Iterate for `TokenChunk`s as they arrive; afterwards `result` is the SegmentResult."""
+
+    def __init__(self, client: AgentClient, request: agent_pb2.RunSegmentRequest) -> None:
+        self._client = client
+        self._request = request
+        self._collector = _Collector(request.job_id)
+        self.result: SegmentResult | None = None
+
+    def __iter__(self) -> Iterator[TokenChunk]:
+        call = self._client._stub.RunSegment(self._request, timeout=self._client.timeout)
+        try:
+            for ev in call:
+                chunk = self._collector.feed(ev)
+                if chunk is not None:
+                    yield chunk
+        except grpc.RpcError as e:
+            raise _wrap(e, "RunSegment") from None
+        finally:
+            call.cancel()  # no-op once the stream is complete; frees the job if abandoned
+        self.result = self._collector.close()
+
+
+class AsyncSegmentStream:
+    """`async for` the `TokenChunk`s as they arrive; afterwards `result` is the SegmentResult."""
+
+    def __init__(self, client: AsyncAgentClient, request: agent_pb2.RunSegmentRequest) -> None:
+        self._client = client
+        self._request = request
+        self._collector = _Collector(request.job_id)
+        self.result: SegmentResult | None = None
+
+    async def __aiter__(self) -> AsyncIterator[TokenChunk]:
+        call = self._client._stub.RunSegment(self._request, timeout=self._client.timeout)
+        try:
+            async for ev in call:
+                chunk = self._collector.feed(ev)
+                if chunk is not None:
+                    yield chunk
+        except grpc.RpcError as e:
+            raise _wrap(e, "RunSegment") from None
+        finally:
+            call.cancel()
+        self.result = self._collector.close()
+
+
+class AgentClient:
+    """Blocking client over a `grpc` channel. `timeout` (seconds, None: none) applies to
+    each call. Use as a context manager, or call `close()`."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", *, channel: grpc.Channel | None = None,
+                 timeout: float | None = None) -> None:
+        self._own = channel is None
+        self._channel = channel or grpc.insecure_channel(address)
+        self._stub = agent_pb2_grpc.AgentServiceStub(self._channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        if self._own:
+            self._channel.close()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _unary(self, method: str, request):
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _wrap(e, method) from None
+
+    def start_job(self, job_id: str | None = None, category: str | None = None) -> str:
+        """Register a job; returns its id (`job_id`, or one the server assigns)."""
+        return self._unary("StartJob", agent_pb2.StartJobRequest(
+            job_id=job_id or "", category=category or "")).job_id
+
+    def stream_segment(self, job_id: str, prompt_text: str | None = None,
+                       prompt_token_ids=None, max_tokens: int | None = None,
+                       temperature: float | None = None, next_tool_category: str | None = None,
+                       **sampling) -> SegmentStream:
+        """Run the job's next segment, yielding `TokenChunk`s as they stream in."""
+        return SegmentStream(self, _segment_request(
+            job_id, prompt_text, prompt_token_ids, max_tokens, temperature, next_tool_category,
+            **sampling))
+
+    def run_segment(self, job_id: str, prompt_text: str | None = None, prompt_token_ids=None,
+                    max_tokens: int | None = None, temperature: float | None = None,
+                    next_tool_category: str | None = None, **sampling) -> SegmentResult:
+        """Run the job's next segment to its end and return every token, the finish reason
+        and the timings. `sampling` may add top_p, seed and stop."""
+        stream = self.stream_segment(job_id, prompt_text, prompt_token_ids, max_tokens,
+                                     temperature, next_tool_category, **sampling)
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    @contextlib.contextmanager
+    def tool_call(self, job_id: str, category: str = "") -> Iterator[ToolCallHandle]:
+        """Report the tool call's START on entry and its END on exit (also when the block
+        raises: the tool returned, if with an error)."""
+        self._unary("ReportToolCall", agent_pb2.ReportToolCallRequest(
+            job_id=job_id, phase=agent_pb2.TOOL_CALL_PHASE_START, category=category))
+        handle = ToolCallHandle(job_id, category)
+        try:
+            yield handle
+        finally:
+            r = self._unary("ReportToolCall", agent_pb2.ReportToolCallRequest(
+                job_id=job_id, phase=agent_pb2.TOOL_CALL_PHASE_END, category=category))
+            handle.observed_duration_s = r.observed_duration_s
+
+    def end_job(self, job_id: str) -> common_pb2.JobStatus:
+        """The job is complete; returns its final `JobStatus`."""
+        return self._unary("EndJob", agent_pb2.EndJobRequest(job_id=job_id)).status
+
+    def cancel_job(self, job_id: str, reason: str = "") -> None:
+        self._unary("CancelJob", agent_pb2.CancelJobRequest(job_id=job_id, reason=reason))
+
+    def get_job(self, job_id: str) -> common_pb2.JobStatus:
+        return self._unary("GetJob", agent_pb2.GetJobRequest(job_id=job_id))
+
+
+class AsyncAgentClient:
+    """`AgentClient` over `grpc.aio`: the same methods, awaited (`stream_segment` is used with
+    `async for`, `tool_call` with `async with`)."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", *,
+                 channel: grpc.aio.Channel | None = None, timeout: float | None = None) -> None:
+        self._own = channel is None
+        self._channel = channel or grpc.aio.insecure_channel(address)
+        self._stub = agent_pb2_grpc.AgentServiceStub(self._channel)
+        self.timeout = timeout
+
+    async def close(self) -> None:
+        if self._own:
+            await self._channel.close()
+
+    async def __aenter__(self) -> AsyncAgentClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _unary(self, method: str, request):
+        try:
+            return await getattr(self._stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _wrap(e, method) from None
+
+    async def start_job(self, job_id: str | None = None, category: str | None = None) -> str:
+        return (await self._unary("StartJob", agent_pb2.StartJobRequest(
+            job_id=job_id or "", category=category or ""))).job_id
+
+    def stream_segment(self, job_id: str, prompt_text: str | None = None,
+                       prompt_token_ids=None, max_tokens: int | None = None,
+                       temperature: float | None = None, next_tool_category: str | None = None,
+                       **sampling) -> AsyncSegmentStream:
+        return AsyncSegmentStream(self, _segment_request(
+            job_id, prompt_text, prompt_token_ids, max_tokens, temperature, next_tool_category,
+            **sampling))
+
+    async def run_segment(self, job_id: str, prompt_text: str | None = None,
+                          prompt_token_ids=None, max_tokens: int | None = None,
+                          temperature: float | None = None,
+                          next_tool_category: str | None = None, **sampling) -> SegmentResult:
+        stream = self.stream_segment(job_id, prompt_text, prompt_token_ids, max_tokens,
+                                     temperature, next_tool_category, **sampling)
+        async for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    @contextlib.asynccontextmanager
+    async def tool_call(self, job_id: str, category: str = "") -> AsyncIterator[ToolCallHandle]:
+        await self._unary("ReportToolCall", agent_pb2.ReportToolCallRequest(
+            job_id=job_id, phase=agent_pb2.TOOL_CALL_PHASE_START, category=category))
+        handle = ToolCallHandle(job_id, category)
+        try:
+            yield handle
+        finally:
+            r = await self._unary("ReportToolCall", agent_pb2.ReportToolCallRequest(
+                job_id=job_id, phase=agent_pb2.TOOL_CALL_PHASE_END, category=category))
+            handle.observed_duration_s = r.observed_duration_s
+
+    async def end_job(self, job_id: str) -> common_pb2.JobStatus:
+        return (await self._unary("EndJob", agent_pb2.EndJobRequest(job_id=job_id))).status
+
+    async def cancel_job(self, job_id: str, reason: str = "") -> None:
+        await self._unary("CancelJob", agent_pb2.CancelJobRequest(job_id=job_id, reason=reason))
+
+    async def get_job(self, job_id: str) -> common_pb2.JobStatus:
+        return await self._unary("GetJob", agent_pb2.GetJobRequest(job_id=job_id))

@@ -1,0 +1,191 @@
+"""`astraea replay`: drive a live control plane with a trace, and report JCT as `astraea bench`.
+
+Each job starts at its arrival time (relative to the first arrival, times `time_scale`), runs
+its segments with placeholder prompt token ids of the trace's lengths, `max_tokens` = the
+segment's output tokens and `next_tool_category` = its tool's category, and simulates each tool
+by sleeping its duration × `time_scale` between ReportToolCall START and END. `time_scale` is
+the factor the control plane and workers run at, so JCTs (wall / time_scale) are in the same
+virtual seconds as the simulator's.
+
+`local_stack` starts a control plane and simulated workers in this process on a free loopback
+port (`astraea replay --stack`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from astraea.client import AsyncAgentClient, FinishReason
+from astraea.profile import HardwareProfile
+from astraea.sim.metrics import JobRecord, idle_jct_s, summarize
+from astraea.workloads.trace import JobTrace
+
+PLACEHOLDER_ID = 1  # the prompt tokens' id: only their number matters to simulated workers
+
+
+@dataclass
+class ReplayResult:
+    records: list[JobRecord]
+    makespan_s: float  # virtual seconds, first arrival to last finish
+    wall_s: float
+    errors: dict[str, str]  # job id -> why it failed
+
+    @property
+    def summary(self) -> dict:
+        return summarize(self.records, self.makespan_s)
+
+
+@dataclass
+class LocalStack:
+    address: str
+    server: object  # the grpc.aio server; its state is `server.control_plane`
+
+    @property
+    def decision_counts(self) -> dict:
+        """The KV decisions (preserve, swap, discard) the scheduler has made so far."""
+        return dict(self.server.control_plane.scheduler.decision_counts)
+
+
+@contextlib.asynccontextmanager
+async def local_stack(policy: str = "astraea", profile: str = "gptj-6b-a100",
+                      workers: int = 2, time_scale: float = 1.0,
+                      listen: str = "127.0.0.1:0") -> AsyncIterator[LocalStack]:
+    """A control plane and `workers` simulated workers in this process; yields a `LocalStack`
+    (its `address`) once every worker has registered, and stops them all on exit."""
+    from astraea.profile import load_profile
+    from control_plane.service.context import ServiceConfig
+    from control_plane.service.server import serve, stop
+    from worker.process import run_worker
+    from worker.sim_backend import SimulatedBackend
+
+    prof = load_profile(profile)
+    server = await serve(listen, policy, profile, ServiceConfig(time_scale=time_scale))
+    address = f"127.0.0.1:{server.bound_port}"
+    tasks = [asyncio.create_task(run_worker(
+        address, SimulatedBackend(prof, time_scale=time_scale), f"w{i}"))
+        for i in range(workers)]
+    try:
+        cp = server.control_plane
+        deadline = time.monotonic() + 10
+        while len(cp.registry.workers) < workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(cp.registry.workers)} of {workers} workers "
+                                   "registered within 10 s")
+            if any(t.done() for t in tasks):
+                raise RuntimeError("a worker exited before registering")
+            await asyncio.sleep(0.01)
+        yield LocalStack(address, server)
+    finally:
+        await stop(server, grace=0.5)
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+                await asyncio.wait_for(t, 5)
+
+
+async def _run_job(client: AsyncAgentClient, job: JobTrace, time_scale: float) -> None:
+    await client.start_job(job.job_id, job.category)
+    for i, seg in enumerate(job.segments):
+        new = max(job.new_tokens_before(i), 1)  # an empty prompt is refused; the sim prefills 1
+        category = seg.tool.category if seg.tool else None
+        res = await client.run_segment(job.job_id, prompt_token_ids=[PLACEHOLDER_ID] * new,
+                                       max_tokens=seg.output_tokens, temperature=0.0,
+                                       next_tool_category=category)
+        if len(res.tokens) != seg.output_tokens:
+            raise RuntimeError(f"segment {i}: {len(res.tokens)} tokens, expected "
+                               f"{seg.output_tokens}")
+        if seg.tool is None:
+            break
+        if res.finish_reason is not FinishReason.TOOL_CALL:
+            raise RuntimeError(f"segment {i} ended with {res.finish_reason}, expected TOOL_CALL")
+        async with client.tool_call(job.job_id, seg.tool.category):
+            await asyncio.sleep(seg.tool.duration_s * time_scale)
+    await client.end_job(job.job_id)
+
+
+async def replay(jobs: list[JobTrace], address: str, profile: HardwareProfile,
+                 time_scale: float = 1.0, concurrency: int | None = None,
+                 log=None) -> ReplayResult:
+    """Replay `jobs` (each with an arrival time) against the control plane at `address`.
+
+    JCT runs from the job's scheduled arrival to its EndJob answer (so a job held back by
+    `concurrency` counts that wait), in virtual seconds (wall / time_scale)."""
+    if any(j.arrival_s is None for j in jobs):
+        raise ValueError("every job needs an arrival time (give --qps for traces without)")
+    if not time_scale > 0:
+        raise ValueError(f"--time-scale must be positive, got {time_scale}")
+    log = log if log is not None else sys.stderr
+    t0_trace = min(j.arrival_s for j in jobs) if jobs else 0.0
+    records = {j.job_id: JobRecord(j.job_id, j.category, j.arrival_s - t0_trace,
+                                   idle_jct_s=idle_jct_s(j, profile), api_s=j.api_time_s,
+                                   output_tokens=j.output_tokens) for j in jobs}
+    errors: dict[str, str] = {}
+    sem = asyncio.Semaphore(concurrency) if concurrency else None
+    done = 0
+
+    async with AsyncAgentClient(address) as client:
+        start = time.monotonic()
+
+        async def one(job: JobTrace) -> None:
+            nonlocal done
+            rec = records[job.job_id]
+            due = start + rec.arrival_s * time_scale
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            try:
+                if sem is not None:
+                    async with sem:
+                        await _run_job(client, job, time_scale)
+                else:
+                    await _run_job(client, job, time_scale)
+            except Exception as e:  # noqa: BLE001 — one failed job is reported, not fatal
+                errors[job.job_id] = str(e)
+                with contextlib.suppress(Exception):
+                    await client.cancel_job(job.job_id, "replay error")
+                return
+            rec.finish_s = (time.monotonic() - start) / time_scale
+            done += 1
+            if done % 100 == 0:
+                print(f"  replay: {done}/{len(jobs)} jobs done", file=log, flush=True)
+
+        await asyncio.gather(*(one(j) for j in jobs))
+        wall = time.monotonic() - start
+    finished = [r.finish_s for r in records.values() if r.finish_s == r.finish_s]
+    return ReplayResult(list(records.values()), max(finished, default=0.0), wall, errors)
+
+
+def run_row(result: ReplayResult, policy_label: str, qps: float | None, seed: int,
+            jobs: int, decision_counts: dict | None = None) -> dict:
+    """A run dict shaped like `astraea bench`'s (astraea.bench.run.run_one) for the report;
+    KV decision counts when known (an in-process stack)."""
+    row = {"policy": policy_label, "qps": qps, "seed": seed, **result.summary, "jobs": jobs,
+           "sim_wall_s": result.wall_s, "errors": len(result.errors)}
+    if decision_counts is not None:
+        for k in ("preserve", "swap", "discard"):
+            row["kv_" + k] = decision_counts.get(k, 0)
+    return row
+
+
+def replay_jobs(trace: str, n: int | None, qps: float | None, seed: int,
+                context_window: int) -> tuple[list[JobTrace], float | None]:
+    """The jobs to replay: the trace (or 'infercept': the generated mix), cut or cycled to
+    `n`, with Poisson arrivals at `qps` when it has none. Returns them and the QPS used (None:
+    the trace's own arrivals)."""
+    from astraea.workloads import generate_mix, load_trace, take_jobs, with_poisson_arrivals
+
+    if trace == "infercept":
+        if n is None:
+            raise ValueError("the generated 'infercept' mix needs --jobs")
+        if qps is None:
+            raise ValueError("the generated 'infercept' mix needs --qps")
+        return generate_mix(n, seed, qps=qps, context_window=context_window), qps
+    jobs = load_trace(trace)
+    jobs = take_jobs(jobs, n if n is not None else len(jobs), context_window)
+    if all(j.arrival_s is not None for j in jobs):
+        return jobs, None
+    if qps is None:
+        raise ValueError(f"{trace} has no arrival times: give --qps")
+    return with_poisson_arrivals(jobs, qps, seed), qps

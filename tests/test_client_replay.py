@@ -1,0 +1,142 @@
+"""The client SDK, `astraea replay` and `astraea compare-live` over real gRPC on loopback,
+with the control plane and simulated workers in-process (issue #3, item 5)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import pytest
+
+from astraea import cli
+from astraea.client import AgentClient, AstraeaError, AsyncAgentClient, FinishReason
+from astraea.client.client import _Collector
+from astraea.replay import local_stack
+from astraea.v1 import agent_pb2
+from astraea.workloads import generate_mix, write_native
+from worker.sim_backend import placeholder_token
+
+TIME_SCALE = 0.002
+
+
+def test_async_agent_loop_returns_requested_tokens() -> None:
+    async def main() -> None:
+        async with local_stack(workers=1, time_scale=TIME_SCALE) as st, \
+                AsyncAgentClient(st.address) as client:
+            job = await client.start_job("loop", category="test")
+            assert job == "loop"
+            plan = [(30, "search"), (12, "calc"), (7, None)]
+            results = []
+            for i, (n, tool) in enumerate(plan):
+                seg = await client.run_segment(job, prompt_token_ids=[1] * (50 if i == 0 else 9),
+                                               max_tokens=n, temperature=0.0,
+                                               next_tool_category=tool)
+                results.append(seg)
+                assert seg.tokens == [placeholder_token(job, k) for k in range(n)]
+                assert seg.timings.decode_tokens == n and seg.timings.duration_s > 0
+                assert seg.segment_index == i
+                if seg.calls_tool:
+                    async with client.tool_call(job, tool) as call:
+                        await asyncio.sleep(0.002)
+                    assert call.observed_duration_s > 0
+            assert [r.finish_reason for r in results] == [
+                FinishReason.TOOL_CALL, FinishReason.TOOL_CALL, FinishReason.LENGTH]
+            status = await client.end_job(job)
+            assert status.generated_tokens == 49 and status.segment_index == 3
+
+            # Streaming: chunks arrive in order and add up to the collected result.
+            job2 = await client.start_job()
+            assert job2  # assigned by the server
+            stream = client.stream_segment(job2, prompt_text="hello there", max_tokens=20)
+            chunks = [c async for c in stream]
+            assert chunks and chunks[0].first_index == 0
+            assert [t for c in chunks for t in c.token_ids] == stream.result.tokens
+            assert len(stream.result.tokens) == 20
+            await client.cancel_job(job2, "test over")
+
+            # Errors carry the gRPC code and the server's message.
+            with pytest.raises(AstraeaError) as info:
+                await client.get_job("nope")
+            assert info.value.code == grpc.StatusCode.NOT_FOUND
+            assert "unknown job" in info.value.message
+            with pytest.raises(AstraeaError) as info:
+                await client.run_segment("nope", prompt_token_ids=[1])
+            assert info.value.code == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(AstraeaError) as info:
+                await client.start_job("loop")
+            assert info.value.code == grpc.StatusCode.ALREADY_EXISTS
+            with pytest.raises(AstraeaError) as info:
+                async with client.tool_call("loop", "search"):
+                    pass
+            assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    asyncio.run(main())
+
+
+def test_sync_client_runs_a_job() -> None:
+    async def main() -> None:
+        async with local_stack(workers=1, time_scale=TIME_SCALE) as st:
+            def agent() -> tuple:
+                with AgentClient(st.address) as client:
+                    job = client.start_job("sync")
+                    a = client.run_segment(job, prompt_token_ids=[1] * 10, max_tokens=8,
+                                           next_tool_category="search")
+                    with client.tool_call(job, "search"):
+                        pass
+                    b = client.run_segment(job, prompt_text="result", max_tokens=5)
+                    status = client.end_job(job)
+                    with pytest.raises(AstraeaError) as info:
+                        client.get_job("missing")
+                    return a, b, status, info.value.code
+            a, b, status, code = await asyncio.to_thread(agent)
+            assert (len(a.tokens), a.finish_reason) == (8, FinishReason.TOOL_CALL)
+            assert (len(b.tokens), b.finish_reason) == (5, FinishReason.LENGTH)
+            assert status.generated_tokens == 13
+            assert code == grpc.StatusCode.NOT_FOUND
+    asyncio.run(main())
+
+
+def test_gap_in_token_indices_is_an_error() -> None:
+    c = _Collector("j")
+    c.feed(agent_pb2.RunSegmentEvent(tokens=agent_pb2.TokenEvent(first_index=0, token_ids=[1, 2])))
+    with pytest.raises(AstraeaError, match="not contiguous: expected first_index 2, got 3"):
+        c.feed(agent_pb2.RunSegmentEvent(tokens=agent_pb2.TokenEvent(first_index=3, token_ids=[4])))
+    with pytest.raises(AstraeaError, match="without a done event"):
+        _Collector("k").close()
+
+
+def test_replay_stack_completes_every_job(tmp_path, capsys) -> None:
+    trace = tmp_path / "mix.jsonl"
+    write_native(generate_mix(12, seed=5), trace)  # no arrival times: --qps applies
+    out = tmp_path / "replay.json"
+    rc = cli.main(["replay", str(trace), "--stack", "--qps", "4", "--time-scale", "0.002",
+                   "--workers", "2", "--policy-label", "astraea-live", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "astraea-live" in printed and "mean" in printed
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert row["policy"] == "astraea-live" and row["qps"] == 4.0
+    assert row["jobs"] == 12 and row["jobs_completed"] == 12
+    # Virtual seconds: nobody beats the idle-engine JCT (a slow stack only adds to it).
+    assert row["mean_jct_s"] >= row["mean_idle_jct_s"] * (1 - 0.05)
+    assert data["runs"][0]["errors"] == 0
+
+
+def test_replay_without_arrivals_needs_qps(tmp_path, capsys) -> None:
+    trace = tmp_path / "mix.jsonl"
+    write_native(generate_mix(3, seed=1), trace)
+    assert cli.main(["replay", str(trace), "--stack"]) == 2
+    assert "give --qps" in capsys.readouterr().err
+
+
+def test_compare_live_prints_both(capsys) -> None:
+    rc = cli.main(["compare-live", "infercept", "--jobs", "10", "--qps", "4",
+                   "--time-scale", "0.002"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    sim = next(line for line in out.splitlines() if line.startswith("simulator"))
+    live = next(line for line in out.splitlines() if line.startswith("live "))
+    assert sim.split()[1] == "10" and live.split()[1] == "10"
+    assert float(sim.split()[2]) > 0 and float(live.split()[2]) > 0
+    assert "live / simulator mean JCT:" in out
