@@ -1,0 +1,336 @@
+"""`astraea up`: the predictor, the control plane and N simulated workers as separate OS
+processes on loopback, from one `StackConfig` (flags or a TOML file).
+
+`Stack` starts them in order (predictor, control plane, workers), each with its stderr (JSON
+log lines) in ``LOG_DIR/<name>.log`` and its stdout in ``LOG_DIR/<name>.out``, and waits until
+each is ready: the predictor and the control plane answer the standard gRPC health check with
+SERVING, and each worker has logged ``registered`` (the control plane accepted it). If a
+process exits during startup, or readiness takes longer than `startup_timeout_s`, the others
+are stopped and `StackError` is raised with the tail of the culprit's log.
+
+`Stack.stop` sends SIGTERM to the workers, then the control plane, then the predictor, waits
+up to `shutdown_timeout_s` for each group and SIGKILLs what is left. `Stack` is a context
+manager: ``with Stack(cfg) as st: ... st.control_plane_address``.
+
+A TOML file has the `StackConfig` field names as top-level keys, e.g.::
+
+    policy = "astraea"
+    profile = "gptj-6b-a100"
+    time_scale = 0.05
+    workers = 2
+    control_plane_listen = "127.0.0.1:50051"
+    predictor_listen = "127.0.0.1:50071"   # "" or predictor = false: no predictor service
+    log_dir = "astraea-logs"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PREDICTOR, CONTROL_PLANE = "predictor", "control-plane"
+
+
+class StackError(RuntimeError):
+    """The stack could not start (or its config is invalid); the message says why."""
+
+
+@dataclass
+class StackConfig:
+    """What `Stack` starts. A listen port of 0 means a free loopback port chosen at start."""
+
+    policy: str = "astraea"
+    profile: str = "gptj-6b-a100"
+    time_scale: float = 1.0
+    workers: int = 2
+    kv_blocks: int | None = None  # GPU KV blocks per worker (default: the profile's)
+    control_plane_listen: str = "127.0.0.1:50051"
+    predictor: bool = True  # start the predictor service and link the control plane to it
+    predictor_listen: str = "127.0.0.1:50071"
+    log_dir: str | None = None  # None: a new temporary directory
+    log_level: str | None = None  # the services' --log-level (default: theirs)
+    grace_s: float = 1.0  # the services' --grace on shutdown
+    startup_timeout_s: float = 30.0
+    shutdown_timeout_s: float = 10.0
+    # Attach the workers to this running control plane instead of starting one (and no
+    # predictor).
+    connect_control_plane: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.time_scale > 0:
+            raise StackError(f"time_scale must be positive, got {self.time_scale}")
+        if self.workers < 0:
+            raise StackError(f"workers must be at least 0, got {self.workers}")
+        if self.kv_blocks is not None and self.kv_blocks < 1:
+            raise StackError(f"kv_blocks must be positive, got {self.kv_blocks}")
+        if not self.predictor_listen:
+            self.predictor = False
+        for name in ("control_plane_listen", "predictor_listen"):
+            value = getattr(self, name)
+            if value and not _split(value)[1].isdigit():
+                raise StackError(f"{name} must be host:port, got {value!r}")
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike, **overrides) -> StackConfig:
+        """The config in the TOML file at `path`; `overrides` (not None) win over it."""
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10: the tomli backport, if installed
+            try:
+                import tomli as tomllib
+            except ModuleNotFoundError:
+                raise StackError("reading a TOML config needs Python 3.11+ (or the tomli "
+                                 "package)") from None
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise StackError(f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise StackError(f"{path}: not valid TOML: {e}") from None
+        return cls.from_dict(data, source=str(path), **overrides)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config", **overrides) -> StackConfig:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise StackError(f"{source}: unknown keys {', '.join(unknown)} "
+                             f"(known: {', '.join(known)})")
+        values = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        for key, value in values.items():
+            kind = known[key].type
+            ok = {"str": isinstance(value, str), "bool": isinstance(value, bool),
+                  "int": isinstance(value, int) and not isinstance(value, bool),
+                  "float": isinstance(value, (int, float)) and not isinstance(value, bool)}
+            base = kind.split(" | ")[0]
+            if not (ok.get(base, True) or (value is None and "None" in kind)):
+                raise StackError(f"{source}: {key} must be {kind}, got {value!r}")
+        return cls(**values)
+
+
+def _split(address: str) -> tuple[str, str]:
+    host, _, port = address.rpartition(":")
+    return host or "127.0.0.1", port
+
+
+def _resolve(address: str) -> str:
+    """`address` with port 0 replaced by a free port of its host."""
+    host, port = _split(address)
+    if int(port) != 0:
+        return f"{host}:{port}"
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return f"{host}:{s.getsockname()[1]}"
+
+
+def _connect_address(listen: str) -> str:
+    host, port = _split(listen)
+    if host in ("0.0.0.0", "[::]", "::", ""):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
+def log_tail(path: str | os.PathLike, lines: int = 20) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    tail = text.splitlines()[-lines:]
+    return "\n".join(tail) if tail else "(log is empty)"
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    out: Path
+
+
+@dataclass
+class Stack:
+    """The services of `config` as child processes; see the module docstring."""
+
+    config: StackConfig
+    control_plane_address: str = ""
+    predictor_address: str | None = None
+    log_dir: Path = field(default_factory=Path)
+    procs: list[_Proc] = field(default_factory=list)
+    exit_codes: dict[str, int] = field(default_factory=dict)
+
+    # -- introspection --------------------------------------------------------------------
+    @property
+    def pids(self) -> dict[str, int]:
+        return {p.name: p.popen.pid for p in self.procs}
+
+    @property
+    def log_files(self) -> dict[str, Path]:
+        return {p.name: p.log for p in self.procs}
+
+    def dead(self) -> list[tuple[str, int]]:
+        """(name, exit code) of every process that has exited."""
+        return [(p.name, p.popen.returncode) for p in self.procs if p.popen.poll() is not None]
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def __enter__(self) -> Stack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> Stack:
+        cfg = self.config
+        self.log_dir = Path(cfg.log_dir) if cfg.log_dir else Path(
+            tempfile.mkdtemp(prefix="astraea-stack-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + cfg.startup_timeout_s
+        common = ["--profile", cfg.profile]
+        if cfg.log_level:
+            common += ["--log-level", cfg.log_level]
+        try:
+            if cfg.connect_control_plane:
+                self.control_plane_address = cfg.connect_control_plane
+            else:
+                if cfg.predictor:
+                    listen = _resolve(cfg.predictor_listen)
+                    self.predictor_address = _connect_address(listen)
+                    pred = self._spawn(PREDICTOR, "predictor_svc.server", "--listen", listen,
+                                       "--grace", str(cfg.grace_s), *common)
+                    self._wait_serving(pred, self.predictor_address, deadline)
+                listen = _resolve(cfg.control_plane_listen)
+                self.control_plane_address = _connect_address(listen)
+                args = ["--listen", listen, "--policy", cfg.policy, "--time-scale",
+                        repr(cfg.time_scale), "--grace", str(cfg.grace_s), *common]
+                if self.predictor_address:
+                    args += ["--predictor", self.predictor_address]
+                cp = self._spawn(CONTROL_PLANE, "control_plane.service.server", *args)
+                self._wait_serving(cp, self.control_plane_address, deadline)
+            workers = []
+            for i in range(1, cfg.workers + 1):
+                args = ["--control-plane", self.control_plane_address, "--time-scale",
+                        repr(cfg.time_scale), "--name", f"w{i}", *common]
+                if cfg.kv_blocks is not None:
+                    args += ["--kv-blocks", str(cfg.kv_blocks)]
+                workers.append(self._spawn(f"worker-w{i}", "worker.process", *args))
+            self._wait_registered(workers, deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, name: str, module: str, *args: str) -> _Proc:
+        log, out = self.log_dir / f"{name}.log", self.log_dir / f"{name}.out"
+        with open(log, "wb") as err_f, open(out, "wb") as out_f:
+            # Its own session: a Ctrl-C at the terminal reaches `astraea up` only, which then
+            # stops the services in order.
+            popen = subprocess.Popen([sys.executable, "-m", module, *args],
+                                     stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f,
+                                     start_new_session=True)
+        proc = _Proc(name, popen, log, out)
+        self.procs.append(proc)
+        return proc
+
+    def _fail(self, proc: _Proc, why: str) -> StackError:
+        return StackError(f"{proc.name} {why}; the last lines of {proc.log}:\n"
+                          f"{log_tail(proc.log)}")
+
+    def _check_alive(self, waiting: str) -> None:
+        for p in self.procs:
+            code = p.popen.poll()
+            if code is not None:
+                raise self._fail(p, f"exited with code {code} during startup (waiting for {waiting})")
+
+    def _wait_serving(self, proc: _Proc, address: str, deadline: float) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        serving = health_pb2.HealthCheckResponse.SERVING
+        with grpc.insecure_channel(address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while True:
+                self._check_alive(proc.name)
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status == serving:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise self._fail(proc, f"did not report SERVING at {address} within "
+                                           f"{self.config.startup_timeout_s:g} s")
+                time.sleep(0.05)
+
+    def _wait_registered(self, workers: list[_Proc], deadline: float) -> None:
+        pending = list(workers)
+        while pending:
+            for w in list(pending):
+                if _logged(w.log, "registered"):
+                    pending.remove(w)
+            if not pending:
+                return
+            self._check_alive(pending[0].name)
+            if time.monotonic() > deadline:
+                raise self._fail(pending[0], f"did not register with the control plane at "
+                                             f"{self.control_plane_address} within "
+                                             f"{self.config.startup_timeout_s:g} s")
+            time.sleep(0.05)
+
+    def stop(self) -> dict[str, int]:
+        """SIGTERM the workers, then the control plane, then the predictor; SIGKILL any that
+        do not exit within `shutdown_timeout_s`. Returns every process's exit code (a
+        SIGKILLed one: -9). Idempotent."""
+        groups = [[p for p in self.procs if p.name.startswith("worker-")],
+                  [p for p in self.procs if p.name == CONTROL_PLANE],
+                  [p for p in self.procs if p.name == PREDICTOR]]
+        for group in groups:
+            for p in group:
+                if p.popen.poll() is None:
+                    with _suppress_lookup():
+                        p.popen.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.config.shutdown_timeout_s
+            for p in group:
+                try:
+                    p.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    with _suppress_lookup():
+                        p.popen.kill()
+                    p.popen.wait()
+                self.exit_codes[p.name] = p.popen.returncode
+        return dict(self.exit_codes)
+
+
+class _suppress_lookup:
+    """Ignore ProcessLookupError (the process has just exited)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        return kind is ProcessLookupError
+
+
+def _logged(path: Path, event: str) -> bool:
+    """Whether the JSON log at `path` has a line with this `event`."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return False
+    if event not in text:
+        return False
+    for line in text.splitlines():
+        try:
+            if json.loads(line).get("event") == event:
+                return True
+        except (ValueError, AttributeError):
+            continue
+    return False

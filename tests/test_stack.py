@@ -1,0 +1,169 @@
+"""`astraea.stack.Stack`, `astraea up` and `astraea demo`: the services as real processes on
+free loopback ports, readiness, a job through the stack, clean shutdown, startup failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from astraea.cli import main
+from astraea.client import AgentClient
+from astraea.stack import Stack, StackConfig, StackError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _no_telemetry_export(monkeypatch):
+    # The services inherit the environment: no OTLP exports or console spans from tests.
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "ASTRAEA_TELEMETRY_CONSOLE", "ASTRAEA_LOG_LEVEL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); Stack.stop reaps its children, so none should remain.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cfg(tmp_path, **kw) -> StackConfig:
+    return StackConfig(**{"control_plane_listen": "127.0.0.1:0", "predictor_listen": "127.0.0.1:0",
+                          "time_scale": 0.01, "workers": 2, "log_dir": str(tmp_path / "logs"),
+                          **kw})
+
+
+def test_stack_runs_a_job_through_separate_processes_and_shuts_down_cleanly(tmp_path):
+    st = Stack(_cfg(tmp_path))
+    with st:
+        pids = st.pids
+        assert set(pids) == {"predictor", "control-plane", "worker-w1", "worker-w2"}
+        assert len(set(pids.values())) == 4 and os.getpid() not in pids.values()
+        assert all(_alive(pid) for pid in pids.values())
+        assert st.predictor_address and st.control_plane_address.startswith("127.0.0.1:")
+        client = AgentClient(st.control_plane_address)
+        try:
+            job = client.start_job(category="qa")
+            seg = client.run_segment(job, prompt_token_ids=[1] * 20, max_tokens=8,
+                                     next_tool_category="qa")
+            assert len(seg.tokens) == 8
+            with client.tool_call(job, "qa"):
+                time.sleep(0.01)
+            assert len(client.run_segment(job, prompt_token_ids=[1] * 5, max_tokens=4).tokens) == 4
+            client.end_job(job)
+        finally:
+            client.close()
+    assert st.exit_codes == dict.fromkeys(pids, 0)
+    assert not [name for name, pid in pids.items() if _alive(pid)]
+    logs = {name: path.read_text() for name, path in st.log_files.items()}
+    assert '"event": "predictor connected"' in logs["control-plane"]
+    assert '"event": "job finished"' in logs["control-plane"]
+    assert all('"event": "registered"' in logs[w] for w in ("worker-w1", "worker-w2"))
+    assert st.stop() == st.exit_codes  # idempotent
+
+
+def test_a_worker_that_cannot_reach_its_control_plane_fails_startup_with_its_log(tmp_path):
+    dead = f"127.0.0.1:{_free_port()}"
+    st = Stack(_cfg(tmp_path, workers=1, connect_control_plane=dead, startup_timeout_s=15))
+    with pytest.raises(StackError) as err:
+        st.start()
+    msg = str(err.value)
+    assert "worker-w1 exited with code 1" in msg
+    assert "control plane stream failed" in msg  # the tail of the worker's log
+    assert str(st.log_files["worker-w1"]) in msg
+    assert not any(_alive(pid) for pid in st.pids.values())
+
+
+def test_startup_failure_stops_the_processes_already_started(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        port = busy.getsockname()[1]
+        # The control plane cannot bind its port: it exits, the predictor is stopped.
+        st = Stack(_cfg(tmp_path, control_plane_listen=f"127.0.0.1:{port}", workers=1))
+        with pytest.raises(StackError, match="control-plane exited with code"):
+            st.start()
+    finally:
+        busy.close()
+    assert set(st.pids) == {"predictor", "control-plane"}
+    assert not any(_alive(pid) for pid in st.pids.values())
+    assert st.exit_codes["predictor"] == 0
+
+
+def test_stack_config_from_toml_with_flag_overrides(tmp_path):
+    path = tmp_path / "stack.toml"
+    path.write_text('policy = "vllm-fcfs"\ntime_scale = 0.1\nworkers = 3\nkv_blocks = 500\n'
+                    'predictor_listen = ""\nlog_dir = "x"\n')
+    cfg = StackConfig.from_toml(path, workers=2, policy=None)
+    assert (cfg.policy, cfg.time_scale, cfg.workers, cfg.kv_blocks, cfg.predictor, cfg.log_dir) \
+        == ("vllm-fcfs", 0.1, 2, 500, False, "x")
+    path.write_text("worker = 2\n")
+    with pytest.raises(StackError, match="unknown keys worker"):
+        StackConfig.from_toml(path)
+    path.write_text('workers = "two"\n')
+    with pytest.raises(StackError, match="workers must be int"):
+        StackConfig.from_toml(path)
+    with pytest.raises(StackError, match="time_scale must be positive"):
+        StackConfig(time_scale=0)
+
+
+def test_astraea_up_serves_until_sigterm_then_stops_every_service(tmp_path):
+    cfg = tmp_path / "stack.toml"
+    cport = _free_port()
+    cfg.write_text(f'control_plane_listen = "127.0.0.1:{cport}"\nworkers = 1\n'
+                   f'time_scale = 0.01\nlog_dir = "{tmp_path / "logs"}"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "astraea.cli", "up", "--config", str(cfg),
+                             "--no-predictor"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wlog = tmp_path / "logs" / "worker-w1.log"
+        deadline = time.monotonic() + 20
+        while not (wlog.exists() and '"event": "registered"' in wlog.read_text()):
+            assert time.monotonic() < deadline and proc.poll() is None, "stack not up"
+            time.sleep(0.1)
+        with AgentClient(f"127.0.0.1:{cport}") as client:
+            job = client.start_job(category="qa")
+            assert len(client.run_segment(job, prompt_token_ids=[1] * 3, max_tokens=2).tokens) == 2
+            client.end_job(job)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert f"control plane  127.0.0.1:{cport}" in err
+    assert str(tmp_path / "logs" / "control-plane.log") in err
+    assert "stopped (all exited 0)" in err
+    pids = [int(line.rsplit("pid ", 1)[1].rstrip(")")) for line in err.splitlines()
+            if "(pid " in line]
+    assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
+
+
+def test_astraea_demo_prints_both_tables_and_where_each_job_can_be_seen(tmp_path, capsys):
+    code = main(["demo", "--jobs", "4", "--time-scale", "0.005", "--no-predictor",
+                 "--log-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "== vllm-fcfs" in out and "== astraea" in out
+    assert out.count("policy             mean") == 2  # bench's table header, once per policy
+    assert "astraea / vllm-fcfs = " in out
+    assert "do not emit per-job spans yet" in out  # no traces are claimed that do not exist
+    assert str(tmp_path / "astraea" / "control-plane.log") in out
+    assert "[vllm-fcfs] 4/4 jobs done" in err and "[astraea] 4/4 jobs done" in err
