@@ -23,12 +23,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(module: str, *args: str) -> subprocess.Popen:
+def _start(module: str, *args: str, log_path: str | None = None) -> subprocess.Popen:
+    """Start a service; its stderr goes to a pipe, or to `log_path` to be read while it runs."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("OTEL_EXPORTER_OTLP_ENDPOINT", "ASTRAEA_TELEMETRY_CONSOLE",
                         "ASTRAEA_LOG_LEVEL")}
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr = open(log_path, "w") if log_path else subprocess.PIPE  # noqa: SIM115 (closed in _stop)
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+    proc.log_path = log_path
+    if log_path:
+        stderr.close()  # the child holds its own descriptor
+    return proc
+
+
+def _wait_for_log(path: str, event: str, timeout: float = 15.0) -> None:
+    """Poll a running service's JSON log until a line with `event` appears."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(path) as f:
+            if any(json.loads(line).get("event") == event for line in f if line.strip()):
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no {event!r} in {path} after {timeout} s")
 
 
 def _wait_serving(port: int, timeout: float = 10.0) -> None:
@@ -53,6 +70,9 @@ def _stop(proc: subprocess.Popen) -> tuple[int, list[dict]]:
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
+    if proc.log_path:
+        with open(proc.log_path) as f:
+            err = f.read()
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines, "no log lines"
     records = [json.loads(line) for line in lines]  # every line is one JSON object
@@ -61,14 +81,15 @@ def _stop(proc: subprocess.Popen) -> tuple[int, list[dict]]:
     return proc.returncode, records
 
 
-def test_control_plane_main_logs_json_and_exits_cleanly_on_sigterm():
-    port = _free_port()
+def test_control_plane_main_logs_json_and_exits_cleanly_on_sigterm(tmp_path):
+    port, log = _free_port(), str(tmp_path / "cp.log")
     # A predictor nobody runs: the control plane still starts and logs the fallback.
     proc = _start("control_plane.service.server", "--listen", f"127.0.0.1:{port}",
-                  "--grace", "0.2", "--predictor", f"127.0.0.1:{_free_port()}")
+                  "--grace", "0.2", "--predictor", f"127.0.0.1:{_free_port()}", log_path=log)
     try:
         _wait_serving(port)
-        time.sleep(1.0)
+        _wait_for_log(log, "predictor unreachable, using local estimates")
+        time.sleep(1.0)  # several retry intervals: the outage must still be logged only once
     finally:
         code, records = _stop(proc)
     assert code == 0
@@ -79,18 +100,21 @@ def test_control_plane_main_logs_json_and_exits_cleanly_on_sigterm():
     assert len(warn) == 1 and warn[0]["level"] == "warning"  # once per outage
 
 
-def test_predictor_and_worker_mains_log_json():
+def test_predictor_and_worker_mains_log_json(tmp_path):
     pport, cport = _free_port(), _free_port()
     pred = _start("predictor_svc.server", "--listen", f"127.0.0.1:{pport}", "--grace", "0.2")
+    cp_log, worker_log = str(tmp_path / "cp.log"), str(tmp_path / "worker.log")
     cp = _start("control_plane.service.server", "--listen", f"127.0.0.1:{cport}",
-                "--grace", "0.2", "--predictor", f"127.0.0.1:{pport}")
+                "--grace", "0.2", "--predictor", f"127.0.0.1:{pport}", log_path=cp_log)
     worker = None
     try:
         _wait_serving(pport)
         _wait_serving(cport)
         worker = _start("worker.process", "--control-plane", f"127.0.0.1:{cport}",
-                        "--time-scale", "0.01", "--name", "w1")
-        time.sleep(1.0)
+                        "--time-scale", "0.01", "--name", "w1", log_path=worker_log)
+        # Wait for the events rather than a fixed time: a loaded machine (CI) is slower.
+        _wait_for_log(worker_log, "registered")
+        _wait_for_log(cp_log, "predictor connected")
     finally:
         if worker is not None:
             wcode, wrec = _stop(worker)
