@@ -104,11 +104,11 @@ def test_predictor_and_worker_mains_log_json(tmp_path):
     pport, cport = _free_port(), _free_port()
     pred = _start("predictor_svc.server", "--listen", f"127.0.0.1:{pport}", "--grace", "0.2")
     cp_log, worker_log = str(tmp_path / "cp.log"), str(tmp_path / "worker.log")
-    cp = _start("control_plane.service.server", "--listen", f"127.0.0.1:{cport}",
-                "--grace", "0.2", "--predictor", f"127.0.0.1:{pport}", log_path=cp_log)
-    worker = None
+    cp = worker = None
     try:
-        _wait_serving(pport)
+        _wait_serving(pport)  # before the control plane, so its first call finds the predictor
+        cp = _start("control_plane.service.server", "--listen", f"127.0.0.1:{cport}",
+                    "--grace", "0.2", "--predictor", f"127.0.0.1:{pport}", log_path=cp_log)
         _wait_serving(cport)
         worker = _start("worker.process", "--control-plane", f"127.0.0.1:{cport}",
                         "--time-scale", "0.01", "--name", "w1", log_path=worker_log)
@@ -118,7 +118,8 @@ def test_predictor_and_worker_mains_log_json(tmp_path):
     finally:
         if worker is not None:
             wcode, wrec = _stop(worker)
-        ccode, crec = _stop(cp)
+        if cp is not None:
+            ccode, crec = _stop(cp)
         pcode, prec = _stop(pred)
     assert (wcode, ccode, pcode) == (0, 0, 0)
     assert any(r["event"] == "registered" for r in wrec)
