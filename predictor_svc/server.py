@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from astraea.profile import HardwareProfile, ProfileError, load_profile
-from astraea.telemetry import TelemetryConfig, TelemetryConfigError, setup_telemetry
+from astraea.telemetry import setup_service_telemetry
 from astraea.v1 import predictor_pb2, predictor_pb2_grpc
 from predictor_svc.estimators import OnlineEstimator
 from predictor_svc.state import PredictorState, StateError, load_state, save_state
@@ -235,12 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="debug … critical (default: $ASTRAEA_LOG_LEVEL or info)")
     args = parser.parse_args(argv)
     # structlog JSON lines on stderr (stdlib records of this module included), with trace ids.
-    try:
-        overrides = {"log_level": args.log_level} if args.log_level else {}
-        tel = setup_telemetry(TelemetryConfig.from_env("astraea-predictor", **overrides),
-                              install_global=True)
-    except TelemetryConfigError as e:
-        parser.error(str(e))
+    tel = setup_service_telemetry(parser, "astraea-predictor", args.log_level)
     try:
         return _run(args)
     finally:

@@ -25,7 +25,7 @@ import socket
 import grpc
 
 from astraea import wire
-from astraea.telemetry import TelemetryConfig, TelemetryConfigError, get_logger, setup_telemetry
+from astraea.telemetry import get_logger, setup_service_telemetry
 from astraea.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from control_plane.core.job import KvAction
 from control_plane.core.plan import Admit
@@ -286,12 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="debug … critical (default: $ASTRAEA_LOG_LEVEL or info)")
     args = parser.parse_args(argv)
     # structlog JSON lines on stderr, with the current trace's ids.
-    try:
-        overrides = {"log_level": args.log_level} if args.log_level else {}
-        tel = setup_telemetry(TelemetryConfig.from_env("astraea-worker", **overrides),
-                              install_global=True)
-    except TelemetryConfigError as e:
-        parser.error(str(e))
+    tel = setup_service_telemetry(parser, "astraea-worker", args.log_level)
     try:
         code = asyncio.run(_main_async(args))
     except (ValueError, OSError) as e:

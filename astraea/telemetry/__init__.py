@@ -27,6 +27,7 @@ from astraea.telemetry.setup import (
     Telemetry,
     TelemetryConfig,
     TelemetryConfigError,
+    setup_service_telemetry,
     setup_telemetry,
 )
 from astraea.telemetry.spans import (
@@ -50,5 +51,5 @@ __all__ = [
     "api_wait_span", "build_batch_span", "configure_logging", "extract_context",
     "finish_api_wait", "finish_job", "finish_segment", "get_logger", "inject_metadata",
     "job_span", "kv_decision_attributes", "record_kv_decision", "record_plan", "segment_span",
-    "setup_telemetry", "start_api_wait_span", "start_job_span", "start_segment_span",
+    "setup_service_telemetry", "setup_telemetry", "start_api_wait_span", "start_job_span", "start_segment_span",
 ]

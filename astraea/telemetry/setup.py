@@ -7,6 +7,7 @@ global is touched, and the instance's `tracer`, `meter` and `metrics` are used d
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -179,3 +180,17 @@ def setup_telemetry(config: TelemetryConfig, *, install_global: bool = False,
 
         configure_logging(level=config.log_level, json=config.json_logs)
     return tel
+
+
+def setup_service_telemetry(parser: argparse.ArgumentParser, service_name: str,
+                            log_level: str | None) -> Telemetry:
+    """What every service's main() does first: telemetry from the environment, made global
+    (structlog JSON logs with trace ids), `--log-level` overriding $ASTRAEA_LOG_LEVEL. A bad
+    setting ends the program through `parser.error`, like any other bad flag."""
+    overrides = {"log_level": log_level} if log_level else {}
+    try:
+        return setup_telemetry(TelemetryConfig.from_env(service_name, **overrides),
+                               install_global=True)
+    except TelemetryConfigError as e:
+        parser.error(str(e))
+        raise  # parser.error exits; this keeps type checkers honest

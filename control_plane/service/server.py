@@ -22,10 +22,8 @@ from grpc_health.v1._async import HealthServicer
 from astraea.profile import ProfileError, load_profile
 from astraea.telemetry import (
     Metrics,
-    TelemetryConfig,
-    TelemetryConfigError,
     get_logger,
-    setup_telemetry,
+    setup_service_telemetry,
 )
 from astraea.v1 import agent_pb2_grpc, worker_pb2, worker_pb2_grpc
 from control_plane.core.config import SchedulerConfig
@@ -149,12 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.predictor_timeout > 0:
         parser.error("--predictor-timeout must be positive")
-    try:
-        overrides = {"log_level": args.log_level} if args.log_level else {}
-        tel = setup_telemetry(TelemetryConfig.from_env("astraea-control-plane", **overrides),
-                              install_global=True)
-    except TelemetryConfigError as e:
-        parser.error(str(e))
+    tel = setup_service_telemetry(parser, "astraea-control-plane", args.log_level)
     try:
         return asyncio.run(_main_async(args, tel.metrics))
     finally:
