@@ -94,3 +94,7 @@ class WorkerView:
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
+
+    def job_blocks(self, job_id: str, tokens: int) -> int:
+        """Blocks a job holds: exact where the worker can tell, else those `tokens` need."""
+        return self.blocks_of(job_id) if self.blocks_of else self.blocks_for(tokens)

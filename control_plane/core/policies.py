@@ -17,11 +17,10 @@ from dataclasses import dataclass, replace
 
 from astraea.profile import HardwareProfile
 from control_plane.core.config import SchedulerConfig
-from control_plane.core.discipline import Discipline, Fcfs, Plas
+from control_plane.core.discipline import Fcfs, Plas
 from control_plane.core.estimates import ServiceTimeEstimator
 from control_plane.core.kv_policy import (
     AlwaysDiscard,
-    KvPolicy,
     MinWaste,
     PressureAdaptive,
     TimeToLive,
@@ -38,21 +37,16 @@ class PolicySpec:
     build: Callable[[HardwareProfile, ServiceTimeEstimator, SchedulerConfig], Scheduler]
 
 
-def _scheduler(discipline: Discipline, kv: KvPolicy, profile: HardwareProfile,
-               estimator: ServiceTimeEstimator, config: SchedulerConfig) -> Scheduler:
-    return Scheduler(discipline, kv, profile, estimator, config)
-
-
 def _vllm(profile, estimator, config):
-    return _scheduler(Fcfs("segment"), AlwaysDiscard(profile, estimator), profile, estimator, config)
+    return Scheduler(Fcfs("segment"), AlwaysDiscard(profile, estimator), profile, estimator, config)
 
 
 def _infercept(profile, estimator, config):
-    return _scheduler(Fcfs("job"), MinWaste(profile, estimator), profile, estimator, config)
+    return Scheduler(Fcfs("job"), MinWaste(profile, estimator), profile, estimator, config)
 
 
 def _plas(profile, estimator, config):
-    return _scheduler(Plas(config.plas), AlwaysDiscard(profile, estimator), profile, estimator, config)
+    return Scheduler(Plas(config.plas), AlwaysDiscard(profile, estimator), profile, estimator, config)
 
 
 def _continuum(profile, estimator, config):
@@ -61,12 +55,12 @@ def _continuum(profile, estimator, config):
     holder: list[Scheduler] = []
     ttl = TimeToLive(profile, estimator, config.continuum,
                      lambda: holder[0].recent_queueing_delay_s if holder else 0.0)
-    holder.append(_scheduler(Fcfs("job"), ttl, profile, estimator, config))
+    holder.append(Scheduler(Fcfs("job"), ttl, profile, estimator, config))
     return holder[0]
 
 
 def _astraea(profile, estimator, config):
-    return _scheduler(StatefulMlfq(config.mlfq), PressureAdaptive(profile, estimator, config.kv),
+    return Scheduler(StatefulMlfq(config.mlfq), PressureAdaptive(profile, estimator, config.kv),
                       profile, estimator, config)
 
 
@@ -74,7 +68,7 @@ def _astraea_paper(profile, estimator, config):
     mlfq = replace(config.mlfq, work_conserving=False, prioritize_prefill=False)
     kv = replace(config.kv, reclaim_for_ready_jobs=False)
     config = replace(config, mlfq=mlfq, kv=kv)
-    return _scheduler(StatefulMlfq(mlfq), PressureAdaptive(profile, estimator, kv),
+    return Scheduler(StatefulMlfq(mlfq), PressureAdaptive(profile, estimator, kv),
                       profile, estimator, config)
 
 

@@ -304,7 +304,7 @@ class Scheduler:
 
     def _evict(self, job: Job, decision: KvDecision, view: WorkerView, now: float) -> Evict:
         self._record(decision, job)
-        blocks = view.blocks_of(job.job_id) if view.blocks_of else view.blocks_for(job.context_tokens)
+        blocks = view.job_blocks(job.job_id, job.context_tokens)
         if decision.action is KvAction.SWAP:
             view.swapping_out_blocks += blocks
             view.host_free_blocks -= blocks
@@ -360,8 +360,7 @@ class Scheduler:
                 continue
             key = self.discipline.priority_key(r, now)
             if key[0] > mine:
-                blocks = view.blocks_of(r.job_id) if view.blocks_of else view.blocks_for(
-                    r.context_tokens + r.pending_tokens)
+                blocks = view.job_blocks(r.job_id, r.context_tokens + r.pending_tokens)
                 victims.append((key, blocks, r))
         short = need - self._admissible_blocks(view) - view.swapping_out_blocks
         if sum(v[1] for v in victims) < short:
