@@ -12,9 +12,11 @@ from astraea.stack import StackError
 from astraea.workloads import TraceError
 
 DEFAULT_POLICIES = "vllm-fcfs,infercept,autellix-plas,continuum,astraea"
-# `astraea demo`: about 280 virtual s per policy (the mix's long tool calls), 14 s of wall
+# `astraea demo`: a burst of 200 jobs on one simulated A100 whose KV cache is cut to 3,000
+# blocks (48k tokens), so memory binds as on a busy GPU and the schedulers differ (in the
+# simulator: astraea 0.64x vllm-fcfs's mean JCT). About 440 virtual s per policy, 22 s of wall
 # time at this time scale.
-DEMO_JOBS, DEMO_QPS, DEMO_TIME_SCALE = 60, 30.0, 0.05
+DEMO_JOBS, DEMO_QPS, DEMO_TIME_SCALE, DEMO_KV_BLOCKS = 200, 30.0, 0.05, 3000
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -118,6 +120,26 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_service(args: argparse.Namespace) -> int:
+    from astraea.bench.service_load import ServiceBenchConfig, format_report, run
+
+    cfg = ServiceBenchConfig(
+        jobs=args.jobs, seconds=args.seconds, warmup=args.warmup, workers=args.workers,
+        policy=args.policy, profile=args.profile, time_scale=args.time_scale,
+        tokens=args.tokens, prompt_tokens=args.prompt_tokens,
+        segments_per_job=args.segments_per_job, tool_ms=args.tool_ms,
+        tool_reports=not args.no_tool_reports,
+        kv_blocks=args.kv_blocks, log_level=args.log_level, log_dir=args.log_dir,
+        cprofile=args.cprofile, grpc_floor=args.grpc_floor)
+    report = run(cfg)
+    print(format_report(report))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0 if not report["errors"] and not report["bad_token_segments"] else 1
+
+
 def cmd_trace_gen(args: argparse.Namespace) -> int:
     from astraea.workloads import generate_mix, write_native
 
@@ -145,6 +167,22 @@ def cmd_trace_stats(args: argparse.Namespace) -> int:
               f"{(sum(per_call) / len(per_call) if per_call else 0.0):>12.4g}"
               f"{sum(j.total_tokens for j in group) / len(group):>13.0f}"
               f"{sum(j.output_tokens for j in group) / len(group):>12.0f}")
+    return 0
+
+
+def cmd_traces(args: argparse.Namespace) -> int:
+    from astraea.telemetry.span_files import format_tree, job_ids, job_trace, load_spans
+
+    spans = load_spans(args.dir)
+    ids = job_ids(spans)
+    if args.job is None:
+        print(f"{len(spans)} spans, {len(ids)} jobs in {args.dir}; show one with --job ID:")
+        for job_id in ids[:args.limit]:
+            print(f"  {job_id}")
+        if len(ids) > args.limit:
+            print(f"  ... {len(ids) - args.limit} more")
+        return 0
+    print(format_tree(job_trace(spans, args.job)))
     return 0
 
 
@@ -354,6 +392,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 DEMO_POLICIES = ("vllm-fcfs", "astraea")
 
 
+def _demo_simulated(jobs, profile, kv_blocks: int | None, workers: int) -> dict[str, float]:
+    """The simulator's mean JCT for the demo's jobs under each demo policy (its prediction)."""
+    from astraea.sim.simulator import Simulation
+
+    return {p: Simulation(jobs, profile, p, num_workers=workers, kv_blocks=kv_blocks)
+            .run().summary["mean_jct_s"] for p in DEMO_POLICIES}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import asyncio
     import tempfile
@@ -362,6 +408,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from astraea.bench.report import aggregate, format_tables
     from astraea.replay import replay, replay_jobs, run_row
     from astraea.stack import Stack
+    from astraea.telemetry import TelemetryConfig, setup_telemetry
+    from astraea.telemetry.span_files import format_tree, job_trace, load_spans
 
     if args.jobs < 1:
         raise ValueError("--jobs must be at least 1")
@@ -372,24 +420,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     profile = load_profile(base_cfg.profile)
     jobs, qps = replay_jobs("infercept", args.jobs, args.qps, args.seed, profile.context_window)
     base = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="astraea-demo-"))
+    kv = f"{base_cfg.kv_blocks} KV blocks" if base_cfg.kv_blocks else "the profile's KV cache"
     print(f"astraea demo: {len(jobs)} InferCept-mix jobs at {qps:g} QPS (seed {args.seed}), "
-          f"under {' and '.join(DEMO_POLICIES)}; {args.workers} workers, time scale "
-          f"{args.time_scale:g}; logs in {base}", file=sys.stderr, flush=True)
+          f"under {' and '.join(DEMO_POLICIES)}; {args.workers} simulated {profile.gpu} "
+          f"worker(s) with {kv}, time scale {args.time_scale:g}; logs and traces in {base}",
+          file=sys.stderr, flush=True)
     rows, results, stacks = {}, {}, {}
     for policy in DEMO_POLICIES:
+        span_dir = base / policy / "traces"
         cfg = _stack_config(args, policy=policy, log_dir=str(base / policy),
-                            control_plane_listen="127.0.0.1:0", predictor_listen="127.0.0.1:0")
+                            control_plane_listen="127.0.0.1:0", predictor_listen="127.0.0.1:0",
+                            span_dir=str(span_dir))
+        # The replaying client's spans (the root of each job's trace) go beside the services'.
+        client_tel = setup_telemetry(TelemetryConfig("astraea-replay", span_dir=str(span_dir)),
+                                     configure_logs=False)
         t = time.monotonic()
         print(f"[{policy}] starting the stack ...", file=sys.stderr, flush=True)
-        with Stack(cfg) as st:
-            print(f"[{policy}] stack up in {time.monotonic() - t:.1f} s: control plane "
-                  f"{st.control_plane_address}, predictor {st.predictor_address or 'none'}, "
-                  f"{cfg.workers} workers; replaying ...", file=sys.stderr, flush=True)
-            res = asyncio.run(replay(jobs, st.control_plane_address, profile, cfg.time_scale,
-                                     log=sys.stderr))
-            print(f"[{policy}] {len(jobs) - len(res.errors)}/{len(jobs)} jobs done in "
-                  f"{res.wall_s:.1f} s wall ({res.makespan_s:.1f} virtual s); stopping ...",
-                  file=sys.stderr, flush=True)
+        try:
+            with Stack(cfg) as st:
+                print(f"[{policy}] stack up in {time.monotonic() - t:.1f} s: control plane "
+                      f"{st.control_plane_address}, predictor {st.predictor_address or 'none'}, "
+                      f"{cfg.workers} workers; replaying ...", file=sys.stderr, flush=True)
+                res = asyncio.run(replay(jobs, st.control_plane_address, profile,
+                                         cfg.time_scale, log=sys.stderr,
+                                         tracer=client_tel.tracer))
+                print(f"[{policy}] {len(jobs) - len(res.errors)}/{len(jobs)} jobs done in "
+                      f"{res.wall_s:.1f} s wall ({res.makespan_s:.1f} virtual s); stopping ...",
+                      file=sys.stderr, flush=True)
+        finally:
+            client_tel.shutdown()
         codes = st.exit_codes
         bad = {n: c for n, c in codes.items() if c != 0}
         if bad:
@@ -405,19 +464,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     fcfs = rows["vllm-fcfs"].get("mean_jct_s", float("nan"))
     ours = rows["astraea"].get("mean_jct_s", float("nan"))
     ratio = ours / fcfs if fcfs > 0 else float("nan")
-    print(f"\nmean JCT: astraea {ours:.2f} s, vllm-fcfs {fcfs:.2f} s; astraea / vllm-fcfs = "
-          f"{ratio:.3f} ({(ratio - 1) * 100:+.1f} %)")
+    print(f"\nmean JCT, live: astraea {ours:.1f} s, vllm-fcfs {fcfs:.1f} s; astraea / vllm-fcfs "
+          f"= {ratio:.3f} ({(ratio - 1) * 100:+.1f} %)")
+    sim = _demo_simulated(jobs, profile, base_cfg.kv_blocks, args.workers)
+    print(f"mean JCT, simulator on the same jobs: astraea {sim['astraea']:.1f} s, vllm-fcfs "
+          f"{sim['vllm-fcfs']:.1f} s; astraea / vllm-fcfs = "
+          f"{sim['astraea'] / sim['vllm-fcfs']:.3f}")
 
     print("\nWhere each job can be seen:")
-    # The services set up OpenTelemetry (OTEL_EXPORTER_OTLP_ENDPOINT exports), but do not
-    # emit per-job spans yet (issue #3), so the demo points at the logs and claims no traces.
-    print("  traces: the services do not emit per-job spans yet; each job's path is in the "
-          "control plane's JSON logs:")
-    example = next(iter(j.job_id for j in jobs), "")
+    example = next(iter(j.job_id for j in jobs if len(j.segments) > 1), jobs[0].job_id)
     for policy in DEMO_POLICIES:
-        print(f"  {policy} logs: {stacks[policy].log_files['control-plane']} (JSON lines; a "
-              f"job's carry its id, e.g. grep '\"job_id\": \"{example}\"'); the workers' "
-              "logs beside it")
+        span_dir = base / policy / "traces"
+        print(f"  {policy}: traces in {span_dir} (one trace per job: the client's agent span, "
+              f"the control plane's job/segment/api_wait spans, the worker's admissions); "
+              f"`astraea traces {span_dir} --job ID` prints one; logs (JSON lines with "
+              f"job_id and trace_id) in {stacks[policy].log_dir}")
+    try:
+        tree = format_tree(job_trace(load_spans(str(base / "astraea" / "traces")), example))
+        print(f"\nThe trace of job {example} under astraea (start offset, duration, service):")
+        print(tree)
+    except ValueError as e:
+        print(f"  (no trace of {example} to show: {e})")
+    print("  With OTEL_EXPORTER_OTLP_ENDPOINT set, the same spans go to your collector (Jaeger, "
+          "Tempo ...) as well.")
     failed = sum(len(r.errors) for r in results.values())
     print(f"\nastraea demo: done in {time.monotonic() - started:.0f} s", file=sys.stderr)
     return 0 if not failed else 1
@@ -505,6 +574,39 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--out")
     o.set_defaults(func=cmd_bench_overhead)
 
+    bs = sub.add_parser("bench-service", help="load the live control plane (separate process) "
+                                              "with N jobs in flight on simulated workers: "
+                                              "segments/s, events/s, plan latency")
+    bs.add_argument("--jobs", type=int, default=1000, help="jobs in flight")
+    bs.add_argument("--seconds", type=float, default=20.0, help="measured window")
+    bs.add_argument("--warmup", type=float, default=5.0, help="seconds before the window")
+    bs.add_argument("--workers", type=int, default=2, help="simulated worker processes")
+    bs.add_argument("--policy", default="astraea")
+    bs.add_argument("--profile", default="gptj-6b-a100",
+                    help="base hardware profile (its step limits are raised for the benchmark)")
+    bs.add_argument("--time-scale", type=float, default=0.1,
+                    help="wall seconds per engine second (control plane and workers)")
+    bs.add_argument("--tokens", type=int, default=4, help="output tokens per segment")
+    bs.add_argument("--prompt-tokens", type=int, default=8, help="prompt tokens per segment")
+    bs.add_argument("--segments-per-job", type=int, default=8,
+                    help="segments per job (a tool call between two); then a new job")
+    bs.add_argument("--tool-ms", type=float, default=2.0, help="wall ms of each tool call")
+    bs.add_argument("--no-tool-reports", action="store_true",
+                    help="diagnostic: skip ReportToolCall around each tool call (the API "
+                         "allows it), to see what those two calls per segment cost")
+    bs.add_argument("--kv-blocks", type=int, default=200_000,
+                    help="GPU KV blocks per worker (large: memory must not bind)")
+    bs.add_argument("--log-level", default="info",
+                    help="the control plane's log level (default info, as it ships)")
+    bs.add_argument("--log-dir", default=None, help="the services' logs (default: a temp dir)")
+    bs.add_argument("--cprofile", default=None, metavar="FILE",
+                    help="write a cProfile of the control plane's event loop over the window")
+    bs.add_argument("--grpc-floor", action="store_true",
+                    help="reference: the same load against an AgentService whose handlers do "
+                         "nothing (no scheduler, no workers): the gRPC cost floor")
+    bs.add_argument("--out", help="write the report as JSON")
+    bs.set_defaults(func=cmd_bench_service)
+
     t = sub.add_parser("trace", help="agent traces")
     tsub = t.add_subparsers(dest="trace_command", required=True)
     g = tsub.add_parser("gen", help="write a generated InferCept-mix trace (native JSONL)")
@@ -553,8 +655,14 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seed", type=int, default=0)
     _stack_args(dm, time_scale_default=DEMO_TIME_SCALE, workers_default=1, policy=False)
     dm.set_defaults(func=cmd_demo, config=None, policy=None, control_plane_listen=None,
-                    predictor_listen=None)
+                    predictor_listen=None, kv_blocks=DEMO_KV_BLOCKS)
 
+    tr = sub.add_parser("traces", help="show a job's trace from the span files the services "
+                                       "write (ASTRAEA_TELEMETRY_SPAN_DIR, the demo's traces/)")
+    tr.add_argument("dir", help="the span directory")
+    tr.add_argument("--job", default=None, help="the job whose trace to print as a tree")
+    tr.add_argument("--limit", type=int, default=20, help="job ids listed without --job")
+    tr.set_defaults(func=cmd_traces)
     p = sub.add_parser("profiles", help="list built-in hardware profiles")
     p.set_defaults(func=cmd_profiles)
     return parser

@@ -20,12 +20,16 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from opentelemetry import trace
+
 from astraea.client import AsyncAgentClient, FinishReason
 from astraea.profile import HardwareProfile
 from astraea.sim.metrics import JobRecord, idle_jct_s, summarize
+from astraea.telemetry import spans
 from astraea.workloads.trace import JobTrace
 
 PLACEHOLDER_ID = 1  # the prompt tokens' id: only their number matters to simulated workers
+AGENT_SPAN = "agent"  # the replaying client's span of one job: the root of the job's trace
 
 
 @dataclass
@@ -87,7 +91,15 @@ async def local_stack(policy: str = "astraea", profile: str = "gptj-6b-a100",
                 await asyncio.wait_for(t, 5)
 
 
-async def _run_job(client: AsyncAgentClient, job: JobTrace, time_scale: float) -> None:
+async def _run_job(client: AsyncAgentClient, job: JobTrace, time_scale: float,
+                   tracer: trace.Tracer) -> None:
+    # The client's side of the job's trace: the calls below carry this span's context.
+    with tracer.start_as_current_span(AGENT_SPAN, attributes={
+            spans.JOB_ID: job.job_id, spans.CATEGORY: job.category}):
+        await _run_job_segments(client, job, time_scale)
+
+
+async def _run_job_segments(client: AsyncAgentClient, job: JobTrace, time_scale: float) -> None:
     await client.start_job(job.job_id, job.category)
     for i, seg in enumerate(job.segments):
         new = max(job.new_tokens_before(i), 1)  # an empty prompt is refused; the sim prefills 1
@@ -109,16 +121,18 @@ async def _run_job(client: AsyncAgentClient, job: JobTrace, time_scale: float) -
 
 async def replay(jobs: list[JobTrace], address: str, profile: HardwareProfile,
                  time_scale: float = 1.0, concurrency: int | None = None,
-                 log=None) -> ReplayResult:
+                 log=None, tracer: trace.Tracer | None = None) -> ReplayResult:
     """Replay `jobs` (each with an arrival time) against the control plane at `address`.
 
     JCT runs from the job's scheduled arrival to its EndJob answer (so a job held back by
-    `concurrency` counts that wait), in virtual seconds (wall / time_scale)."""
+    `concurrency` counts that wait), in virtual seconds (wall / time_scale). Each job runs
+    in an ``agent`` span of `tracer` (default: the global provider's), the root of its trace."""
     if any(j.arrival_s is None for j in jobs):
         raise ValueError("every job needs an arrival time (give --qps for traces without)")
     if not time_scale > 0:
         raise ValueError(f"--time-scale must be positive, got {time_scale}")
     log = log if log is not None else sys.stderr
+    tracer = tracer or trace.get_tracer("astraea.replay")
     t0_trace = min(j.arrival_s for j in jobs) if jobs else 0.0
     records = {j.job_id: JobRecord(j.job_id, j.category, j.arrival_s - t0_trace,
                                    idle_jct_s=idle_jct_s(j, profile), api_s=j.api_time_s,
@@ -138,9 +152,9 @@ async def replay(jobs: list[JobTrace], address: str, profile: HardwareProfile,
             try:
                 if sem is not None:
                     async with sem:
-                        await _run_job(client, job, time_scale)
+                        await _run_job(client, job, time_scale, tracer)
                 else:
-                    await _run_job(client, job, time_scale)
+                    await _run_job(client, job, time_scale, tracer)
             except Exception as e:  # noqa: BLE001 — one failed job is reported, not fatal
                 errors[job.job_id] = str(e)
                 with contextlib.suppress(Exception):

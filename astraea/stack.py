@@ -58,6 +58,9 @@ class StackConfig:
     predictor_listen: str = "127.0.0.1:50071"
     log_dir: str | None = None  # None: a new temporary directory
     log_level: str | None = None  # the services' --log-level (default: theirs)
+    # Every service writes its spans here as JSON lines (ASTRAEA_TELEMETRY_SPAN_DIR; read them
+    # with `astraea traces`). None: the environment's setting, if any.
+    span_dir: str | None = None
     grace_s: float = 1.0  # the services' --grace on shutdown
     startup_timeout_s: float = 30.0
     shutdown_timeout_s: float = 10.0
@@ -234,9 +237,12 @@ class Stack:
         with open(log, "wb") as err_f, open(out, "wb") as out_f:
             # Its own session: a Ctrl-C at the terminal reaches `astraea up` only, which then
             # stops the services in order.
+            env = None
+            if self.config.span_dir:
+                env = {**os.environ, "ASTRAEA_TELEMETRY_SPAN_DIR": self.config.span_dir}
             popen = subprocess.Popen([sys.executable, "-m", module, *args],
                                      stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f,
-                                     start_new_session=True)
+                                     start_new_session=True, env=env)
         proc = _Proc(name, popen, log, out)
         self.procs.append(proc)
         return proc

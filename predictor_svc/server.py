@@ -23,9 +23,11 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Tracer
 
 from astraea.profile import HardwareProfile, ProfileError, load_profile
-from astraea.telemetry import setup_service_telemetry
+from astraea.telemetry import extract_context, setup_service_telemetry
 from astraea.v1 import predictor_pb2, predictor_pb2_grpc
 from predictor_svc.estimators import OnlineEstimator
 from predictor_svc.state import PredictorState, StateError, load_state, save_state
@@ -155,20 +157,31 @@ class Predictor:
 
 
 class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
-    def __init__(self, predictor: Predictor) -> None:
+    """Estimate and Observe run in a server span continuing the caller's trace (the control
+    plane's ``predictor.estimate`` / ``predictor.observe``)."""
+
+    def __init__(self, predictor: Predictor, tracer: Tracer | None = None) -> None:
         self.predictor = predictor
+        self.tracer = tracer or trace.get_tracer("astraea.predictor")
 
     def Estimate(self, request, context):
-        try:
-            return self.predictor.estimate(request)
-        except InvalidRequest as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        with self.tracer.start_as_current_span(
+                "Estimate", context=extract_context(context), kind=SpanKind.SERVER,
+                attributes={"astraea.predictor.requests": len(request.requests)}):
+            try:
+                return self.predictor.estimate(request)
+            except InvalidRequest as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     def Observe(self, request, context):
-        try:
-            return self.predictor.observe(request)
-        except InvalidRequest as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        n = len(request.api_calls) + len(request.outputs) + len(request.steps)
+        with self.tracer.start_as_current_span(
+                "Observe", context=extract_context(context), kind=SpanKind.SERVER,
+                attributes={"astraea.predictor.observations": n}):
+            try:
+                return self.predictor.observe(request)
+            except InvalidRequest as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     def SaveState(self, request, context):
         if not request.path:
@@ -195,7 +208,7 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
 
 
 def serve(address: str, profile_name: str, state_path: str | None = None,
-          max_workers: int = 8) -> grpc.Server:
+          max_workers: int = 8, tracer: Tracer | None = None) -> grpc.Server:
     """Start a predictor on `address` (host:port; port 0 picks a free one) and return the
     running server. The bound port is `server.bound_port`, the logic `server.predictor`.
     A `state_path` that exists is loaded first; a bad one raises `StateError`."""
@@ -205,7 +218,8 @@ def serve(address: str, profile_name: str, state_path: str | None = None,
         log.info("state loaded from %s", state_path)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                     thread_name_prefix="predictor"))
-    predictor_pb2_grpc.add_PredictorServiceServicer_to_server(PredictorServicer(predictor), server)
+    predictor_pb2_grpc.add_PredictorServiceServicer_to_server(
+        PredictorServicer(predictor, tracer), server)
     # The standard health service: SERVING while up, NOT_SERVING from the start of a graceful
     # stop (`server.health.enter_graceful_shutdown()`, as main does on SIGTERM).
     hs = health.HealthServicer()
@@ -222,7 +236,8 @@ def serve(address: str, profile_name: str, state_path: str | None = None,
     return server
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `astraea-predictor` (tests check docker/compose.yaml against it)."""
     parser = argparse.ArgumentParser(prog="astraea-predictor", description=__doc__.split("\n")[0])
     parser.add_argument("--listen", default=DEFAULT_LISTEN, help="host:port to serve on")
     parser.add_argument("--profile", default=DEFAULT_PROFILE,
@@ -233,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds in-flight calls get to finish on shutdown")
     parser.add_argument("--log-level", default=None,
                         help="debug … critical (default: $ASTRAEA_LOG_LEVEL or info)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     # structlog JSON lines on stderr (stdlib records of this module included), with trace ids.
     tel = setup_service_telemetry(parser, "astraea-predictor", args.log_level)

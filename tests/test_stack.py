@@ -163,7 +163,17 @@ def test_astraea_demo_prints_both_tables_and_where_each_job_can_be_seen(tmp_path
     assert code == 0, err
     assert "== vllm-fcfs" in out and "== astraea" in out
     assert out.count("policy             mean") == 2  # bench's table header, once per policy
-    assert "astraea / vllm-fcfs = " in out
-    assert "do not emit per-job spans yet" in out  # no traces are claimed that do not exist
-    assert str(tmp_path / "astraea" / "control-plane.log") in out
+    assert "mean JCT, live: astraea" in out and "mean JCT, simulator on the same jobs" in out
     assert "[vllm-fcfs] 4/4 jobs done" in err and "[astraea] 4/4 jobs done" in err
+    # Every service wrote its spans, and the example job's trace crosses the processes: the
+    # replaying client, the control plane and the worker (the predictor is off here).
+    for policy in ("vllm-fcfs", "astraea"):
+        files = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / policy / "traces").iterdir())
+        assert files == ["astraea-control-plane", "astraea-replay", "astraea-worker"], files
+    tree = out.split("under astraea (start offset, duration, service):\n", 1)[1]
+    for name, service in (("agent", "astraea-replay"), ("job", "astraea-control-plane"),
+                          ("segment", "astraea-control-plane"), ("admission", "astraea-worker")):
+        assert any(line.split()[0] == name and service in line for line in tree.splitlines()), (
+            name, tree)
+    assert main(["traces", str(tmp_path / "astraea" / "traces"), "--job", "j0"]) == 0
+    assert "admission" in capsys.readouterr().out

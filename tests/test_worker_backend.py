@@ -423,3 +423,32 @@ def test_stop_ends_the_event_stream(simple_profile):
             await b.apply(Abort("a", 0))
 
     run(main())
+
+
+def test_a_host_stall_delays_reports_but_not_the_engines_timeline(simple_profile):
+    """The event loop wakes up long after a step was due (this process was busy sending):
+    the steps still follow one another as their durations say, so the segment takes the
+    engine time its steps cost, not the stall; the stall is recorded as lag."""
+    async def main():
+        clock = [0.0]
+        b = SimulatedBackend(simple_profile, kv_blocks=100, time_scale=1.0,
+                             clock=lambda: clock[0])
+        await b.start()
+        events = b.events().__aiter__()
+        await b.apply(Admit("a", 0, 100, 0), SegmentInput(max_tokens=20, first_index=0))
+        while not b.engine.busy:  # the first step starts at engine time 0
+            await asyncio.sleep(0)
+        clock[0] = 500.0  # the loop runs again only 500 engine seconds later
+        b._wake()
+        seen = []
+        while not seen or not isinstance(seen[-1], SegmentFinished):
+            seen.append(await asyncio.wait_for(events.__anext__(), 2.0))
+        steps = [ev for ev in seen if isinstance(ev, StepTimed)]
+        end = seen[-1]
+        assert end.generated_tokens == 20
+        assert end.duration_s == pytest.approx(sum(s.duration_s for s in steps))
+        assert end.duration_s < 5.0
+        assert b.max_lag_s > 400.0
+        await b.stop()
+
+    run(main())

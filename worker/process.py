@@ -21,11 +21,14 @@ import asyncio
 import contextlib
 import signal
 import socket
+import time
 
 import grpc
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
 from astraea import wire
-from astraea.telemetry import get_logger, setup_service_telemetry
+from astraea.telemetry import get_logger, setup_service_telemetry, spans
 from astraea.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from control_plane.core.job import KvAction
 from control_plane.core.plan import Admit
@@ -44,6 +47,16 @@ from worker.backend import (
 log = get_logger("astraea.worker")
 
 EXIT_OK, EXIT_FAILED = 0, 1
+HEARTBEAT_INTERVAL_S = 1.0  # well under the control plane's default --worker-timeout (10 s)
+
+# The worker's span of one admission of a segment: Admit applied → segment ended, preempted
+# or aborted. A child of the control plane's ``segment`` span (Admit.trace_context).
+ADMISSION_SPAN = "admission"
+PREFILL_TOKENS, MAX_TOKENS, SWAP_IN = "astraea.prefill_tokens", "astraea.max_tokens", "astraea.swap_in"
+END_REASON = "astraea.end_reason"
+
+
+_HEARTBEAT = object()  # queued by the heartbeat task; sent only if nothing else is
 
 
 class _Failed:
@@ -64,8 +77,11 @@ def _segment_input(a: worker_pb2.Admit) -> SegmentInput:
                         prompt_token_ids=ids, context_token_ids=ctx)
 
 
-def _to_messages(items: list, worker_id: int) -> list[worker_pb2.WorkerMessage]:
-    """Backend events (in order) as stream messages, batched."""
+def _to_messages(items: list, worker_id: int,
+                 memory: worker_pb2.MemoryReport | None = None) -> list[worker_pb2.WorkerMessage]:
+    """Backend events (in order) as stream messages, batched. `memory`, if given, is sent
+    in place of the last MemoryChanged's view (the figures as of now, stamped with the last
+    plan applied)."""
     out: list[worker_pb2.WorkerMessage] = []
     tokens: dict[str, worker_pb2.JobTokens] = {}
     steps: list[common_pb2.StepTiming] = []
@@ -95,7 +111,8 @@ def _to_messages(items: list, worker_id: int) -> list[worker_pb2.WorkerMessage]:
         elif isinstance(ev, MemoryChanged):
             if i == last_memory:
                 flush_tokens()
-                out.append(worker_pb2.WorkerMessage(memory=wire.worker_view_to_proto(ev.view)))
+                out.append(worker_pb2.WorkerMessage(
+                    memory=memory if memory is not None else wire.worker_view_to_proto(ev.view)))
         elif isinstance(ev, SegmentFinished):
             flush_tokens()
             out.append(worker_pb2.WorkerMessage(segment_ended=worker_pb2.SegmentEnded(
@@ -113,11 +130,19 @@ def _to_messages(items: list, worker_id: int) -> list[worker_pb2.WorkerMessage]:
 
 
 class WorkerProcess:
-    def __init__(self, backend: Backend, name: str) -> None:
+    def __init__(self, backend: Backend, name: str, tracer: Tracer | None = None,
+                 heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S) -> None:
+        if not heartbeat_interval_s > 0:
+            raise ValueError(f"heartbeat_interval_s must be positive, got {heartbeat_interval_s}")
         self.backend = backend
         self.name = name
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self._last_write = 0.0
+        self.tracer = tracer or trace.get_tracer("astraea.worker")
+        self._spans: dict[str, Span] = {}  # job id → its open admission span
         self.worker_id = -1
         self._out: asyncio.Queue = asyncio.Queue()  # backend events, and _Failed
+        self._applied_seq = 0  # Plan.seq of the last plan applied in full
         self._shutdown: worker_pb2.Shutdown | None = None
 
     async def run(self, address: str) -> int:
@@ -152,7 +177,8 @@ class WorkerProcess:
         log.info("registered", worker_id=self.worker_id, worker_name=self.name)
         tasks = [asyncio.create_task(self._receive(call), name="receive"),
                  asyncio.create_task(self._forward(), name="forward"),
-                 asyncio.create_task(self._send(call), name="send")]
+                 asyncio.create_task(self._send(call), name="send"),
+                 asyncio.create_task(self._heartbeat(), name="heartbeat")]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
@@ -168,6 +194,8 @@ class WorkerProcess:
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
+            for job_id in list(self._spans):
+                self._end_span(job_id, "worker stopped", error=True)
 
     async def _receive(self, call) -> int:
         """Carry out plans until the control plane shuts us down or closes the stream."""
@@ -182,6 +210,7 @@ class WorkerProcess:
             if kind == "plan":
                 for pa in msg.plan.actions:
                     await self._apply(pa)
+                self._applied_seq = msg.plan.seq
             elif kind == "shutdown":
                 self._shutdown = msg.shutdown
                 log.info("shutdown requested", reason=msg.shutdown.reason,
@@ -202,20 +231,56 @@ class WorkerProcess:
         except ValueError as e:
             log.warning("bad plan action ignored", error=str(e))
             return
-        segment = _segment_input(pa.admit) if isinstance(action, Admit) else None
+        segment = None
+        if isinstance(action, Admit):
+            segment = _segment_input(pa.admit)
+            self._start_span(action, segment, pa.admit.trace_context)
+        elif isinstance(action, wire.Abort):
+            self._end_span(action.job_id, f"aborted: {action.reason}")
         try:
             await self.backend.apply(action, segment)
         except BackendError as e:
             log.warning("plan action refused", action=type(action).__name__,
                         job_id=action.job_id, error=str(e))
             if isinstance(action, Admit):
+                self._end_span(action.job_id, f"admit refused: {e}", error=True)
                 await self.backend.apply(wire.Abort(action.job_id, self.worker_id,
                                                     "admit refused"))
                 self._out.put_nowait(SegmentPreempted(action.job_id, 0, KvAction.DISCARD))
 
+    # --- admission spans -----------------------------------------------------------------
+    def _start_span(self, action: Admit, segment: SegmentInput, trace_context) -> None:
+        self._end_span(action.job_id, "admitted again")  # never leak one
+        parent = propagate.extract(dict(trace_context)) if trace_context else None
+        self._spans[action.job_id] = self.tracer.start_span(ADMISSION_SPAN, context=parent, attributes={
+            spans.JOB_ID: action.job_id, spans.WORKER_ID: self.worker_id,
+            SWAP_IN: action.swap_in, MAX_TOKENS: segment.max_tokens,
+            "astraea.new_tokens": action.new_tokens,
+            "astraea.context_tokens": action.context_tokens})
+
+    def _end_span(self, job_id: str, reason: str, error: bool = False, **attrs) -> None:
+        span = self._spans.pop(job_id, None)
+        if span is None:
+            return
+        span.set_attributes({END_REASON: reason, **attrs})
+        if error:
+            span.set_status(Status(StatusCode.ERROR, reason))
+        span.end()
+
+    def _event_ends_span(self, ev) -> None:
+        if isinstance(ev, SegmentFinished):
+            self._end_span(ev.job_id, "segment ended", **{
+                spans.TOKENS: ev.generated_tokens, PREFILL_TOKENS: ev.prefill_tokens,
+                spans.TTFT_S: ev.ttft_s})
+        elif isinstance(ev, SegmentPreempted):
+            self._end_span(ev.job_id, "preempted", **{
+                spans.TOKENS: ev.generated_tokens, spans.KV_ACTION: ev.action.value})
+
     async def _forward(self) -> None:
         try:
             async for ev in self.backend.events():
+                if isinstance(ev, SegmentFinished | SegmentPreempted):
+                    self._event_ends_span(ev)
                 self._out.put_nowait(ev)
         except BackendFailed as e:
             self._out.put_nowait(_Failed(e))
@@ -229,8 +294,20 @@ class WorkerProcess:
                 items.append(self._out.get_nowait())
             failed = next((i for i in items if isinstance(i, _Failed)), None)
             events = [i for i in items if not isinstance(i, _Failed)]
-            for msg in _to_messages(events, self.worker_id):
+            # The memory figures are taken now, with the plan they follow, both at one instant
+            # of the event loop: the control plane can tell which of its plans they include.
+            memory = None
+            if any(isinstance(e, MemoryChanged) for e in events):
+                memory = wire.worker_view_to_proto(self.backend.view())
+                memory.applied_plan_seq = self._applied_seq
+            msgs = _to_messages([e for e in events if e is not _HEARTBEAT], self.worker_id,
+                                memory)
+            if not msgs and _HEARTBEAT in events:
+                msgs = [worker_pb2.WorkerMessage(
+                    heartbeat=worker_pb2.Heartbeat(sent_unix_s=time.time()))]
+            for msg in msgs:
                 await call.write(msg)
+            self._last_write = asyncio.get_running_loop().time()
             if failed is not None:
                 # No message carries an error: closing the stream with a cancel makes the
                 # control plane drop this worker and re-queue its jobs.
@@ -238,15 +315,27 @@ class WorkerProcess:
                 call.cancel()
                 return EXIT_FAILED
 
+    async def _heartbeat(self) -> None:
+        """While nothing else is sent, one Heartbeat per interval: the control plane drops a
+        worker it has not heard from for its --worker-timeout (a hung process, a lost host)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.heartbeat_interval_s)
+            if loop.time() - self._last_write >= self.heartbeat_interval_s:
+                self._out.put_nowait(_HEARTBEAT)
+
     async def _flush(self) -> None:
         """Wait until the sender has written everything queued so far."""
         while not self._out.empty():
             await asyncio.sleep(0.01)
 
 
-async def run_worker(control_plane_address: str, backend: Backend, name: str) -> int:
+async def run_worker(control_plane_address: str, backend: Backend, name: str,
+                     tracer: Tracer | None = None,
+                     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S) -> int:
     """Run a worker until the control plane shuts it down (0) or something fails (1)."""
-    return await WorkerProcess(backend, name).run(control_plane_address)
+    return await WorkerProcess(backend, name, tracer, heartbeat_interval_s).run(
+        control_plane_address)
 
 
 def _make_backend(args: argparse.Namespace) -> Backend:
@@ -261,7 +350,8 @@ def _make_backend(args: argparse.Namespace) -> Backend:
 
 async def _main_async(args: argparse.Namespace) -> int:
     backend = _make_backend(args)
-    task = asyncio.create_task(run_worker(args.control_plane, backend, args.name))
+    task = asyncio.create_task(run_worker(args.control_plane, backend, args.name,
+                                          heartbeat_interval_s=args.heartbeat_interval))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
@@ -272,7 +362,8 @@ async def _main_async(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `astraea-worker` (tests check docker/compose.yaml against it)."""
     parser = argparse.ArgumentParser(prog="astraea-worker", description="Astraea worker")
     parser.add_argument("--control-plane", default="127.0.0.1:50051", help="host:port")
     parser.add_argument("--backend", default="sim", choices=["sim"])
@@ -282,9 +373,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-blocks", type=int, default=None,
                         help="GPU KV blocks (default: from the profile)")
     parser.add_argument("--name", default=f"{socket.gethostname()}:sim")
+    parser.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S,
+                        metavar="SECONDS",
+                        help="send a heartbeat when nothing else was sent for this long; keep "
+                             "it well under the control plane's --worker-timeout")
     parser.add_argument("--log-level", default=None,
                         help="debug … critical (default: $ASTRAEA_LOG_LEVEL or info)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.heartbeat_interval > 0:
+        parser.error("--heartbeat-interval must be positive")
     # structlog JSON lines on stderr, with the current trace's ids.
     tel = setup_service_telemetry(parser, "astraea-worker", args.log_level)
     try:

@@ -21,6 +21,10 @@ A segment ends in a tool call exactly when `next_tool_category` is non-empty (th
 workers follow that hint); pass None on the segment that gives the final answer.
 `stream_segment` yields the tokens as they arrive instead of collecting them. Every gRPC
 error is raised as `AstraeaError` carrying the status code and the server's message.
+
+Every call carries the current OpenTelemetry context (W3C ``traceparent``): start the job
+inside a span of your agent and the control plane's ``job`` trace continues it, so one trace
+holds your agent, the scheduling of its segments and their runs on the workers.
 """
 
 from astraea.client.client import (

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from astraea.telemetry.propagation import inject_metadata
 from astraea.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 
@@ -157,7 +158,8 @@ class SegmentStream:
         self.result: SegmentResult | None = None
 
     def __iter__(self) -> Iterator[TokenChunk]:
-        call = self._client._stub.RunSegment(self._request, timeout=self._client.timeout)
+        call = self._client._stub.RunSegment(self._request, timeout=self._client.timeout,
+                                              metadata=inject_metadata())
         try:
             for ev in call:
                 chunk = self._collector.feed(ev)
@@ -180,7 +182,8 @@ class AsyncSegmentStream:
         self.result: SegmentResult | None = None
 
     async def __aiter__(self) -> AsyncIterator[TokenChunk]:
-        call = self._client._stub.RunSegment(self._request, timeout=self._client.timeout)
+        call = self._client._stub.RunSegment(self._request, timeout=self._client.timeout,
+                                              metadata=inject_metadata())
         try:
             async for ev in call:
                 chunk = self._collector.feed(ev)
@@ -216,7 +219,8 @@ class AgentClient:
 
     def _unary(self, method: str, request):
         try:
-            return getattr(self._stub, method)(request, timeout=self.timeout)
+            return getattr(self._stub, method)(request, timeout=self.timeout,
+                                               metadata=inject_metadata())
         except grpc.RpcError as e:
             raise _wrap(e, method) from None
 
@@ -294,7 +298,8 @@ class AsyncAgentClient:
 
     async def _unary(self, method: str, request):
         try:
-            return await getattr(self._stub, method)(request, timeout=self.timeout)
+            return await getattr(self._stub, method)(request, timeout=self.timeout,
+                                                     metadata=inject_metadata())
         except grpc.RpcError as e:
             raise _wrap(e, method) from None
 

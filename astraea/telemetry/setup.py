@@ -44,13 +44,16 @@ class TelemetryConfig:
     `otlp_endpoint`: an OTLP/gRPC collector, e.g. ``http://127.0.0.1:4317`` (``http://`` means
     plaintext, ``https://`` TLS); None exports nothing over OTLP. `console` also prints finished
     spans to stdout. With neither, spans are still created, and dropped when they end.
-    `export_timeout_s` bounds every OTLP export, so a dead collector costs a service at most that
-    long at shutdown.
+    `span_dir` also appends every finished span, one JSON object per line, to
+    ``<span_dir>/<service_name>-<pid>.jsonl`` (read them with `astraea traces`): traces without
+    a collector. `export_timeout_s` bounds every OTLP export, so a dead collector costs a
+    service at most that long at shutdown.
     """
 
     service_name: str
     otlp_endpoint: str | None = None
     console: bool = False
+    span_dir: str | None = None
     log_level: str = "info"
     json_logs: bool = True
     export_timeout_s: float = 10.0
@@ -74,8 +77,9 @@ class TelemetryConfig:
     def from_env(cls, service_name: str, env: Mapping[str, str] | None = None,
                  **overrides) -> TelemetryConfig:
         """Read OTEL_EXPORTER_OTLP_ENDPOINT (empty or unset: no OTLP), ASTRAEA_TELEMETRY_CONSOLE
-        (1/true/yes/on) and ASTRAEA_LOG_LEVEL (debug … critical, default info); keyword
-        `overrides` win over the environment."""
+        (1/true/yes/on), ASTRAEA_TELEMETRY_SPAN_DIR (a directory for span files) and
+        ASTRAEA_LOG_LEVEL (debug … critical, default info); keyword `overrides` win over the
+        environment."""
         env = os.environ if env is None else env
         console_raw = env.get("ASTRAEA_TELEMETRY_CONSOLE", "").strip().lower()
         if console_raw not in _TRUE | _FALSE:
@@ -84,6 +88,7 @@ class TelemetryConfig:
         values = {
             "otlp_endpoint": env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or None,
             "console": console_raw in _TRUE,
+            "span_dir": env.get("ASTRAEA_TELEMETRY_SPAN_DIR", "").strip() or None,
             "log_level": env.get("ASTRAEA_LOG_LEVEL", "").strip() or "info",
         }
         values.update(overrides)
@@ -161,6 +166,9 @@ def setup_telemetry(config: TelemetryConfig, *, install_global: bool = False,
     if config.console:
         # sys.stdout as it is now (the exporter's default is the one at import time).
         processors.append(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stdout)))
+    if config.span_dir:
+        processors.append(BatchSpanProcessor(_span_file_exporter(config),
+                                             export_timeout_millis=timeout_ms))
     for processor in processors:
         tracer_provider.add_span_processor(processor)
     meter_provider = MeterProvider(resource=resource, metric_readers=readers,
@@ -180,6 +188,17 @@ def setup_telemetry(config: TelemetryConfig, *, install_global: bool = False,
 
         configure_logging(level=config.log_level, json=config.json_logs)
     return tel
+
+
+def _span_file_exporter(config: TelemetryConfig) -> ConsoleSpanExporter:
+    """JSON lines, one file per process (several processes never interleave a line)."""
+    try:
+        os.makedirs(config.span_dir, exist_ok=True)
+        path = os.path.join(config.span_dir, f"{config.service_name}-{os.getpid()}.jsonl")
+        out = open(path, "a", encoding="utf-8")  # noqa: SIM115 — lives as long as the process
+    except OSError as e:
+        raise TelemetryConfigError(f"span_dir {config.span_dir!r}: {e.strerror or e}") from e
+    return ConsoleSpanExporter(out=out, formatter=lambda span: span.to_json(indent=None) + "\n")
 
 
 def setup_service_telemetry(parser: argparse.ArgumentParser, service_name: str,

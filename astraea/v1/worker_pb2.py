@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from astraea.v1 import common_pb2 as astraea_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61straea/v1/worker.proto\x12\nastraea.v1\x1a\x17\x61straea/v1/common.proto\"\xd0\x02\n\rWorkerMessage\x12(\n\x08register\x18\x01 \x01(\x0b\x32\x14.astraea.v1.RegisterH\x00\x12-\n\x0bstep_report\x18\x02 \x01(\x0b\x32\x16.astraea.v1.StepReportH\x00\x12\x31\n\rsegment_ended\x18\x03 \x01(\x0b\x32\x18.astraea.v1.SegmentEndedH\x00\x12*\n\tpreempted\x18\x04 \x01(\x0b\x32\x15.astraea.v1.PreemptedH\x00\x12*\n\x06memory\x18\x05 \x01(\x0b\x32\x18.astraea.v1.MemoryReportH\x00\x12(\n\x06tokens\x18\x06 \x01(\x0b\x32\x16.astraea.v1.TokenBatchH\x00\x12*\n\theartbeat\x18\x07 \x01(\x0b\x32\x15.astraea.v1.HeartbeatH\x00\x42\x05\n\x03msg\"\xd5\x01\n\x08Register\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x1a\n\x12kv_capacity_blocks\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x18\n\x10host_swap_blocks\x18\x06 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x07 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x08 \x01(\r\x12\x14\n\x0cprofile_name\x18\t \x01(\t\"3\n\nStepReport\x12%\n\x05steps\x18\x01 \x03(\x0b\x32\x16.astraea.v1.StepTiming\"\xb8\x01\n\x0cSegmentEnded\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x16\n\x0eprefill_tokens\x18\x03 \x01(\r\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.astraea.v1.FinishReason\x12\x0e\n\x06ttft_s\x18\x06 \x01(\x01\x12\x12\n\nduration_s\x18\x07 \x01(\x01\"[\n\tPreempted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12$\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x14.astraea.v1.KvAction\"\xf5\x01\n\x0cMemoryReport\x12\x14\n\x0ctotal_blocks\x18\x01 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x18\n\x10host_free_blocks\x18\x04 \x01(\r\x12\x14\n\x0crunning_seqs\x18\x05 \x01(\r\x12\x10\n\x08max_seqs\x18\x06 \x01(\r\x12\x1e\n\x16running_context_tokens\x18\x07 \x01(\x04\x12\x13\n\x0bstep_time_s\x18\x08 \x01(\x01\x12\x12\n\nstep_index\x18\t \x01(\x04\x12\x1b\n\x13swapping_out_blocks\x18\n \x01(\r\"1\n\nTokenBatch\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.astraea.v1.JobTokens\"Q\n\tJobTokens\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\" \n\tHeartbeat\x12\x13\n\x0bsent_unix_s\x18\x01 \x01(\x01\"\x91\x01\n\x0e\x43ontrolMessage\x12,\n\nregistered\x18\x01 \x01(\x0b\x32\x16.astraea.v1.RegisteredH\x00\x12 \n\x04plan\x18\x02 \x01(\x0b\x32\x10.astraea.v1.PlanH\x00\x12(\n\x08shutdown\x18\x03 \x01(\x0b\x32\x14.astraea.v1.ShutdownH\x00\x42\x05\n\x03msg\"\x1f\n\nRegistered\x12\x11\n\tworker_id\x18\x01 \x01(\r\"/\n\x04Plan\x12\'\n\x07\x61\x63tions\x18\x01 \x03(\x0b\x32\x16.astraea.v1.PlanAction\"\xce\x01\n\nPlanAction\x12\"\n\x05\x61\x64mit\x18\x01 \x01(\x0b\x32\x11.astraea.v1.AdmitH\x00\x12\"\n\x05pause\x18\x02 \x01(\x0b\x32\x11.astraea.v1.PauseH\x00\x12\"\n\x05\x65vict\x18\x03 \x01(\x0b\x32\x11.astraea.v1.EvictH\x00\x12&\n\x07preempt\x18\x04 \x01(\x0b\x32\x13.astraea.v1.PreemptH\x00\x12\"\n\x05\x61\x62ort\x18\x05 \x01(\x0b\x32\x11.astraea.v1.AbortH\x00\x42\x08\n\x06\x61\x63tion\"\xac\x02\n\x05\x41\x64mit\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nnew_tokens\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\x04\x12\x0f\n\x07swap_in\x18\x04 \x01(\x08\x12\x10\n\x08priority\x18\x05 \x01(\x01\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12,\n\x08sampling\x18\x07 \x01(\x0b\x32\x1a.astraea.v1.SamplingParams\x12\x15\n\x0bprompt_text\x18\x08 \x01(\tH\x00\x12\x30\n\x10prompt_token_ids\x18\t \x01(\x0b\x32\x14.astraea.v1.TokenIdsH\x00\x12/\n\x11\x63ontext_token_ids\x18\n \x01(\x0b\x32\x14.astraea.v1.TokenIdsB\x08\n\x06prompt\"=\n\x05Pause\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x14.astraea.v1.KvAction\"=\n\x05\x45vict\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x14.astraea.v1.KvAction\"?\n\x07Preempt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x14.astraea.v1.KvAction\"\'\n\x05\x41\x62ort\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\")\n\x08Shutdown\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x64rain\x18\x02 \x01(\x08\x32U\n\rWorkerService\x12\x44\n\x07\x43onnect\x12\x19.astraea.v1.WorkerMessage\x1a\x1a.astraea.v1.ControlMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61straea/v1/worker.proto\x12\nastraea.v1\x1a\x17\x61straea/v1/common.proto\"\xd0\x02\n\rWorkerMessage\x12(\n\x08register\x18\x01 \x01(\x0b\x32\x14.astraea.v1.RegisterH\x00\x12-\n\x0bstep_report\x18\x02 \x01(\x0b\x32\x16.astraea.v1.StepReportH\x00\x12\x31\n\rsegment_ended\x18\x03 \x01(\x0b\x32\x18.astraea.v1.SegmentEndedH\x00\x12*\n\tpreempted\x18\x04 \x01(\x0b\x32\x15.astraea.v1.PreemptedH\x00\x12*\n\x06memory\x18\x05 \x01(\x0b\x32\x18.astraea.v1.MemoryReportH\x00\x12(\n\x06tokens\x18\x06 \x01(\x0b\x32\x16.astraea.v1.TokenBatchH\x00\x12*\n\theartbeat\x18\x07 \x01(\x0b\x32\x15.astraea.v1.HeartbeatH\x00\x42\x05\n\x03msg\"\xd5\x01\n\x08Register\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x1a\n\x12kv_capacity_blocks\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x18\n\x10host_swap_blocks\x18\x06 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x07 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x08 \x01(\r\x12\x14\n\x0cprofile_name\x18\t \x01(\t\"3\n\nStepReport\x12%\n\x05steps\x18\x01 \x03(\x0b\x32\x16.astraea.v1.StepTiming\"\xb8\x01\n\x0cSegmentEnded\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x16\n\x0eprefill_tokens\x18\x03 \x01(\r\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.astraea.v1.FinishReason\x12\x0e\n\x06ttft_s\x18\x06 \x01(\x01\x12\x12\n\nduration_s\x18\x07 \x01(\x01\"[\n\tPreempted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12$\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x14.astraea.v1.KvAction\"\x8f\x02\n\x0cMemoryReport\x12\x14\n\x0ctotal_blocks\x18\x01 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x18\n\x10host_free_blocks\x18\x04 \x01(\r\x12\x14\n\x0crunning_seqs\x18\x05 \x01(\r\x12\x10\n\x08max_seqs\x18\x06 \x01(\r\x12\x1e\n\x16running_context_tokens\x18\x07 \x01(\x04\x12\x13\n\x0bstep_time_s\x18\x08 \x01(\x01\x12\x12\n\nstep_index\x18\t \x01(\x04\x12\x1b\n\x13swapping_out_blocks\x18\n \x01(\r\x12\x18\n\x10\x61pplied_plan_seq\x18\x0b \x01(\x04\"1\n\nTokenBatch\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.astraea.v1.JobTokens\"Q\n\tJobTokens\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\" \n\tHeartbeat\x12\x13\n\x0bsent_unix_s\x18\x01 \x01(\x01\"\x91\x01\n\x0e\x43ontrolMessage\x12,\n\nregistered\x18\x01 \x01(\x0b\x32\x16.astraea.v1.RegisteredH\x00\x12 \n\x04plan\x18\x02 \x01(\x0b\x32\x10.astraea.v1.PlanH\x00\x12(\n\x08shutdown\x18\x03 \x01(\x0b\x32\x14.astraea.v1.ShutdownH\x00\x42\x05\n\x03msg\"\x1f\n\nRegistered\x12\x11\n\tworker_id\x18\x01 \x01(\r\"<\n\x04Plan\x12\'\n\x07\x61\x63tions\x18\x01 \x03(\x0b\x32\x16.astraea.v1.PlanAction\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\xce\x01\n\nPlanAction\x12\"\n\x05\x61\x64mit\x18\x01 \x01(\x0b\x32\x11.astraea.v1.AdmitH\x00\x12\"\n\x05pause\x18\x02 \x01(\x0b\x32\x11.astraea.v1.PauseH\x00\x12\"\n\x05\x65vict\x18\x03 \x01(\x0b\x32\x11.astraea.v1.EvictH\x00\x12&\n\x07preempt\x18\x04 \x01(\x0b\x32\x13.astraea.v1.PreemptH\x00\x12\"\n\x05\x61\x62ort\x18\x05 \x01(\x0b\x32\x11.astraea.v1.AbortH\x00\x42\x08\n\x06\x61\x63tion\"\x9d\x03\n\x05\x41\x64mit\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nnew_tokens\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\x04\x12\x0f\n\x07swap_in\x18\x04 \x01(\x08\x12\x10\n\x08priority\x18\x05 \x01(\x01\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12,\n\x08sampling\x18\x07 \x01(\x0b\x32\x1a.astraea.v1.SamplingParams\x12\x15\n\x0bprompt_text\x18\x08 \x01(\tH\x00\x12\x30\n\x10prompt_token_ids\x18\t \x01(\x0b\x32\x14.astraea.v1.TokenIdsH\x00\x12/\n\x11\x63ontext_token_ids\x18\n \x01(\x0b\x32\x14.astraea.v1.TokenIds\x12:\n\rtrace_context\x18\x0b \x03(\x0b\x32#.astraea.v1.Admit.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06prompt\"=\n\x05Pause\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x14.astraea.v1.KvAction\"=\n\x05\x45vict\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x14.astraea.v1.KvAction\"?\n\x07Preempt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x14.astraea.v1.KvAction\"\'\n\x05\x41\x62ort\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\")\n\x08Shutdown\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x64rain\x18\x02 \x01(\x08\x32U\n\rWorkerService\x12\x44\n\x07\x43onnect\x12\x19.astraea.v1.WorkerMessage\x1a\x1a.astraea.v1.ControlMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'astraea.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ADMIT_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_ADMIT_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_WORKERMESSAGE']._serialized_start=65
   _globals['_WORKERMESSAGE']._serialized_end=401
   _globals['_REGISTER']._serialized_start=404
@@ -43,33 +45,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREEMPTED']._serialized_start=859
   _globals['_PREEMPTED']._serialized_end=950
   _globals['_MEMORYREPORT']._serialized_start=953
-  _globals['_MEMORYREPORT']._serialized_end=1198
-  _globals['_TOKENBATCH']._serialized_start=1200
-  _globals['_TOKENBATCH']._serialized_end=1249
-  _globals['_JOBTOKENS']._serialized_start=1251
-  _globals['_JOBTOKENS']._serialized_end=1332
-  _globals['_HEARTBEAT']._serialized_start=1334
-  _globals['_HEARTBEAT']._serialized_end=1366
-  _globals['_CONTROLMESSAGE']._serialized_start=1369
-  _globals['_CONTROLMESSAGE']._serialized_end=1514
-  _globals['_REGISTERED']._serialized_start=1516
-  _globals['_REGISTERED']._serialized_end=1547
-  _globals['_PLAN']._serialized_start=1549
-  _globals['_PLAN']._serialized_end=1596
-  _globals['_PLANACTION']._serialized_start=1599
-  _globals['_PLANACTION']._serialized_end=1805
-  _globals['_ADMIT']._serialized_start=1808
-  _globals['_ADMIT']._serialized_end=2108
-  _globals['_PAUSE']._serialized_start=2110
-  _globals['_PAUSE']._serialized_end=2171
-  _globals['_EVICT']._serialized_start=2173
-  _globals['_EVICT']._serialized_end=2234
-  _globals['_PREEMPT']._serialized_start=2236
-  _globals['_PREEMPT']._serialized_end=2299
-  _globals['_ABORT']._serialized_start=2301
-  _globals['_ABORT']._serialized_end=2340
-  _globals['_SHUTDOWN']._serialized_start=2342
-  _globals['_SHUTDOWN']._serialized_end=2383
-  _globals['_WORKERSERVICE']._serialized_start=2385
-  _globals['_WORKERSERVICE']._serialized_end=2470
+  _globals['_MEMORYREPORT']._serialized_end=1224
+  _globals['_TOKENBATCH']._serialized_start=1226
+  _globals['_TOKENBATCH']._serialized_end=1275
+  _globals['_JOBTOKENS']._serialized_start=1277
+  _globals['_JOBTOKENS']._serialized_end=1358
+  _globals['_HEARTBEAT']._serialized_start=1360
+  _globals['_HEARTBEAT']._serialized_end=1392
+  _globals['_CONTROLMESSAGE']._serialized_start=1395
+  _globals['_CONTROLMESSAGE']._serialized_end=1540
+  _globals['_REGISTERED']._serialized_start=1542
+  _globals['_REGISTERED']._serialized_end=1573
+  _globals['_PLAN']._serialized_start=1575
+  _globals['_PLAN']._serialized_end=1635
+  _globals['_PLANACTION']._serialized_start=1638
+  _globals['_PLANACTION']._serialized_end=1844
+  _globals['_ADMIT']._serialized_start=1847
+  _globals['_ADMIT']._serialized_end=2260
+  _globals['_ADMIT_TRACECONTEXTENTRY']._serialized_start=2199
+  _globals['_ADMIT_TRACECONTEXTENTRY']._serialized_end=2250
+  _globals['_PAUSE']._serialized_start=2262
+  _globals['_PAUSE']._serialized_end=2323
+  _globals['_EVICT']._serialized_start=2325
+  _globals['_EVICT']._serialized_end=2386
+  _globals['_PREEMPT']._serialized_start=2388
+  _globals['_PREEMPT']._serialized_end=2451
+  _globals['_ABORT']._serialized_start=2453
+  _globals['_ABORT']._serialized_end=2492
+  _globals['_SHUTDOWN']._serialized_start=2494
+  _globals['_SHUTDOWN']._serialized_end=2535
+  _globals['_WORKERSERVICE']._serialized_start=2537
+  _globals['_WORKERSERVICE']._serialized_end=2622
 # @@protoc_insertion_point(module_scope)

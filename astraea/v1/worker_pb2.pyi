@@ -82,7 +82,7 @@ class Preempted(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., generated_tokens: _Optional[int] = ..., action: _Optional[_Union[_common_pb2.KvAction, str]] = ...) -> None: ...
 
 class MemoryReport(_message.Message):
-    __slots__ = ("total_blocks", "free_blocks", "block_size", "host_free_blocks", "running_seqs", "max_seqs", "running_context_tokens", "step_time_s", "step_index", "swapping_out_blocks")
+    __slots__ = ("total_blocks", "free_blocks", "block_size", "host_free_blocks", "running_seqs", "max_seqs", "running_context_tokens", "step_time_s", "step_index", "swapping_out_blocks", "applied_plan_seq")
     TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class MemoryReport(_message.Message):
     STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
     STEP_INDEX_FIELD_NUMBER: _ClassVar[int]
     SWAPPING_OUT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_PLAN_SEQ_FIELD_NUMBER: _ClassVar[int]
     total_blocks: int
     free_blocks: int
     block_size: int
@@ -103,7 +104,8 @@ class MemoryReport(_message.Message):
     step_time_s: float
     step_index: int
     swapping_out_blocks: int
-    def __init__(self, total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., host_free_blocks: _Optional[int] = ..., running_seqs: _Optional[int] = ..., max_seqs: _Optional[int] = ..., running_context_tokens: _Optional[int] = ..., step_time_s: _Optional[float] = ..., step_index: _Optional[int] = ..., swapping_out_blocks: _Optional[int] = ...) -> None: ...
+    applied_plan_seq: int
+    def __init__(self, total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., host_free_blocks: _Optional[int] = ..., running_seqs: _Optional[int] = ..., max_seqs: _Optional[int] = ..., running_context_tokens: _Optional[int] = ..., step_time_s: _Optional[float] = ..., step_index: _Optional[int] = ..., swapping_out_blocks: _Optional[int] = ..., applied_plan_seq: _Optional[int] = ...) -> None: ...
 
 class TokenBatch(_message.Message):
     __slots__ = ("jobs",)
@@ -146,10 +148,12 @@ class Registered(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("actions",)
+    __slots__ = ("actions", "seq")
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     actions: _containers.RepeatedCompositeFieldContainer[PlanAction]
-    def __init__(self, actions: _Optional[_Iterable[_Union[PlanAction, _Mapping]]] = ...) -> None: ...
+    seq: int
+    def __init__(self, actions: _Optional[_Iterable[_Union[PlanAction, _Mapping]]] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class PlanAction(_message.Message):
     __slots__ = ("admit", "pause", "evict", "preempt", "abort")
@@ -166,7 +170,14 @@ class PlanAction(_message.Message):
     def __init__(self, admit: _Optional[_Union[Admit, _Mapping]] = ..., pause: _Optional[_Union[Pause, _Mapping]] = ..., evict: _Optional[_Union[Evict, _Mapping]] = ..., preempt: _Optional[_Union[Preempt, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ...) -> None: ...
 
 class Admit(_message.Message):
-    __slots__ = ("job_id", "new_tokens", "context_tokens", "swap_in", "priority", "max_tokens", "sampling", "prompt_text", "prompt_token_ids", "context_token_ids")
+    __slots__ = ("job_id", "new_tokens", "context_tokens", "swap_in", "priority", "max_tokens", "sampling", "prompt_text", "prompt_token_ids", "context_token_ids", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +188,7 @@ class Admit(_message.Message):
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     new_tokens: int
     context_tokens: int
@@ -187,7 +199,8 @@ class Admit(_message.Message):
     prompt_text: str
     prompt_token_ids: _common_pb2.TokenIds
     context_token_ids: _common_pb2.TokenIds
-    def __init__(self, job_id: _Optional[str] = ..., new_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ..., swap_in: _Optional[bool] = ..., priority: _Optional[float] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., context_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, job_id: _Optional[str] = ..., new_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ..., swap_in: _Optional[bool] = ..., priority: _Optional[float] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., context_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Pause(_message.Message):
     __slots__ = ("job_id", "action")

@@ -287,6 +287,9 @@ class Scheduler:
         return view, need
 
     def _admit(self, job: Job, now: float, view: WorkerView, need: int) -> Admit:
+        ratio = getattr(self.discipline, "response_ratio", None)
+        if ratio is not None:  # for traces: the HRRN score the job was admitted with
+            job.extra["response_ratio"] = ratio(job, now)
         self.discipline.remove(job)
         self.resident_ready.get(view.worker_id, {}).pop(job.job_id, None)
         swap_in = job.kv_state is KvState.SWAPPED

@@ -13,8 +13,9 @@ import time
 import uuid
 
 import grpc
+from opentelemetry import trace
 
-from astraea.telemetry import get_logger
+from astraea.telemetry import extract_context, get_logger
 from astraea.v1 import agent_pb2, agent_pb2_grpc
 from control_plane.core.job import JobState
 from control_plane.service import validation
@@ -38,6 +39,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     # --- StartJob ---------------------------------------------------------------------------
     async def StartJob(self, request, context):
+        self.cp.stats.events["start_job"] += 1
         cfg = self.cp.config
         try:
             validation.check_id(request.job_id, "job_id", cfg)
@@ -49,11 +51,15 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"job id {job_id!r} already exists")
         job = self.cp.scheduler.job_arrived(job_id, self.cp.now(), request.category or "unknown")
         self.cp.registry.jobs[job_id] = JobEntry(job=job, arrival_unix_s=time.time())
-        log.info("job started", job_id=job_id, category=job.category)
+        # The job's trace continues the caller's, when it sent one.
+        self.cp.tracing.job_started(job, extract_context(context))
+        log.info("job started", job_id=job_id, category=job.category,
+                 trace_id=self.cp.tracing.trace_id(job_id))
         return agent_pb2.StartJobResponse(job_id=job_id)
 
     # --- RunSegment -------------------------------------------------------------------------
     async def RunSegment(self, request, context):
+        self.cp.stats.events["run_segment"] += 1
         entry = await self._entry(request.job_id, context)
         seg = await self._submit(entry, request, context)
         try:
@@ -66,7 +72,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     return
         finally:
             if not seg.done:  # the client went away (or the call was cancelled) mid-segment
-                self.cp.finish_job(entry, "client disconnected mid-segment", cancel=True)
+                self.cp.finish_job(entry, "client disconnected mid-segment", cancel=True,
+                                   error=True)
 
     async def _submit(self, entry: JobEntry, request, context) -> Segment:
         job, cfg = entry.job, self.cp.config
@@ -89,7 +96,16 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         hint = request.next_tool_category or None
         now = self.cp.now()
         wait_before = job.waiting_s
-        self.cp.scheduler.segment_submitted(job.job_id, now, new_tokens, hint)
+        observed_api = now - job.api_start_s if job.state is JobState.API_WAIT else None
+        api_span = self.cp.tracing.api_wait_span(job.job_id)
+        if api_span is not None:
+            # Current while the core learns the API duration: the predictor link ties the
+            # observation it forwards to this span.
+            with trace.use_span(api_span, end_on_exit=False):
+                self.cp.scheduler.segment_submitted(job.job_id, now, new_tokens, hint)
+        else:
+            self.cp.scheduler.segment_submitted(job.job_id, now, new_tokens, hint)
+        self.cp.tracing.segment_submitted(job, job.segment_index, observed_api)
         entry.tool_started_s = None
         seg = Segment(index=job.segment_index, new_tokens=new_tokens,
                       max_tokens=sampling.max_tokens, sampling=sampling, request=request,
@@ -101,6 +117,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     # --- tool calls, end, cancel, status --------------------------------------------------
     async def ReportToolCall(self, request, context):
+        self.cp.stats.events["tool_call"] += 1
         entry = await self._entry(request.job_id, context)
         job = entry.job
         try:
@@ -118,6 +135,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                                 f"job {job.job_id!r} is {job.state.value}: a tool call follows "
                                 "a segment that ended with TOOL_CALL")
         now = self.cp.now()
+        self.cp.tracing.tool_reported(
+            job.job_id, "start" if request.phase == agent_pb2.TOOL_CALL_PHASE_START else "end",
+            request.category)
         if request.phase == agent_pb2.TOOL_CALL_PHASE_START:
             entry.tool_started_s = now
             if request.category:
@@ -132,6 +152,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return agent_pb2.ReportToolCallResponse(observed_duration_s=observed)
 
     async def EndJob(self, request, context):
+        self.cp.stats.events["end_job"] += 1
         entry = await self._entry(request.job_id, context)
         job = entry.job
         if job.state in (JobState.READY, JobState.RUNNING):

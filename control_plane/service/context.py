@@ -12,13 +12,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import metrics as otel_metrics
+from opentelemetry.trace import Tracer
 
 from astraea import wire
-from astraea.telemetry import get_logger
+from astraea.telemetry import Metrics, get_logger
 from astraea.v1 import agent_pb2, worker_pb2
 from control_plane.core.job import Job, JobState
 from control_plane.core.scheduler import Scheduler
 from control_plane.service.registry import JobEntry, Registry, SegmentClosed
+from control_plane.service.stats import ServiceStats
+from control_plane.service.tracing import JobTracing
 
 log = get_logger("astraea.control_plane")
 
@@ -37,15 +41,27 @@ class ServiceConfig:
     max_stop_chars: int = 256
     max_temperature: float = 2.0  # OpenAI's range; above it sampling is noise
     max_id_chars: int = 256  # job ids and categories
+    # A worker silent this long (wall seconds; workers send a heartbeat every second when
+    # idle) is dropped and its jobs re-queued; 0 never drops one.
+    worker_timeout_s: float = 10.0
 
 
 class ControlPlane:
-    def __init__(self, scheduler: Scheduler, config: ServiceConfig) -> None:
+    def __init__(self, scheduler: Scheduler, config: ServiceConfig, *, policy: str = "",
+                 tracer: Tracer | None = None, metrics: Metrics | None = None) -> None:
         if not config.time_scale > 0:
             raise ValueError(f"time_scale must be positive, got {config.time_scale}")
         self.scheduler = scheduler
         self.config = config
+        self.policy = policy
         self.registry = Registry()
+        self.tracing = JobTracing(tracer, policy or None)
+        scheduler.on_decision = self.tracing.kv_decision
+        self.metrics = metrics or Metrics(otel_metrics.get_meter("astraea"))
+        self.metrics.set_queue_length_source(
+            lambda: dict(enumerate(self.scheduler.queue_lengths())))
+        self.metrics.set_kv_utilization_source(self._kv_utilization)
+        self.stats = ServiceStats()  # event counts and plan latencies (bench-service)
         self._origin = time.monotonic()
         self._mark_dirty = lambda: None  # set by the planner
 
@@ -61,18 +77,24 @@ class ControlPlane:
         if observe is not None:
             observe(steps)
 
+    def _kv_utilization(self) -> dict[int, float]:
+        return {w: 1.0 - e.view.free_blocks / e.view.total_blocks
+                for w, e in self.registry.workers.items() if e.view.total_blocks}
+
     def mark_dirty(self) -> None:
         """Something the plan depends on changed: the planner will run."""
         self._mark_dirty()
 
     # --- to workers -----------------------------------------------------------------------
-    def send(self, worker_id: int, actions: Iterable[worker_pb2.PlanAction]) -> bool:
-        """Queue actions (already protos) for a worker; False if it is not connected."""
+    def send(self, worker_id: int, actions: Iterable[worker_pb2.PlanAction],
+             change: tuple[int, ...] | None = None) -> bool:
+        """Queue actions (already protos) for a worker as one plan; False if it is not
+        connected. `change`: what the plan did to the worker's view (see WorkerEntry)."""
         entry = self.registry.workers.get(worker_id)
         actions = list(actions)
         if entry is None or not actions:
             return False
-        entry.outbound.put_nowait(worker_pb2.ControlMessage(plan=worker_pb2.Plan(actions=actions)))
+        entry.outbound.put_nowait(entry.next_plan(actions, change))
         return True
 
     def abort_on_worker(self, job: Job, reason: str) -> None:
@@ -83,9 +105,11 @@ class ControlPlane:
                 wire.Abort(job.job_id, job.worker_id, reason))])
 
     # --- job lifecycle --------------------------------------------------------------------
-    def finish_job(self, entry: JobEntry, reason: str, cancel: bool) -> None:
+    def finish_job(self, entry: JobEntry, reason: str, cancel: bool,
+                   error: bool = False) -> None:
         """The job is over: end it in the core (`cancel`: it has not ended there yet), free
-        its worker's memory, close a RunSegment still streaming, and drop it from the core."""
+        its worker's memory, close a RunSegment still streaming, and drop it from the core.
+        `error`: it ended abnormally (its trace's root span gets an error status)."""
         job = entry.job
         if cancel and job.state is not JobState.FINISHED:
             self.scheduler.job_cancelled(job.job_id, self.now())
@@ -97,8 +121,11 @@ class ControlPlane:
         entry.finished_unix_s = time.time()
         self.scheduler.forget_finished(job.job_id)
         self.mark_dirty()
-        log.info("job finished", job_id=job.job_id, reason=reason,
-                 jct_s=(job.finished_s or 0.0) - job.arrival_s)
+        jct = (job.finished_s or 0.0) - job.arrival_s
+        trace_id = self.tracing.trace_id(job.job_id)
+        self.tracing.job_finished(job, reason, jct, error)
+        self.metrics.record_jct(jct, policy=self.policy, category=job.category)
+        log.info("job finished", job_id=job.job_id, reason=reason, jct_s=jct, trace_id=trace_id)
 
     def job_status(self, entry: JobEntry) -> agent_pb2.JobStatus:
         job = entry.job
@@ -116,6 +143,23 @@ class ControlPlane:
         return status
 
     # --- worker loss ----------------------------------------------------------------------
+    def drop_silent_workers(self, now: float) -> list[int]:
+        """Drop every worker whose last message is older than `config.worker_timeout_s` at
+        `now` (time.monotonic(); a hung process, or a lost host whose connection lingers)."""
+        timeout = self.config.worker_timeout_s
+        if not timeout > 0:
+            return []
+        silent = [w for w, e in self.registry.workers.items() if now - e.last_seen > timeout]
+        for w in silent:
+            entry = self.registry.workers[w]
+            entry.drop_reason = (f"worker {w} ({entry.name}) sent nothing for "
+                                 f"{now - entry.last_seen:.1f} s (timeout {timeout:g} s): dropped")
+            log.warning("worker silent, dropping it", worker_id=w, worker_name=entry.name,
+                        silent_s=round(now - entry.last_seen, 2), timeout_s=timeout)
+            self.worker_lost(w)
+        return silent
+
+
     def worker_lost(self, worker_id: int, expected: bool = False) -> None:
         """The worker's stream closed: all KV it held is gone. Running segments are re-queued
         as preempted with a discard (the tokens already streamed count as generated), kept

@@ -9,13 +9,15 @@ planner dirty; several events before it runs give one plan.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 
 from astraea import wire
-from astraea.telemetry import get_logger
+from astraea.telemetry import build_batch_span, get_logger, record_plan
 from astraea.v1 import worker_pb2
 from control_plane.core.plan import Admit
 from control_plane.service.context import ControlPlane
+from control_plane.service.registry import view_counters
 
 log = get_logger("astraea.control_plane.planner")
 
@@ -24,8 +26,16 @@ class Planner:
     def __init__(self, cp: ControlPlane) -> None:
         self.cp = cp
         self._dirty = asyncio.Event()
-        cp._mark_dirty = self._dirty.set
+        cp._mark_dirty = self._mark_dirty
         self.plans = 0  # plans built (for tests and logs)
+        self._dirty_since: float | None = None  # perf_counter of the first event since a plan
+        self.last_build_s: float | None = None  # build_plan wall time of the last plan_once
+        self.last_actions = 0
+
+    def _mark_dirty(self) -> None:
+        if self._dirty_since is None:
+            self._dirty_since = time.perf_counter()
+        self._dirty.set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -40,11 +50,15 @@ class Planner:
                 pass
             await asyncio.sleep(0)  # let the reports of this instant land before planning
             self._dirty.clear()
+            since, self._dirty_since = self._dirty_since, None
             started = loop.time()
             try:
                 self.plan_once()
             except Exception:  # a bug in one plan must not stop planning for good
                 log.exception("build_plan failed")
+            if since is not None and self.last_build_s is not None:  # caused by an event
+                self.cp.stats.record_plan(time.perf_counter() - since, self.last_build_s,
+                                          self.last_actions)
             took = loop.time() - started
             if took > 0.05:
                 log.warning("slow plan", seconds=round(took, 4))
@@ -52,10 +66,17 @@ class Planner:
     def plan_once(self) -> None:
         """Build a plan and queue each worker's part on its stream (synchronous: atomic)."""
         cp = self.cp
+        self.last_build_s = None
         views = cp.registry.views()
         if not views:
             return
-        actions = cp.scheduler.build_plan(cp.now(), views)
+        before = {w: view_counters(v) for w, v in views.items()}
+        with build_batch_span(cp.tracing.tracer, cp.scheduler.queue_lengths()) as span:
+            t0 = time.perf_counter()
+            actions = cp.scheduler.build_plan(cp.now(), views)
+            self.last_build_s, self.last_actions = time.perf_counter() - t0, len(actions)
+            record_plan(span, actions)
+        cp.metrics.record_decision_latency(1000 * self.last_build_s, kind="build_plan")
         self.plans += 1
         per_worker: dict[int, list[worker_pb2.PlanAction]] = defaultdict(list)
         for action in actions:
@@ -64,7 +85,8 @@ class Planner:
                 self._fill_admit(action, msg.admit)
             per_worker[action.worker_id].append(msg)
         for worker_id, msgs in per_worker.items():
-            cp.send(worker_id, msgs)
+            after = view_counters(views[worker_id])
+            cp.send(worker_id, msgs, tuple(a - b for a, b in zip(after, before[worker_id])))
 
     def _fill_admit(self, action: Admit, admit: worker_pb2.Admit) -> None:
         """The segment's input, which the core's Admit does not carry: what is left of the
@@ -72,6 +94,8 @@ class Planner:
         preemption the worker or the recomputation already has it)."""
         entry = self.cp.registry.jobs[action.job_id]
         seg = entry.segment
+        admit.trace_context.update(
+            self.cp.tracing.segment_admitted(entry.job, action.worker_id, action.swap_in))
         admit.max_tokens = seg.max_tokens - seg.generated
         admit.sampling.CopyFrom(seg.sampling)
         # The worker derives the admission's first token index from

@@ -39,8 +39,10 @@ from collections.abc import Iterable
 
 import grpc
 from opentelemetry import metrics as otel_metrics
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanContext, SpanKind, Tracer
 
-from astraea.telemetry import Metrics, get_logger
+from astraea.telemetry import Metrics, get_logger, inject_metadata
 from astraea.v1 import common_pb2, predictor_pb2, predictor_pb2_grpc
 from control_plane.core.job import Job
 from predictor_svc.estimators import OnlineEstimator
@@ -51,6 +53,10 @@ DEFAULT_TIMEOUT_S = 0.2
 MAX_BATCH = 1000  # observations per Observe call (the predictor accepts up to 10,000)
 MAX_CATEGORIES = 1000  # categories refreshed per Estimate call (two requests each)
 UNKNOWN_CATEGORY = "unknown"
+# Links per Observe span to the spans whose observations it carries (OTel SDKs keep 128).
+MAX_LINKS = 128
+OBSERVE_SPAN, ESTIMATE_SPAN = "predictor.observe", "predictor.estimate"
+OBSERVATIONS = "astraea.predictor.observations"
 
 # Reconnect quickly after an outage (gRPC's default backoff grows to two minutes).
 _CHANNEL_OPTIONS = (
@@ -80,7 +86,7 @@ class PredictorLink:
                  metrics: Metrics | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                  flush_interval_s: float = 0.1, refresh_interval_s: float = 1.0,
                  retry_interval_s: float = 0.5, max_pending: int = 100_000,
-                 stale_after_s: float | None = None) -> None:
+                 stale_after_s: float | None = None, tracer: Tracer | None = None) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         self.address = address
@@ -95,6 +101,10 @@ class PredictorLink:
         self._api_pending: deque[predictor_pb2.ApiObservation] = deque(maxlen=max_pending)
         self._out_pending: deque[predictor_pb2.OutputObservation] = deque(maxlen=max_pending)
         self._step_pending: deque[common_pb2.StepTiming] = deque(maxlen=max_pending)
+        # The spans current when API durations were observed (a job's api_wait): each batch
+        # is one call for many jobs, so its span links to theirs rather than joining one trace.
+        self._links: deque[SpanContext] = deque(maxlen=MAX_LINKS)
+        self.tracer = tracer or trace.get_tracer("astraea.control_plane")
         self._categories: dict[str, None] = {}  # insertion-ordered set, bounded
         self._remote_api: dict[str, float] = {}
         self._remote_out: dict[tuple[str, bool], float] = {}
@@ -176,6 +186,9 @@ class PredictorLink:
 
     def observe_api(self, category: str, duration_s: float) -> None:
         self.local.observe_api(category, duration_s)  # raises on a negative duration
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            self._links.append(ctx)
         category = category or UNKNOWN_CATEGORY
         self._note(category)
         if math.isfinite(duration_s):
@@ -231,8 +244,10 @@ class PredictorLink:
 
     async def _call(self, method, request):
         try:
-            response = await asyncio.wait_for(method(request, timeout=self.timeout_s),
-                                              self.timeout_s * 1.5)
+            # Inside the caller's span: the predictor's server span becomes its child.
+            response = await asyncio.wait_for(
+                method(request, timeout=self.timeout_s, metadata=inject_metadata()),
+                self.timeout_s * 1.5)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -276,8 +291,14 @@ class PredictorLink:
                 take = min(room, len(queue))
                 field.extend(queue.popleft() for _ in range(take))
                 room -= take
+            links = [Link(c) for c in self._links]
+            self._links.clear()
             try:
-                resp = await self._call(self._stub.Observe, req)
+                with self.tracer.start_as_current_span(
+                        OBSERVE_SPAN, kind=SpanKind.CLIENT, links=links,
+                        attributes={OBSERVATIONS: len(req.api_calls) + len(req.outputs)
+                                    + len(req.steps)}):
+                    resp = await self._call(self._stub.Observe, req)
             except _CallFailed as e:
                 if _reason(e.__cause__) == "unavailable":
                     self._requeue(req)  # not delivered: send it after recovery
@@ -304,7 +325,8 @@ class PredictorLink:
             for seg in (0, 1):
                 req.requests.add(job_id=f"{cat}#{seg}", category=cat, segment_index=seg)
         try:
-            resp = await self._call(self._stub.Estimate, req)
+            with self.tracer.start_as_current_span(ESTIMATE_SPAN, kind=SpanKind.CLIENT):
+                resp = await self._call(self._stub.Estimate, req)
         except grpc.aio.AioRpcError as e:
             log.warning("predictor rejected estimate request", error=e.details())
             return

@@ -8,12 +8,23 @@ token budget, and the queue that streams a segment's events back to its RunSegme
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from astraea.v1 import agent_pb2, common_pb2, worker_pb2
 from control_plane.core.job import Job
 from control_plane.core.plan import WorkerView
 from worker.backend import BackendInfo
+
+# The WorkerView counters a plan changes when it admits, evicts or preempts (build_plan
+# updates the view in place); what a plan changed is kept until the worker's report shows it.
+PLANNED_FIELDS = ("free_blocks", "running_seqs", "running_context_tokens", "host_free_blocks",
+                  "swapping_out_blocks")
+
+
+def view_counters(view: WorkerView) -> tuple[int, ...]:
+    return tuple(getattr(view, f) for f in PLANNED_FIELDS)
 
 
 @dataclass
@@ -23,10 +34,35 @@ class WorkerEntry:
     worker_id: int
     name: str
     info: BackendInfo
-    view: WorkerView  # latest MemoryReport; build_plan updates it in place until the next one
+    # The latest MemoryReport plus what plans sent since have reserved; build_plan updates it
+    # in place.
+    view: WorkerView
     # Outbound ControlMessages; None closes the stream. One queue per stream keeps the order
     # of Pause/Abort (sent on events) and plans (sent by the planner).
     outbound: asyncio.Queue[worker_pb2.ControlMessage | None] = field(default_factory=asyncio.Queue)
+    plan_seq: int = 0  # Plan.seq of the last plan sent
+    last_seen: float = field(default_factory=time.monotonic)  # when its last message came
+    drop_reason: str | None = None  # why the control plane dropped it (silent too long)
+    # (seq, change of each PLANNED_FIELDS) of plans the worker has not reported applied yet.
+    in_flight: deque[tuple[int, tuple[int, ...]]] = field(default_factory=deque)
+
+    def next_plan(self, actions, change: tuple[int, ...] | None = None) -> worker_pb2.ControlMessage:
+        """The ControlMessage carrying `actions` as the next plan; `change` is what the plan
+        did to the view's counters, held until a report covers the plan."""
+        self.plan_seq += 1
+        if change is not None and any(change):
+            self.in_flight.append((self.plan_seq, change))
+        return worker_pb2.ControlMessage(plan=worker_pb2.Plan(actions=actions, seq=self.plan_seq))
+
+    def memory_reported(self, view: WorkerView, applied_seq: int) -> None:
+        """A MemoryReport taken after plan `applied_seq`: the plans sent after it are not in
+        its figures yet, so their reservations are added back (never below zero)."""
+        while self.in_flight and self.in_flight[0][0] <= applied_seq:
+            self.in_flight.popleft()
+        for _, change in self.in_flight:
+            for name, delta in zip(PLANNED_FIELDS, change):
+                setattr(view, name, max(0, getattr(view, name) + delta))
+        self.view = view
 
 
 class SegmentClosed(Exception):

@@ -15,6 +15,7 @@ ignored: they come from races with cancellations and must not take the worker do
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 
@@ -28,6 +29,10 @@ from control_plane.service.registry import JobEntry, Segment, WorkerEntry
 from worker.backend import BackendInfo
 
 log = get_logger("astraea.control_plane.workers")
+
+
+_NOTHING = object()
+_READER_DONE = object()  # queued on a worker's outbound queue when its reader ends
 
 
 class _StreamError(Exception):
@@ -71,22 +76,40 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
         yield worker_pb2.ControlMessage(
             registered=worker_pb2.Registered(worker_id=worker.worker_id))
         self.cp.mark_dirty()
+        outbound = worker.outbound
         reader = asyncio.ensure_future(self._consume(it, worker))
+        # The reader's end is queued behind the messages already queued, so the loop below
+        # waits on the queue alone (no task and no wait() per message sent).
+        reader.add_done_callback(lambda _: outbound.put_nowait(_READER_DONE))
         error: _StreamError | None = None
         closed_by_us = False
+        held = _NOTHING  # a message taken from the queue but not sent yet
         try:
             while True:
-                get = asyncio.ensure_future(worker.outbound.get())
-                done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if get in done:
-                    msg = get.result()
-                    if msg is None:
-                        closed_by_us = True
-                        break
+                if held is not _NOTHING:
+                    msg, held = held, _NOTHING
+                else:
+                    msg = await outbound.get()
+                if msg is None:
+                    closed_by_us = True
+                    if worker.drop_reason is not None:  # dropped as silent: say why
+                        error = _StreamError(grpc.StatusCode.UNAVAILABLE, worker.drop_reason)
+                    break
+                if msg is not _READER_DONE:
+                    if msg.WhichOneof("msg") == "plan":
+                        # Plans queued back to back go out as one message: the worker carries
+                        # out the same actions in the same order, with one write, not several.
+                        while not outbound.empty():
+                            nxt = outbound.get_nowait()
+                            if (nxt is None or nxt is _READER_DONE
+                                    or nxt.WhichOneof("msg") != "plan"):
+                                held = nxt
+                                break
+                            msg.plan.actions.extend(nxt.plan.actions)
+                            msg.plan.seq = nxt.plan.seq  # applying it applies both
                     yield msg
                     continue
-                get.cancel()
-                exc = reader.exception()
+                exc = None if reader.cancelled() else reader.exception()
                 if isinstance(exc, _StreamError):
                     error = exc
                 elif exc is not None:
@@ -102,14 +125,18 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     async def _consume(self, it, worker: WorkerEntry) -> None:
         async for msg in it:
+            worker.last_seen = time.monotonic()
             kind = msg.WhichOneof("msg")
+            self.cp.stats.events[kind] += 1
             if kind == "register":
                 raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
                                    f"worker {worker.worker_id} is already registered on this "
                                    "stream: register must be sent once")
             try:
                 if kind == "memory":
-                    worker.view = wire.worker_view_from_proto(msg.memory, worker.worker_id)
+                    worker.memory_reported(
+                        wire.worker_view_from_proto(msg.memory, worker.worker_id),
+                        msg.memory.applied_plan_seq)
                     self.cp.mark_dirty()
                 elif kind == "tokens":
                     for jt in msg.tokens.jobs:
@@ -194,6 +221,11 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
                 queue_wait_s=job.waiting_s - seg.wait_before, ttft_s=first - seg.submitted_s,
                 duration_s=now - seg.submitted_s, prefill_tokens=m.prefill_tokens,
                 decode_tokens=seg.generated))))
+        predicted = (self.cp.scheduler.estimator.api_duration_s(job) if pause is not None
+                     else None)
+        self.cp.tracing.segment_ended(job, seg.generated, first - seg.submitted_s,
+                                      (seg.tool_category or "unknown") if pause else None,
+                                      predicted)
         if pause is not None:
             self.cp.send(worker.worker_id, [wire.plan_action_to_proto(pause)])
         else:
@@ -208,4 +240,5 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
         action = wire.kv_action_from_proto(m.action, "Preempted.action")
         self.cp.scheduler.segment_preempted(m.job_id, self.cp.now(), m.generated_tokens, action)
         seg.generated += m.generated_tokens
+        self.cp.tracing.segment_preempted(m.job_id, m.generated_tokens, action.value)
         self.cp.mark_dirty()
