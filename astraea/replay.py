@@ -58,7 +58,8 @@ class LocalStack:
 @contextlib.asynccontextmanager
 async def local_stack(policy: str = "astraea", profile: str = "gptj-6b-a100",
                       workers: int = 2, time_scale: float = 1.0,
-                      listen: str = "127.0.0.1:0") -> AsyncIterator[LocalStack]:
+                      listen: str = "127.0.0.1:0",
+                      kv_blocks: int | None = None) -> AsyncIterator[LocalStack]:
     """A control plane and `workers` simulated workers in this process; yields a `LocalStack`
     (its `address`) once every worker has registered, and stops them all on exit."""
     from astraea.profile import load_profile
@@ -71,7 +72,7 @@ async def local_stack(policy: str = "astraea", profile: str = "gptj-6b-a100",
     server = await serve(listen, policy, profile, ServiceConfig(time_scale=time_scale))
     address = f"127.0.0.1:{server.bound_port}"
     tasks = [asyncio.create_task(run_worker(
-        address, SimulatedBackend(prof, time_scale=time_scale), f"w{i}"))
+        address, SimulatedBackend(prof, time_scale=time_scale, kv_blocks=kv_blocks), f"w{i}"))
         for i in range(workers)]
     try:
         cp = server.control_plane

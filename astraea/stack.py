@@ -77,6 +77,10 @@ class StackConfig:
             raise StackError(f"kv_blocks must be positive, got {self.kv_blocks}")
         if not self.predictor_listen:
             self.predictor = False
+        if self.log_level is not None and self.log_level.lower() not in ("debug", "info"):
+            # Start-up waits for each worker's "registered" line, which is logged at info.
+            raise StackError(f"log_level must be debug or info for a stack, got "
+                             f"{self.log_level!r}: start-up watches the workers' info lines")
         for name in ("control_plane_listen", "predictor_listen"):
             value = getattr(self, name)
             if value and not _split(value)[1].isdigit():

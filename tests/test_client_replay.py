@@ -130,13 +130,21 @@ def test_replay_without_arrivals_needs_qps(tmp_path, capsys) -> None:
     assert "give --qps" in capsys.readouterr().err
 
 
-def test_compare_live_prints_both(capsys) -> None:
+def test_compare_live_prints_each_policy_side_by_side(tmp_path, capsys) -> None:
+    out_file = tmp_path / "cmp.json"
     rc = cli.main(["compare-live", "infercept", "--jobs", "10", "--qps", "4",
-                   "--time-scale", "0.002"])
+                   "--time-scale", "0.002", "--policy", "vllm-fcfs,astraea",
+                   "--out", str(out_file)])
     assert rc == 0
     out = capsys.readouterr().out
-    sim = next(line for line in out.splitlines() if line.startswith("simulator"))
-    live = next(line for line in out.splitlines() if line.startswith("live "))
-    assert sim.split()[1] == "10" and live.split()[1] == "10"
-    assert float(sim.split()[2]) > 0 and float(live.split()[2]) > 0
-    assert "live / simulator mean JCT:" in out
+    rows = {cols[0]: cols for cols in map(str.split, out.splitlines())
+            if len(cols) > 1 and cols[0] in ("vllm-fcfs", "astraea") and cols[1].isdigit()}
+    assert set(rows) == {"vllm-fcfs", "astraea"}
+    saved = json.loads(out_file.read_text())["policies"]
+    for policy, cols in rows.items():
+        jobs, sim_mean, live_mean, ratio = int(cols[1]), *map(float, cols[2:5])
+        assert jobs == 10 and sim_mean > 0 and live_mean > 0
+        assert ratio == pytest.approx(live_mean / sim_mean, abs=1e-3)
+        assert saved[policy]["live_over_sim"] == pytest.approx(ratio, abs=1e-3)
+        assert saved[policy]["live"]["jobs_completed"] == 10
+    assert "astraea / vllm-fcfs mean JCT: simulator" in out

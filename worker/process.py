@@ -79,10 +79,13 @@ def _segment_input(a: worker_pb2.Admit) -> SegmentInput:
 
 def _to_messages(items: list, worker_id: int,
                  memory: worker_pb2.MemoryReport | None = None) -> list[worker_pb2.WorkerMessage]:
-    """Backend events (in order) as stream messages, batched. `memory`, if given, is sent
-    in place of the last MemoryChanged's view (the figures as of now, stamped with the last
-    plan applied)."""
+    """Backend events (in order) as stream messages, batched. `memory`, if given, replaces
+    the MemoryChanged views and goes first: it is the memory as of now (after every event of
+    the batch), so the KV decisions the control plane takes on the segment ends that follow
+    see it rather than the previous report."""
     out: list[worker_pb2.WorkerMessage] = []
+    if memory is not None and any(isinstance(e, MemoryChanged) for e in items):
+        out.append(worker_pb2.WorkerMessage(memory=memory))
     tokens: dict[str, worker_pb2.JobTokens] = {}
     steps: list[common_pb2.StepTiming] = []
     last_memory = max((i for i, e in enumerate(items) if isinstance(e, MemoryChanged)), default=-1)
@@ -109,10 +112,9 @@ def _to_messages(items: list, worker_id: int,
                                                context_tokens_read=ev.context_tokens_read,
                                                duration_s=ev.duration_s))
         elif isinstance(ev, MemoryChanged):
-            if i == last_memory:
+            if i == last_memory and memory is None:
                 flush_tokens()
-                out.append(worker_pb2.WorkerMessage(
-                    memory=memory if memory is not None else wire.worker_view_to_proto(ev.view)))
+                out.append(worker_pb2.WorkerMessage(memory=wire.worker_view_to_proto(ev.view)))
         elif isinstance(ev, SegmentFinished):
             flush_tokens()
             out.append(worker_pb2.WorkerMessage(segment_ended=worker_pb2.SegmentEnded(

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from astraea.telemetry.spans import JOB, JOB_ID
+from astraea.telemetry.spans import JOB, JOB_ID, KV_ACTION, KV_DECISION_EVENT
 
 
 @dataclass
@@ -76,6 +76,19 @@ def load_spans(directory: str) -> list[SpanRecord]:
             except (KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{i}: not a span (missing {e})") from None
     return out
+
+
+def kv_decision_counts(spans: Iterable[SpanRecord]) -> dict[str, int]:
+    """How many KV decisions of each action (preserve, swap, discard) the traces record: one
+    ``kv_decision`` event per decision, on the job's ``api_wait`` or ``segment`` span."""
+    counts: dict[str, int] = defaultdict(int)
+    for s in spans:
+        for event in s.events:
+            if event.get("name") == KV_DECISION_EVENT:
+                action = (event.get("attributes") or {}).get(KV_ACTION)
+                if action:
+                    counts[action] += 1
+    return dict(counts)
 
 
 def job_ids(spans: Iterable[SpanRecord]) -> list[str]:

@@ -104,6 +104,7 @@ class Scheduler:
         decision = self.kv_policy.on_api_yield(job, now, view)
         self._record(decision, job)
         self._apply_kv(job, decision.action)
+        self._release_in_view(view, job, decision.action)
         return Pause(job_id, view.worker_id, decision.action)
 
     def segment_preempted(self, job_id: str, now: float, generated_tokens: int,
@@ -305,14 +306,23 @@ class Scheduler:
         return Admit(job.job_id, view.worker_id, job.pending_tokens, job.context_tokens, swap_in,
                      self.discipline.engine_priority(job, now, self.predicted_compute_s(job)))
 
-    def _evict(self, job: Job, decision: KvDecision, view: WorkerView, now: float) -> Evict:
-        self._record(decision, job)
+    @staticmethod
+    def _release_in_view(view: WorkerView, job: Job, action: KvAction) -> None:
+        """What swapping out or dropping the job's KV will do to the worker's memory, in the
+        view at once: decisions taken before the worker's next report (several segments
+        ending together, a plan) see the memory already given back."""
+        if action is KvAction.PRESERVE:
+            return
         blocks = view.job_blocks(job.job_id, job.context_tokens)
-        if decision.action is KvAction.SWAP:
+        if action is KvAction.SWAP:
             view.swapping_out_blocks += blocks
             view.host_free_blocks -= blocks
         else:
             view.free_blocks += blocks
+
+    def _evict(self, job: Job, decision: KvDecision, view: WorkerView, now: float) -> Evict:
+        self._record(decision, job)
+        self._release_in_view(view, job, decision.action)
         self._apply_kv(job, decision.action)
         self.resident_ready.get(view.worker_id, {}).pop(job.job_id, None)
         if job.state is JobState.READY:  # a ready job's needs change with its KV state

@@ -25,7 +25,7 @@ from astraea.v1 import agent_pb2, common_pb2, worker_pb2, worker_pb2_grpc
 from control_plane.core.job import JobState
 from control_plane.core.scheduler import SchedulerError
 from control_plane.service.context import ControlPlane
-from control_plane.service.registry import JobEntry, Segment, WorkerEntry
+from control_plane.service.registry import JobEntry, Segment, WorkerEntry, view_counters
 from worker.backend import BackendInfo
 
 log = get_logger("astraea.control_plane.workers")
@@ -206,6 +206,7 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
         now = self.cp.now()
         job = entry.job
         job.extra.pop("preempting", None)  # a Preempt that lost the race to the segment's end
+        before = view_counters(worker.view)
         pause = self.cp.scheduler.segment_ended(m.job_id, now, m.generated_tokens,
                                                 m.prefill_tokens, calls_tool,
                                                 seg.tool_category, worker.view)
@@ -227,7 +228,9 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
                                       (seg.tool_category or "unknown") if pause else None,
                                       predicted)
         if pause is not None:
-            self.cp.send(worker.worker_id, [wire.plan_action_to_proto(pause)])
+            # Sent as a plan: what it frees stays in the view until a report includes it.
+            change = tuple(a - b for a, b in zip(view_counters(worker.view), before))
+            self.cp.send(worker.worker_id, [wire.plan_action_to_proto(pause)], change)
         else:
             self.cp.finish_job(entry, "segment ended without a tool call", cancel=False)
         self.cp.mark_dirty()
