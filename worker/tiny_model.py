@@ -1,0 +1,145 @@
+"""A tiny Llama built from nothing, for tests and the default demo; cached on disk.
+
+* Tokenizer: byte-level BPE trained here with `tokenizers` on the built-in corpus below,
+  vocab 512, `<s>` (id 0) and `</s>` (id 1); saved as a `PreTrainedTokenizerFast` with bos,
+  eos and pad (= eos), and a post-processor that adds `<s>`.
+* Model: `transformers.LlamaForCausalLM`, 2 layers, hidden 128, 4 heads, 2 KV heads
+  (head_dim 32: vLLM's CPU attention has no kernel for head_dim 16,
+  vllm/v1/attention/backends/cpu_attn.py:69), random weights from a fixed seed.
+* Cache: `<cache>/tiny-llama-<hash of the recipe>`, built in a temp folder and renamed into
+  place, so a reader never sees half a model. Rebuilds are byte-identical.
+
+Importing this module is cheap: torch, transformers and tokenizers are imported only when a
+model has to be built. Any local Hugging Face model folder can be used in its place.
+
+    python -m worker.tiny_model [cache_dir]      # prints the folder
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+BUILD_VERSION = 1  # bump when the recipe changes, so old caches are not reused
+
+PARAMS: dict = {
+    "vocab_size": 512,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "seed": 1234,
+    # The output layer is multiplied by this. It does not make greedy decoding more robust
+    # to rounding (the noise scales with it); it only makes the logits look less flat.
+    "lm_head_scale": 8.0,
+}
+
+_SENTENCES = """\
+An agent reads its task, makes a short plan and then asks a tool for the facts it lacks.
+When the tool answers, the agent reads the answer and decides what to do next.
+Some tools answer at once, while others take several seconds to return a result.
+While a job waits for a tool, its memory can stay where it is, move to the host, or go.
+Keeping the memory costs space; moving it costs copy time; dropping it costs recompute.
+A good scheduler weighs these costs for every job that pauses.
+Short jobs should finish first, so that many people get their answers quickly.
+A long job is moved down to a lower queue after it has used its share of time.
+The engine runs in steps, and each step works on a batch of several requests.
+In one step the engine may read a long prompt or add one token to each running answer.
+Memory for the cache is cut into blocks, and every block holds a fixed number of tokens.
+When the blocks run out, some request has to give its blocks back and wait.
+The weather today is mild, with a light wind from the west and some clouds in the evening.
+My neighbour grows tomatoes, beans and small yellow flowers in her garden.
+The train left the station at nine and reached the coast a little before noon.
+We walked along the river, counted the boats and talked about the week ahead.
+The library opens early on weekdays and closes late on the first Friday of each month.
+She wrote the numbers one, two, three, four and five on the board, then added them up.
+Ten plus twenty is thirty, and thirty times two is sixty.
+The cat slept on the warm windowsill while the rain tapped softly on the glass.
+He asked a simple question and got a long answer that did not help at all.
+Please find the total cost of the order and send it back in a short message.
+The report lists every step, how long it took and how much memory it used.
+If the answer looks wrong, check the input first and the arithmetic second.
+A careful reader notes each claim, looks for its source and keeps what holds up.
+The small model in this project knows nothing; it only has to be the same every time.
+"""
+CORPUS = _SENTENCES * 3  # repeated so the pair counts favour real words in the merges
+
+
+def default_cache_dir() -> Path:
+    """`$ASTRAEA_MODEL_CACHE`, or `~/.cache/astraea/models`."""
+    env = os.environ.get("ASTRAEA_MODEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "astraea" / "models"
+
+
+def _recipe_hash() -> str:
+    blob = json.dumps({"v": BUILD_VERSION, "corpus": CORPUS, **PARAMS}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_tiny_model(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder of the tiny model, built on the first call for this recipe and cache."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    out = root / f"tiny-llama-{_recipe_hash()}"
+    if (out / ".complete").exists():
+        return out
+    tmp = root / f".tmp-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _build(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        tmp.rename(out)  # atomic on one file system
+    except OSError:
+        if not (out / ".complete").exists():  # not a concurrent builder winning the race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _build(folder: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=PARAMS["vocab_size"], special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    bos_id, eos_id = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+    fast.model_max_length = PARAMS["max_position_embeddings"]
+    fast.save_pretrained(folder)
+
+    torch.manual_seed(PARAMS["seed"])
+    config = LlamaConfig(
+        vocab_size=len(fast),  # BPE may stop short of vocab_size on a small corpus
+        hidden_size=PARAMS["hidden_size"],
+        intermediate_size=PARAMS["intermediate_size"],
+        num_hidden_layers=PARAMS["num_hidden_layers"],
+        num_attention_heads=PARAMS["num_attention_heads"],
+        num_key_value_heads=PARAMS["num_key_value_heads"],
+        max_position_embeddings=PARAMS["max_position_embeddings"],
+        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+        tie_word_embeddings=False, torch_dtype="float32")
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(PARAMS["lm_head_scale"])
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "astraea_build.json").write_text(json.dumps(PARAMS, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    print(build_tiny_model(sys.argv[1] if len(sys.argv) > 1 else None))

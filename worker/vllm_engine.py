@@ -1,0 +1,505 @@
+"""A synchronous, single-threaded wrapper around vLLM 0.32's in-process engine core.
+
+`VllmEngine` speaks in jobs, not vLLM requests: it admits a job's segments, pauses a job
+with one of the three KV actions (Preserve, Swap, Discard), preempts a running segment,
+steps the engine and reports memory. It owns no thread and no event loop; the asyncio
+backend calls it from one dedicated thread, because vLLM objects are not thread-safe.
+
+How each KV action maps onto vLLM (measured in docs/vllm-spike, paths under vllm/):
+* Preserve: every request is submitted `resumable=True`. When a segment ends, vLLM keeps
+  the request as a paused streaming-input session with its blocks
+  (`Scheduler._handle_stopped_request`, v1/core/sched/scheduler.py:2465). The next segment
+  is a session update with the same request id; vLLM drops the last sampled token (it has
+  no KV yet, `_update_request_as_session`, :1650), so the update re-sends it first.
+* Discard: abort the request (its blocks go back to the pool, still prefix-cached) and
+  evict their hashes (`KVCacheManager.evict_blocks`), so a resume recomputes everything.
+* Swap: copy the blocks to host memory inside the worker (`worker/vllm_ext.py`), then
+  discard. On swap-in a new request gets fresh blocks from `allocate_slots`, the copy goes
+  back into them, and `num_computed_tokens` tells the scheduler they are already computed.
+
+Each pause, swap or preemption gives the job a new vLLM request id `<job>#<n>`.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+# Read lazily by vllm.envs, so this is in time as long as no engine was built before.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; num_gpu_blocks_override sizes it
+
+from control_plane.core.job import KvAction  # noqa: E402
+from worker.backend import BackendError  # noqa: E402
+
+EXTENSION = "worker.vllm_ext.KvSwapExtension"
+
+
+class EngineError(BackendError):
+    """An action the engine cannot carry out; nothing was changed."""
+
+
+class JobKv(enum.Enum):
+    """Where a job's KV is, as far as this engine is concerned."""
+
+    RUNNING = "running"  # a segment is queued or generating
+    PRESERVED = "preserved"  # segment ended; a paused vLLM session holds the blocks
+    SWAPPED = "swapped"  # blocks copied to host memory and freed
+    DISCARDED = "discarded"  # nothing kept; the next admission recomputes the context
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # a local Hugging Face model folder
+    num_blocks: int = 64  # KV pool size, including vLLM's null block (block 0)
+    block_size: int = 32  # the CPU attention backend needs a multiple of 32
+    max_model_len: int | None = None  # default: what the pool can hold, at most 2048
+    max_num_seqs: int = 64  # counts paused (preserved) sessions too, scheduler.py:920
+    max_num_batched_tokens: int = 2048
+    host_swap_blocks: int = 256  # host memory for swapped blocks, in blocks
+    dtype: str = "float32"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SegmentEnd:
+    job_id: str
+    generated_tokens: int  # tokens of this admission
+    prefill_tokens: int  # tokens prefilled before its first token (new plus recomputed)
+    finish_reason: str  # vLLM's: "length" or "stop"
+
+
+@dataclass(frozen=True)
+class Preemption:
+    job_id: str
+    generated_tokens: int  # tokens of this admission generated before it stopped
+    action: KvAction  # what was done with its KV: SWAP or DISCARD
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    tokens: int  # tokens the step processed (prefill plus decode)
+    context_tokens_read: int  # KV tokens its attention read, new ones included
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class StepResult:
+    tokens: dict[str, tuple[int, ...]]  # new tokens by job
+    finished: tuple[SegmentEnd, ...]
+    preempted: tuple[Preemption, ...]  # vLLM ran out of blocks: our jobs, now DISCARDED
+    timing: StepTiming | None  # None when the step ran no model
+    # Per new token, the top-k logprobs (descending), for jobs admitted with `logprobs=k`.
+    logprobs: dict[str, tuple[tuple[float, ...], ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    total_blocks: int  # usable blocks (the pool minus the null block)
+    free_blocks: int  # free, including free blocks still in the prefix cache
+    host_swap_blocks_used: int
+    host_swap_blocks_total: int
+    running_seqs: int  # requests vLLM is running
+    preserved_seqs: int  # paused sessions holding blocks
+
+    @property
+    def used_blocks(self) -> int:
+        return self.total_blocks - self.free_blocks
+
+
+@dataclass
+class _Job:
+    job_id: str
+    history: list[int]  # every token vLLM has seen for the job: prompts and outputs
+    kv: JobKv = JobKv.RUNNING
+    serial: int = 0  # the current vLLM request is f"{job_id}#{serial}"
+    swapped_tokens: int = 0  # KV tokens in the host copy (SWAPPED)
+    swapped_blocks: int = 0
+    generated: int = 0  # tokens of the current admission
+    prefill_tokens: int = 0  # tokens scheduled for it before its first token
+
+    @property
+    def rid(self) -> str:
+        return f"{self.job_id}#{self.serial}"
+
+
+class VllmEngine:
+    """vLLM's `EngineCore` driven job by job. Not thread-safe: call from one thread."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.v1.engine.core import EngineCore
+        from vllm.v1.executor import Executor
+
+        self.config = config
+        # Block 0 is vLLM's null block, so a request can use num_blocks - 1 blocks at most;
+        # a larger max_model_len fails at start-up.
+        max_len = config.max_model_len or min(2048, (config.num_blocks - 1) * config.block_size)
+        args = EngineArgs(
+            model=config.model, dtype=config.dtype, seed=config.seed,
+            max_model_len=max_len, block_size=config.block_size, enforce_eager=True,
+            num_gpu_blocks_override=config.num_blocks, enable_prefix_caching=True,
+            scheduling_policy="priority", max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            # No step in flight while we move blocks between steps (the CPU build forces
+            # this anyway, platforms/cpu.py:331).
+            async_scheduling=False,
+            worker_extension_cls=EXTENSION)
+        self.vllm_config = args.create_engine_config()
+        # What InprocClient does (v1/engine/core_client.py:353), minus the front end.
+        self.core = EngineCore(self.vllm_config, Executor.get_class(self.vllm_config),
+                               log_stats=False)
+        self.max_model_len = max_len
+        self._sched = self.core.scheduler
+        self._kvm = self._sched.kv_cache_manager
+        self._pool = self._kvm.block_pool
+        self._block_size = self.vllm_config.cache_config.block_size
+        self.block_bytes = self.core.collective_rpc("kv_block_bytes")[0]
+        self._generation_config, self._eos_id = self._eos_settings()
+        self._jobs: dict[str, _Job] = {}
+        self._by_rid: dict[str, _Job] = {}
+        self._last_schedule: dict | None = None
+        self._sched.schedule = self._recording(self._sched.schedule)
+
+    def close(self) -> None:
+        self.core.shutdown()
+
+    # --- admission ------------------------------------------------------------------------
+
+    def admit(self, job_id: str, new_token_ids: list[int] | tuple[int, ...], max_tokens: int,
+              priority: float = 0.0, context_token_ids: list[int] | None = None,
+              logprobs: int | None = None) -> None:
+        """Start the job's next segment: `new_token_ids` follow what the engine already has
+        for the job (or `context_token_ids`, for a job it has never seen). Lower priority
+        values are scheduled first."""
+        new = list(new_token_ids)
+        job = self._jobs.get(job_id)
+        if job is None:
+            job = _Job(job_id, list(context_token_ids or ()))
+        elif job.kv is JobKv.RUNNING:
+            raise EngineError(f"admit {job_id}: a segment is already running")
+        if max_tokens < 1:
+            raise EngineError(f"admit {job_id}: max_tokens must be at least 1")
+        if len(job.history) + len(new) + max_tokens > self.max_model_len:
+            raise EngineError(f"admit {job_id}: {len(job.history) + len(new)} tokens plus "
+                              f"{max_tokens} new exceed max_model_len {self.max_model_len}")
+        if not job.history and not new:
+            raise EngineError(f"admit {job_id}: no tokens")
+
+        if job_id not in self._jobs:
+            self._submit_new(job, job.history + new, max_tokens, priority, logprobs)
+        elif job.kv is JobKv.PRESERVED:
+            self._resume_session(job, new, max_tokens, priority, logprobs)
+        elif job.kv is JobKv.SWAPPED:
+            self._swap_in(job, new, max_tokens, priority, logprobs)
+        else:  # DISCARDED: the whole context is prefilled again
+            self._submit_new(job, job.history + new, max_tokens, priority, logprobs,
+                             next_rid=True)
+        # Only now, when nothing above raised, does the job change.
+        job.history += new
+        job.kv = JobKv.RUNNING
+        job.generated = job.prefill_tokens = 0
+        self._jobs[job_id] = job
+
+    def _submit_new(self, job: _Job, tokens: list[int], max_tokens: int, priority: float,
+                    logprobs: int | None, next_rid: bool = False) -> None:
+        serial = job.serial + 1 if next_rid else job.serial
+        req = self._request(f"{job.job_id}#{serial}", tokens, max_tokens, priority, logprobs)
+        self.core.add_request(req)
+        self._bind(job, serial)
+
+    def _resume_session(self, job: _Job, new: list[int], max_tokens: int, priority: float,
+                        logprobs: int | None) -> None:
+        from vllm.v1.request import RequestStatus
+
+        session = self._sched.requests.get(job.rid)
+        if session is None or session.status != RequestStatus.WAITING_FOR_STREAMING_REQ:
+            # An update to a session that is not paused would be queued, not applied.
+            raise EngineError(f"admit {job.job_id}: its preserved session is gone")
+        # vLLM drops the session's last sampled token (it has no KV yet): re-send it.
+        update = self._request(job.rid, [job.history[-1], *new], max_tokens, priority,
+                               logprobs)
+        self.core.add_request(update)
+        # The update keeps the session's old priority and arrival time; re-key it in the
+        # queue of requests that hold blocks (scheduler.py:915), where it is waiting.
+        queue = self._sched.kv_holding_waiting
+        queue.remove_request(session)
+        session.priority = priority
+        queue.add_request(session)
+
+    def _swap_in(self, job: _Job, new: list[int], max_tokens: int, priority: float,
+                 logprobs: int | None) -> None:
+        free = self._pool.get_num_free_blocks()
+        if job.swapped_blocks > free:
+            raise EngineError(f"admit {job.job_id}: swap-in needs {job.swapped_blocks} "
+                              f"blocks, {free} free")
+        serial = job.serial + 1
+        req = self._request(f"{job.job_id}#{serial}", job.history + new, max_tokens,
+                            priority, logprobs)
+        # Blocks for tokens [0, swapped_tokens) of a request vLLM has not seen yet
+        # (kv_cache_manager.py:371); full blocks are hashed into the prefix cache.
+        if self._kvm.allocate_slots(req, job.swapped_tokens) is None:
+            raise EngineError(f"admit {job.job_id}: no room to swap in")
+        if self._sched.needs_kv_cache_zeroing:
+            # Blocks listed here are zeroed on the next step, which would wipe the copy.
+            self._kvm.take_new_block_ids()
+        block_ids = list(self._kvm.get_block_ids(req.request_id)[0])
+        try:
+            self.core.collective_rpc("kv_swap_in", args=(job.job_id, block_ids))
+        except Exception:
+            self._kvm.free(req)
+            raise
+        # The scheduler sees computed tokens, queues it with the requests that hold
+        # blocks and prefills only the rest (scheduler.py:1086).
+        req.num_computed_tokens = job.swapped_tokens
+        self.core.add_request(req)
+        job.swapped_tokens = job.swapped_blocks = 0
+        self._bind(job, serial)
+
+    # --- pause, preempt, abort ------------------------------------------------------------
+
+    def pause(self, job_id: str, action: KvAction) -> None:
+        """What happens to a job's KV after its segment ended (while it waits for a tool)."""
+        job = self._job(job_id, "pause")
+        if job.kv is JobKv.RUNNING:
+            raise EngineError(f"pause {job_id}: a segment is running (preempt it)")
+        if action is KvAction.PRESERVE:
+            if job.kv is not JobKv.PRESERVED:
+                raise EngineError(f"pause {job_id}: KV is {job.kv.value}, cannot preserve")
+        elif action is KvAction.SWAP:
+            if job.kv is not JobKv.PRESERVED:
+                raise EngineError(f"pause {job_id}: KV is {job.kv.value}, cannot swap")
+            self._swap_out(job)
+        elif job.kv is JobKv.PRESERVED:  # DISCARD
+            self._release(job)
+            job.kv = JobKv.DISCARDED
+        elif job.kv is JobKv.SWAPPED:  # DISCARD of a host copy
+            self.core.collective_rpc("kv_swap_drop", args=(job_id,))
+            job.swapped_tokens = job.swapped_blocks = 0
+            job.kv = JobKv.DISCARDED
+
+    def preempt(self, job_id: str, action: KvAction) -> Preemption:
+        """Stop a running segment and swap or discard its KV. The job resumes with an
+        `admit` of no new tokens and the rest of its `max_tokens`."""
+        job = self._job(job_id, "preempt")
+        if job.kv is not JobKv.RUNNING:
+            raise EngineError(f"preempt {job_id}: no segment running")
+        if action is KvAction.PRESERVE:
+            raise EngineError(f"preempt {job_id}: a running segment cannot be preserved")
+        done = action
+        if action is KvAction.SWAP and self._computed_tokens(job) == 0:
+            done = KvAction.DISCARD  # nothing computed yet, nothing to copy
+        if done is KvAction.SWAP:
+            self._swap_out(job)
+        else:
+            self._release(job)
+            job.kv = JobKv.DISCARDED
+        return Preemption(job_id, job.generated, done)
+
+    def abort(self, job_id: str) -> None:
+        """Forget the job, wherever its KV is; a job not held is a no-op."""
+        job = self._jobs.pop(job_id, None)
+        if job is None:
+            return
+        if job.kv in (JobKv.RUNNING, JobKv.PRESERVED):
+            self.core.abort_requests([job.rid])
+        elif job.kv is JobKv.SWAPPED:
+            self.core.collective_rpc("kv_swap_drop", args=(job_id,))
+        self._by_rid.pop(job.rid, None)
+
+    def _swap_out(self, job: _Job) -> None:
+        computed = self._computed_tokens(job)
+        n_blocks = math.ceil(computed / self._block_size)
+        room = self.config.host_swap_blocks - self._host_blocks_used()
+        if n_blocks > room:
+            raise EngineError(f"swap {job.job_id}: {n_blocks} blocks, {room} free on the host")
+        # Only the blocks holding computed tokens: vLLM may have allocated one more ahead.
+        block_ids = list(self._kvm.get_block_ids(job.rid)[0][:n_blocks])
+        self.core.collective_rpc("kv_swap_out", args=(job.job_id, block_ids))
+        self._release(job)
+        job.kv = JobKv.SWAPPED
+        job.swapped_tokens, job.swapped_blocks = computed, n_blocks
+
+    def _release(self, job: _Job) -> None:
+        """Free the job's blocks and drop them from the prefix cache."""
+        block_ids = set(self._kvm.get_block_ids(job.rid)[0])
+        # Abort frees them to the pool but keeps their hashes (free but cached) ...
+        self.core.abort_requests([job.rid])
+        # ... so evict those too (kv_cache_manager.py:665), or a resume would hit them.
+        # `reset_prefix_cache` is no use: it needs every block free (block_pool.py:827).
+        self._kvm.evict_blocks(block_ids)
+        self._by_rid.pop(job.rid, None)
+
+    # --- stepping -------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        """Whether a step would run anything (paused sessions do not count)."""
+        return self._sched.has_requests()
+
+    def step(self) -> StepResult:
+        """One engine step: schedule, run the model, sample."""
+        started = time.perf_counter()
+        outputs, executed = self.core.step()
+        duration = time.perf_counter() - started
+        self.core.post_step(executed)
+        record, self._last_schedule = self._last_schedule, None
+
+        timing = None
+        preempted: list[Preemption] = []
+        if record is not None and record["tokens"] > 0:
+            timing = StepTiming(record["tokens"], record["context_read"], duration)
+            preempted = self._discard_vllm_preemptions(record)
+            for rid, n in record["scheduled"].items():
+                job = self._by_rid.get(rid)
+                if job is not None and job.generated == 0:
+                    job.prefill_tokens += n
+
+        tokens: dict[str, tuple[int, ...]] = {}
+        logprobs: dict[str, tuple[tuple[float, ...], ...]] = {}
+        finished: list[SegmentEnd] = []
+        for batch in outputs.values():
+            for out in batch.outputs:
+                job = self._by_rid.get(out.request_id)
+                if job is None:  # aborted or preempted by us this step
+                    continue
+                self._take_output(job, out, tokens, logprobs, finished)
+        return StepResult(tokens, tuple(finished), tuple(preempted), timing, logprobs)
+
+    def _take_output(self, job: _Job, out, tokens: dict, logprobs: dict,
+                     finished: list[SegmentEnd]) -> None:
+        new = tuple(out.new_token_ids)
+        if new:
+            job.history += new
+            job.generated += len(new)
+            tokens[job.job_id] = tokens.get(job.job_id, ()) + new
+        if out.new_logprobs is not None:
+            # Each row is the sampled token's logprob followed by the top-k.
+            rows = tuple(tuple(sorted((float(x) for x in row[1:]), reverse=True))
+                         for row in out.new_logprobs.logprobs)
+            logprobs[job.job_id] = logprobs.get(job.job_id, ()) + rows
+        if out.finish_reason is not None:
+            finished.append(SegmentEnd(job.job_id, job.generated, job.prefill_tokens,
+                                       str(out.finish_reason)))
+            # A resumable request stays as a paused session holding its blocks.
+            job.kv = JobKv.PRESERVED if job.rid in self._sched.requests else JobKv.DISCARDED
+
+    def _discard_vllm_preemptions(self, record: dict) -> list[Preemption]:
+        """vLLM preempted requests to free blocks (scheduler.py:1571) and would recompute
+        them by itself; the control plane decides when a job runs, so end the request."""
+        preempted = []
+        for rid in record["preempted"]:
+            job = self._by_rid.get(rid)
+            if job is None:
+                continue
+            self.core.abort_requests([rid])
+            # vLLM already freed the blocks; drop them from the prefix cache too.
+            self._kvm.evict_blocks(set(record["blocks_before"].get(rid, ())))
+            self._by_rid.pop(rid, None)
+            job.kv = JobKv.DISCARDED
+            preempted.append(Preemption(job.job_id, job.generated, KvAction.DISCARD))
+        return preempted
+
+    def _recording(self, schedule):
+        """Wrap `Scheduler.schedule` to keep what each step scheduled (for prefill counts
+        and step timings) and the blocks of running requests (for vLLM's preemptions)."""
+        sched, kvm = self._sched, self._kvm
+
+        def recording_schedule(*args, **kwargs):
+            blocks_before = {r.request_id: list(kvm.get_block_ids(r.request_id)[0])
+                             for r in sched.running}
+            out = schedule(*args, **kwargs)
+            self._last_schedule = {
+                "scheduled": dict(out.num_scheduled_tokens),
+                "tokens": out.total_num_scheduled_tokens,
+                # After scheduling, num_computed_tokens includes this step's new tokens.
+                "context_read": sum(sched.requests[r].num_computed_tokens
+                                    for r in out.num_scheduled_tokens),
+                "preempted": sorted(out.preempted_req_ids or ()),
+                "blocks_before": blocks_before,
+            }
+            return out
+
+        return recording_schedule
+
+    # --- memory ---------------------------------------------------------------------------
+
+    def memory(self) -> MemoryReport:
+        """The pool's own numbers (never "blocks a job held": blocks can be shared)."""
+        return MemoryReport(
+            total_blocks=self._pool.num_gpu_blocks - 1,  # minus the null block
+            free_blocks=self._pool.get_num_free_blocks(),  # block_pool.py:868
+            host_swap_blocks_used=self._host_blocks_used(),
+            host_swap_blocks_total=self.config.host_swap_blocks,
+            running_seqs=len(self._sched.running),
+            preserved_seqs=self._sched.num_waiting_for_streaming_input)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (tests: start from a cold cache). Needs all blocks
+        free (block_pool.py:827)."""
+        if not self._kvm.reset_prefix_cache():
+            raise EngineError("reset_prefix_cache: some blocks are in use")
+
+    def host_blocks_held(self) -> int:
+        """Blocks the worker itself holds on the host (a check on `memory()`)."""
+        return sum(self.core.collective_rpc("kv_swap_held")[0].values())
+
+    def block_ids(self, job_id: str) -> list[int]:
+        """The KV blocks the job holds in the pool now."""
+        job = self._jobs.get(job_id)
+        if job is None or job.kv not in (JobKv.RUNNING, JobKv.PRESERVED):
+            return []
+        return list(self._kvm.get_block_ids(job.rid)[0])
+
+    def job_ids(self) -> list[str]:
+        """The jobs the engine holds anything for (running, preserved, swapped, discarded)."""
+        return list(self._jobs)
+
+    def job_kv(self, job_id: str) -> JobKv | None:
+        job = self._jobs.get(job_id)
+        return job.kv if job else None
+
+    def _host_blocks_used(self) -> int:
+        return sum(j.swapped_blocks for j in self._jobs.values())
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _job(self, job_id: str, what: str) -> _Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise EngineError(f"{what} {job_id}: unknown job")
+        return job
+
+    def _bind(self, job: _Job, serial: int) -> None:
+        self._by_rid.pop(job.rid, None)
+        job.serial = serial
+        self._by_rid[job.rid] = job
+
+    def _computed_tokens(self, job: _Job) -> int:
+        return self._sched.requests[job.rid].num_computed_tokens
+
+    def _eos_settings(self) -> tuple[dict, int | None]:
+        model_config = self.vllm_config.model_config
+        eos = getattr(model_config.hf_config, "eos_token_id", None)
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        return model_config.try_get_generation_config(), eos
+
+    def _request(self, rid: str, tokens: list[int], max_tokens: int, priority: float,
+                 logprobs: int | None):
+        from vllm import SamplingParams
+        from vllm.v1.engine import EngineCoreRequest
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs)
+        # Skipping vLLM's input processor skips this too; without it EOS would not stop a
+        # segment (v1/engine/input_processor.py:489).
+        params.update_from_generation_config(self._generation_config, self._eos_id)
+        request = EngineCoreRequest(
+            request_id=rid, prompt_token_ids=list(tokens), mm_features=None,
+            sampling_params=params, pooling_params=None, arrival_time=time.time(),
+            lora_request=None, cache_salt=None, data_parallel_rank=None,
+            priority=priority, resumable=True)
+        # Attaches the prefix-cache block hasher (v1/engine/core.py:1089).
+        return self.core.preprocess_add_request(request)[0]

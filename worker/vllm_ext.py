@@ -1,0 +1,93 @@
+"""vLLM worker extension: copy a job's KV blocks to host memory and back (the Swap action).
+
+vLLM 0.32's v1 engine has no swap of its own. `worker/vllm_engine.py` passes this class as
+`EngineArgs(worker_extension_cls="worker.vllm_ext.KvSwapExtension")`; vLLM mixes it into its
+Worker class (vllm/v1/worker/worker_base.py:296), so these methods run where the KV cache
+lives and are called with `EngineCore.collective_rpc("kv_swap_out", args=(...))`.
+
+The host copies stay inside the worker, keyed by job: only block and byte counts cross the
+`collective_rpc` boundary, never tensors (which a multi-process executor would pickle).
+
+KV layout in 0.32: `model_runner.kv_caches` holds one tensor per layer, each the logical
+view [block, kv_heads, block_size, C] indexed on dim 0 by the *scheduler's* block ids
+(allocate_kv_cache, vllm/v1/worker/utils.py:564; bind_kv_cache, :811). So a swap is an
+`index_select` / `index_copy_` on dim 0 whatever the physical strides. Verified on the CPU
+build only (there K and V are packed in C = 2 * head_size, cpu_attn.py:364).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KvSwapExtension:
+    """Methods mixed into vLLM's Worker; `self.model_runner` is the worker's model runner."""
+
+    def _swap_store(self) -> dict[str, list[torch.Tensor]]:
+        # Created lazily: the mixin cannot hook the Worker's __init__.
+        store = getattr(self, "_astraea_swap_store", None)
+        if store is None:
+            store = self._astraea_swap_store = {}
+        return store
+
+    def _block_index(self, block_ids: list[int]) -> torch.Tensor:
+        device = self.model_runner.kv_caches[0].device
+        return torch.tensor(block_ids, dtype=torch.long, device=device)
+
+    def kv_block_bytes(self) -> int:
+        """Bytes one block takes over all layers (what a swapped block costs on the host)."""
+        return sum(t[0].numel() * t.element_size() for t in self.model_runner.kv_caches)
+
+    def kv_swap_out(self, key: str, block_ids: list[int]) -> int:
+        """Copy `block_ids` of every layer to host tensors held under `key`; bytes copied."""
+        store = self._swap_store()
+        if key in store:
+            raise KeyError(f"swap key {key!r} already held")
+        caches = self.model_runner.kv_caches
+        idx = self._block_index(block_ids)
+        on_gpu = caches[0].device.type == "cuda"
+        copies = []
+        for layer in caches:
+            host = torch.empty((len(block_ids), *layer.shape[1:]), dtype=layer.dtype,
+                               device="cpu", pin_memory=on_gpu)
+            host.copy_(layer.index_select(0, idx), non_blocking=on_gpu)
+            copies.append(host)
+        if on_gpu:  # the copies must be complete before the blocks are handed to others
+            torch.cuda.current_stream().synchronize()
+        store[key] = copies
+        return sum(c.numel() * c.element_size() for c in copies)
+
+    def kv_swap_in(self, key: str, block_ids: list[int]) -> int:
+        """Copy the host tensors under `key` into `block_ids` and drop them; blocks copied."""
+        store = self._swap_store()
+        copies = store[key]
+        if len(block_ids) != copies[0].shape[0]:
+            raise ValueError(f"{key}: {copies[0].shape[0]} blocks held, {len(block_ids)} given")
+        caches = self.model_runner.kv_caches
+        idx = self._block_index(block_ids)
+        for layer, host in zip(caches, copies):
+            layer.index_copy_(0, idx, host.to(layer.device, non_blocking=True))
+        if caches[0].device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        del store[key]
+        return len(block_ids)
+
+    def kv_swap_drop(self, key: str) -> bool:
+        """Forget the host copy under `key`; whether there was one."""
+        return self._swap_store().pop(key, None) is not None
+
+    def kv_swap_held(self) -> dict[str, int]:
+        """Blocks held on the host, by key."""
+        return {key: copies[0].shape[0] for key, copies in self._swap_store().items()}
+
+    def kv_blocks_fill(self, block_ids: list[int], value: float) -> None:
+        """Overwrite blocks with `value` (tests: prove a swap-in does not read old blocks)."""
+        idx = self._block_index(block_ids)
+        for layer in self.model_runner.kv_caches:
+            layer.index_fill_(0, idx, value)
+
+    def kv_blocks_checksum(self, block_ids: list[int]) -> float:
+        """Sum of |x| over the blocks of every layer (tests: compare copies)."""
+        idx = self._block_index(block_ids)
+        return float(sum(t.index_select(0, idx).double().abs().sum()
+                         for t in self.model_runner.kv_caches))
