@@ -233,9 +233,6 @@ def test_gpu_worker_command_parses_but_for_the_backend_issue_4_adds() -> None:
     parser_for(cmd[0]).parse_args(as_sim[1:])  # every other flag is a real one
 
 
-@pytest.mark.xfail(strict=True, raises=SystemExit,
-                   reason="issue #4 adds `astraea-worker --backend vllm`; when it lands this "
-                          "passes, and the marker must go")
 def test_gpu_worker_command_parses() -> None:
     cmd = command(services()[GPU_WORKER])
     parser_for(cmd[0]).parse_args(cmd[1:])

@@ -133,7 +133,8 @@ def test_segment_and_api_wait_spans_carry_what_the_design_names(traced):
             observed = w.attributes[spans.API_OBSERVED_S]
             assert observed >= tool.duration_s * 0.99
             wall_s = (w.end_time - w.start_time) / 1e9
-            assert observed == pytest.approx(wall_s / TIME_SCALE, rel=0.05, abs=0.5)
+            # (10 ms of wall-clock slack between the two clock reads, for a loaded machine)
+            assert observed == pytest.approx(wall_s / TIME_SCALE, rel=0.05, abs=0.01 / TIME_SCALE)
             assert any(e.name == spans.KV_DECISION_EVENT for e in w.events)
         assert job_span.attributes[spans.JCT_S] > 0
         assert job_span.attributes[spans.FINAL_QUEUE] >= 0

@@ -20,6 +20,7 @@ Conventions every backend follows:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -61,6 +62,7 @@ class SegmentInput:
     first_index: int = 0  # index in the segment's output of this admission's first token
     prompt_token_ids: tuple[int, ...] | None = None  # the new tokens (a real engine needs them)
     context_token_ids: tuple[int, ...] | None = None  # the history, when it must be recomputed
+    prompt_text: str | None = None  # the new input as text, when the client sent text
 
 
 # --- events ---------------------------------------------------------------------------------
@@ -73,6 +75,7 @@ class TokensGenerated:
     job_id: str
     token_ids: tuple[int, ...]
     first_index: int
+    text: str = ""  # their text, if the backend detokenizes
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,9 @@ class SegmentFinished:
     prefill_tokens: int  # tokens prefilled for it (new plus recomputed context)
     ttft_s: float  # admission to first token
     duration_s: float  # admission to end
+    # "stop" when the model ended the segment itself (EOS, a stop string); None when it
+    # reached max_tokens, and the control plane's hint rule decides TOOL_CALL or LENGTH.
+    finish_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -142,3 +148,18 @@ class Backend(Protocol):
 
     def view(self) -> WorkerView:
         """The worker's memory now."""
+
+
+END_OF_EVENTS = object()  # put on a backend's event queue when it stops
+
+
+async def queued_events(queue: asyncio.Queue) -> AsyncIterator[BackendEvent]:
+    """A backend's `events()`: what it puts on `queue`, in order, until `END_OF_EVENTS`;
+    a `BackendFailed` put there is raised to the consumer."""
+    while True:
+        item = await queue.get()
+        if item is END_OF_EVENTS:
+            return
+        if isinstance(item, BackendFailed):
+            raise item
+        yield item

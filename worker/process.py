@@ -66,6 +66,13 @@ class _Failed:
         self.exc = exc
 
 
+# A backend's own finish reason; None (a length-ended segment) leaves it UNSPECIFIED, and the
+# control plane decides TOOL_CALL or LENGTH from the client's next_tool_category hint.
+_FINISH_REASONS = {"stop": common_pb2.FINISH_REASON_STOP,
+                   "length": common_pb2.FINISH_REASON_LENGTH,
+                   "tool_call": common_pb2.FINISH_REASON_TOOL_CALL}
+
+
 def _segment_input(a: worker_pb2.Admit) -> SegmentInput:
     # The Admit carries what is left of the segment's budget (`max_tokens`) and the whole
     # budget (`sampling.max_tokens`); their difference is where this admission starts.
@@ -73,8 +80,9 @@ def _segment_input(a: worker_pb2.Admit) -> SegmentInput:
     max_tokens = a.max_tokens or budget
     ids = tuple(a.prompt_token_ids.ids) if a.WhichOneof("prompt") == "prompt_token_ids" else None
     ctx = tuple(a.context_token_ids.ids) if a.HasField("context_token_ids") else None
+    text = a.prompt_text if a.WhichOneof("prompt") == "prompt_text" else None
     return SegmentInput(max_tokens=max_tokens, first_index=max(budget - max_tokens, 0),
-                        prompt_token_ids=ids, context_token_ids=ctx)
+                        prompt_token_ids=ids, context_token_ids=ctx, prompt_text=text)
 
 
 def _to_messages(items: list, worker_id: int,
@@ -104,9 +112,11 @@ def _to_messages(items: list, worker_id: int,
                 jt = None
             if jt is None:
                 tokens[ev.job_id] = worker_pb2.JobTokens(
-                    job_id=ev.job_id, first_index=ev.first_index, token_ids=ev.token_ids)
+                    job_id=ev.job_id, first_index=ev.first_index, token_ids=ev.token_ids,
+                    text=ev.text)
             else:
                 jt.token_ids.extend(ev.token_ids)
+                jt.text += ev.text
         elif isinstance(ev, StepTimed):
             steps.append(common_pb2.StepTiming(tokens=ev.tokens,
                                                context_tokens_read=ev.context_tokens_read,
@@ -119,7 +129,9 @@ def _to_messages(items: list, worker_id: int,
             flush_tokens()
             out.append(worker_pb2.WorkerMessage(segment_ended=worker_pb2.SegmentEnded(
                 job_id=ev.job_id, generated_tokens=ev.generated_tokens,
-                prefill_tokens=ev.prefill_tokens, ttft_s=ev.ttft_s, duration_s=ev.duration_s)))
+                prefill_tokens=ev.prefill_tokens, ttft_s=ev.ttft_s, duration_s=ev.duration_s,
+                finish_reason=_FINISH_REASONS.get(ev.finish_reason,
+                                                  common_pb2.FINISH_REASON_UNSPECIFIED))))
         elif isinstance(ev, SegmentPreempted):
             flush_tokens()
             out.append(worker_pb2.WorkerMessage(preempted=worker_pb2.Preempted(
@@ -341,18 +353,31 @@ async def run_worker(control_plane_address: str, backend: Backend, name: str,
 
 
 def _make_backend(args: argparse.Namespace) -> Backend:
+    if args.backend == "vllm":
+        # Imported only here: the simulated worker needs no vLLM.
+        from worker.tiny_model import build_tiny_model
+        from worker.vllm_backend import VllmBackend
+        from worker.vllm_engine import EngineConfig
+
+        model = args.model or str(build_tiny_model())
+        config = EngineConfig(model=model)
+        if args.kv_blocks is not None:
+            # The pool includes vLLM's null block: one more than the usable blocks asked for.
+            config = EngineConfig(model=model, num_blocks=args.kv_blocks + 1)
+        return VllmBackend(config)
     from astraea.profile import load_profile
     from worker.sim_backend import SimulatedBackend
 
     if args.backend != "sim":
-        raise ValueError(f"backend {args.backend!r} is not available yet (only 'sim')")
+        raise ValueError(f"unknown backend {args.backend!r}")
     return SimulatedBackend(load_profile(args.profile), time_scale=args.time_scale,
                             kv_blocks=args.kv_blocks)
 
 
 async def _main_async(args: argparse.Namespace) -> int:
     backend = _make_backend(args)
-    task = asyncio.create_task(run_worker(args.control_plane, backend, args.name,
+    name = args.name or f"{socket.gethostname()}:{args.backend}"
+    task = asyncio.create_task(run_worker(args.control_plane, backend, name,
                                           heartbeat_interval_s=args.heartbeat_interval))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -368,13 +393,17 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of `astraea-worker` (tests check docker/compose.yaml against it)."""
     parser = argparse.ArgumentParser(prog="astraea-worker", description="Astraea worker")
     parser.add_argument("--control-plane", default="127.0.0.1:50051", help="host:port")
-    parser.add_argument("--backend", default="sim", choices=["sim"])
+    parser.add_argument("--backend", default="sim", choices=["sim", "vllm"])
+    parser.add_argument("--model", default=None, metavar="PATH",
+                        help="vllm: a local Hugging Face model folder (default: the tiny test "
+                             "model, built on first use)")
     parser.add_argument("--profile", default="gptj-6b-a100")
     parser.add_argument("--time-scale", type=float, default=1.0,
                         help="wall seconds per engine second (< 1 runs faster than real time)")
     parser.add_argument("--kv-blocks", type=int, default=None,
-                        help="GPU KV blocks (default: from the profile)")
-    parser.add_argument("--name", default=f"{socket.gethostname()}:sim")
+                        help="GPU KV blocks (sim default: from the profile; vllm: the usable "
+                             "blocks of vLLM's pool, default 63)")
+    parser.add_argument("--name", default=None, help="default: <hostname>:<backend>")
     parser.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S,
                         metavar="SECONDS",
                         help="send a heartbeat when nothing else was sent for this long; keep "

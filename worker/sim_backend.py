@@ -25,6 +25,7 @@ from astraea.wire import Abort, WireAction
 from control_plane.core.job import KvAction
 from control_plane.core.plan import Admit, Evict, Pause, Preempt, WorkerView
 from worker.backend import (
+    END_OF_EVENTS,
     BackendError,
     BackendEvent,
     BackendFailed,
@@ -35,11 +36,11 @@ from worker.backend import (
     SegmentPreempted,
     StepTimed,
     TokensGenerated,
+    queued_events,
 )
 from worker.sim_engine.engine import EngineError, SimulatedEngine
 
 VOCAB = 32000
-_END = object()  # end of the event stream
 
 
 def placeholder_token(job_id: str, index: int) -> int:
@@ -101,7 +102,7 @@ class SimulatedBackend:
             except asyncio.CancelledError:
                 pass
         if self._failed is None:
-            self._queue.put_nowait(_END)
+            self._queue.put_nowait(END_OF_EVENTS)
 
     def describe(self) -> BackendInfo:
         p = self.profile
@@ -117,14 +118,8 @@ class SimulatedBackend:
     def view(self) -> WorkerView:
         return self.engine.view()
 
-    async def events(self) -> AsyncIterator[BackendEvent]:
-        while True:
-            item = await self._queue.get()
-            if item is _END:
-                return
-            if isinstance(item, BackendFailed):
-                raise item
-            yield item
+    def events(self) -> AsyncIterator[BackendEvent]:
+        return queued_events(self._queue)
 
     # --- plan actions -------------------------------------------------------------------
     async def apply(self, action: WireAction,

@@ -1,0 +1,412 @@
+"""vLLM 0.32 as a worker backend: `worker.backend.Backend` over `VllmEngine`.
+
+Threading (docs/vllm-spike/REPORT.md §5). vLLM objects are not thread-safe, so the backend
+owns one engine thread (`ThreadPoolExecutor(max_workers=1)`) and *every* `VllmEngine` call —
+construction, admit, pause, preempt, abort, step, memory — runs on it through
+`loop.run_in_executor`. The executor serialises plan actions between steps with no locks.
+
+A stepping task steps while the engine has work (`VllmEngine.has_work`: paused sessions do
+not count) and otherwise waits until an `apply` wakes it.
+
+The bookkeeping of admissions (emitted tokens, first-token time) also lives on the engine
+thread: each call there builds its events and hands them to the event loop with
+`call_soon_threadsafe`, which keeps them in the engine's own order (a step's tokens always
+reach the queue before the SegmentPreempted of a Preempt applied after that step). With the
+events goes a fresh memory snapshot from `VllmEngine.memory()`; `view()` returns the newest.
+
+Finish reasons: a segment the model ended itself (EOS, a stop string) is reported with
+``finish_reason="stop"``; one that reached its `max_tokens` is reported with no reason, so the
+control plane's rule (a `next_tool_category` hint → TOOL_CALL, else LENGTH) decides.
+
+Two places where the backend bends a plan rather than refuse it, because a refusal would
+lose the job (the worker answers a refused Admit with an Abort, and the control plane's next
+Admit carries no prompt and no context):
+* a swap-in for which vLLM has no free blocks *now* (the control plane does not see blocks
+  vLLM is about to give its queued and growing requests) drops the host copy and recomputes
+  the context instead (`applied["swap_in_recomputed"]`);
+* the worker's own Abort after a refused Admit (reason ``"admit refused"``) frees the job's
+  KV but keeps its token history, so the next admission can recompute it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from astraea.wire import Abort, WireAction
+from control_plane.core.job import KvAction
+from control_plane.core.plan import Admit, Evict, Pause, Preempt, WorkerView
+from worker.backend import (
+    END_OF_EVENTS,
+    BackendError,
+    BackendEvent,
+    BackendFailed,
+    BackendInfo,
+    MemoryChanged,
+    SegmentFinished,
+    SegmentInput,
+    SegmentPreempted,
+    StepTimed,
+    TokensGenerated,
+    queued_events,
+)
+from worker.vllm_engine import EngineConfig, JobKv, VllmEngine
+
+ADMIT_REFUSED = "admit refused"  # the reason of the worker's Abort after a refused Admit
+
+
+@dataclass
+class _Admission:
+    admitted_s: float
+    first_index: int
+    emitted: int = 0  # tokens of this admission reported so far
+    first_token_s: float | None = None
+
+
+@dataclass(frozen=True)
+class MemoryCheck:
+    """One memory snapshot, checked on the engine thread against vLLM's block pool itself
+    (blocks with no reference) and the host copies the worker extension holds."""
+
+    view: WorkerView
+    pool_free_blocks: int  # counted block by block in vLLM's BlockPool
+    host_blocks_held: int  # counted in the worker extension's host copies
+    host_total: int
+
+    @property
+    def ok(self) -> bool:
+        v = self.view
+        return (v.free_blocks == self.pool_free_blocks
+                and v.host_free_blocks == self.host_total - self.host_blocks_held)
+
+
+@dataclass
+class _Snapshot:
+    seq: int
+    view: WorkerView
+    has_work: bool
+
+
+@dataclass
+class _Outcome:
+    events: list = field(default_factory=list)
+    preempted: SegmentPreempted | None = None
+
+
+class VllmBackend:
+    """`worker.backend.Backend` over `VllmEngine`, on one dedicated engine thread."""
+
+    def __init__(self, config: EngineConfig, worker_id: int = 0,
+                 check_memory: bool = False) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.check_memory = check_memory  # verify every snapshot against the pool (tests)
+        self.memory_checks: list[MemoryCheck] = []
+        # What was carried out in vLLM, by kind: admit_<KV before>, pause_<action>,
+        # evict_<action>, preempt_<action>, vllm_preempted, swap_in_recomputed.
+        self.applied: Counter[str] = Counter()
+        self.engine: VllmEngine | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._failed: BackendFailed | None = None
+        self._stopped = False
+        self._snap: _Snapshot | None = None
+        self._info: BackendInfo | None = None
+        self._tokenizer = None
+        # Engine-thread state (touched only there).
+        self._admissions: dict[str, _Admission] = {}
+        self._seq = 0
+        self._step_index = 0
+        self._step_time_s = 0.0
+        self._last_memory: tuple | None = None
+        self._origin = time.perf_counter()
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is not None or self._executor is not None:
+            raise BackendError("backend already started")
+        self._loop = asyncio.get_running_loop()
+        model = Path(self.config.model)
+        if not model.is_dir():
+            raise BackendFailed(f"vLLM backend: model folder {str(model)!r} does not exist "
+                                f"(give a local Hugging Face model folder)")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-engine")
+        try:
+            self.engine = await self._call(VllmEngine, self.config)
+            await self._call(self._start_sync)
+        except Exception as exc:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise BackendFailed(f"vLLM engine failed to start with model {str(model)!r}: "
+                                f"{type(exc).__name__}: {exc}") from exc
+        self._task = self._loop.create_task(self._run(), name=f"vllm-backend-{self.worker_id}")
+
+    def _start_sync(self) -> None:
+        e = self.engine
+        vc = e.vllm_config
+        self._info = BackendInfo(
+            model=Path(self.config.model).name, backend="vllm",
+            kv_capacity_blocks=e.memory().total_blocks, block_size=vc.cache_config.block_size,
+            host_swap_blocks=self.config.host_swap_blocks,
+            max_num_seqs=vc.scheduler_config.max_num_seqs,
+            max_num_batched_tokens=vc.scheduler_config.max_num_batched_tokens,
+            profile_name="")
+        self._origin = time.perf_counter()
+        self._publish(_Outcome(), force_memory=True)
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._executor is not None:
+            if self.engine is not None:
+                try:
+                    await self._call(self.engine.close)
+                except Exception:  # noqa: BLE001 - closing a broken engine
+                    pass
+            self._executor.shutdown(wait=True)
+        if self._failed is None:
+            self._queue.put_nowait(END_OF_EVENTS)
+
+    def describe(self) -> BackendInfo:
+        if self._info is None:
+            raise BackendError("backend not started")
+        return self._info
+
+    def view(self) -> WorkerView:
+        if self._snap is None:
+            raise BackendError("backend not started")
+        return self._snap.view
+
+    def events(self) -> AsyncIterator[BackendEvent]:
+        return queued_events(self._queue)
+
+    async def run_on_engine(self, fn: Callable[[VllmEngine], object]) -> object:
+        """Run `fn(engine)` on the engine thread, between steps (tests, tools)."""
+        return await self._call(fn, self.engine)
+
+    # --- plan actions -------------------------------------------------------------------
+    async def apply(self, action: WireAction,
+                    segment: SegmentInput | None = None) -> SegmentPreempted | None:
+        if self._failed is not None:
+            raise self._failed
+        if self._task is None or self._stopped:
+            raise BackendError("backend is not running")
+        try:
+            out = await self._call(self._apply_sync, action, segment)
+        except BackendError:
+            raise
+        except Exception as exc:  # not a refused action: the engine's state is suspect
+            raise self._fail(exc) from exc
+        self._wake.set()
+        return out
+
+    def _apply_sync(self, action: WireAction, seg: SegmentInput | None):
+        e = self.engine
+        out = _Outcome()
+        if isinstance(action, Admit):
+            j = action.job_id
+            if seg is None:
+                raise BackendError(f"job {j}: an Admit needs its SegmentInput (max_tokens)")
+            if seg.first_index < 0:
+                raise BackendError(f"job {j}: first_index must not be negative")
+            kv = e.job_kv(j)
+            new = self._prompt_ids(seg, first=kv is None and not seg.context_token_ids)
+            if kv is JobKv.SWAPPED and not self._swap_in_fits(j):
+                # The control plane planned with blocks vLLM has since given to running
+                # requests. Refusing would cost the job its place (and the worker aborts a
+                # refused Admit); recomputing instead keeps it going: drop the host copy and
+                # let vLLM's scheduler prefill the whole context when there is room.
+                self._check_recompute(j, new, seg.max_tokens)
+                e.pause(j, KvAction.DISCARD)
+                self.applied["swap_in_recomputed"] += 1
+                kv = JobKv.DISCARDED
+            e.admit(j, new, seg.max_tokens, priority=action.priority,
+                    context_token_ids=None if kv else list(seg.context_token_ids or ()))
+            self.applied[f"admit_{kv.value if kv else 'new'}"] += 1
+            self._admissions[j] = _Admission(self._now(), seg.first_index)
+        elif isinstance(action, Pause | Evict):
+            if isinstance(action, Evict) and action.action is KvAction.PRESERVE:
+                raise BackendError(f"job {action.job_id}: an eviction must SWAP or DISCARD")
+            e.pause(action.job_id, action.action)
+            self.applied[f"{type(action).__name__.lower()}_{action.action.value}"] += 1
+        elif isinstance(action, Preempt):
+            if action.action is KvAction.PRESERVE:
+                raise BackendError(f"job {action.job_id}: a preemption must SWAP or DISCARD")
+            p = e.preempt(action.job_id, action.action)
+            self._admissions.pop(action.job_id, None)
+            self.applied[f"preempt_{p.action.value}"] += 1
+            out.preempted = SegmentPreempted(p.job_id, p.generated_tokens, p.action)
+            out.events.append(out.preempted)
+        elif isinstance(action, Abort) and action.reason == ADMIT_REFUSED:
+            # The worker drops a refused Admit's job and reports it preempted (DISCARD); the
+            # control plane then admits it again, without its prompt. So keep the history
+            # and free only the KV: the next admission recomputes it.
+            if e.job_kv(action.job_id) is JobKv.RUNNING:
+                e.preempt(action.job_id, KvAction.DISCARD)
+            elif e.job_kv(action.job_id) is not None:
+                e.pause(action.job_id, KvAction.DISCARD)
+            self._admissions.pop(action.job_id, None)
+        elif isinstance(action, Abort):
+            e.abort(action.job_id)
+            self._admissions.pop(action.job_id, None)
+        else:
+            raise BackendError(f"not a plan action: {action!r}")
+        self._publish(out)
+        return out.preempted
+
+    def _check_recompute(self, job_id: str, new: list[int], max_tokens: int) -> None:
+        """What `VllmEngine.admit` would refuse for a DISCARDED job, checked before its host
+        copy is dropped (so that a refusal still changes nothing)."""
+        history = len(self.engine._jobs[job_id].history)  # noqa: SLF001 - same package
+        if max_tokens < 1 or history + len(new) + max_tokens > self.engine.max_model_len:
+            raise BackendError(f"admit {job_id}: {history + len(new)} tokens plus "
+                               f"{max_tokens} new do not fit max_model_len "
+                               f"{self.engine.max_model_len}")
+
+    def _swap_in_fits(self, job_id: str) -> bool:
+        job = self.engine._jobs[job_id]  # noqa: SLF001 - same package
+        return job.swapped_blocks <= self.engine.memory().free_blocks
+
+    def _prompt_ids(self, seg: SegmentInput, first: bool) -> list[int]:
+        if seg.prompt_token_ids is not None:
+            return list(seg.prompt_token_ids)
+        if seg.prompt_text:
+            tok = self._get_tokenizer()
+            return tok.encode(seg.prompt_text, add_special_tokens=first).ids
+        return []  # a resumed admission (after a preemption): nothing new
+
+    def _get_tokenizer(self):
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            path = Path(self.config.model) / "tokenizer.json"
+            if not path.is_file():
+                raise BackendError(f"prompt_text needs {path} (send prompt_token_ids instead)")
+            self._tokenizer = Tokenizer.from_file(str(path))
+        return self._tokenizer
+
+    def _detokenize(self, ids: tuple[int, ...]) -> str:
+        if self._tokenizer is None:
+            try:
+                self._get_tokenizer()
+            except BackendError:
+                self._tokenizer = False
+        if not self._tokenizer:
+            return ""
+        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # --- stepping -----------------------------------------------------------------------
+    async def _run(self) -> None:
+        try:
+            while True:
+                if self._snap is not None and self._snap.has_work:
+                    await self._call(self._step_sync)
+                    continue
+                await self._wake.wait()
+                self._wake.clear()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the engine broke: report it, accept nothing more
+            self._fail(exc)
+
+    def _step_sync(self) -> None:
+        e = self.engine
+        result = e.step()
+        now = self._now()
+        out = _Outcome()
+        if result.timing is not None:
+            self._step_index += 1
+            self._step_time_s = result.timing.duration_s
+            t = result.timing
+            out.events.append(StepTimed(t.tokens, t.context_tokens_read, t.duration_s))
+        for job_id, ids in result.tokens.items():
+            adm = self._admissions.get(job_id)
+            if adm is None:
+                continue
+            if adm.first_token_s is None:
+                adm.first_token_s = now
+            out.events.append(TokensGenerated(job_id, ids, adm.first_index + adm.emitted,
+                                              self._detokenize(ids)))
+            adm.emitted += len(ids)
+        for end in result.finished:
+            adm = self._admissions.pop(end.job_id, None)
+            if adm is None:
+                continue
+            first = adm.first_token_s if adm.first_token_s is not None else now
+            out.events.append(SegmentFinished(
+                end.job_id, end.generated_tokens, end.prefill_tokens, first - adm.admitted_s,
+                now - adm.admitted_s,
+                finish_reason="stop" if end.finish_reason == "stop" else None))
+        for p in result.preempted:  # vLLM's own, out of blocks: the KV is discarded
+            if self._admissions.pop(p.job_id, None) is None:
+                continue
+            self.applied["vllm_preempted"] += 1
+            out.events.append(SegmentPreempted(p.job_id, p.generated_tokens, p.action))
+        self._publish(out)
+
+    # --- reporting (engine thread) ------------------------------------------------------
+    def _publish(self, out: _Outcome, force_memory: bool = False) -> None:
+        """Hand `out`'s events and a fresh memory snapshot to the event loop, in order."""
+        e = self.engine
+        mem = e.memory()
+        running = [j for j in e.job_ids() if e.job_kv(j) is JobKv.RUNNING]
+        ctx = sum(len(e._jobs[j].history) for j in running)  # noqa: SLF001 - same package
+        view = WorkerView(
+            worker_id=self.worker_id, total_blocks=mem.total_blocks,
+            free_blocks=mem.free_blocks, block_size=self.config.block_size,
+            host_free_blocks=mem.host_swap_blocks_total - mem.host_swap_blocks_used,
+            running_seqs=len(running), max_seqs=self.config.max_num_seqs,
+            running_context_tokens=ctx, step_time_s=self._step_time_s,
+            step_index=self._step_index)
+        self._seq += 1
+        snap = _Snapshot(self._seq, view, e.has_work())
+        key = (view.total_blocks, view.free_blocks, view.host_free_blocks, view.running_seqs)
+        if force_memory or key != self._last_memory:
+            self._last_memory = key
+            out.events.append(MemoryChanged(view))
+            if self.check_memory:
+                pool = e.core.scheduler.kv_cache_manager.block_pool
+                free = sum(1 for b in pool.blocks if b.ref_cnt == 0 and not b.is_null)
+                self.memory_checks.append(MemoryCheck(view, free, e.host_blocks_held(),
+                                                      mem.host_swap_blocks_total))
+        self._loop.call_soon_threadsafe(self._deliver, snap, out.events)
+
+    def _deliver(self, snap: _Snapshot, events: list) -> None:
+        if self._snap is None or snap.seq > self._snap.seq:
+            self._snap = snap
+        if self._failed is not None:
+            return
+        for ev in events:
+            self._queue.put_nowait(ev)
+
+    def _now(self) -> float:
+        return time.perf_counter() - self._origin
+
+    # --- helpers ------------------------------------------------------------------------
+    def _call(self, fn, *args):
+        return self._loop.run_in_executor(self._executor, fn, *args)
+
+    def _fail(self, exc: Exception) -> BackendFailed:
+        if self._failed is None:
+            self._failed = BackendFailed(f"vLLM engine on worker {self.worker_id} failed: "
+                                         f"{type(exc).__name__}: {exc}")
+            self._failed.__cause__ = exc
+            self._queue.put_nowait(self._failed)
+            if self._task is not None and self._task is not asyncio.current_task():
+                self._task.cancel()
+        return self._failed
