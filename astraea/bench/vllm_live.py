@@ -1,0 +1,187 @@
+"""`astraea bench-vllm`: the same agent trace through the live stack with one real vLLM
+worker, under each policy (default vllm-fcfs and astraea), and the mean JCT ratio.
+
+For each policy a `Stack` of separate processes is started (predictor, control plane at time
+scale 1.0, one ``--backend vllm`` worker on the tiny model with a KV pool of `kv_blocks`
+usable blocks of 32 tokens, small enough that the jobs cannot all stay resident), the trace is
+replayed with `astraea.replay.replay` at time scale 1.0 (so JCTs are wall seconds), and the
+stack is stopped. The KV decisions are counted from the services' span files.
+
+The trace (`tiny_agent_trace`) is a scaled-down agent mix for the tiny model, seeded: each
+job has a category of the InferCept mix (astraea.workloads.generator.INFERCEPT_MIX) and a
+first prompt of 32-200 tokens, 2-4 tool calls, 8-48 output tokens per segment and 8-32
+result tokens per tool. It keeps the mix's shape (several paused segments per job, tools of
+different lengths per category) but not its sizes: contexts of a few hundred tokens instead
+of ~1,500, and tool calls of 0.1-1.0 s instead of 0.1 ms-30 s, so that 36 jobs run in about a
+minute per policy on two CPU cores and fit the tiny model's context window. Arrivals are
+Poisson at `qps`. Prompt token ids are drawn from the model's vocabulary (skipping <s> and
+</s>), seeded per job and segment, so both policies see the same tokens. The random model
+may emit </s> before a segment's budget: that job then ends there (greedy decoding is
+token-exact under every KV action, so it ends at the same point under every policy); the
+report counts such jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from astraea.workloads.trace import JobTrace, Segment, ToolCall
+
+# Category -> (tool name, tool duration range in s): the InferCept categories, with durations
+# squeezed into 0.1-1.0 s in the order of the paper's means (calculator fastest).
+TOOLS: dict[str, tuple[str, float, float]] = {
+    "math": ("calculator", 0.1, 0.2),
+    "ve": ("virtual_env", 0.1, 0.3),
+    "qa": ("wikipedia", 0.3, 0.7),
+    "image": ("image_gen", 0.5, 1.0),
+    "tts": ("text_to_speech", 0.5, 1.0),
+    "chatbot": ("human_reply", 0.6, 1.0),
+}
+DEFAULT_POLICIES = ("vllm-fcfs", "astraea")
+FIRST_ID = 2  # <s> is 0, </s> is 1 in the tiny model's vocabulary
+
+
+@dataclass
+class VllmBenchConfig:
+    jobs: int = 36
+    qps: float = 4.0
+    seed: int = 0
+    policies: tuple[str, ...] = DEFAULT_POLICIES
+    kv_blocks: int = 48  # usable blocks of 32 tokens: 1,536 tokens for all jobs together
+    model: str | None = None  # None: the tiny model (built on first use)
+    profile: str = "gptj-6b-a100"  # the control plane's cost model
+    log_dir: str | None = None
+    log_level: str = "info"
+
+
+@dataclass
+class PolicyRun:
+    policy: str
+    summary: dict
+    errors: dict[str, str]
+    wall_s: float
+    stopped_early: list[str] = field(default_factory=list)  # the model emitted EOS
+    kv_decisions: dict[str, int] = field(default_factory=dict)
+    exit_codes: dict[str, int] = field(default_factory=dict)
+    log_dir: str = ""
+
+
+def tiny_agent_trace(n: int, seed: int, qps: float) -> list[JobTrace]:
+    """`n` seeded agent jobs sized for the tiny model (see the module docstring)."""
+    if n < 1:
+        raise ValueError("--jobs must be at least 1")
+    if not qps > 0:
+        raise ValueError("--qps must be positive")
+    rng = random.Random(seed)
+    categories = sorted(TOOLS)
+    jobs, t = [], 0.0
+    for i in range(n):
+        category = rng.choice(categories)
+        tool, lo, hi = TOOLS[category]
+        calls = rng.randint(2, 4)
+        segments = []
+        for k in range(calls + 1):
+            call = None
+            if k < calls:
+                call = ToolCall(tool, category, round(rng.uniform(lo, hi), 3), rng.randint(8, 32))
+            segments.append(Segment(rng.randint(32, 200) if k == 0 else 0,
+                                    rng.randint(8, 48), call))
+        t += rng.expovariate(qps)
+        jobs.append(JobTrace(f"j{i}", tuple(segments), round(t, 4), category))
+    return jobs
+
+
+def prompt_ids_for(vocab_size: int, seed: int):
+    """Seeded prompt token ids in the model's vocabulary, the same for every policy."""
+    def ids(job_id: str, index: int, n: int) -> list[int]:
+        rng = random.Random(f"{seed}:{job_id}:{index}")
+        return [rng.randrange(FIRST_ID, vocab_size) for _ in range(n)]
+    return ids
+
+
+def _vocab_size(model: Path) -> int:
+    return int(json.loads((model / "config.json").read_text())["vocab_size"])
+
+
+def run_policy(cfg: VllmBenchConfig, policy: str, jobs: list[JobTrace], model: str,
+               base: Path, prompt_ids, log=sys.stderr) -> PolicyRun:
+    from astraea.profile import load_profile
+    from astraea.replay import replay
+    from astraea.stack import Stack, StackConfig
+    from astraea.telemetry.span_files import kv_decision_counts, load_spans
+
+    span_dir = base / policy / "traces"
+    stack_cfg = StackConfig(policy=policy, profile=cfg.profile, time_scale=1.0, workers=1,
+                            kv_blocks=cfg.kv_blocks, backend="vllm", model=model,
+                            control_plane_listen="127.0.0.1:0",
+                            predictor_listen="127.0.0.1:0", log_dir=str(base / policy / "logs"),
+                            log_level=cfg.log_level, span_dir=str(span_dir))
+    started = time.monotonic()
+    with Stack(stack_cfg) as st:
+        print(f"  [{policy}] stack up in {time.monotonic() - started:.1f} s; replaying "
+              f"{len(jobs)} jobs ...", file=log, flush=True)
+        res = asyncio.run(replay(jobs, st.control_plane_address, load_profile(cfg.profile),
+                                 1.0, log=log, prompt_ids=prompt_ids, stop_ends_job=True))
+    counts = kv_decision_counts(load_spans(str(span_dir))) if span_dir.exists() else {}
+    print(f"  [{policy}] {len(jobs) - len(res.errors)}/{len(jobs)} jobs in {res.wall_s:.1f} s; "
+          f"({len(res.stopped_early)} ended early by EOS); KV decisions {counts}", file=log,
+          flush=True)
+    for job_id, err in list(res.errors.items())[:5]:
+        print(f"  [{policy}] job {job_id} failed: {err}", file=log)
+    return PolicyRun(policy, res.summary, res.errors, res.wall_s, res.stopped_early, counts,
+                     dict(st.exit_codes), str(st.log_dir))
+
+
+def run(cfg: VllmBenchConfig, log=sys.stderr) -> dict:
+    """Every policy on the same jobs; the report (see `format_report`)."""
+    from worker.tiny_model import build_tiny_model
+
+    if cfg.kv_blocks < 1:
+        raise ValueError("--kv-blocks must be at least 1")
+    if not cfg.policies:
+        raise ValueError("--policies: give at least one policy")
+    started = time.monotonic()
+    model = Path(cfg.model) if cfg.model else build_tiny_model()
+    jobs = tiny_agent_trace(cfg.jobs, cfg.seed, cfg.qps)
+    longest = max(j.total_tokens for j in jobs)
+    if longest > cfg.kv_blocks * 32:
+        raise ValueError(f"a job of {longest} tokens does not fit {cfg.kv_blocks} blocks of 32")
+    base = Path(cfg.log_dir) if cfg.log_dir else Path(tempfile.mkdtemp(prefix="astraea-bench-vllm-"))
+    print(f"astraea bench-vllm: {len(jobs)} agent jobs at {cfg.qps:g} QPS (seed {cfg.seed}), "
+          f"{sum(len(j.segments) - 1 for j in jobs)} tool calls, {longest} tokens at most; one "
+          f"vLLM worker ({model.name}) with {cfg.kv_blocks} KV blocks; logs in {base}",
+          file=log, flush=True)
+    prompt_ids = prompt_ids_for(_vocab_size(model), cfg.seed)
+    runs = [run_policy(cfg, p, jobs, str(model), base, prompt_ids, log) for p in cfg.policies]
+    by = {r.policy: r for r in runs}
+    ratio = None
+    if "vllm-fcfs" in by and "astraea" in by:
+        fcfs = by["vllm-fcfs"].summary.get("mean_jct_s", float("nan"))
+        ratio = by["astraea"].summary.get("mean_jct_s", float("nan")) / fcfs
+    return {"config": {**asdict(cfg), "policies": list(cfg.policies), "model": str(model)},
+            "jobs": len(jobs), "runs": [asdict(r) for r in runs],
+            "ratio_astraea_over_fcfs": ratio, "wall_s": time.monotonic() - started}
+
+
+def format_report(report: dict) -> str:
+    nan = float("nan")
+    n = report["jobs"]
+    lines = [f"{'policy':<12}{'jobs done':>11}{'mean JCT s':>12}{'p99 JCT s':>11}"
+             f"{'preserve':>10}{'swap':>6}{'discard':>9}{'EOS':>6}"]
+    for r in report["runs"]:
+        s, kv = r["summary"], r["kv_decisions"]
+        lines.append(f"{r['policy']:<12}{s.get('jobs_completed', 0):>7d}/{n:<3d}"
+                     f"{s.get('mean_jct_s', nan):>12.2f}{s.get('p99_jct_s', nan):>11.2f}"
+                     f"{kv.get('preserve', 0):>10d}{kv.get('swap', 0):>6d}"
+                     f"{kv.get('discard', 0):>9d}{len(r['stopped_early']):>6d}")
+    ratio = report.get("ratio_astraea_over_fcfs")
+    if ratio is not None:
+        lines.append(f"mean JCT astraea / vllm-fcfs = {ratio:.3f} ({(ratio - 1) * 100:+.1f} %)")
+    return "\n".join(lines)
