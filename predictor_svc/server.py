@@ -27,7 +27,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Tracer
 
 from astraea.profile import HardwareProfile, ProfileError, load_profile
-from astraea.telemetry import extract_context, setup_service_telemetry
+from astraea.telemetry import add_log_level_argument, extract_context, setup_service_telemetry
 from astraea.v1 import predictor_pb2, predictor_pb2_grpc
 from predictor_svc.estimators import OnlineEstimator
 from predictor_svc.state import PredictorState, StateError, load_state, save_state
@@ -246,8 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="state file: loaded at start if it exists, saved on SIGTERM/SIGINT")
     parser.add_argument("--grace", type=float, default=SHUTDOWN_GRACE_S,
                         help="seconds in-flight calls get to finish on shutdown")
-    parser.add_argument("--log-level", default=None,
-                        help="debug … critical (default: $ASTRAEA_LOG_LEVEL or info)")
+    add_log_level_argument(parser)
     return parser
 
 

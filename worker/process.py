@@ -28,7 +28,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
 from astraea import wire
-from astraea.telemetry import get_logger, setup_service_telemetry, spans
+from astraea.telemetry import add_log_level_argument, get_logger, setup_service_telemetry, spans
 from astraea.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from control_plane.core.job import KvAction
 from control_plane.core.plan import Admit
@@ -408,8 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="SECONDS",
                         help="send a heartbeat when nothing else was sent for this long; keep "
                              "it well under the control plane's --worker-timeout")
-    parser.add_argument("--log-level", default=None,
-                        help="debug … critical (default: $ASTRAEA_LOG_LEVEL or info)")
+    add_log_level_argument(parser)
     return parser
 
 

@@ -27,6 +27,7 @@ from astraea.telemetry.setup import (
     Telemetry,
     TelemetryConfig,
     TelemetryConfigError,
+    add_log_level_argument,
     setup_service_telemetry,
     setup_telemetry,
 )
@@ -47,7 +48,7 @@ from astraea.telemetry.spans import (
 )
 
 __all__ = [
-    "Metrics", "Telemetry", "TelemetryConfig", "TelemetryConfigError", "add_trace_context",
+    "Metrics", "Telemetry", "add_log_level_argument", "TelemetryConfig", "TelemetryConfigError", "add_trace_context",
     "api_wait_span", "build_batch_span", "configure_logging", "extract_context",
     "finish_api_wait", "finish_job", "finish_segment", "get_logger", "inject_metadata",
     "job_span", "kv_decision_attributes", "record_kv_decision", "record_plan", "segment_span",

@@ -201,6 +201,12 @@ def _span_file_exporter(config: TelemetryConfig) -> ConsoleSpanExporter:
     return ConsoleSpanExporter(out=out, formatter=lambda span: span.to_json(indent=None) + "\n")
 
 
+def add_log_level_argument(parser: argparse.ArgumentParser) -> None:
+    """Every service's `--log-level`, which `setup_service_telemetry` applies."""
+    parser.add_argument("--log-level", default=None,
+                        help="debug … critical (default: $ASTRAEA_LOG_LEVEL or info)")
+
+
 def setup_service_telemetry(parser: argparse.ArgumentParser, service_name: str,
                             log_level: str | None) -> Telemetry:
     """What every service's main() does first: telemetry from the environment, made global

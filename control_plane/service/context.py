@@ -78,8 +78,8 @@ class ControlPlane:
             observe(steps)
 
     def _kv_utilization(self) -> dict[int, float]:
-        return {w: 1.0 - e.view.free_blocks / e.view.total_blocks
-                for w, e in self.registry.workers.items() if e.view.total_blocks}
+        return {w: e.view.utilization for w, e in self.registry.workers.items()
+                if e.view.total_blocks}
 
     def mark_dirty(self) -> None:
         """Something the plan depends on changed: the planner will run."""

@@ -17,7 +17,7 @@ from astraea.telemetry import build_batch_span, get_logger, record_plan
 from astraea.v1 import worker_pb2
 from control_plane.core.plan import Admit
 from control_plane.service.context import ControlPlane
-from control_plane.service.registry import view_counters
+from control_plane.service.registry import counters_change, view_counters
 
 log = get_logger("astraea.control_plane.planner")
 
@@ -85,8 +85,7 @@ class Planner:
                 self._fill_admit(action, msg.admit)
             per_worker[action.worker_id].append(msg)
         for worker_id, msgs in per_worker.items():
-            after = view_counters(views[worker_id])
-            cp.send(worker_id, msgs, tuple(a - b for a, b in zip(after, before[worker_id])))
+            cp.send(worker_id, msgs, counters_change(views[worker_id], before[worker_id]))
 
     def _fill_admit(self, action: Admit, admit: worker_pb2.Admit) -> None:
         """The segment's input, which the core's Admit does not carry: what is left of the

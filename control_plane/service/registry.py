@@ -27,6 +27,11 @@ def view_counters(view: WorkerView) -> tuple[int, ...]:
     return tuple(getattr(view, f) for f in PLANNED_FIELDS)
 
 
+def counters_change(view: WorkerView, before: tuple[int, ...]) -> tuple[int, ...]:
+    """What was planned on `view` since its counters were `before` (see PLANNED_FIELDS)."""
+    return tuple(a - b for a, b in zip(view_counters(view), before))
+
+
 @dataclass
 class WorkerEntry:
     """One connected worker (one `WorkerService.Connect` stream)."""

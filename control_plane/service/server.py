@@ -25,6 +25,7 @@ from opentelemetry.trace import Tracer
 from astraea.profile import ProfileError, load_profile
 from astraea.telemetry import (
     Metrics,
+    add_log_level_argument,
     get_logger,
     setup_service_telemetry,
 )
@@ -188,8 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="SECONDS",
                         help="drop a worker that sent nothing (not even a heartbeat) for this "
                              "long and re-queue its jobs; 0 never drops one")
-    parser.add_argument("--log-level", default=None,
-                        help="debug … critical (default: $ASTRAEA_LOG_LEVEL or info)")
+    add_log_level_argument(parser)
     return parser
 
 

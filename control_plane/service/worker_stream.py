@@ -25,7 +25,13 @@ from astraea.v1 import agent_pb2, common_pb2, worker_pb2, worker_pb2_grpc
 from control_plane.core.job import JobState
 from control_plane.core.scheduler import SchedulerError
 from control_plane.service.context import ControlPlane
-from control_plane.service.registry import JobEntry, Segment, WorkerEntry, view_counters
+from control_plane.service.registry import (
+    JobEntry,
+    Segment,
+    WorkerEntry,
+    counters_change,
+    view_counters,
+)
 from worker.backend import BackendInfo
 
 log = get_logger("astraea.control_plane.workers")
@@ -229,7 +235,7 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
                                       predicted)
         if pause is not None:
             # Sent as a plan: what it frees stays in the view until a report includes it.
-            change = tuple(a - b for a, b in zip(view_counters(worker.view), before))
+            change = counters_change(worker.view, before)
             self.cp.send(worker.worker_id, [wire.plan_action_to_proto(pause)], change)
         else:
             self.cp.finish_job(entry, "segment ended without a tool call", cancel=False)
