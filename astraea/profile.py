@@ -163,6 +163,14 @@ class HardwareProfile:
             raise ProfileError(f"{origin}: sizes and times must not be negative")
         if prof.kv_capacity_blocks <= 0:
             raise ProfileError(f"{origin}: no KV capacity left after the weights")
+        if not prof.marginal_prefill_ms_per_token() > 0:
+            # The token cost (the MLFQ's quantum) is counted in prefill-token equivalents.
+            budget = prof.max_num_batched_tokens
+            raise ProfileError(
+                f"{origin}: step time must grow with the tokens in a step; it is "
+                f"{prof.non_attention_ms(budget):.4g} ms at {budget} tokens (the step budget) "
+                f"and {prof.non_attention_ms(1):.4g} ms at 1 token"
+            )
         if prof.max_num_seqs > prof.max_num_batched_tokens:
             # Every running sequence must be able to decode in every step.
             raise ProfileError(f"{origin}: max_num_seqs must not exceed max_num_batched_tokens")

@@ -94,6 +94,11 @@ BAD = [
     ("unsorted table", profile_dict(step_time={"kind": "table", "points_tokens_ms": [[10, 5.0], [5, 6.0]]}),
      "points_tokens_ms"),
     ("text number", profile_dict(kv_bytes_per_token="lots"), "lots"),
+    # A flat step time makes prefill free, and the MLFQ's token cost divides by its price.
+    ("flat table", profile_dict(step_time={"kind": "table", "points_tokens_ms": [[1, 2.2], [256, 2.2]]}),
+     "step time must grow"),
+    ("free prefill", profile_dict(step_time={"kind": "linear", "c_ms": 10.0, "a_ms_per_token": 0.0}),
+     "step time must grow"),
     ("weights fill the GPU", profile_dict(weights_bytes=2e9), "KV capacity"),
     ("more seqs than budget", profile_dict(max_num_seqs=100, max_num_batched_tokens=64), "max_num_seqs"),
 ]

@@ -60,3 +60,18 @@ def test_bench_runs_on_the_measured_profile(measured, capsys):
                  "--policies", "vllm-fcfs", "--parallel", "1"]) == 0
     out = capsys.readouterr().out
     assert "vllm-fcfs" in out
+
+
+def test_isotonic_fit_averages_a_slow_small_step_instead_of_lifting_every_size():
+    """The step table the simulator prices prefill by: one slow 1-token sample (a cold
+    first step) must not make all small sizes cost as much as it (the old running
+    maximum turned a table flat that way, and a flat table makes prefill free)."""
+    from worker.vllm_profile import _isotonic
+
+    measured = [2.23, 1.69, 1.68, 1.94, 2.29, 3.15]
+    fitted = _isotonic(measured)
+    assert all(b >= a for a, b in zip(fitted, fitted[1:]))
+    assert fitted[0] == pytest.approx((2.23 + 1.69 + 1.68) / 3)
+    assert fitted[3:] == measured[3:]  # already increasing: untouched
+    assert sum(fitted) == pytest.approx(sum(measured))  # least squares keeps the mean
+    assert _isotonic([3.0, 2.0, 1.0]) == pytest.approx([2.0, 2.0, 2.0])
