@@ -276,28 +276,89 @@ def test_admit_of_a_running_job_is_refused(engine, prompts):
     engine.abort("job")
 
 
-def test_swap_in_without_room_is_refused(engine, prompts, reference):
-    P, T = prompts
-    out1_ref, out2_ref = reference
+def _swapped_with_a_hog(engine, P, hog_running: bool) -> int:
+    """`job` ran segment 1 and is swapped out; `hog` holds so many blocks that the swap-in
+    does not fit. Returns the swap-in's blocks."""
     engine.admit("job", P, N)
     run_segment(engine, "job")
     engine.pause("job", KvAction.SWAP)
     swapped = blocks_for(len(P) + N - 1)
-    # A job that leaves fewer free blocks than the swap-in needs.
-    hog_tokens = (NUM_BLOCKS - 1 - (swapped - 1)) * BLOCK - 1
-    engine.admit("hog", [7 + i % 400 for i in range(hog_tokens)], 1)
-    run_segment(engine, "hog")
+    hog_tokens = (NUM_BLOCKS - 1 - (swapped - 1)) * BLOCK - 8
+    engine.admit("hog", [7 + i % 400 for i in range(hog_tokens)], 4)
+    if hog_running:
+        engine.step()  # its prefill; it keeps decoding
+    else:
+        run_segment(engine, "hog")  # a paused session holding its blocks
     assert engine.memory().free_blocks < swapped
-    before = snapshot(engine, ["job", "hog"])
-    with pytest.raises(EngineError, match="swap-in needs"):
-        engine.admit("job", T, M)
-    assert snapshot(engine, ["job", "hog"]) == before
+    return swapped
+
+
+def test_swap_in_without_room_waits_for_it_then_restores_exactly(engine, prompts, reference):
+    """The control plane planned a swap-in with blocks vLLM has since given away: the
+    admission waits (held, its blocks reported as taken) with every admission ranked behind
+    it, and once room is made it restores from the host copy, with no recompute."""
+    P, T = prompts
+    _, out2_ref = reference
+    swapped = _swapped_with_a_hog(engine, P, hog_running=True)
+    engine.admit("job", T, M, priority=0.0)
+    engine.admit("later", [5, 6, 7], 2, priority=1.0)  # it would fit, but ranks behind
+    assert engine.job_kv("job") is engine.job_kv("later") is JobKv.HELD
+    assert engine.memory().held_swap_in_blocks == swapped
+    check_memory(engine, host=swapped)  # the host copy is still there
+
+    result = engine.step()  # hog still decoding: wait, nothing handed back
+    assert not result.preempted and engine.job_kv("job") is JobKv.HELD
+    with pytest.raises(EngineError, match="already running"):
+        engine.admit("job", T, M)  # already admitted
+
+    run_segment(engine, "hog")
+    engine.pause("hog", KvAction.DISCARD)  # what the control plane does to make room
+    out2, end, _ = run_segment(engine, "job")
+    assert out2 == out2_ref
+    assert end.prefill_tokens == 1 + len(T)  # swapped in, not recomputed
+    assert engine.job_kv("later") is not JobKv.HELD  # released right behind it
+    check_memory(engine, host=0)
+    for j in ("job", "hog", "later"):
+        engine.abort(j)
+
+
+def test_held_swap_in_is_handed_back_when_nothing_can_free_room(engine, prompts, reference):
+    """With vLLM running nothing, no blocks will come free by themselves: the held swap-in
+    comes back as preempted with its copy kept (SWAP), and admitted again it is exact."""
+    P, T = prompts
+    _, out2_ref = reference
+    swapped = _swapped_with_a_hog(engine, P, hog_running=False)
+    engine.admit("job", T, M)
+    result = engine.step()
+    assert [(p.job_id, p.generated_tokens, p.action, p.held) for p in result.preempted] == \
+        [("job", 0, KvAction.SWAP, True)]
+    assert engine.job_kv("job") is JobKv.SWAPPED
+    assert engine.memory().held_swap_in_blocks == 0
     check_memory(engine, host=swapped)
 
-    engine.abort("hog")  # room again: the same admission now works, and exactly
+    engine.pause("hog", KvAction.DISCARD)
+    engine.admit("job", [], M)  # T was taken with the first admission
+    assert engine.job_kv("job") is JobKv.RUNNING  # room now: no wait
+    out2, end, _ = run_segment(engine, "job")
+    assert out2 == out2_ref and end.prefill_tokens == 1 + len(T)
+    for j in ("job", "hog"):
+        engine.abort(j)
+
+
+def test_preempting_a_held_swap_in_discards_its_copy(engine, prompts, reference):
+    P, T = prompts
+    _, out2_ref = reference
+    _swapped_with_a_hog(engine, P, hog_running=True)
     engine.admit("job", T, M)
-    out2, _, _ = run_segment(engine, "job")
-    assert out2 == out2_ref
+    assert engine.job_kv("job") is JobKv.HELD
+    p = engine.preempt("job", KvAction.DISCARD)
+    assert (p.generated_tokens, p.action) == (0, KvAction.DISCARD)
+    assert engine.job_kv("job") is JobKv.DISCARDED
+    check_memory(engine, host=0)
+    engine.abort("hog")
+    engine.admit("job", [], M)
+    out2, end, _ = run_segment(engine, "job")
+    assert out2 == out2_ref and end.prefill_tokens == len(P) + N + len(T)  # recomputed
     engine.abort("job")
 
 

@@ -271,6 +271,77 @@ def test_missing_model_folder_fails_start(tmp_path) -> None:
         asyncio.run(backend.start())
 
 
+def test_job_whose_worker_is_lost_resumes_on_another_token_exact(model_dir, tokenizer) -> None:
+    """A job pauses for a tool on worker A; A is lost with the job's KV and token history; the
+    job's next segment runs on worker B from the history the control plane kept (text
+    prompts as sent, output ids), recomputed there, and continues exactly as an unbroken run.
+    Its own stack: two engines in this process, one control plane."""
+    prompts = [tokenizer.encode(PROMPT).ids, tokenizer.encode(RESULTS[0], add_special_tokens=False).ids]
+    segments = list(zip(prompts, SEGMENTS[:2], strict=True))
+
+    def backend() -> VllmBackend:
+        return VllmBackend(EngineConfig(model=str(model_dir), num_blocks=NUM_BLOCKS,
+                                        host_swap_blocks=HOST_BLOCKS))
+
+    async def registered(server, names: set[str]) -> None:
+        for _ in range(1200):
+            if {w.name for w in server.control_plane.registry.workers.values()} == names:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"workers never became {names}")
+
+    async def main():
+        server = await serve("127.0.0.1:0", "astraea", PROFILE, ServiceConfig(time_scale=1.0))
+        address = f"127.0.0.1:{server.bound_port}"
+        a, b = backend(), backend()
+        worker_a = asyncio.create_task(run_worker(address, a, "vllm-a"))
+        worker_b = None
+        try:
+            await registered(server, {"vllm-a"})
+            async with AsyncAgentClient(address) as client:
+                await client.start_job("moved", category="test")
+                first = await client.run_segment("moved", prompt_text=PROMPT,
+                                                 max_tokens=SEGMENTS[0], temperature=0.0,
+                                                 next_tool_category="search")
+                async with client.tool_call("moved", "search"):
+                    worker_b = asyncio.create_task(run_worker(address, b, "vllm-b"))
+                    await registered(server, {"vllm-a", "vllm-b"})
+                    worker_a.cancel()  # A is gone, and its KV and history with it
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await worker_a
+                    await a.stop()
+                    await registered(server, {"vllm-b"})
+                second = await client.run_segment("moved", prompt_text=RESULTS[0],
+                                                  max_tokens=SEGMENTS[1], temperature=0.0)
+                await client.end_job("moved")
+            want, margins = await b.run_on_engine(
+                lambda engine: references(engine, {"ref": segments}))
+            return first, second, b.applied.copy(), want["ref"], margins["ref"]
+        finally:
+            await stop(server, grace=0.5)
+            for task in (worker_a, worker_b):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+            await a.stop()
+            await b.stop()
+
+    loop = asyncio.new_event_loop()
+    try:
+        first, second, applied, want, margins = loop.run_until_complete(
+            asyncio.wait_for(main(), 120))
+    finally:
+        loop.close()
+    assert [len(o) for o in want] == list(SEGMENTS[:2]), "an early EOS: the check would be short"
+    assert min(margins) >= MIN_MARGIN, "a near-tie: token-exact checks would be flaky"
+    assert first.tokens == want[0]
+    assert second.tokens == want[1]
+    # B had never seen the job: it was admitted new, with the whole history to recompute.
+    assert applied["admit_new"] == 1 and applied["admit_preserved"] == 0
+    assert second.timings.prefill_tokens == len(prompts[0]) + SEGMENTS[0] + len(prompts[1])
+
+
 def test_engine_dying_mid_run_ends_the_worker(live, tokenizer) -> None:
     """Last in the module: it kills the shared worker. A step that raises fails the backend;
     the worker closes its stream and exits 1, and the control plane drops it and re-queues

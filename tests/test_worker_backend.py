@@ -301,6 +301,31 @@ def test_abort_frees_everything_the_job_holds_in_any_state(simple_profile):
     run(main())
 
 
+def test_release_frees_a_jobs_kv_quietly_and_ignores_unknown_jobs(simple_profile):
+    """What the worker calls after the engine refused a job's Admit: the job's GPU blocks and
+    host copy are freed, nothing is reported for the job, and an unknown job is a no-op."""
+    async def main():
+        async with Harness(simple_profile, kv_blocks=100) as h:
+            host_total = h.b.view().host_free_blocks
+            for job in ("held", "swapped"):
+                await h.admit(job, new=100, max_tokens=4)
+                await h.finished(job)
+            await h.b.apply(Pause("swapped", 0, KvAction.SWAP))
+            await h.idle()
+            assert h.b.view().free_blocks < 100 and h.b.view().host_free_blocks < host_total
+            for job in ("held", "swapped", "never-seen"):
+                await h.b.release(job)
+            await h.idle()
+            view = h.b.view()
+            assert (view.free_blocks, view.host_free_blocks) == (100, host_total)
+            assert not [ev for ev in h.events if isinstance(ev, SegmentPreempted)]
+            # A released job can be admitted again from scratch (recomputed).
+            await h.admit("held", new=10, context=104, max_tokens=2)
+            await h.finished("held")
+
+    run(main())
+
+
 def _state(b: SimulatedBackend):
     e = b.engine
     return (dict(e.held), dict(e.swapped), list(e.running), e.pool.free, e.pool.cached_total,

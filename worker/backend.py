@@ -33,7 +33,14 @@ from control_plane.core.plan import WorkerView
 class BackendError(RuntimeError):
     """A plan action the engine cannot carry out (unknown job, wrong state, no room).
 
-    The backend's state is unchanged; the worker reports it and carries on."""
+    The backend's state is unchanged; the worker reports it and carries on. `retryable` is
+    False when the job itself can never run on this engine (its context and budget exceed
+    the model's window, it has no input), so that the control plane fails the job with the
+    reason instead of queueing it again."""
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class BackendFailed(RuntimeError):
@@ -54,6 +61,9 @@ class BackendInfo:
     profile_name: str
 
 
+ContextPiece = str | tuple[int, ...]  # a prompt's text, or token ids (prompt or output)
+
+
 @dataclass(frozen=True)
 class SegmentInput:
     """The segment data an `Admit` needs beyond the core's plan action (proto `Admit`)."""
@@ -61,8 +71,12 @@ class SegmentInput:
     max_tokens: int  # tokens this admission generates at most (the simulated backend: exactly)
     first_index: int = 0  # index in the segment's output of this admission's first token
     prompt_token_ids: tuple[int, ...] | None = None  # the new tokens (a real engine needs them)
-    context_token_ids: tuple[int, ...] | None = None  # the history, when it must be recomputed
     prompt_text: str | None = None  # the new input as text, when the client sent text
+    # The job's whole history, when the worker does not hold it and must recompute it (a job
+    # placed on another worker): each prompt as the client sent it (text or ids) and each
+    # output as ids, in order. Prompt texts are tokenized one by one, exactly as they were
+    # when first admitted, so the recomputed ids are the ones the first worker had.
+    context: tuple[ContextPiece, ...] | None = None
 
 
 # --- events ---------------------------------------------------------------------------------
@@ -132,6 +146,11 @@ class Backend(Protocol):
 
     async def stop(self) -> None:
         """Stop stepping and release the engine; `events()` then ends. Idempotent."""
+
+    async def release(self, job_id: str) -> None:
+        """Free whatever KV the job holds (GPU blocks, host copy) but keep what the engine
+        needs to recompute it on its next admission (a real engine: its token history).
+        The worker calls it after refusing the job's Admit. A job it does not hold: no-op."""
 
     def describe(self) -> BackendInfo:
         """Model, capacities and limits, for registration. Valid after `start()`."""

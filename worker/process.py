@@ -9,9 +9,9 @@ TokenBatch, step timings into one StepReport, only the newest MemoryReport) whil
 job's tokens ahead of its SegmentEnded/Preempted.
 
 A plan action the engine refuses (`BackendError`) is logged and skipped. A refused Admit
-would leave the job "running" in the control plane forever, so the worker drops whatever it
-holds for the job (Abort) and reports it as preempted with its KV discarded: the control
-plane then queues it again.
+would leave the job "running" in the control plane forever, so the worker frees the job's KV
+(`backend.release`, which keeps its history) and reports `AdmitRefused`: the control plane
+queues the job again, with its prompt, or fails it when the refusal is not retryable.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import contextlib
 import signal
 import socket
 import time
+from dataclasses import dataclass
 
 import grpc
 from opentelemetry import propagate, trace
@@ -30,7 +31,6 @@ from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from astraea import wire
 from astraea.telemetry import add_log_level_argument, get_logger, setup_service_telemetry, spans
 from astraea.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from control_plane.core.job import KvAction
 from control_plane.core.plan import Admit
 from worker.backend import (
     Backend,
@@ -73,16 +73,27 @@ _FINISH_REASONS = {"stop": common_pb2.FINISH_REASON_STOP,
                    "tool_call": common_pb2.FINISH_REASON_TOOL_CALL}
 
 
+@dataclass(frozen=True)
+class AdmitRefused:
+    """Queued by the worker itself (not a backend event) when the backend refused an Admit;
+    it goes out in order with the job's backend events."""
+
+    job_id: str
+    reason: str
+    retryable: bool
+
+
 def _segment_input(a: worker_pb2.Admit) -> SegmentInput:
     # The Admit carries what is left of the segment's budget (`max_tokens`) and the whole
     # budget (`sampling.max_tokens`); their difference is where this admission starts.
     budget = a.sampling.max_tokens if a.sampling.HasField("max_tokens") else 0
     max_tokens = a.max_tokens or budget
     ids = tuple(a.prompt_token_ids.ids) if a.WhichOneof("prompt") == "prompt_token_ids" else None
-    ctx = tuple(a.context_token_ids.ids) if a.HasField("context_token_ids") else None
     text = a.prompt_text if a.WhichOneof("prompt") == "prompt_text" else None
+    context = tuple(p.text if p.WhichOneof("piece") == "text" else tuple(p.token_ids.ids)
+                    for p in a.context) or None
     return SegmentInput(max_tokens=max_tokens, first_index=max(budget - max_tokens, 0),
-                        prompt_token_ids=ids, context_token_ids=ctx, prompt_text=text)
+                        prompt_token_ids=ids, prompt_text=text, context=context)
 
 
 def _to_messages(items: list, worker_id: int,
@@ -137,6 +148,10 @@ def _to_messages(items: list, worker_id: int,
             out.append(worker_pb2.WorkerMessage(preempted=worker_pb2.Preempted(
                 job_id=ev.job_id, generated_tokens=ev.generated_tokens,
                 action=wire.kv_action_to_proto(ev.action))))
+        elif isinstance(ev, AdmitRefused):
+            flush_tokens()
+            out.append(worker_pb2.WorkerMessage(admit_refused=worker_pb2.AdmitRefused(
+                job_id=ev.job_id, reason=ev.reason, retryable=ev.retryable)))
     flush_tokens()
     if steps:
         out.append(worker_pb2.WorkerMessage(step_report=worker_pb2.StepReport(steps=steps)))
@@ -258,9 +273,8 @@ class WorkerProcess:
                         job_id=action.job_id, error=str(e))
             if isinstance(action, Admit):
                 self._end_span(action.job_id, f"admit refused: {e}", error=True)
-                await self.backend.apply(wire.Abort(action.job_id, self.worker_id,
-                                                    "admit refused"))
-                self._out.put_nowait(SegmentPreempted(action.job_id, 0, KvAction.DISCARD))
+                await self.backend.release(action.job_id)
+                self._out.put_nowait(AdmitRefused(action.job_id, str(e), e.retryable))
 
     # --- admission spans -----------------------------------------------------------------
     def _start_span(self, action: Admit, segment: SegmentInput, trace_context) -> None:

@@ -166,6 +166,22 @@ class SimulatedBackend:
         self._wake()
         return out
 
+    async def release(self, job_id: str) -> None:
+        """Free the job's GPU blocks or host copy, as an Abort does (the simulated engine
+        recomputes from counts alone: there is no history to keep)."""
+        if self._failed is not None or self._task is None or self._stopped:
+            return
+        e = self.engine
+        try:
+            if job_id in e.running:
+                e.preempt(job_id, KvAction.DISCARD, self._engine_now())
+                self._admissions.pop(job_id, None)
+            e.release(job_id)
+        except Exception as exc:  # nothing here is a refusal: the engine's state is suspect
+            raise self._fail(exc) from exc
+        self._memory_changed()
+        self._wake()
+
     def _check_admit(self, a: Admit, seg: SegmentInput | None) -> None:
         """What only the backend knows to check: the segment input. Everything else (room,
         context, state) the engine checks itself before it changes any state."""

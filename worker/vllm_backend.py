@@ -18,14 +18,13 @@ Finish reasons: a segment the model ended itself (EOS, a stop string) is reporte
 ``finish_reason="stop"``; one that reached its `max_tokens` is reported with no reason, so the
 control plane's rule (a `next_tool_category` hint → TOOL_CALL, else LENGTH) decides.
 
-Two places where the backend bends a plan rather than refuse it, because a refusal would
-lose the job (the worker answers a refused Admit with an Abort, and the control plane's next
-Admit carries no prompt and no context):
-* a swap-in for which vLLM has no free blocks *now* (the control plane does not see blocks
-  vLLM is about to give its queued and growing requests) drops the host copy and recomputes
-  the context instead (`applied["swap_in_recomputed"]`);
-* the worker's own Abort after a refused Admit (reason ``"admit refused"``) frees the job's
-  KV but keeps its token history, so the next admission can recompute it.
+A swap-in with too few free blocks waits in the engine (`VllmEngine`, "held"), and the
+blocks it will take are reported as used. A held swap-in the engine hands back (vLLM ran
+nothing that would free room) is reported as preempted with its KV swapped
+(`applied["swap_in_handed_back"]`).
+
+A job placed here without its history (`SegmentInput.context`: it ran on another worker)
+starts from that history, each prompt text tokenized as the first worker did.
 """
 
 from __future__ import annotations
@@ -57,8 +56,6 @@ from worker.backend import (
 )
 from worker.vllm_engine import EngineConfig, JobKv, VllmEngine
 
-ADMIT_REFUSED = "admit refused"  # the reason of the worker's Abort after a refused Admit
-
 
 @dataclass
 class _Admission:
@@ -75,13 +72,14 @@ class MemoryCheck:
 
     view: WorkerView
     pool_free_blocks: int  # counted block by block in vLLM's BlockPool
+    held_swap_in_blocks: int  # of those, what held swap-ins will take
     host_blocks_held: int  # counted in the worker extension's host copies
     host_total: int
 
     @property
     def ok(self) -> bool:
         v = self.view
-        return (v.free_blocks == self.pool_free_blocks
+        return (v.free_blocks == max(self.pool_free_blocks - self.held_swap_in_blocks, 0)
                 and v.host_free_blocks == self.host_total - self.host_blocks_held)
 
 
@@ -108,7 +106,8 @@ class VllmBackend:
         self.check_memory = check_memory  # verify every snapshot against the pool (tests)
         self.memory_checks: list[MemoryCheck] = []
         # What was carried out in vLLM, by kind: admit_<KV before>, pause_<action>,
-        # evict_<action>, preempt_<action>, vllm_preempted, swap_in_recomputed.
+        # evict_<action>, preempt_<action>, vllm_preempted, swap_in_held (waited for room),
+        # swap_in_handed_back, released (after a refused Admit).
         self.applied: Counter[str] = Counter()
         self.engine: VllmEngine | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -225,19 +224,20 @@ class VllmBackend:
             if seg.first_index < 0:
                 raise BackendError(f"job {j}: first_index must not be negative")
             kv = e.job_kv(j)
-            new = self._prompt_ids(seg, first=kv is None and not seg.context_token_ids)
-            if kv is JobKv.SWAPPED and not self._swap_in_fits(j):
-                # The control plane planned with blocks vLLM has since given to running
-                # requests. Refusing would cost the job its place (and the worker aborts a
-                # refused Admit); recomputing instead keeps it going: drop the host copy and
-                # let vLLM's scheduler prefill the whole context when there is room.
-                self._check_recompute(j, new, seg.max_tokens)
-                e.pause(j, KvAction.DISCARD)
-                self.applied["swap_in_recomputed"] += 1
-                kv = JobKv.DISCARDED
+            context = None
+            if seg.context:
+                # The control plane sends the history when it believes this worker lacks it;
+                # whatever the engine still has for the job is stale then.
+                context = self._context_ids(seg.context)
+                if kv is not None:
+                    e.abort(j)
+                    kv = None
+            new = self._prompt_ids(seg, first=kv is None and not context)
             e.admit(j, new, seg.max_tokens, priority=action.priority,
-                    context_token_ids=None if kv else list(seg.context_token_ids or ()))
+                    context_token_ids=context)
             self.applied[f"admit_{kv.value if kv else 'new'}"] += 1
+            if e.job_kv(j) is JobKv.HELD and kv is JobKv.SWAPPED:
+                self.applied["swap_in_held"] += 1
             self._admissions[j] = _Admission(self._now(), seg.first_index)
         elif isinstance(action, Pause | Evict):
             if isinstance(action, Evict) and action.action is KvAction.PRESERVE:
@@ -252,15 +252,6 @@ class VllmBackend:
             self.applied[f"preempt_{p.action.value}"] += 1
             out.preempted = SegmentPreempted(p.job_id, p.generated_tokens, p.action)
             out.events.append(out.preempted)
-        elif isinstance(action, Abort) and action.reason == ADMIT_REFUSED:
-            # The worker drops a refused Admit's job and reports it preempted (DISCARD); the
-            # control plane then admits it again, without its prompt. So keep the history
-            # and free only the KV: the next admission recomputes it.
-            if e.job_kv(action.job_id) is JobKv.RUNNING:
-                e.preempt(action.job_id, KvAction.DISCARD)
-            elif e.job_kv(action.job_id) is not None:
-                e.pause(action.job_id, KvAction.DISCARD)
-            self._admissions.pop(action.job_id, None)
         elif isinstance(action, Abort):
             e.abort(action.job_id)
             self._admissions.pop(action.job_id, None)
@@ -269,18 +260,35 @@ class VllmBackend:
         self._publish(out)
         return out.preempted
 
-    def _check_recompute(self, job_id: str, new: list[int], max_tokens: int) -> None:
-        """What `VllmEngine.admit` would refuse for a DISCARDED job, checked before its host
-        copy is dropped (so that a refusal still changes nothing)."""
-        history = len(self.engine._jobs[job_id].history)  # noqa: SLF001 - same package
-        if max_tokens < 1 or history + len(new) + max_tokens > self.engine.max_model_len:
-            raise BackendError(f"admit {job_id}: {history + len(new)} tokens plus "
-                               f"{max_tokens} new do not fit max_model_len "
-                               f"{self.engine.max_model_len}")
+    async def release(self, job_id: str) -> None:
+        if self._failed is not None:
+            raise self._failed
+        await self._call(self._release_sync, job_id)
+        self._wake.set()
 
-    def _swap_in_fits(self, job_id: str) -> bool:
-        job = self.engine._jobs[job_id]  # noqa: SLF001 - same package
-        return job.swapped_blocks <= self.engine.memory().free_blocks
+    def _release_sync(self, job_id: str) -> None:
+        e = self.engine
+        kv = e.job_kv(job_id)
+        if kv in (JobKv.RUNNING, JobKv.HELD):
+            e.preempt(job_id, KvAction.DISCARD)
+        elif kv in (JobKv.PRESERVED, JobKv.SWAPPED):
+            e.pause(job_id, KvAction.DISCARD)
+        else:
+            return  # unknown, or nothing held
+        self._admissions.pop(job_id, None)
+        self.applied["released"] += 1
+        self._publish(_Outcome())
+
+    def _context_ids(self, pieces) -> list[int]:
+        """A history from another worker as ids: prompt texts tokenized one by one, the
+        first with the model's special tokens, exactly as `_prompt_ids` did there."""
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if isinstance(piece, str):
+                ids += self._get_tokenizer().encode(piece, add_special_tokens=i == 0).ids
+            else:
+                ids += piece
+        return ids
 
     def _prompt_ids(self, seg: SegmentInput, first: bool) -> list[int]:
         if seg.prompt_token_ids is not None:
@@ -352,10 +360,10 @@ class VllmBackend:
                 end.job_id, end.generated_tokens, end.prefill_tokens, first - adm.admitted_s,
                 now - adm.admitted_s,
                 finish_reason="stop" if end.finish_reason == "stop" else None))
-        for p in result.preempted:  # vLLM's own, out of blocks: the KV is discarded
+        for p in result.preempted:  # vLLM's own (out of blocks), or a held swap-in
             if self._admissions.pop(p.job_id, None) is None:
                 continue
-            self.applied["vllm_preempted"] += 1
+            self.applied["swap_in_handed_back" if p.held else "vllm_preempted"] += 1
             out.events.append(SegmentPreempted(p.job_id, p.generated_tokens, p.action))
         self._publish(out)
 
@@ -364,11 +372,13 @@ class VllmBackend:
         """Hand `out`'s events and a fresh memory snapshot to the event loop, in order."""
         e = self.engine
         mem = e.memory()
-        running = [j for j in e.job_ids() if e.job_kv(j) is JobKv.RUNNING]
+        running = [j for j in e.job_ids() if e.job_kv(j) in (JobKv.RUNNING, JobKv.HELD)]
         ctx = sum(len(e._jobs[j].history) for j in running)  # noqa: SLF001 - same package
         view = WorkerView(
             worker_id=self.worker_id, total_blocks=mem.total_blocks,
-            free_blocks=mem.free_blocks, block_size=self.config.block_size,
+            # Blocks a held swap-in will take are as good as used.
+            free_blocks=max(mem.free_blocks - mem.held_swap_in_blocks, 0),
+            block_size=self.config.block_size,
             host_free_blocks=mem.host_swap_blocks_total - mem.host_swap_blocks_used,
             running_seqs=len(running), max_seqs=self.config.max_num_seqs,
             running_context_tokens=ctx, step_time_s=self._step_time_s,
@@ -382,7 +392,8 @@ class VllmBackend:
             if self.check_memory:
                 pool = e.core.scheduler.kv_cache_manager.block_pool
                 free = sum(1 for b in pool.blocks if b.ref_cnt == 0 and not b.is_null)
-                self.memory_checks.append(MemoryCheck(view, free, e.host_blocks_held(),
+                self.memory_checks.append(MemoryCheck(view, free, mem.held_swap_in_blocks,
+                                                      e.host_blocks_held(),
                                                       mem.host_swap_blocks_total))
         self._loop.call_soon_threadsafe(self._deliver, snap, out.events)
 

@@ -18,15 +18,25 @@ How each KV action maps onto vLLM (measured in docs/vllm-spike, paths under vllm
   back into them, and `num_computed_tokens` tells the scheduler they are already computed.
 
 Each pause, swap or preemption gives the job a new vLLM request id `<job>#<n>`.
+
+Swap-ins wait for room. vLLM gives blocks to its running requests as they grow, which the
+control plane does not see, so a swap-in can find fewer free blocks than it was planned
+with. Rather than recompute a context it has a copy of, the engine holds the admission (and,
+to keep the plan's order, every admission ranked behind it) until the blocks are free; the
+held blocks are reported as taken. If vLLM has nothing left to run, nothing will free them:
+the held swap-in is handed back as preempted with its copy kept (SWAP), so the control plane
+can make room with what it knows (evict a paused job) and admit it again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import os
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 # Read lazily by vllm.envs, so this is in time as long as no engine was built before.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process
@@ -35,7 +45,11 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; num_gpu_blocks_over
 from control_plane.core.job import KvAction  # noqa: E402
 from worker.backend import BackendError  # noqa: E402
 
+if TYPE_CHECKING:
+    from worker.vllm_scheduler import StepRecord
+
 EXTENSION = "worker.vllm_ext.KvSwapExtension"
+SCHEDULER = "worker.vllm_scheduler.RecordingScheduler"
 
 
 class EngineError(BackendError):
@@ -49,6 +63,7 @@ class JobKv(enum.Enum):
     PRESERVED = "preserved"  # segment ended; a paused vLLM session holds the blocks
     SWAPPED = "swapped"  # blocks copied to host memory and freed
     DISCARDED = "discarded"  # nothing kept; the next admission recomputes the context
+    HELD = "held"  # admitted, waiting in this engine for room to swap in (or behind one)
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,7 @@ class Preemption:
     job_id: str
     generated_tokens: int  # tokens of this admission generated before it stopped
     action: KvAction  # what was done with its KV: SWAP or DISCARD
+    held: bool = False  # a held swap-in handed back (vLLM ran nothing that would free room)
 
 
 @dataclass(frozen=True)
@@ -104,6 +120,7 @@ class MemoryReport:
     host_swap_blocks_total: int
     running_seqs: int  # requests vLLM is running
     preserved_seqs: int  # paused sessions holding blocks
+    held_swap_in_blocks: int = 0  # free blocks the held swap-ins will take
 
     @property
     def used_blocks(self) -> int:
@@ -126,8 +143,27 @@ class _Job:
         return f"{self.job_id}#{self.serial}"
 
 
+@dataclass
+class _Held:
+    """An admission the engine holds back until a swap-in ahead of it (or it) has room."""
+
+    job: _Job
+    prior: JobKv | None  # the job's KV when it was admitted; None: the job is new here
+    new: list[int]
+    max_tokens: int
+    priority: float
+    logprobs: int | None
+    order: int  # admission order, for ties in priority
+
+    @property
+    def key(self) -> tuple[float, int]:
+        return self.priority, self.order
+
+
 class VllmEngine:
     """vLLM's `EngineCore` driven job by job. Not thread-safe: call from one thread."""
+
+    _open = 0  # engines open in this process
 
     def __init__(self, config: EngineConfig) -> None:
         from vllm.engine.arg_utils import EngineArgs
@@ -147,7 +183,8 @@ class VllmEngine:
             # No step in flight while we move blocks between steps (the CPU build forces
             # this anyway, platforms/cpu.py:331).
             async_scheduling=False,
-            worker_extension_cls=EXTENSION)
+            worker_extension_cls=EXTENSION,
+            scheduler_cls=SCHEDULER)
         self.vllm_config = args.create_engine_config()
         # What InprocClient does (v1/engine/core_client.py:353), minus the front end.
         self.core = EngineCore(self.vllm_config, Executor.get_class(self.vllm_config),
@@ -161,11 +198,25 @@ class VllmEngine:
         self._generation_config, self._eos_id = self._eos_settings()
         self._jobs: dict[str, _Job] = {}
         self._by_rid: dict[str, _Job] = {}
-        self._last_schedule: dict | None = None
-        self._sched.schedule = self._recording(self._sched.schedule)
+        self._held: dict[str, _Held] = {}
+        self._admissions = 0
+        self._closed = False
+        VllmEngine._open += 1
 
     def close(self) -> None:
-        self.core.shutdown()
+        if self._closed:
+            return
+        self._closed = True
+        VllmEngine._open -= 1
+        if VllmEngine._open == 0:
+            self.core.shutdown()
+            return
+        # EngineCore.shutdown also tears down vLLM's process-wide distributed state
+        # (v1/engine/core.py:839), which the engines still open in this process (tests,
+        # tools) run on: release this engine's parts only, and leave that to the last one.
+        self.core.structured_output_manager.clear_backend()
+        self.core.model_executor.shutdown()
+        self.core.scheduler.shutdown()
 
     # --- admission ------------------------------------------------------------------------
 
@@ -179,30 +230,71 @@ class VllmEngine:
         job = self._jobs.get(job_id)
         if job is None:
             job = _Job(job_id, list(context_token_ids or ()))
-        elif job.kv is JobKv.RUNNING:
+        elif job.kv in (JobKv.RUNNING, JobKv.HELD):
             raise EngineError(f"admit {job_id}: a segment is already running")
+        # The job itself can never run like this: admitting it again would not help.
         if max_tokens < 1:
-            raise EngineError(f"admit {job_id}: max_tokens must be at least 1")
+            raise EngineError(f"admit {job_id}: max_tokens must be at least 1", retryable=False)
         if len(job.history) + len(new) + max_tokens > self.max_model_len:
             raise EngineError(f"admit {job_id}: {len(job.history) + len(new)} tokens plus "
-                              f"{max_tokens} new exceed max_model_len {self.max_model_len}")
+                              f"{max_tokens} new exceed max_model_len {self.max_model_len}",
+                              retryable=False)
         if not job.history and not new:
-            raise EngineError(f"admit {job_id}: no tokens")
+            raise EngineError(f"admit {job_id}: no tokens", retryable=False)
 
-        if job_id not in self._jobs:
-            self._submit_new(job, job.history + new, max_tokens, priority, logprobs)
-        elif job.kv is JobKv.PRESERVED:
-            self._resume_session(job, new, max_tokens, priority, logprobs)
-        elif job.kv is JobKv.SWAPPED:
-            self._swap_in(job, new, max_tokens, priority, logprobs)
+        self._admissions += 1
+        held = _Held(job, job.kv if job_id in self._jobs else None, new, max_tokens,
+                     priority, logprobs, self._admissions)
+        if held.prior is JobKv.SWAPPED or self._held:
+            # A swap-in may have to wait for blocks; anything behind one waits with it.
+            self._jobs[job_id] = job
+            job.kv = JobKv.HELD
+            self._held[job_id] = held
+            self._release_held()
+            return
+        self._dispatch(held)
+
+    def _dispatch(self, h: _Held) -> None:
+        """Hand an admission to vLLM; raises (changing nothing) if vLLM refuses it."""
+        job, new = h.job, h.new
+        if h.prior is None:  # first admission
+            self._submit_new(job, job.history + new, h.max_tokens, h.priority, h.logprobs)
+        elif h.prior is JobKv.PRESERVED:
+            self._resume_session(job, new, h.max_tokens, h.priority, h.logprobs)
+        elif h.prior is JobKv.SWAPPED:
+            self._swap_in(job, new, h.max_tokens, h.priority, h.logprobs)
         else:  # DISCARDED: the whole context is prefilled again
-            self._submit_new(job, job.history + new, max_tokens, priority, logprobs,
+            self._submit_new(job, job.history + new, h.max_tokens, h.priority, h.logprobs,
                              next_rid=True)
         # Only now, when nothing above raised, does the job change.
         job.history += new
         job.kv = JobKv.RUNNING
         job.generated = job.prefill_tokens = 0
-        self._jobs[job_id] = job
+        self._jobs[job.job_id] = job
+
+    def _release_held(self) -> None:
+        """Dispatch held admissions in plan order (priority, then arrival) until a swap-in
+        finds too few free blocks."""
+        for h in sorted(self._held.values(), key=lambda h: h.key):
+            if h.prior is JobKv.SWAPPED and not self._swap_in_fits(h.job):
+                return
+            self._unhold(h.job)
+            try:
+                self._dispatch(h)
+            except EngineError:  # vLLM had less room than its free count said: wait on
+                h.job.kv = JobKv.HELD
+                self._held[h.job.job_id] = h
+                return
+
+    def _swap_in_fits(self, job: _Job) -> bool:
+        return job.swapped_blocks <= self._pool.get_num_free_blocks()
+
+    def _unhold(self, job: _Job) -> _Held:
+        """Take a held admission back: the job returns to its KV state before it (a job new
+        here: DISCARDED, with nothing computed). The caller keeps `new` in the history."""
+        h = self._held.pop(job.job_id)
+        job.kv = h.prior if h.prior is not None else JobKv.DISCARDED
+        return h
 
     def _submit_new(self, job: _Job, tokens: list[int], max_tokens: int, priority: float,
                     logprobs: int | None, next_rid: bool = False) -> None:
@@ -264,7 +356,7 @@ class VllmEngine:
     def pause(self, job_id: str, action: KvAction) -> None:
         """What happens to a job's KV after its segment ended (while it waits for a tool)."""
         job = self._job(job_id, "pause")
-        if job.kv is JobKv.RUNNING:
+        if job.kv in (JobKv.RUNNING, JobKv.HELD):
             raise EngineError(f"pause {job_id}: a segment is running (preempt it)")
         if action is KvAction.PRESERVE:
             if job.kv is not JobKv.PRESERVED:
@@ -285,10 +377,12 @@ class VllmEngine:
         """Stop a running segment and swap or discard its KV. The job resumes with an
         `admit` of no new tokens and the rest of its `max_tokens`."""
         job = self._job(job_id, "preempt")
-        if job.kv is not JobKv.RUNNING:
+        if job.kv not in (JobKv.RUNNING, JobKv.HELD):
             raise EngineError(f"preempt {job_id}: no segment running")
         if action is KvAction.PRESERVE:
             raise EngineError(f"preempt {job_id}: a running segment cannot be preserved")
+        if job.kv is JobKv.HELD:
+            return self._preempt_held(job, action)
         done = action
         if action is KvAction.SWAP and self._computed_tokens(job) == 0:
             done = KvAction.DISCARD  # nothing computed yet, nothing to copy
@@ -299,11 +393,29 @@ class VllmEngine:
             job.kv = JobKv.DISCARDED
         return Preemption(job_id, job.generated, done)
 
+    def _preempt_held(self, job: _Job, action: KvAction) -> Preemption:
+        """A held admission never started: the job's KV gets `action` from where it was."""
+        h = self._unhold(job)
+        done = KvAction.DISCARD
+        if job.kv is JobKv.SWAPPED and action is KvAction.SWAP:
+            done = KvAction.SWAP  # the host copy stays
+        elif job.kv is JobKv.PRESERVED and action is KvAction.SWAP:
+            self._swap_out(job)
+            done = KvAction.SWAP
+        elif job.kv is not JobKv.DISCARDED:
+            self.pause(job.job_id, KvAction.DISCARD)
+        job.history += h.new  # computed or not, they are the job's (the next admission
+        job.generated = 0  # sends no new tokens after a preemption)
+        return Preemption(job.job_id, 0, done)
+
     def abort(self, job_id: str) -> None:
         """Forget the job, wherever its KV is; a job not held is a no-op."""
-        job = self._jobs.pop(job_id, None)
+        job = self._jobs.get(job_id)
         if job is None:
             return
+        if job.kv is JobKv.HELD:
+            self._unhold(job)
+        del self._jobs[job_id]
         if job.kv in (JobKv.RUNNING, JobKv.PRESERVED):
             self.core.abort_requests([job.rid])
         elif job.kv is JobKv.SWAPPED:
@@ -337,22 +449,24 @@ class VllmEngine:
 
     def has_work(self) -> bool:
         """Whether a step would run anything (paused sessions do not count)."""
-        return self._sched.has_requests()
+        return self._sched.has_requests() or bool(self._held)
 
     def step(self) -> StepResult:
-        """One engine step: schedule, run the model, sample."""
+        """One engine step: admit what was held and has room now, schedule, run the model,
+        sample."""
+        handed_back = self._release_or_hand_back()
         started = time.perf_counter()
         outputs, executed = self.core.step()
         duration = time.perf_counter() - started
         self.core.post_step(executed)
-        record, self._last_schedule = self._last_schedule, None
+        record = self._sched.take_step()
 
         timing = None
-        preempted: list[Preemption] = []
-        if record is not None and record["tokens"] > 0:
-            timing = StepTiming(record["tokens"], record["context_read"], duration)
-            preempted = self._discard_vllm_preemptions(record)
-            for rid, n in record["scheduled"].items():
+        preempted: list[Preemption] = handed_back
+        if record is not None and record.tokens > 0:
+            timing = StepTiming(record.tokens, record.context_read, duration)
+            preempted += self._discard_vllm_preemptions(record)
+            for rid, n in record.scheduled.items():
                 job = self._by_rid.get(rid)
                 if job is not None and job.generated == 0:
                     job.prefill_tokens += n
@@ -386,43 +500,33 @@ class VllmEngine:
             # A resumable request stays as a paused session holding its blocks.
             job.kv = JobKv.PRESERVED if job.rid in self._sched.requests else JobKv.DISCARDED
 
-    def _discard_vllm_preemptions(self, record: dict) -> list[Preemption]:
+    def _release_or_hand_back(self) -> list[Preemption]:
+        """Dispatch held admissions that have room. While vLLM runs nothing, no blocks will
+        come free: hand the first held swap-in back, copy kept, and try the rest."""
+        handed_back = []
+        self._release_held()
+        while self._held and not self._sched.has_requests():
+            h = min(self._held.values(), key=lambda h: h.key)
+            p = self._preempt_held(h.job, KvAction.SWAP)
+            handed_back.append(dataclasses.replace(p, held=True))
+            self._release_held()
+        return handed_back
+
+    def _discard_vllm_preemptions(self, record: StepRecord) -> list[Preemption]:
         """vLLM preempted requests to free blocks (scheduler.py:1571) and would recompute
         them by itself; the control plane decides when a job runs, so end the request."""
         preempted = []
-        for rid in record["preempted"]:
+        for rid, blocks in sorted(record.preempted.items()):
             job = self._by_rid.get(rid)
             if job is None:
                 continue
             self.core.abort_requests([rid])
             # vLLM already freed the blocks; drop them from the prefix cache too.
-            self._kvm.evict_blocks(set(record["blocks_before"].get(rid, ())))
+            self._kvm.evict_blocks(set(blocks))
             self._by_rid.pop(rid, None)
             job.kv = JobKv.DISCARDED
             preempted.append(Preemption(job.job_id, job.generated, KvAction.DISCARD))
         return preempted
-
-    def _recording(self, schedule):
-        """Wrap `Scheduler.schedule` to keep what each step scheduled (for prefill counts
-        and step timings) and the blocks of running requests (for vLLM's preemptions)."""
-        sched, kvm = self._sched, self._kvm
-
-        def recording_schedule(*args, **kwargs):
-            blocks_before = {r.request_id: list(kvm.get_block_ids(r.request_id)[0])
-                             for r in sched.running}
-            out = schedule(*args, **kwargs)
-            self._last_schedule = {
-                "scheduled": dict(out.num_scheduled_tokens),
-                "tokens": out.total_num_scheduled_tokens,
-                # After scheduling, num_computed_tokens includes this step's new tokens.
-                "context_read": sum(sched.requests[r].num_computed_tokens
-                                    for r in out.num_scheduled_tokens),
-                "preempted": sorted(out.preempted_req_ids or ()),
-                "blocks_before": blocks_before,
-            }
-            return out
-
-        return recording_schedule
 
     # --- memory ---------------------------------------------------------------------------
 
@@ -434,7 +538,9 @@ class VllmEngine:
             host_swap_blocks_used=self._host_blocks_used(),
             host_swap_blocks_total=self.config.host_swap_blocks,
             running_seqs=len(self._sched.running),
-            preserved_seqs=self._sched.num_waiting_for_streaming_input)
+            preserved_seqs=self._sched.num_waiting_for_streaming_input,
+            held_swap_in_blocks=sum(h.job.swapped_blocks for h in self._held.values()
+                                    if h.prior is JobKv.SWAPPED))
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block (tests: start from a cold cache). Needs all blocks

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("register", "step_report", "segment_ended", "preempted", "memory", "tokens", "heartbeat")
+    __slots__ = ("register", "step_report", "segment_ended", "preempted", "memory", "tokens", "heartbeat", "admit_refused")
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     STEP_REPORT_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_ENDED_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class WorkerMessage(_message.Message):
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    ADMIT_REFUSED_FIELD_NUMBER: _ClassVar[int]
     register: Register
     step_report: StepReport
     segment_ended: SegmentEnded
@@ -23,7 +24,8 @@ class WorkerMessage(_message.Message):
     memory: MemoryReport
     tokens: TokenBatch
     heartbeat: Heartbeat
-    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., step_report: _Optional[_Union[StepReport, _Mapping]] = ..., segment_ended: _Optional[_Union[SegmentEnded, _Mapping]] = ..., preempted: _Optional[_Union[Preempted, _Mapping]] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ..., tokens: _Optional[_Union[TokenBatch, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    admit_refused: AdmitRefused
+    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., step_report: _Optional[_Union[StepReport, _Mapping]] = ..., segment_ended: _Optional[_Union[SegmentEnded, _Mapping]] = ..., preempted: _Optional[_Union[Preempted, _Mapping]] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ..., tokens: _Optional[_Union[TokenBatch, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., admit_refused: _Optional[_Union[AdmitRefused, _Mapping]] = ...) -> None: ...
 
 class Register(_message.Message):
     __slots__ = ("worker_name", "model", "backend", "kv_capacity_blocks", "block_size", "host_swap_blocks", "max_num_seqs", "max_num_batched_tokens", "profile_name")
@@ -80,6 +82,16 @@ class Preempted(_message.Message):
     generated_tokens: int
     action: _common_pb2.KvAction
     def __init__(self, job_id: _Optional[str] = ..., generated_tokens: _Optional[int] = ..., action: _Optional[_Union[_common_pb2.KvAction, str]] = ...) -> None: ...
+
+class AdmitRefused(_message.Message):
+    __slots__ = ("job_id", "reason", "retryable")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RETRYABLE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    reason: str
+    retryable: bool
+    def __init__(self, job_id: _Optional[str] = ..., reason: _Optional[str] = ..., retryable: _Optional[bool] = ...) -> None: ...
 
 class MemoryReport(_message.Message):
     __slots__ = ("total_blocks", "free_blocks", "block_size", "host_free_blocks", "running_seqs", "max_seqs", "running_context_tokens", "step_time_s", "step_index", "swapping_out_blocks", "applied_plan_seq")
@@ -170,7 +182,7 @@ class PlanAction(_message.Message):
     def __init__(self, admit: _Optional[_Union[Admit, _Mapping]] = ..., pause: _Optional[_Union[Pause, _Mapping]] = ..., evict: _Optional[_Union[Evict, _Mapping]] = ..., preempt: _Optional[_Union[Preempt, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ...) -> None: ...
 
 class Admit(_message.Message):
-    __slots__ = ("job_id", "new_tokens", "context_tokens", "swap_in", "priority", "max_tokens", "sampling", "prompt_text", "prompt_token_ids", "context_token_ids", "trace_context")
+    __slots__ = ("job_id", "new_tokens", "context_tokens", "swap_in", "priority", "max_tokens", "sampling", "prompt_text", "prompt_token_ids", "context", "trace_context")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -187,7 +199,7 @@ class Admit(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    CONTEXT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     new_tokens: int
@@ -198,9 +210,17 @@ class Admit(_message.Message):
     sampling: _common_pb2.SamplingParams
     prompt_text: str
     prompt_token_ids: _common_pb2.TokenIds
-    context_token_ids: _common_pb2.TokenIds
+    context: _containers.RepeatedCompositeFieldContainer[ContextPiece]
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, job_id: _Optional[str] = ..., new_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ..., swap_in: _Optional[bool] = ..., priority: _Optional[float] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., context_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., new_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ..., swap_in: _Optional[bool] = ..., priority: _Optional[float] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., context: _Optional[_Iterable[_Union[ContextPiece, _Mapping]]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ContextPiece(_message.Message):
+    __slots__ = ("text", "token_ids")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: _common_pb2.TokenIds
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ...) -> None: ...
 
 class Pause(_message.Message):
     __slots__ = ("job_id", "action")

@@ -105,11 +105,12 @@ class ControlPlane:
                 wire.Abort(job.job_id, job.worker_id, reason))])
 
     # --- job lifecycle --------------------------------------------------------------------
-    def finish_job(self, entry: JobEntry, reason: str, cancel: bool,
-                   error: bool = False) -> None:
+    def finish_job(self, entry: JobEntry, reason: str, cancel: bool, error: bool = False,
+                   code: grpc.StatusCode = grpc.StatusCode.CANCELLED) -> None:
         """The job is over: end it in the core (`cancel`: it has not ended there yet), free
-        its worker's memory, close a RunSegment still streaming, and drop it from the core.
-        `error`: it ended abnormally (its trace's root span gets an error status)."""
+        its worker's memory, close a RunSegment still streaming (with status `code`), and drop
+        it from the core. `error`: it ended abnormally (its trace's root span gets an error
+        status)."""
         job = entry.job
         if cancel and job.state is not JobState.FINISHED:
             self.scheduler.job_cancelled(job.job_id, self.now())
@@ -117,8 +118,9 @@ class ControlPlane:
         seg = entry.segment
         if seg is not None and not seg.done:
             seg.done = True
-            seg.events.put_nowait(SegmentClosed(grpc.StatusCode.CANCELLED, f"job {job.job_id} ended: {reason}"))
+            seg.events.put_nowait(SegmentClosed(code, f"job {job.job_id} ended: {reason}"))
         entry.finished_unix_s = time.time()
+        entry.transcript, entry.output = [], None  # kept for GetJob: the history is not needed
         self.scheduler.forget_finished(job.job_id)
         self.mark_dirty()
         jct = (job.finished_s or 0.0) - job.arrival_s
@@ -175,6 +177,9 @@ class ControlPlane:
                 generated[job_id] = seg.next_index - seg.admission_base
                 seg.generated += generated[job_id]
         self.scheduler.worker_lost(worker_id, self.now(), generated)
+        for job_entry in self.registry.jobs.values():  # its histories are gone with it
+            if job_entry.history_worker == worker_id:
+                job_entry.history_worker = None
         (log.info if expected else log.warning)(
             "worker disconnected" if expected else "worker lost",
             worker_id=worker_id, worker_name=entry.name)

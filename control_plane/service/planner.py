@@ -82,19 +82,26 @@ class Planner:
         for action in actions:
             msg = wire.plan_action_to_proto(action)
             if isinstance(action, Admit):
-                self._fill_admit(action, msg.admit)
+                stale = self._fill_admit(action, msg.admit)
+                if stale is not None and stale in views:
+                    # The job's history moved away from `stale`: free its copy there.
+                    per_worker[stale].append(wire.plan_action_to_proto(wire.Abort(
+                        action.job_id, stale, f"history moved to worker {action.worker_id}")))
             per_worker[action.worker_id].append(msg)
         for worker_id, msgs in per_worker.items():
             cp.send(worker_id, msgs, counters_change(views[worker_id], before[worker_id]))
 
-    def _fill_admit(self, action: Admit, admit: worker_pb2.Admit) -> None:
+    def _fill_admit(self, action: Admit, admit: worker_pb2.Admit) -> int | None:
         """The segment's input, which the core's Admit does not carry: what is left of the
-        token budget, the sampling, and the prompt (on the first admission only: after a
-        preemption the worker or the recomputation already has it)."""
-        entry = self.cp.registry.jobs[action.job_id]
+        token budget, the sampling, the prompt (on the first admission only: after a
+        preemption the worker or the recomputation already has it), and the job's history
+        when the worker does not hold it. Returns the worker that held the history until now
+        if it should free it (a real engine keeps a job's token history), else None."""
+        cp = self.cp
+        entry = cp.registry.jobs[action.job_id]
         seg = entry.segment
         admit.trace_context.update(
-            self.cp.tracing.segment_admitted(entry.job, action.worker_id, action.swap_in))
+            cp.tracing.segment_admitted(entry.job, action.worker_id, action.swap_in))
         admit.max_tokens = seg.max_tokens - seg.generated
         admit.sampling.CopyFrom(seg.sampling)
         # The worker derives the admission's first token index from
@@ -103,11 +110,41 @@ class Planner:
         if seg.next_index != seg.generated:
             log.warning("streamed and reported token counts differ", job_id=action.job_id,
                         streamed=seg.next_index, reported=seg.generated)
+        old = entry.history_worker
+        moved = old != action.worker_id
+        # Only a real engine needs the history: the simulated one recomputes from counts.
+        entry.context_in_admit = moved and bool(entry.transcript) and _wants_history(
+            cp.registry.workers.get(action.worker_id))
+        if entry.context_in_admit:
+            _add_context(admit.context, entry.transcript)
+        seg.prompt_in_admit = False
         if not seg.admitted:
-            seg.admitted = True
-            seg.admitted_s = self.cp.now()
+            seg.admitted = seg.prompt_in_admit = True
+            seg.admitted_s = cp.now()
             which = seg.request.WhichOneof("input")
             if which == "prompt_text":
                 admit.prompt_text = seg.request.prompt_text
+                entry.transcript.append(seg.request.prompt_text)
+                entry.output = None
             elif which == "prompt_token_ids":
                 admit.prompt_token_ids.CopyFrom(seg.request.prompt_token_ids)
+                entry.transcript.append(tuple(seg.request.prompt_token_ids.ids))
+                entry.output = None
+        entry.history_worker = action.worker_id
+        if moved and old is not None and _wants_history(cp.registry.workers.get(old)):
+            return old
+        return None
+
+
+def _wants_history(worker) -> bool:
+    """Whether `worker` (a WorkerEntry, or None if gone) runs a real engine, which keeps and
+    needs a job's token history."""
+    return worker is not None and worker.info.backend != "sim"
+
+
+def _add_context(context, transcript) -> None:
+    for piece in transcript:
+        if isinstance(piece, str):
+            context.add(text=piece)
+        else:
+            context.add().token_ids.ids.extend(piece)

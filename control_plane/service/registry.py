@@ -96,6 +96,7 @@ class Segment:
     next_index: int = 0  # tokens streamed to the client so far (index of the next one)
     admission_base: int = 0  # segment index of the current admission's first token
     admitted: bool = False  # admitted at least once (the prompt has been sent)
+    prompt_in_admit: bool = False  # the latest Admit carried the prompt (undone if refused)
     admitted_s: float | None = None
     first_token_s: float | None = None
     done: bool = False
@@ -110,6 +111,13 @@ class JobEntry:
     generated_total: int = 0  # tokens streamed over all segments
     segment: Segment | None = None
     tool_started_s: float | None = None  # ReportToolCall(START), scheduler clock
+    # The job's history, for a worker that must recompute it (Admit.context): each prompt as
+    # the client sent it (str, or a tuple of ids) from when an Admit carried it, and each
+    # segment's output ids (a list, extended as tokens stream; `output` is the current one).
+    transcript: list[str | tuple[int, ...] | list[int]] = field(default_factory=list)
+    output: list[int] | None = None
+    history_worker: int | None = None  # the worker the last Admit went to: it holds the history
+    context_in_admit: bool = False  # the latest Admit carried the transcript (Admit.context)
 
 
 class Registry:

@@ -6,7 +6,8 @@ per plan). `astraea bench-service` reads them; nothing else depends on them.
 * `events[kind]`: what reached the control plane, one per RunSegment submitted
   (``run_segment``), ReportToolCall (``tool_call``), StartJob/EndJob (``start_job``,
   ``end_job``), and per WorkerMessage received on a worker stream, under its oneof name
-  (``tokens``, ``segment_ended``, ``memory``, ``step_report``, ``preempted``, ``heartbeat``).
+  (``tokens``, ``segment_ended``, ``memory``, ``step_report``, ``preempted``,
+  ``admit_refused``, ``heartbeat``).
 * `plan_latency_s`: for each plan caused by an event, from the first `mark_dirty` after the
   previous plan to the moment the plan's messages were queued on the worker streams
   (`Planner.plan_once` has returned). It includes the wait for the event loop to reach the

@@ -28,6 +28,8 @@ from control_plane.core.plan import KvDecision
 END_REASON = "astraea.end_reason"
 SWAP_IN = "astraea.swap_in"
 ADMITTED_EVENT, PREEMPTED_EVENT, TOOL_EVENT = "admitted", "preempted", "tool_reported"
+ADMIT_REFUSED_EVENT = "admit_refused"
+REFUSAL_REASON, RETRYABLE = "astraea.refusal_reason", "astraea.retryable"
 
 
 @dataclass
@@ -114,6 +116,13 @@ class JobTracing:
         if js is not None and js.segment is not None:
             js.segment.add_event(PREEMPTED_EVENT, {spans.TOKENS: generated,
                                                    spans.KV_ACTION: kv_action})
+
+    def admit_refused(self, job_id: str, worker_id: int, reason: str, retryable: bool) -> None:
+        js = self._jobs.get(job_id)
+        if js is not None and js.segment is not None:
+            js.segment.add_event(ADMIT_REFUSED_EVENT, {spans.WORKER_ID: worker_id,
+                                                       REFUSAL_REASON: reason,
+                                                       RETRYABLE: retryable})
 
     def segment_ended(self, job: Job, tokens: int, ttft_s: float,
                       tool_category: str | None, predicted_api_s: float | None) -> None:

@@ -22,7 +22,7 @@ import grpc
 from astraea import wire
 from astraea.telemetry import get_logger
 from astraea.v1 import agent_pb2, common_pb2, worker_pb2, worker_pb2_grpc
-from control_plane.core.job import JobState
+from control_plane.core.job import JobState, KvAction
 from control_plane.core.scheduler import SchedulerError
 from control_plane.service.context import ControlPlane
 from control_plane.service.registry import (
@@ -151,6 +151,8 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
                     self._segment_ended(worker, msg.segment_ended)
                 elif kind == "preempted":
                     self._preempted(worker, msg.preempted)
+                elif kind == "admit_refused":
+                    self._admit_refused(worker, msg.admit_refused)
                 elif kind == "step_report":
                     self.cp.observe_steps(msg.step_report.steps)
                 elif kind == "heartbeat":
@@ -197,6 +199,11 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
             first_index=seg.next_index, token_ids=ids, text=jt.text if skip == 0 else "")))
         seg.next_index += len(ids)
         entry.generated_total += len(ids)
+        out = entry.output
+        if out is None:  # the segment's first tokens: its output piece of the transcript
+            out = entry.output = []
+            entry.transcript.append(out)
+        out.extend(ids)
 
     def _segment_ended(self, worker: WorkerEntry, m: worker_pb2.SegmentEnded) -> None:
         held = self._held(worker, m.job_id, "segment_ended")
@@ -250,4 +257,36 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.cp.scheduler.segment_preempted(m.job_id, self.cp.now(), m.generated_tokens, action)
         seg.generated += m.generated_tokens
         self.cp.tracing.segment_preempted(m.job_id, m.generated_tokens, action.value)
+        self.cp.mark_dirty()
+
+    def _admit_refused(self, worker: WorkerEntry, m: worker_pb2.AdmitRefused) -> None:
+        """The worker's engine refused the job's Admit and freed its KV. Retryable: queued
+        again as a preemption with nothing generated, and the prompt is sent again if that
+        Admit carried it. Not retryable (it can never run there): the job fails."""
+        held = self._held(worker, m.job_id, "admit_refused")
+        if held is None:
+            return
+        entry, seg = held
+        reason = m.reason or "no reason given"
+        self.cp.tracing.admit_refused(m.job_id, worker.worker_id, reason, m.retryable)
+        if not m.retryable:
+            log.warning("admit refused for good, failing the job", job_id=m.job_id,
+                        worker_id=worker.worker_id, reason=reason)
+            self.cp.finish_job(entry, f"worker {worker.worker_id} ({worker.name}) refused it: "
+                               f"{reason}", cancel=True, error=True,
+                               code=grpc.StatusCode.FAILED_PRECONDITION)
+            return
+        log.warning("admit refused, job queued again", job_id=m.job_id,
+                    worker_id=worker.worker_id, reason=reason)
+        self.cp.scheduler.segment_preempted(m.job_id, self.cp.now(), 0, KvAction.DISCARD)
+        if seg.prompt_in_admit:
+            # The worker did not take the prompt: the next Admit carries it (and adds it to
+            # the transcript) again. Nothing was generated after it, so it is the last piece.
+            seg.admitted = seg.prompt_in_admit = False
+            if entry.output is None and entry.transcript:
+                entry.transcript.pop()
+        if entry.context_in_admit:
+            # Whether the worker kept the history it was sent is unknown: send it again.
+            entry.context_in_admit = False
+            entry.history_worker = None
         self.cp.mark_dirty()
