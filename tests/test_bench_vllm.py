@@ -44,12 +44,13 @@ def test_bench_vllm_cli(tmp_path, capsys) -> None:
 
     out = tmp_path / "report.json"
     code = main(["bench-vllm", "--jobs", "4", "--qps", "8", "--log-dir", str(tmp_path / "logs"),
-                 "--out", str(out)])
+                 "--model", "tiny", "--profile", "gptj-6b-a100",
+                 "--policies", "vllm-fcfs,infercept,astraea", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     report = json.loads(out.read_text())
     runs = {r["policy"]: r for r in report["runs"]}
-    assert list(runs) == ["vllm-fcfs", "astraea"]
+    assert list(runs) == ["vllm-fcfs", "infercept", "astraea"]
     for r in runs.values():
         assert not r["errors"]
         assert r["summary"]["jobs_completed"] == 4
@@ -58,4 +59,22 @@ def test_bench_vllm_cli(tmp_path, capsys) -> None:
     ratio = runs["astraea"]["summary"]["mean_jct_s"] / runs["vllm-fcfs"]["summary"]["mean_jct_s"]
     assert math.isclose(report["ratio_astraea_over_fcfs"], ratio)
     assert f"astraea / vllm-fcfs = {ratio:.3f}" in printed
+    peer = runs["astraea"]["summary"]["mean_jct_s"] / runs["infercept"]["summary"]["mean_jct_s"]
+    assert math.isclose(report["astraea_over"]["infercept"], peer)
+    assert f"astraea / infercept = {peer:.3f}" in printed
     assert "vllm-fcfs" in printed and "astraea" in printed
+
+
+def test_model_names_resolve_and_unknown_sizes_are_refused(tmp_path) -> None:
+    from worker.tiny_model import SIZES, build_tiny_model, resolve_model
+
+    assert resolve_model(str(tmp_path)) == str(tmp_path)  # a folder is taken as it is
+    with pytest.raises(ValueError, match="unknown model size 'huge': one of tiny, small"):
+        build_tiny_model(tmp_path, size="huge")
+    # The small model is the tiny recipe, larger: same tokenizer, same context window.
+    small, tiny = SIZES["small"], SIZES["tiny"]
+    assert small["hidden_size"] // small["num_attention_heads"] >= 32  # CPU attention kernels
+    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads")
+    assert {k: v for k, v in small.items() if k not in sizes} == \
+        {k: v for k, v in tiny.items() if k not in sizes}

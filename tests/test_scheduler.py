@@ -169,6 +169,35 @@ def test_a_resident_ready_job_that_needs_no_new_blocks_is_admitted_when_memory_i
     assert [a.job_id for a in actions if isinstance(a, Admit)] == ["a"]
 
 
+def test_a_resumed_job_one_token_past_a_block_boundary_needs_a_new_block(gptj):
+    """A history of k·16 + 1 tokens fills only k blocks: its last sampled token has no KV
+    until the next segment feeds it back. Counting k + 1 blocks as held, the scheduler saw
+    the resumed segment's new block as free and planned Admits the worker refused."""
+    config = SchedulerConfig().with_overrides({"kv.watermark": "0"})
+    s = build_scheduler("astraea", gptj, OnlineEstimator(), config)
+    running_job(s, "a", tokens=100)
+    pause = s.segment_ended("a", 2.0, 13, 100, True, "qa", view(free=4900))  # history 113
+    assert pause.action is KvAction.PRESERVE  # the worker holds ⌈112/16⌉ = 7 blocks
+    s.segment_submitted("a", 3.0, 3)  # 116 tokens: 8 blocks, one more than it holds
+    s.job_arrived("b", 3.0)
+    s.segment_submitted("b", 3.0, 32)  # 2 blocks
+    v = view(free=2, total=50)  # room for "a"'s new block and one more: not for "b" too
+    admitted = [a.job_id for a in s.build_plan(3.0, {0: v}) if isinstance(a, Admit)]
+    assert len(admitted) == 1
+    assert v.free_blocks == 2 - {"a": 1, "b": 2}[admitted[0]]
+
+
+def test_a_kv_release_in_the_view_frees_the_blocks_of_the_kv_positions(gptj):
+    """Without exact per-job counts (the live service's views) a discarded history of
+    k·16 + 1 tokens gives back k blocks, not k + 1."""
+    s = build_scheduler("vllm-fcfs", gptj, OnlineEstimator())
+    running_job(s, "a", tokens=100)
+    v = view(free=100)
+    pause = s.segment_ended("a", 2.0, 13, 100, True, "qa", v)  # history 113: 7 blocks
+    assert pause.action is KvAction.DISCARD
+    assert v.free_blocks == 107
+
+
 def test_reclaim_evicts_paused_kv_for_a_ready_job_that_does_not_fit(gptj):
     config = SchedulerConfig().with_overrides({"kv.reclaim_for_ready_jobs": "true"})
     s = build_scheduler("astraea", gptj, OnlineEstimator(prior_api_s=30.0), config)

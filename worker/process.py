@@ -369,11 +369,11 @@ async def run_worker(control_plane_address: str, backend: Backend, name: str,
 def _make_backend(args: argparse.Namespace) -> Backend:
     if args.backend == "vllm":
         # Imported only here: the simulated worker needs no vLLM.
-        from worker.tiny_model import build_tiny_model
+        from worker.tiny_model import resolve_model
         from worker.vllm_backend import VllmBackend
         from worker.vllm_engine import EngineConfig
 
-        model = args.model or str(build_tiny_model())
+        model = resolve_model(args.model)
         config = EngineConfig(model=model)
         if args.kv_blocks is not None:
             # The pool includes vLLM's null block: one more than the usable blocks asked for.
@@ -409,8 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--control-plane", default="127.0.0.1:50051", help="host:port")
     parser.add_argument("--backend", default="sim", choices=["sim", "vllm"])
     parser.add_argument("--model", default=None, metavar="PATH",
-                        help="vllm: a local Hugging Face model folder (default: the tiny test "
-                             "model, built on first use)")
+                        help="vllm: a local Hugging Face model folder, or a model the project "
+                             "builds on first use: tiny (default) or small")
     parser.add_argument("--profile", default="gptj-6b-a100")
     parser.add_argument("--time-scale", type=float, default=1.0,
                         help="wall seconds per engine second (< 1 runs faster than real time)")

@@ -12,7 +12,7 @@
 Importing this module is cheap: torch, transformers and tokenizers are imported only when a
 model has to be built. Any local Hugging Face model folder can be used in its place.
 
-    python -m worker.tiny_model [cache_dir]      # prints the folder
+    python -m worker.tiny_model [cache_dir [size]]     # prints the folder
 """
 
 from __future__ import annotations
@@ -38,6 +38,16 @@ PARAMS: dict = {
     # The output layer is multiplied by this. It does not make greedy decoding more robust
     # to rounding (the noise scales with it); it only makes the logits look less flat.
     "lm_head_scale": 8.0,
+}
+
+# Model sizes, by name. "tiny" is for tests and the demo (prefills 1,024 tokens in about 10 ms
+# on two CPU cores: recompute is nearly free). "small" is for benchmarks where the KV policy
+# has something to save: about 17 M parameters, so a recompute of a few hundred tokens costs
+# as much as a short tool call on the same cores. Same tokenizer and recipe otherwise.
+SIZES: dict[str, dict] = {
+    "tiny": PARAMS,
+    "small": {**PARAMS, "hidden_size": 512, "intermediate_size": 1536,
+              "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4},
 }
 
 _SENTENCES = """\
@@ -77,22 +87,26 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "astraea" / "models"
 
 
-def _recipe_hash() -> str:
-    blob = json.dumps({"v": BUILD_VERSION, "corpus": CORPUS, **PARAMS}, sort_keys=True)
+def _recipe_hash(params: dict) -> str:
+    blob = json.dumps({"v": BUILD_VERSION, "corpus": CORPUS, **params}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def build_tiny_model(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The folder of the tiny model, built on the first call for this recipe and cache."""
+def build_tiny_model(cache_dir: str | os.PathLike | None = None, size: str = "tiny") -> Path:
+    """The folder of the model of `size` (see SIZES), built on the first call for this recipe
+    and cache."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}: one of {', '.join(SIZES)}")
+    params = SIZES[size]
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    out = root / f"tiny-llama-{_recipe_hash()}"
+    out = root / f"{size}-llama-{_recipe_hash(params)}"
     if (out / ".complete").exists():
         return out
     tmp = root / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _build(tmp)
+        _build(tmp, params)
         (tmp / ".complete").write_text("ok\n")
         tmp.rename(out)  # atomic on one file system
     except OSError:
@@ -103,7 +117,15 @@ def build_tiny_model(cache_dir: str | os.PathLike | None = None) -> Path:
     return out
 
 
-def _build(folder: Path) -> None:
+def resolve_model(name_or_folder: str | None) -> str:
+    """A model argument as a folder: None or a size name ("tiny", "small") builds that model
+    (cached); anything else is taken as a local Hugging Face model folder."""
+    if name_or_folder is None or name_or_folder in SIZES:
+        return str(build_tiny_model(size=name_or_folder or "tiny"))
+    return name_or_folder
+
+
+def _build(folder: Path, params: dict) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -112,7 +134,7 @@ def _build(folder: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=PARAMS["vocab_size"], special_tokens=["<s>", "</s>"],
+        vocab_size=params["vocab_size"], special_tokens=["<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
     bos_id, eos_id = tok.token_to_id("<s>"), tok.token_to_id("</s>")
@@ -120,26 +142,27 @@ def _build(folder: Path) -> None:
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="</s>")
-    fast.model_max_length = PARAMS["max_position_embeddings"]
+    fast.model_max_length = params["max_position_embeddings"]
     fast.save_pretrained(folder)
 
-    torch.manual_seed(PARAMS["seed"])
+    torch.manual_seed(params["seed"])
     config = LlamaConfig(
         vocab_size=len(fast),  # BPE may stop short of vocab_size on a small corpus
-        hidden_size=PARAMS["hidden_size"],
-        intermediate_size=PARAMS["intermediate_size"],
-        num_hidden_layers=PARAMS["num_hidden_layers"],
-        num_attention_heads=PARAMS["num_attention_heads"],
-        num_key_value_heads=PARAMS["num_key_value_heads"],
-        max_position_embeddings=PARAMS["max_position_embeddings"],
+        hidden_size=params["hidden_size"],
+        intermediate_size=params["intermediate_size"],
+        num_hidden_layers=params["num_hidden_layers"],
+        num_attention_heads=params["num_attention_heads"],
+        num_key_value_heads=params["num_key_value_heads"],
+        max_position_embeddings=params["max_position_embeddings"],
         bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id,
         tie_word_embeddings=False, torch_dtype="float32")
     model = LlamaForCausalLM(config)
     with torch.no_grad():
-        model.lm_head.weight.mul_(PARAMS["lm_head_scale"])
+        model.lm_head.weight.mul_(params["lm_head_scale"])
     model.save_pretrained(folder, safe_serialization=True)
-    (folder / "astraea_build.json").write_text(json.dumps(PARAMS, indent=1, sort_keys=True))
+    (folder / "astraea_build.json").write_text(json.dumps(params, indent=1, sort_keys=True))
 
 
 if __name__ == "__main__":
-    print(build_tiny_model(sys.argv[1] if len(sys.argv) > 1 else None))
+    print(build_tiny_model(sys.argv[1] if len(sys.argv) > 1 else None,
+                           sys.argv[2] if len(sys.argv) > 2 else "tiny"))

@@ -1,19 +1,23 @@
 """`astraea bench-vllm`: the same agent trace through the live stack with one real vLLM
-worker, under each policy (default vllm-fcfs and astraea), and the mean JCT ratio.
+worker, under each policy (default: vllm-fcfs, infercept, continuum, autellix-plas, astraea),
+and astraea's mean JCT ratio to each.
 
-For each policy a `Stack` of separate processes is started (predictor, control plane at time
-scale 1.0, one ``--backend vllm`` worker on the tiny model with a KV pool of `kv_blocks`
-usable blocks of 32 tokens, small enough that the jobs cannot all stay resident), the trace is
-replayed with `astraea.replay.replay` at time scale 1.0 (so JCTs are wall seconds), and the
-stack is stopped. The KV decisions are counted from the services' span files.
+First, by default, the engine is timed on this machine (`astraea profile` on the same model)
+and that profile is the control plane's cost model, so that it prices recompute and swaps
+as they are here. Then for each policy a `Stack` of separate processes is started
+(predictor, control plane at time scale 1.0, one ``--backend vllm`` worker, by default on the
+project's "small" model, with a KV pool of `kv_blocks` usable blocks of 32 tokens, small
+enough that the jobs cannot all stay resident), the trace is replayed with
+`astraea.replay.replay` at time scale 1.0 (so JCTs are wall seconds), and the stack is
+stopped. The KV decisions are counted from the services' span files.
 
-The trace (`tiny_agent_trace`) is a scaled-down agent mix for the tiny model, seeded: each
+The trace (`tiny_agent_trace`) is a scaled-down agent mix for the project's models, seeded: each
 job has a category of the InferCept mix (astraea.workloads.generator.INFERCEPT_MIX) and a
 first prompt of 32-200 tokens, 2-4 tool calls, 8-48 output tokens per segment and 8-32
 result tokens per tool. It keeps the mix's shape (several paused segments per job, tools of
 different lengths per category) but not its sizes: contexts of a few hundred tokens instead
 of ~1,500, and tool calls of 0.1-1.0 s instead of 0.1 ms-30 s, so that 36 jobs run in about a
-minute per policy on two CPU cores and fit the tiny model's context window. Arrivals are
+minute per policy on two CPU cores and fit the models' context window. Arrivals are
 Poisson at `qps`. Prompt token ids are drawn from the model's vocabulary (skipping <s> and
 </s>), seeded per job and segment, so both policies see the same tokens. The random model
 may emit </s> before a segment's budget: that job then ends there (greedy decoding is
@@ -29,7 +33,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from astraea.workloads.trace import JobTrace, Segment, ToolCall
@@ -44,7 +48,9 @@ TOOLS: dict[str, tuple[str, float, float]] = {
     "tts": ("text_to_speech", 0.5, 1.0),
     "chatbot": ("human_reply", 0.6, 1.0),
 }
-DEFAULT_POLICIES = ("vllm-fcfs", "astraea")
+# Astraea against every peer, vllm-fcfs first (the ratios' baseline).
+DEFAULT_POLICIES = ("vllm-fcfs", "infercept", "continuum", "autellix-plas", "astraea")
+MEASURE = "measure"  # --profile: time this machine's engine first (astraea profile)
 FIRST_ID = 2  # <s> is 0, </s> is 1 in the tiny model's vocabulary
 
 
@@ -55,8 +61,12 @@ class VllmBenchConfig:
     seed: int = 0
     policies: tuple[str, ...] = DEFAULT_POLICIES
     kv_blocks: int = 48  # usable blocks of 32 tokens: 1,536 tokens for all jobs together
-    model: str | None = None  # None: the tiny model (built on first use)
-    profile: str = "gptj-6b-a100"  # the control plane's cost model
+    # A folder, or a model the project builds: "small" (recompute costs about as much as a
+    # short tool call on two CPU cores, so the KV policy matters) or "tiny" (nearly free).
+    model: str | None = "small"
+    # The control plane's cost model: a profile name or file, or MEASURE (the engine timed
+    # on this machine before the runs, written to the log folder).
+    profile: str = MEASURE
     log_dir: str | None = None
     log_level: str = "info"
 
@@ -141,14 +151,14 @@ def run_policy(cfg: VllmBenchConfig, policy: str, jobs: list[JobTrace], model: s
 
 def run(cfg: VllmBenchConfig, log=sys.stderr) -> dict:
     """Every policy on the same jobs; the report (see `format_report`)."""
-    from worker.tiny_model import build_tiny_model
+    from worker.tiny_model import resolve_model
 
     if cfg.kv_blocks < 1:
         raise ValueError("--kv-blocks must be at least 1")
     if not cfg.policies:
         raise ValueError("--policies: give at least one policy")
     started = time.monotonic()
-    model = Path(cfg.model) if cfg.model else build_tiny_model()
+    model = Path(resolve_model(cfg.model))
     jobs = tiny_agent_trace(cfg.jobs, cfg.seed, cfg.qps)
     longest = max(j.total_tokens for j in jobs)
     if longest > cfg.kv_blocks * 32:
@@ -158,30 +168,55 @@ def run(cfg: VllmBenchConfig, log=sys.stderr) -> dict:
           f"{sum(len(j.segments) - 1 for j in jobs)} tool calls, {longest} tokens at most; one "
           f"vLLM worker ({model.name}) with {cfg.kv_blocks} KV blocks; logs in {base}",
           file=log, flush=True)
+    if cfg.profile == MEASURE:
+        cfg = replace(cfg, profile=str(measure_profile(model, base / "profile.json", log)))
     prompt_ids = prompt_ids_for(_vocab_size(model), cfg.seed)
     runs = [run_policy(cfg, p, jobs, str(model), base, prompt_ids, log) for p in cfg.policies]
     by = {r.policy: r for r in runs}
-    ratio = None
-    if "vllm-fcfs" in by and "astraea" in by:
-        fcfs = by["vllm-fcfs"].summary.get("mean_jct_s", float("nan"))
-        ratio = by["astraea"].summary.get("mean_jct_s", float("nan")) / fcfs
+    # Astraea's mean JCT over each other policy's (below 1: astraea is faster).
+    ratios = {}
+    if "astraea" in by:
+        mine = by["astraea"].summary.get("mean_jct_s", float("nan"))
+        ratios = {p: mine / r.summary.get("mean_jct_s", float("nan"))
+                  for p, r in by.items() if p != "astraea"}
     return {"config": {**asdict(cfg), "policies": list(cfg.policies), "model": str(model)},
             "jobs": len(jobs), "runs": [asdict(r) for r in runs],
-            "ratio_astraea_over_fcfs": ratio, "wall_s": time.monotonic() - started}
+            "ratio_astraea_over_fcfs": ratios.get("vllm-fcfs"), "astraea_over": ratios,
+            "wall_s": time.monotonic() - started}
+
+
+def measure_profile(model: Path, out: Path, log) -> Path:
+    """`astraea profile` of `model` on this machine (its default grid), written to `out`."""
+    from worker.vllm_engine import EngineConfig, VllmEngine
+    from worker.vllm_profile import Grid, profile_engine
+
+    started = time.monotonic()
+    print(f"  measuring the engine on {model.name} (astraea profile) ...", file=log, flush=True)
+    engine = VllmEngine(EngineConfig(model=str(model), num_blocks=512))
+    try:
+        prof = profile_engine(engine, Grid(), name=f"{model.name}-measured")
+    finally:
+        engine.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(prof, indent=2) + "\n")
+    print(f"  profile in {time.monotonic() - started:.0f} s: {out}", file=log, flush=True)
+    return out
 
 
 def format_report(report: dict) -> str:
     nan = float("nan")
     n = report["jobs"]
-    lines = [f"{'policy':<12}{'jobs done':>11}{'mean JCT s':>12}{'p99 JCT s':>11}"
+    means = {r["policy"]: r["summary"].get("mean_jct_s", nan) for r in report["runs"]}
+    fcfs = means.get("vllm-fcfs")
+    lines = [f"{'policy':<14}{'jobs done':>11}{'mean JCT s':>12}{'xFCFS':>7}{'p99 JCT s':>11}"
              f"{'preserve':>10}{'swap':>6}{'discard':>9}{'EOS':>6}"]
     for r in report["runs"]:
         s, kv = r["summary"], r["kv_decisions"]
-        lines.append(f"{r['policy']:<12}{s.get('jobs_completed', 0):>7d}/{n:<3d}"
-                     f"{s.get('mean_jct_s', nan):>12.2f}{s.get('p99_jct_s', nan):>11.2f}"
+        x = f"{means[r['policy']] / fcfs:.3f}" if fcfs else "-"
+        lines.append(f"{r['policy']:<14}{s.get('jobs_completed', 0):>7d}/{n:<3d}"
+                     f"{s.get('mean_jct_s', nan):>12.2f}{x:>7}{s.get('p99_jct_s', nan):>11.2f}"
                      f"{kv.get('preserve', 0):>10d}{kv.get('swap', 0):>6d}"
                      f"{kv.get('discard', 0):>9d}{len(r['stopped_early']):>6d}")
-    ratio = report.get("ratio_astraea_over_fcfs")
-    if ratio is not None:
-        lines.append(f"mean JCT astraea / vllm-fcfs = {ratio:.3f} ({(ratio - 1) * 100:+.1f} %)")
+    for peer, ratio in report.get("astraea_over", {}).items():
+        lines.append(f"mean JCT astraea / {peer} = {ratio:.3f} ({(ratio - 1) * 100:+.1f} %)")
     return "\n".join(lines)

@@ -43,9 +43,11 @@ class KvPolicyConfig:
     # At or above this utilisation the preserve waste counts in full (InferCept's rule).
     high_pressure: float = 0.99
     # When a ready job does not fit, reclaim memory from jobs paused in API waits (swap if the
-    # host has room and the predicted wait exceeds the swap round trip, discard otherwise).
-    # Off by default: measured on the InferCept mix it does not pay (README, "Reclaim").
-    reclaim_for_ready_jobs: bool = False
+    # host has room and the predicted wait exceeds the swap round trip). It is what makes
+    # preserving below `low_pressure` safe: memory kept while it was free is given back when
+    # it is wanted. Neutral on the InferCept mix on GPT-J/A100 (README, "Reclaim"); where
+    # swaps are cheap next to tool calls it cuts mean JCT by 18 % (the small model on CPU).
+    reclaim_for_ready_jobs: bool = True
     # Reclaim may also discard (recompute later) when swapping is impossible. Off by default:
     # under overload the GPU is the bottleneck, and recompute spends it.
     reclaim_discards: bool = False

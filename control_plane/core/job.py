@@ -135,6 +135,13 @@ class Job:
         return self.waiting_s
 
     @property
+    def kv_positions(self) -> int:
+        """KV positions the job's blocks hold between segments: its history less the last
+        sampled token, which has no KV until the next segment feeds it back (vLLM and the
+        simulated engine alike). A history of k·block_size + 1 tokens fills only k blocks."""
+        return max(self.context_tokens - 1, 0)
+
+    @property
     def tokens_to_prefill(self) -> int:
         """What the next admission prefills: only the new tokens while the KV is kept (on the
         GPU or on the host), the whole context again once it was discarded."""

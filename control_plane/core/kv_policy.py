@@ -121,7 +121,7 @@ class KvPolicy:
         return memory_waste(self.profile, job.context_tokens, remaining, other)
 
     def _can_swap(self, job: Job, view: WorkerView) -> bool:
-        return view.host_free_blocks >= view.blocks_for(job.context_tokens)
+        return view.host_free_blocks >= view.blocks_for(job.kv_positions)
 
 
 class AlwaysDiscard(KvPolicy):
@@ -253,7 +253,7 @@ class TimeToLive(KvPolicy):
         for job in pinned:
             if freed >= blocks_needed:
                 break
-            freed += view.blocks_for(job.context_tokens)
+            freed += view.blocks_for(job.kv_positions)
             self._deadline_of.pop(job.job_id, None)
             out.append(KvDecision(job.job_id, KvAction.DISCARD, "unpinned under memory pressure"))
         return out
@@ -319,7 +319,7 @@ class PressureAdaptive(MinWaste):
         for waste, remaining, round_trip, job in scored:
             if freed >= blocks_needed:
                 break
-            blocks = view.blocks_for(job.context_tokens)
+            blocks = view.blocks_for(job.kv_positions)
             if not self.config.reclaim_discards and (remaining <= round_trip or host_left < blocks):
                 continue
             freed += blocks

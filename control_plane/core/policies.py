@@ -121,8 +121,8 @@ POLICIES: dict[str, PolicySpec] = {
             "astraea",
             "Stateful-MLFQ (token-cost quotas, demote on quota, promote on API yield, HRRN "
             "inside levels, aging) with a work-conserving fill, and the pressure-adaptive KV "
-            "policy; the worker prefills admitted segments in MLFQ order. (Reclaiming memory "
-            "from paused jobs for a blocked ready job is an option, kv.reclaim_for_ready_jobs.)",
+            "policy, which swaps paused jobs out when a ready job needs their memory "
+            "(kv.reclaim_for_ready_jobs); the worker prefills admitted segments in MLFQ order.",
             "Astraea (arXiv 2512.14142) and this project's improvements (README).",
             _astraea,
         ),

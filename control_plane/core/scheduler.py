@@ -240,10 +240,15 @@ class Scheduler:
         else:
             self.paused.get(job.worker_id, {}).pop(job.job_id, None)
 
-    def _need_blocks(self, job: Job, block_size: int) -> int:
+    def _need_blocks(self, job: Job, block_size: int, view: WorkerView | None = None) -> int:
+        """Blocks the job's next admission takes from the worker's free memory. A resident
+        job already holds the blocks of its KV positions (not of its whole history: the last
+        sampled token has no KV yet) — exactly what `view` reports where it can tell."""
         total = -(-(job.context_tokens + job.pending_tokens) // block_size)
         if job.kv_state is KvState.RESIDENT:
-            return total - (-(-job.context_tokens // block_size))
+            held = (view.job_blocks(job.job_id, job.kv_positions) if view is not None
+                    else -(-job.kv_positions // block_size))
+            return total - held
         return total
 
     def predicted_compute_s(self, job: Job) -> float:
@@ -267,7 +272,7 @@ class Scheduler:
         cache may hold it, then the one with the most free memory."""
         if job.kv_state in (KvState.RESIDENT, KvState.SWAPPED):
             view = views.get(job.worker_id)
-            return (view, self._need_blocks(job, view.block_size)) if view else (None, 0)
+            return (view, self._need_blocks(job, view.block_size, view)) if view else (None, 0)
         if len(views) == 1:
             view = next(iter(views.values()))
             return view, self._need_blocks(job, view.block_size)
@@ -313,7 +318,7 @@ class Scheduler:
         ending together, a plan) see the memory already given back."""
         if action is KvAction.PRESERVE:
             return
-        blocks = view.job_blocks(job.job_id, job.context_tokens)
+        blocks = view.job_blocks(job.job_id, job.kv_positions)
         if action is KvAction.SWAP:
             view.swapping_out_blocks += blocks
             view.host_free_blocks -= blocks
