@@ -337,6 +337,9 @@ def test_job_whose_worker_is_lost_resumes_on_another_token_exact(model_dir, toke
     assert min(margins) >= MIN_MARGIN, "a near-tie: token-exact checks would be flaky"
     assert first.tokens == want[0]
     assert second.tokens == want[1]
+    # The text streamed with the tokens, chunk by chunk, is the text of the whole output.
+    for result in (first, second):
+        assert result.text == tokenizer.decode(result.tokens, skip_special_tokens=True)
     # B had never seen the job: it was admitted new, with the whole history to recompute.
     assert applied["admit_new"] == 1 and applied["admit_preserved"] == 0
     assert second.timings.prefill_tokens == len(prompts[0]) + SEGMENTS[0] + len(prompts[1])

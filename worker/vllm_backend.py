@@ -54,6 +54,7 @@ from worker.backend import (
     TokensGenerated,
     queued_events,
 )
+from worker.detokenize import TextStream
 from worker.vllm_engine import EngineConfig, JobKv, VllmEngine
 
 
@@ -122,6 +123,7 @@ class VllmBackend:
         self._tokenizer = None
         # Engine-thread state (touched only there).
         self._admissions: dict[str, _Admission] = {}
+        self._texts: dict[str, TextStream] = {}  # each running segment's text so far
         self._seq = 0
         self._step_index = 0
         self._step_time_s = 0.0
@@ -238,6 +240,8 @@ class VllmBackend:
             self.applied[f"admit_{kv.value if kv else 'new'}"] += 1
             if e.job_kv(j) is JobKv.HELD and kv is JobKv.SWAPPED:
                 self.applied["swap_in_held"] += 1
+            if seg.first_index == 0:  # a new segment (not one resumed after a preemption)
+                self._texts.pop(j, None)
             self._admissions[j] = _Admission(self._now(), seg.first_index)
         elif isinstance(action, Pause | Evict):
             if isinstance(action, Evict) and action.action is KvAction.PRESERVE:
@@ -255,6 +259,7 @@ class VllmBackend:
         elif isinstance(action, Abort):
             e.abort(action.job_id)
             self._admissions.pop(action.job_id, None)
+            self._texts.pop(action.job_id, None)
         else:
             raise BackendError(f"not a plan action: {action!r}")
         self._publish(out)
@@ -308,7 +313,9 @@ class VllmBackend:
             self._tokenizer = Tokenizer.from_file(str(path))
         return self._tokenizer
 
-    def _detokenize(self, ids: tuple[int, ...]) -> str:
+    def _text(self, job_id: str, ids: tuple[int, ...], final: bool) -> str:
+        """The text of a segment's new ids. One stream per segment, across its admissions,
+        so a character split between chunks (or by a preemption) comes out whole."""
         if self._tokenizer is None:
             try:
                 self._get_tokenizer()
@@ -316,7 +323,15 @@ class VllmBackend:
                 self._tokenizer = False
         if not self._tokenizer:
             return ""
-        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+        stream = self._texts.get(job_id)
+        if stream is None:
+            tok = self._tokenizer
+            stream = self._texts[job_id] = TextStream(
+                lambda ids: tok.decode(ids, skip_special_tokens=True))
+        text = stream.push(ids, final)
+        if final:
+            del self._texts[job_id]
+        return text
 
     # --- stepping -----------------------------------------------------------------------
     async def _run(self) -> None:
@@ -342,6 +357,7 @@ class VllmBackend:
             self._step_time_s = result.timing.duration_s
             t = result.timing
             out.events.append(StepTimed(t.tokens, t.context_tokens_read, t.duration_s))
+        ending = {end.job_id for end in result.finished}
         for job_id, ids in result.tokens.items():
             adm = self._admissions.get(job_id)
             if adm is None:
@@ -349,7 +365,7 @@ class VllmBackend:
             if adm.first_token_s is None:
                 adm.first_token_s = now
             out.events.append(TokensGenerated(job_id, ids, adm.first_index + adm.emitted,
-                                              self._detokenize(ids)))
+                                              self._text(job_id, ids, job_id in ending)))
             adm.emitted += len(ids)
         for end in result.finished:
             adm = self._admissions.pop(end.job_id, None)
