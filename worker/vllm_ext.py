@@ -11,8 +11,11 @@ The host copies stay inside the worker, keyed by job: only block and byte counts
 KV layout in 0.32: `model_runner.kv_caches` holds one tensor per layer, each the logical
 view [block, kv_heads, block_size, C] indexed on dim 0 by the *scheduler's* block ids
 (allocate_kv_cache, vllm/v1/worker/utils.py:564; bind_kv_cache, :811). So a swap is an
-`index_select` / `index_copy_` on dim 0 whatever the physical strides. Verified on the CPU
-build only (there K and V are packed in C = 2 * head_size, cpu_attn.py:364).
+`index_select` / `index_copy_` on dim 0 whatever the physical strides. An attention kernel
+with a smaller block than the scheduler's sees each scheduler block as k consecutive kernel
+blocks on dim 0; the copies then move whole scheduler blocks (`_by_scheduler_block`, as vLLM's
+own block copy does, v1/worker/utils.py:934). Verified on the CPU build only (k = 1; K and V
+packed in C = 2 * head_size, cpu_attn.py:364).
 """
 
 from __future__ import annotations
@@ -34,16 +37,23 @@ class KvSwapExtension:
         device = self.model_runner.kv_caches[0].device
         return torch.tensor(block_ids, dtype=torch.long, device=device)
 
+    def _caches(self) -> list[torch.Tensor]:
+        """Each layer's KV cache viewed with dim 0 = the scheduler's blocks."""
+        config = getattr(self.model_runner, "kv_cache_config", None)  # set with the cache
+        num_blocks = getattr(config, "num_blocks", None) or \
+            self.vllm_config.cache_config.num_gpu_blocks
+        return [_by_scheduler_block(t, num_blocks) for t in self.model_runner.kv_caches]
+
     def kv_block_bytes(self) -> int:
         """Bytes one block takes over all layers (what a swapped block costs on the host)."""
-        return sum(t[0].numel() * t.element_size() for t in self.model_runner.kv_caches)
+        return sum(t[0].numel() * t.element_size() for t in self._caches())
 
     def kv_swap_out(self, key: str, block_ids: list[int]) -> int:
         """Copy `block_ids` of every layer to host tensors held under `key`; bytes copied."""
         store = self._swap_store()
         if key in store:
             raise KeyError(f"swap key {key!r} already held")
-        caches = self.model_runner.kv_caches
+        caches = self._caches()
         idx = self._block_index(block_ids)
         on_gpu = caches[0].device.type == "cuda"
         copies = []
@@ -63,7 +73,7 @@ class KvSwapExtension:
         copies = store[key]
         if len(block_ids) != copies[0].shape[0]:
             raise ValueError(f"{key}: {copies[0].shape[0]} blocks held, {len(block_ids)} given")
-        caches = self.model_runner.kv_caches
+        caches = self._caches()
         idx = self._block_index(block_ids)
         for layer, host in zip(caches, copies):
             layer.index_copy_(0, idx, host.to(layer.device, non_blocking=True))
@@ -83,11 +93,23 @@ class KvSwapExtension:
     def kv_blocks_fill(self, block_ids: list[int], value: float) -> None:
         """Overwrite blocks with `value` (tests: prove a swap-in does not read old blocks)."""
         idx = self._block_index(block_ids)
-        for layer in self.model_runner.kv_caches:
+        for layer in self._caches():
             layer.index_fill_(0, idx, value)
 
     def kv_blocks_checksum(self, block_ids: list[int]) -> float:
         """Sum of |x| over the blocks of every layer (tests: compare copies)."""
         idx = self._block_index(block_ids)
         return float(sum(t.index_select(0, idx).double().abs().sum()
-                         for t in self.model_runner.kv_caches))
+                         for t in self._caches()))
+
+
+def _by_scheduler_block(cache: torch.Tensor, num_blocks: int | None) -> torch.Tensor:
+    """`cache` with dim 0 counting scheduler blocks: a view of k kernel blocks per scheduler
+    block when the kernel's blocks are smaller (k = 1: `cache` itself)."""
+    if not num_blocks:
+        return cache
+    k, rest = divmod(cache.shape[0], num_blocks)
+    if rest or k < 1:
+        raise ValueError(f"{cache.shape[0]} cache blocks do not divide into {num_blocks} "
+                         "scheduler blocks")
+    return cache if k == 1 else cache.unflatten(0, (num_blocks, k))
