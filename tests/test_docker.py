@@ -42,7 +42,8 @@ ENVIRONMENTS = [
     {},
     {"ASTRAEA_POLICY": "infercept", "ASTRAEA_PROFILE": "llama3-8b-h100",
      "ASTRAEA_TIME_SCALE": "0.05", "ASTRAEA_PORT": "60051",
-     "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "ASTRAEA_LOG_LEVEL": "debug"},
+     "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "ASTRAEA_LOG_LEVEL": "debug",
+     "ASTRAEA_MODEL": "/models/llama-3-8b-instruct"},
 ]
 
 
@@ -225,17 +226,12 @@ def test_every_command_parses_with_the_services_real_flags(env) -> None:
         assert command(svc[name])[0] == "astraea-worker"
 
 
-def test_gpu_worker_command_parses_but_for_the_backend_issue_4_adds() -> None:
-    cmd = command(services()[GPU_WORKER])
-    i = cmd.index("--backend")
-    assert cmd[i + 1] == "vllm"
-    as_sim = cmd[:i + 1] + ["sim"] + cmd[i + 2:]
-    parser_for(cmd[0]).parse_args(as_sim[1:])  # every other flag is a real one
-
-
-def test_gpu_worker_command_parses() -> None:
-    cmd = command(services()[GPU_WORKER])
-    parser_for(cmd[0]).parse_args(cmd[1:])
+@pytest.mark.parametrize("env", ENVIRONMENTS, ids=["defaults", "overridden"])
+def test_gpu_worker_command_parses_and_runs_vllm_on_the_chosen_model(env) -> None:
+    cmd = command(services(env)[GPU_WORKER])
+    args = parser_for(cmd[0]).parse_args(cmd[1:])
+    assert args.backend == "vllm"
+    assert args.model == env.get("ASTRAEA_MODEL", "tiny")
 
 
 @pytest.mark.parametrize("env", ENVIRONMENTS, ids=["defaults", "overridden"])

@@ -415,3 +415,20 @@ def test_vllm_preemption_becomes_a_discard(engine):
     _, end_b, _ = run_segment(engine, "b")
     assert end_b.prefill_tokens == prompt_tokens + generated["b"]
     engine.abort("b")
+
+
+def test_without_a_block_count_vllm_sizes_the_pool_from_memory(model_dir):
+    """What a GPU worker does by default (`astraea-worker --backend vllm` without
+    --kv-blocks): the pool comes from memory (here VLLM_CPU_KVCACHE_SPACE, 1 GiB) and the
+    window is the model's own."""
+    eng = VllmEngine(EngineConfig(model=str(model_dir), num_blocks=None, dtype="auto"))
+    try:
+        assert eng.max_model_len == 2048  # the tiny model's max_position_embeddings
+        assert eng.memory().total_blocks == (1 << 30) // eng.block_bytes - 1
+        eng.admit("j", [5, 6, 7, 8], 4)
+        while eng.has_work():
+            eng.step()
+        assert eng.job_kv("j") is JobKv.PRESERVED
+        eng.abort("j")
+    finally:
+        eng.close()

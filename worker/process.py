@@ -373,12 +373,13 @@ def _make_backend(args: argparse.Namespace) -> Backend:
         from worker.vllm_backend import VllmBackend
         from worker.vllm_engine import EngineConfig
 
-        model = resolve_model(args.model)
-        config = EngineConfig(model=model)
-        if args.kv_blocks is not None:
+        return VllmBackend(EngineConfig(
+            model=resolve_model(args.model),
             # The pool includes vLLM's null block: one more than the usable blocks asked for.
-            config = EngineConfig(model=model, num_blocks=args.kv_blocks + 1)
-        return VllmBackend(config)
+            num_blocks=None if args.kv_blocks is None else args.kv_blocks + 1,
+            max_model_len=args.max_model_len, dtype=args.dtype,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            host_swap_blocks=args.host_swap_blocks))
     from astraea.profile import load_profile
     from worker.sim_backend import SimulatedBackend
 
@@ -416,7 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="wall seconds per engine second (< 1 runs faster than real time)")
     parser.add_argument("--kv-blocks", type=int, default=None,
                         help="GPU KV blocks (sim default: from the profile; vllm: the usable "
-                             "blocks of vLLM's pool, default 63)")
+                             "blocks of vLLM's pool, default: sized by vLLM from memory)")
+    vllm = parser.add_argument_group("vllm backend")
+    vllm.add_argument("--dtype", default="auto",
+                      help="weights and activations (vLLM's: auto = the model's own)")
+    vllm.add_argument("--max-model-len", type=int, default=None,
+                      help="context window (default: the model's, or what --kv-blocks holds)")
+    vllm.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                      help="share of the GPU for weights and KV cache (vLLM's)")
+    vllm.add_argument("--host-swap-blocks", type=int, default=256,
+                      help="host memory for swapped-out KV, in blocks")
     parser.add_argument("--name", default=None, help="default: <hostname>:<backend>")
     parser.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S,
                         metavar="SECONDS",

@@ -69,9 +69,13 @@ class JobKv(enum.Enum):
 @dataclass(frozen=True)
 class EngineConfig:
     model: str  # a local Hugging Face model folder
-    num_blocks: int = 64  # KV pool size, including vLLM's null block (block 0)
+    # KV pool size, including vLLM's null block (block 0). None: vLLM sizes it from memory
+    # (gpu_memory_utilization of the GPU; VLLM_CPU_KVCACHE_SPACE GiB on CPU).
+    num_blocks: int | None = 64
     block_size: int = 32  # the CPU attention backend needs a multiple of 32
-    max_model_len: int | None = None  # default: what the pool can hold, at most 2048
+    # Default: with num_blocks, what the pool can hold, at most 2048; without, the model's.
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9  # share of the GPU for weights and KV (vLLM's)
     max_num_seqs: int = 64  # counts paused (preserved) sessions too, scheduler.py:920
     max_num_batched_tokens: int = 2048
     host_swap_blocks: int = 256  # host memory for swapped blocks, in blocks
@@ -173,11 +177,14 @@ class VllmEngine:
         self.config = config
         # Block 0 is vLLM's null block, so a request can use num_blocks - 1 blocks at most;
         # a larger max_model_len fails at start-up.
-        max_len = config.max_model_len or min(2048, (config.num_blocks - 1) * config.block_size)
+        max_len = config.max_model_len
+        if max_len is None and config.num_blocks is not None:
+            max_len = min(2048, (config.num_blocks - 1) * config.block_size)
         args = EngineArgs(
             model=config.model, dtype=config.dtype, seed=config.seed,
             max_model_len=max_len, block_size=config.block_size, enforce_eager=True,
             num_gpu_blocks_override=config.num_blocks, enable_prefix_caching=True,
+            gpu_memory_utilization=config.gpu_memory_utilization,
             scheduling_policy="priority", max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             # No step in flight while we move blocks between steps (the CPU build forces
@@ -189,7 +196,7 @@ class VllmEngine:
         # What InprocClient does (v1/engine/core_client.py:353), minus the front end.
         self.core = EngineCore(self.vllm_config, Executor.get_class(self.vllm_config),
                                log_stats=False)
-        self.max_model_len = max_len
+        self.max_model_len = self.vllm_config.model_config.max_model_len
         self._sched = self.core.scheduler
         self._kvm = self._sched.kv_cache_manager
         self._pool = self._kvm.block_pool
