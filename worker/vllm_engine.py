@@ -331,10 +331,9 @@ class VllmEngine:
 
     def _swap_in(self, job: _Job, new: list[int], max_tokens: int, priority: float,
                  logprobs: int | None) -> None:
-        free = self._pool.get_num_free_blocks()
-        if job.swapped_blocks > free:
+        if not self._swap_in_fits(job):
             raise EngineError(f"admit {job.job_id}: swap-in needs {job.swapped_blocks} "
-                              f"blocks, {free} free")
+                              f"blocks, {self._pool.get_num_free_blocks()} free")
         serial = job.serial + 1
         req = self._request(f"{job.job_id}#{serial}", job.history + new, max_tokens,
                             priority, logprobs)

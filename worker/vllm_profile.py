@@ -19,13 +19,16 @@ away. The result passes `astraea.profile.HardwareProfile.from_dict`.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import platform
 import random
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from worker.vllm_engine import VllmEngine
+from astraea.profile import ProfileError, load_profile
+from worker.vllm_engine import EngineConfig, VllmEngine
 
 DEFAULT_PREFILL = (1, 16, 32, 64, 128, 256, 512, 1024, 2048)
 DEFAULT_CONTEXTS = (32, 128, 256, 512, 1024, 1536)
@@ -291,6 +294,26 @@ def profile_engine(engine: VllmEngine, grid: Grid = Grid(), *, name: str = "meas
             "context_window": "the engine's max_model_len",
         },
     }
+
+
+def measure_to_file(model: str, out: Path, grid: Grid = Grid(), *, num_blocks: int = 512,
+                    name: str, log=None) -> dict:
+    """Start an engine on `model` with `num_blocks` KV blocks, profile it over `grid` and
+    write the profile to `out`. The simulator's loader must accept what was written: if it
+    does not, the file is removed and `ProfileError` raised."""
+    engine = VllmEngine(EngineConfig(model=model, num_blocks=num_blocks))
+    try:
+        prof = profile_engine(engine, grid, name=name, log=log)
+    finally:
+        engine.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(prof, indent=2) + "\n")
+    try:
+        load_profile(str(out))
+    except ProfileError:
+        out.unlink()
+        raise
+    return prof
 
 
 def _device_label(engine: VllmEngine) -> str:

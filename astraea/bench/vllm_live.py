@@ -187,18 +187,11 @@ def run(cfg: VllmBenchConfig, log=sys.stderr) -> dict:
 
 def measure_profile(model: Path, out: Path, log) -> Path:
     """`astraea profile` of `model` on this machine (its default grid), written to `out`."""
-    from worker.vllm_engine import EngineConfig, VllmEngine
-    from worker.vllm_profile import Grid, profile_engine
+    from worker.vllm_profile import measure_to_file
 
     started = time.monotonic()
     print(f"  measuring the engine on {model.name} (astraea profile) ...", file=log, flush=True)
-    engine = VllmEngine(EngineConfig(model=str(model), num_blocks=512))
-    try:
-        prof = profile_engine(engine, Grid(), name=f"{model.name}-measured")
-    finally:
-        engine.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(prof, indent=2) + "\n")
+    measure_to_file(str(model), out, name=f"{model.name}-measured")
     print(f"  profile in {time.monotonic() - started:.0f} s: {out}", file=log, flush=True)
     return out
 
