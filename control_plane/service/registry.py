@@ -48,10 +48,8 @@ class WorkerEntry:
     plan_seq: int = 0  # Plan.seq of the last plan sent
     last_seen: float = field(default_factory=time.monotonic)  # when its last message came
     drop_reason: str | None = None  # why the control plane dropped it (silent too long)
-    # (seq, change of each PLANNED_FIELDS) of plans the worker has not reported applied yet,
-    # and their sum (a busy worker can be dozens of plans behind: one pass per report).
+    # (seq, change of each PLANNED_FIELDS) of plans the worker has not reported applied yet.
     in_flight: deque[tuple[int, tuple[int, ...]]] = field(default_factory=deque)
-    in_flight_sum: list[int] = field(default_factory=lambda: [0] * len(PLANNED_FIELDS))
 
     def next_plan(self, actions, change: tuple[int, ...] | None = None) -> worker_pb2.ControlMessage:
         """The ControlMessage carrying `actions` as the next plan; `change` is what the plan
@@ -59,19 +57,16 @@ class WorkerEntry:
         self.plan_seq += 1
         if change is not None and any(change):
             self.in_flight.append((self.plan_seq, change))
-            self.in_flight_sum = [a + b for a, b in zip(self.in_flight_sum, change)]
         return worker_pb2.ControlMessage(plan=worker_pb2.Plan(actions=actions, seq=self.plan_seq))
 
     def memory_reported(self, view: WorkerView, applied_seq: int) -> None:
         """A MemoryReport taken after plan `applied_seq`: the plans sent after it are not in
-        its figures yet, so their reservations are added back (never below zero)."""
-        total = self.in_flight_sum
+        its figures yet, so their reservations are added back, plan by plan, in the order
+        they were sent (never below zero)."""
         while self.in_flight and self.in_flight[0][0] <= applied_seq:
-            _, change = self.in_flight.popleft()
-            total = [a - b for a, b in zip(total, change)]
-        self.in_flight_sum = total
-        if self.in_flight:
-            for name, delta in zip(PLANNED_FIELDS, total):
+            self.in_flight.popleft()
+        for _, change in self.in_flight:
+            for name, delta in zip(PLANNED_FIELDS, change):
                 if delta:
                     setattr(view, name, max(0, getattr(view, name) + delta))
         self.view = view
