@@ -12,27 +12,20 @@ stream belongs to one worker, so the caller passes the stream's worker id back i
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
+from astraea.plan import (
+    Abort,
+    Admit,
+    Evict,
+    JobState,
+    KvAction,
+    KvState,
+    Pause,
+    Preempt,
+    WireAction,
+    WorkerView,
+)
 from astraea.v1 import common_pb2, worker_pb2
-from control_plane.core.job import JobState, KvAction, KvState
-from control_plane.core.plan import Admit, Evict, Pause, PlanAction, Preempt, WorkerView
-
-
-@dataclass(frozen=True)
-class Abort:
-    """Drop a job from a worker entirely (stop it if running, free its GPU and host blocks).
-
-    Not part of the scheduling core's plan: the service layer issues it on CancelJob, a client
-    that disconnects mid-segment, or a failed job.
-    """
-
-    job_id: str
-    worker_id: int
-    reason: str = ""
-
-
-WireAction = PlanAction | Abort
 
 # --- enums ----------------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 It serves batched service-time estimates to the control plane and learns from the
 observations the control plane forwards: API durations per tool category and output lengths
-(`estimators.OnlineEstimator`), and engine step timings (`step_time.StepTimeModel`, seeded
+(`astraea.estimators.OnlineEstimator`), and engine step timings (`step_time.StepTimeModel`, seeded
 from a hardware profile). Its state can be saved to and loaded from a file on its host.
 
 Requests are untrusted. A request with any bad element is rejected whole with
@@ -26,10 +26,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Tracer
 
+from astraea.estimators import OnlineEstimator
 from astraea.profile import HardwareProfile, ProfileError, load_profile
 from astraea.telemetry import add_log_level_argument, extract_context, setup_service_telemetry
 from astraea.v1 import predictor_pb2, predictor_pb2_grpc
-from predictor_svc.estimators import OnlineEstimator
 from predictor_svc.state import PredictorState, StateError, load_state, save_state
 from predictor_svc.step_time import StepTimeModel
 

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from predictor_svc.estimators import OnlineEstimator
+from astraea.estimators import OnlineEstimator
 from predictor_svc.step_time import StepSample
 
 FORMAT = "astraea-predictor-state"

@@ -59,9 +59,9 @@ def write_json(tmp_path):
     return _write
 
 
-# `astraea.bench.run.run_matrix(log=sys.stderr)` binds the stream in force when the module is
+# `astraea.tools.bench.run.run_matrix(log=sys.stderr)` binds the stream in force when the module is
 # first imported. Under pytest that would be one test's capture stream, closed when that test
 # ends, so later in-process `astraea bench` runs would fail with "I/O operation on closed
 # file". Importing it here binds pytest's session-wide stream instead (see
 # test_cli.py::test_bench_reports_progress_on_the_current_stderr for the behaviour itself).
-import astraea.bench.run  # noqa: E402,F401
+import astraea.tools.bench.run  # noqa: E402,F401

@@ -16,14 +16,13 @@ import grpc
 import pytest
 
 from astraea import wire
+from astraea.plan import Admit, KvAction, Pause
 from astraea.v1 import agent_pb2, agent_pb2_grpc, common_pb2, worker_pb2, worker_pb2_grpc
-from control_plane.core.job import KvAction
-from control_plane.core.plan import Admit, Pause
 from control_plane.service.context import ServiceConfig
 from control_plane.service.server import serve, stop
 from worker.backend import BackendError, TokensGenerated
 from worker.process import AdmitRefused, WorkerProcess, _to_messages
-from worker.sim_backend import SimulatedBackend
+from worker.sim.backend import SimulatedBackend
 
 PROFILE = "gptj-6b-a100"
 WAIT_S = 5.0

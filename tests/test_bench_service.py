@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from astraea.cli import main
+from astraea.tools.cli.main import main
 from control_plane.service.stats import ServiceStats, percentile, summarize_ms
 
 

@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from astraea.bench.vllm_live import tiny_agent_trace
-from astraea.stack import StackConfig, StackError
+from astraea.tools.bench.vllm_live import tiny_agent_trace
+from astraea.tools.stack import StackConfig, StackError
 
 
 def test_tiny_trace_is_seeded_and_small() -> None:
@@ -40,7 +40,7 @@ def test_stack_config_backend() -> None:
 
 def test_bench_vllm_cli(tmp_path, capsys) -> None:
     pytest.importorskip("vllm")
-    from astraea.cli import main
+    from astraea.tools.cli.main import main
 
     out = tmp_path / "report.json"
     code = main(["bench-vllm", "--jobs", "4", "--qps", "8", "--log-dir", str(tmp_path / "logs"),
@@ -66,7 +66,7 @@ def test_bench_vllm_cli(tmp_path, capsys) -> None:
 
 
 def test_model_names_resolve_and_unknown_sizes_are_refused(tmp_path) -> None:
-    from worker.tiny_model import SIZES, build_tiny_model, resolve_model
+    from worker.vllm.tiny_model import SIZES, build_tiny_model, resolve_model
 
     assert resolve_model(str(tmp_path)) == str(tmp_path)  # a folder is taken as it is
     with pytest.raises(ValueError, match="unknown model size 'huge': one of tiny, small"):

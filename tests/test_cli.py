@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from astraea.cli import main
+from astraea.tools.cli.main import main
 from astraea.workloads import generate_mix, load_trace, write_native
 
 ROW_KEYS = {"policy", "qps", "mean_jct_s", "p50_jct_s", "p90_jct_s", "p99_jct_s", "max_jct_s",

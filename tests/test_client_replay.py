@@ -9,13 +9,13 @@ import json
 import grpc
 import pytest
 
-from astraea import cli
+from astraea.tools.cli import main as cli
 from astraea.client import AgentClient, AstraeaError, AsyncAgentClient, FinishReason
 from astraea.client.client import _Collector
-from astraea.replay import local_stack
+from astraea.tools.replay import local_stack
 from astraea.v1 import agent_pb2
 from astraea.workloads import generate_mix, write_native
-from worker.sim_backend import placeholder_token
+from worker.sim.backend import placeholder_token
 
 TIME_SCALE = 0.002
 

@@ -1,4 +1,4 @@
-"""Streaming detokenization (worker/detokenize.py) on the tiny model's byte-level BPE."""
+"""Streaming detokenization (worker/vllm/detokenize.py) on the tiny model's byte-level BPE."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from worker.detokenize import TextStream
+from worker.vllm.detokenize import TextStream
 
 pytest.importorskip("tokenizers")
 
@@ -17,7 +17,7 @@ def tokenizer():
     # accented letters and emoji are several byte tokens each.
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from worker.tiny_model import CORPUS
+    from worker.vllm.tiny_model import CORPUS
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

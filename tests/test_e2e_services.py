@@ -15,7 +15,7 @@ from astraea.v1 import agent_pb2, agent_pb2_grpc, common_pb2, worker_pb2, worker
 from control_plane.service.context import ServiceConfig
 from control_plane.service.server import serve, stop
 from worker.process import run_worker
-from worker.sim_backend import SimulatedBackend, placeholder_token
+from worker.sim.backend import SimulatedBackend, placeholder_token
 
 TIME_SCALE = 0.002  # 500× real time: a 2 s segment takes 4 ms
 PROFILE = "gptj-6b-a100"

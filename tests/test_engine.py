@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from control_plane.core.job import KvAction
-from worker.sim_engine.engine import EngineError, SimulatedEngine
-from worker.sim_engine.kv_blocks import BlockPool, OutOfBlocks
+from astraea.plan import KvAction
+from worker.sim.engine import EngineError, SimulatedEngine
+from worker.sim.kv_blocks import BlockPool, OutOfBlocks
 
 BS = 16
 

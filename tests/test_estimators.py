@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from control_plane.core.job import Job
-from predictor_svc.estimators import (
+from astraea.estimators import (
     PRIOR_API_S,
     PRIOR_OUTPUT_TOKENS,
     DurationWindow,
     OnlineEstimator,
 )
+from control_plane.core.estimates import OnlineJobEstimator
+from control_plane.core.job import Job
 
 
 def waiting_job(category: str | None, api_start: float = 0.0, segment_index: int = 1,
@@ -80,7 +81,7 @@ def test_expected_remaining_matches_brute_force_with_eviction(n, size):
 
 # --- API latency ----------------------------------------------------------------------------
 def test_prior_is_used_before_any_observation():
-    est = OnlineEstimator()
+    est = OnlineJobEstimator()
     j = waiting_job("qa", api_start=10.0)
     assert est.api_duration_s(j) == PRIOR_API_S
     assert est.remaining_api_s(j, 10.25) == pytest.approx(PRIOR_API_S - 0.25)
@@ -89,13 +90,13 @@ def test_prior_is_used_before_any_observation():
 
 
 def test_remaining_is_zero_when_not_waiting_for_an_api():
-    est = OnlineEstimator()
+    est = OnlineJobEstimator()
     est.observe_api("qa", 5.0)
     assert est.remaining_api_s(ready_job(), 1.0) == 0.0
 
 
 def test_category_with_few_observations_borrows_the_pooled_window():
-    est = OnlineEstimator()
+    est = OnlineJobEstimator()
     for _ in range(10):
         est.observe_api("slow", 10.0)
     for _ in range(3):
@@ -111,7 +112,7 @@ def test_category_with_few_observations_borrows_the_pooled_window():
 
 
 def test_remaining_time_conditions_on_the_time_already_waited():
-    est = OnlineEstimator()
+    est = OnlineJobEstimator()
     for d in [1.0] * 8 + [20.0] * 2:  # heavy tail
         est.observe_api("tool", d)
     j = waiting_job("tool", api_start=0.0)
@@ -126,7 +127,7 @@ def test_negative_api_duration_is_rejected():
 
 
 def test_quantile_and_samples_come_from_the_categorys_window():
-    est = OnlineEstimator()
+    est = OnlineJobEstimator()
     for x in range(1, 21):
         est.observe_api("img", float(x))
     assert 10.0 <= est.api_quantile("img", 0.5) <= 11.0
@@ -136,7 +137,7 @@ def test_quantile_and_samples_come_from_the_categorys_window():
 
 # --- output tokens --------------------------------------------------------------------------
 def test_output_prediction_falls_back_from_segment_kind_to_category_to_all():
-    est = OnlineEstimator()
+    est = OnlineJobEstimator()
     first_qa = ready_job("qa", segment_index=0)
     later_qa = ready_job("qa", segment_index=2)
     assert est.output_tokens(first_qa) == PRIOR_OUTPUT_TOKENS

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from control_plane.core.job import IllegalTransition, Job, JobState, KvAction, KvState
+from astraea.plan import JobState, KvAction, KvState
+from control_plane.core.job import IllegalTransition, Job
 
 
 def ready_job(now: float = 0.0, tokens: int = 100) -> Job:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from astraea.plan import JobState, KvAction, WorkerView
 from control_plane.core.config import ContinuumConfig, KvPolicyConfig
-from control_plane.core.job import Job, JobState, KvAction
+from control_plane.core.job import Job
 from control_plane.core.kv_policy import (
     AlwaysDiscard,
     MinWaste,
@@ -13,7 +14,6 @@ from control_plane.core.kv_policy import (
     TimeToLive,
     memory_waste,
 )
-from control_plane.core.plan import WorkerView
 
 
 class FixedEstimator:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from astraea.plan import Admit, JobState, WorkerView
 from control_plane.core.config import MlfqConfig
-from control_plane.core.job import Job, JobState
+from control_plane.core.estimates import OnlineJobEstimator
+from control_plane.core.job import Job
 from control_plane.core.mlfq import StatefulMlfq
-from control_plane.core.plan import Admit, WorkerView
 from control_plane.core.policies import build_scheduler
-from predictor_svc.estimators import OnlineEstimator
 
 CFG = MlfqConfig(num_levels=4, quota_base=1000.0, quota_growth=4.0, aging_ratio=8.0)
 
@@ -89,7 +89,7 @@ def _run_segment(sched, job_id, now, prefill, generated, calls_tool):
 
 
 def test_new_jobs_enter_level_zero(gptj):
-    sched = build_scheduler("astraea", gptj, OnlineEstimator())
+    sched = build_scheduler("astraea", gptj, OnlineJobEstimator())
     for i in range(3):
         sched.job_arrived(f"j{i}", float(i))
         sched.segment_submitted(f"j{i}", float(i), 100, "qa")
@@ -98,7 +98,7 @@ def test_new_jobs_enter_level_zero(gptj):
 
 
 def test_scheduler_demotes_a_compute_heavy_segment_by_its_token_cost(gptj):
-    sched = build_scheduler("astraea", gptj, OnlineEstimator())
+    sched = build_scheduler("astraea", gptj, OnlineJobEstimator())
     quota0 = sched.config.mlfq.quota(0)
     prefill = int(quota0) + 1000  # a prefill token costs one unit: over the quota
     sched.job_arrived("heavy", 0.0)
@@ -110,7 +110,7 @@ def test_scheduler_demotes_a_compute_heavy_segment_by_its_token_cost(gptj):
 
 
 def test_scheduler_promotes_an_io_bound_segment(gptj):
-    sched = build_scheduler("astraea", gptj, OnlineEstimator())
+    sched = build_scheduler("astraea", gptj, OnlineJobEstimator())
     sched.job_arrived("io", 0.0)
     sched.jobs["io"].level = 2  # as if demoted earlier
     sched.segment_submitted("io", 0.0, 100, "qa")

@@ -13,8 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from astraea import telemetry as t
+from astraea.plan import JobState
 from astraea.v1 import common_pb2, predictor_pb2, predictor_pb2_grpc
-from control_plane.core.job import Job, JobState
+from control_plane.core.job import Job
 from control_plane.service.predictor_link import PredictorLink
 from control_plane.service.server import serve as serve_control_plane
 from control_plane.service.server import stop as stop_control_plane

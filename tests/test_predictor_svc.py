@@ -10,9 +10,9 @@ import random
 import grpc
 import pytest
 
+from astraea.estimators import PRIOR_API_S, PRIOR_OUTPUT_TOKENS, OnlineEstimator
 from astraea.profile import load_profile
 from astraea.v1 import common_pb2, predictor_pb2, predictor_pb2_grpc
-from predictor_svc.estimators import PRIOR_API_S, PRIOR_OUTPUT_TOKENS, OnlineEstimator
 from predictor_svc.server import MAX_BATCH, serve
 from predictor_svc.state import PredictorState, StateError, load_state, save_state
 from predictor_svc.step_time import StepSample, StepTimeModel

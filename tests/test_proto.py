@@ -13,9 +13,8 @@ import grpc
 import pytest
 
 from astraea import wire
+from astraea.plan import Admit, Evict, JobState, KvAction, KvState, Pause, Preempt, WorkerView
 from astraea.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from control_plane.core.job import JobState, KvAction, KvState
-from control_plane.core.plan import Admit, Evict, Pause, Preempt, WorkerView
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATED = ROOT / "astraea" / "v1"

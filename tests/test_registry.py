@@ -3,9 +3,8 @@ what plans reserved stays reserved until a report says the worker applied them."
 
 from __future__ import annotations
 
-from control_plane.core.plan import WorkerView
+from astraea.plan import WorkerInfo, WorkerView
 from control_plane.service.registry import WorkerEntry, counters_change, view_counters
-from worker.backend import BackendInfo
 
 
 def view(free: int, running: int = 0, ctx: int = 0, host: int = 50) -> WorkerView:
@@ -15,7 +14,7 @@ def view(free: int, running: int = 0, ctx: int = 0, host: int = 50) -> WorkerVie
 
 
 def entry() -> WorkerEntry:
-    info = BackendInfo("m", "sim", 100, 16, 50, 8, 512, "p")
+    info = WorkerInfo("m", "sim", 100, 16, 50, 8, 512, "p")
     return WorkerEntry(0, "w", info, view(100))
 
 

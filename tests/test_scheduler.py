@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from astraea.plan import Admit, Evict, JobState, KvAction, KvState, Preempt, WorkerView
 from control_plane.core.config import SchedulerConfig
-from control_plane.core.job import JobState, KvAction, KvState
-from control_plane.core.plan import Admit, Evict, Preempt, WorkerView
+from control_plane.core.estimates import OnlineJobEstimator
 from control_plane.core.policies import POLICIES, build_scheduler
 from control_plane.core.scheduler import SchedulerError
-from predictor_svc.estimators import OnlineEstimator
 
 
 def view(free: int = 5000, total: int = 5000, worker: int = 0, running: int = 0,
@@ -34,12 +33,12 @@ def running_job(sched, job_id="j", tokens=100, now=0.0):
 
 @pytest.fixture
 def sched(gptj):
-    return build_scheduler("astraea", gptj, OnlineEstimator())
+    return build_scheduler("astraea", gptj, OnlineJobEstimator())
 
 
 def test_unknown_policy_is_rejected_with_the_known_names(gptj):
     with pytest.raises(ValueError) as info:
-        build_scheduler("sjf", gptj, OnlineEstimator())
+        build_scheduler("sjf", gptj, OnlineJobEstimator())
     assert "sjf" in str(info.value)
     for name in POLICIES:
         assert name in str(info.value)
@@ -47,7 +46,7 @@ def test_unknown_policy_is_rejected_with_the_known_names(gptj):
 
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_every_policy_builds_and_admits_a_job(gptj, name):
-    s = build_scheduler(name, gptj, OnlineEstimator())
+    s = build_scheduler(name, gptj, OnlineJobEstimator())
     s.job_arrived("a", 0.0)
     s.segment_submitted("a", 0.0, 100)
     actions = s.build_plan(0.0, {0: view()})
@@ -144,7 +143,7 @@ def test_a_resident_job_is_resumed_with_only_its_new_tokens(sched):
 
 
 def test_admissions_update_the_view_and_respect_free_memory(gptj):
-    s = build_scheduler("astraea", gptj, OnlineEstimator())
+    s = build_scheduler("astraea", gptj, OnlineJobEstimator())
     for i, tokens in enumerate((800, 800, 800)):  # 50 blocks each
         s.job_arrived(f"j{i}", float(i))
         s.segment_submitted(f"j{i}", float(i), tokens)
@@ -174,7 +173,7 @@ def test_a_resumed_job_one_token_past_a_block_boundary_needs_a_new_block(gptj):
     until the next segment feeds it back. Counting k + 1 blocks as held, the scheduler saw
     the resumed segment's new block as free and planned Admits the worker refused."""
     config = SchedulerConfig().with_overrides({"kv.watermark": "0"})
-    s = build_scheduler("astraea", gptj, OnlineEstimator(), config)
+    s = build_scheduler("astraea", gptj, OnlineJobEstimator(), config)
     running_job(s, "a", tokens=100)
     pause = s.segment_ended("a", 2.0, 13, 100, True, "qa", view(free=4900))  # history 113
     assert pause.action is KvAction.PRESERVE  # the worker holds ⌈112/16⌉ = 7 blocks
@@ -190,7 +189,7 @@ def test_a_resumed_job_one_token_past_a_block_boundary_needs_a_new_block(gptj):
 def test_a_kv_release_in_the_view_frees_the_blocks_of_the_kv_positions(gptj):
     """Without exact per-job counts (the live service's views) a discarded history of
     k·16 + 1 tokens gives back k blocks, not k + 1."""
-    s = build_scheduler("vllm-fcfs", gptj, OnlineEstimator())
+    s = build_scheduler("vllm-fcfs", gptj, OnlineJobEstimator())
     running_job(s, "a", tokens=100)
     v = view(free=100)
     pause = s.segment_ended("a", 2.0, 13, 100, True, "qa", v)  # history 113: 7 blocks
@@ -200,7 +199,7 @@ def test_a_kv_release_in_the_view_frees_the_blocks_of_the_kv_positions(gptj):
 
 def test_reclaim_evicts_paused_kv_for_a_ready_job_that_does_not_fit(gptj):
     config = SchedulerConfig().with_overrides({"kv.reclaim_for_ready_jobs": "true"})
-    s = build_scheduler("astraea", gptj, OnlineEstimator(prior_api_s=30.0), config)
+    s = build_scheduler("astraea", gptj, OnlineJobEstimator(prior_api_s=30.0), config)
     running_job(s, "paused", tokens=3200)  # 200 blocks
     pause = s.segment_ended("paused", 1.0, 10, 3200, True, "chat", view(free=4000))
     assert pause.action is KvAction.PRESERVE
@@ -216,7 +215,7 @@ def test_reclaim_evicts_paused_kv_for_a_ready_job_that_does_not_fit(gptj):
 
 def test_plas_preempts_a_lower_queue_call_to_admit_a_higher_one(gptj):
     config = SchedulerConfig().with_overrides({"plas.preemptive": "true"})
-    s = build_scheduler("autellix-plas", gptj, OnlineEstimator(), config)
+    s = build_scheduler("autellix-plas", gptj, OnlineJobEstimator(), config)
     old = running_job(s, "old", tokens=1600, now=0.0)
     # "old" has run for 20 s: its program's attained service puts it in the last queue.
     s.job_arrived("new", 20.0)

@@ -13,18 +13,18 @@ import math
 import numpy as np
 import pytest
 
-from astraea.bench.vllm_live import tiny_agent_trace
+from astraea.plan import Admit, JobState, KvAction
 from astraea.profile import HardwareProfile, load_profile
-from astraea.sim.metrics import JobRecord, idle_jct_s, summarize
-from astraea.sim.oracle import TraceOracle
-from astraea.sim.simulator import Simulation
+from astraea.tools.bench.vllm_live import tiny_agent_trace
+from astraea.tools.sim.metrics import JobRecord, idle_jct_s, summarize
+from astraea.tools.sim.oracle import TraceOracle
+from astraea.tools.sim.simulator import Simulation
 from astraea.workloads import JobTrace, Segment, ToolCall, generate_mix
 from control_plane.core.config import SchedulerConfig
-from control_plane.core.job import Job, JobState, KvAction
-from control_plane.core.plan import Admit
+from control_plane.core.estimates import OnlineJobEstimator
+from control_plane.core.job import Job
 from control_plane.core.policies import POLICIES, build_scheduler
-from predictor_svc.estimators import OnlineEstimator
-from worker.sim_engine.engine import SimulatedEngine
+from worker.sim.engine import SimulatedEngine
 
 PROFILE = "gptj-6b-a100"
 N_JOBS, QPS, KV_BLOCKS = 80, 4.0, 1000
@@ -177,7 +177,7 @@ def test_the_scheduler_counts_a_resumed_jobs_kv_as_the_engine_holds_it(simple_pr
     the view with exactly what the engine can still allocate: the scheduler once counted
     k + 1 blocks as held and planned an Admit the engine refused (EngineError)."""
     config = SchedulerConfig().with_overrides({"kv.watermark": "0"})  # the engine has none
-    sched = build_scheduler("astraea", simple_profile, OnlineEstimator(), config)
+    sched = build_scheduler("astraea", simple_profile, OnlineJobEstimator(), config)
     engine = SimulatedEngine(simple_profile, 0, kv_blocks=100)
     outputs = {"a": 13, "b": 4}
 

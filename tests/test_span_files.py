@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from opentelemetry import trace
 
-from astraea import cli
+from astraea.tools.cli import main as cli
+from astraea.plan import KvAction, KvDecision
 from astraea.telemetry import TelemetryConfig, TelemetryConfigError, setup_telemetry, spans
 from astraea.telemetry.span_files import (
     format_tree,
@@ -15,8 +16,6 @@ from astraea.telemetry.span_files import (
     kv_decision_counts,
     load_spans,
 )
-from control_plane.core.job import KvAction
-from control_plane.core.plan import KvDecision
 
 
 def _write_two_services(directory) -> None:

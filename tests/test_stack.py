@@ -1,4 +1,4 @@
-"""`astraea.stack.Stack`, `astraea up` and `astraea demo`: the services as real processes on
+"""`astraea.tools.stack.Stack`, `astraea up` and `astraea demo`: the services as real processes on
 free loopback ports, readiness, a job through the stack, clean shutdown, startup failures."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from astraea.cli import main
 from astraea.client import AgentClient
-from astraea.stack import Stack, StackConfig, StackError
+from astraea.tools.cli.main import main
+from astraea.tools.stack import Stack, StackConfig, StackError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,7 +134,7 @@ def test_astraea_up_serves_until_sigterm_then_stops_every_service(tmp_path):
     cport = _free_port()
     cfg.write_text(f'control_plane_listen = "127.0.0.1:{cport}"\nworkers = 1\n'
                    f'time_scale = 0.01\nlog_dir = "{tmp_path / "logs"}"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "astraea.cli", "up", "--config", str(cfg),
+    proc = subprocess.Popen([sys.executable, "-m", "astraea.tools.cli", "up", "--config", str(cfg),
                              "--no-predictor"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

@@ -20,9 +20,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from astraea import telemetry as t
+from astraea.plan import Admit, Evict, KvAction, KvDecision, Pause
 from astraea.telemetry import spans as s
-from control_plane.core.job import KvAction
-from control_plane.core.plan import Admit, Evict, KvDecision, Pause
 
 
 @pytest.fixture

@@ -13,14 +13,14 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from astraea.profile import load_profile
-from astraea.replay import AGENT_SPAN, replay, replay_jobs
 from astraea.telemetry import TelemetryConfig, setup_telemetry, spans
+from astraea.tools.replay import AGENT_SPAN, replay, replay_jobs
 from control_plane.service.context import ServiceConfig
 from control_plane.service.predictor_link import OBSERVE_SPAN
 from control_plane.service.server import serve, stop
 from predictor_svc.server import serve as serve_predictor
 from worker.process import ADMISSION_SPAN, run_worker
-from worker.sim_backend import SimulatedBackend
+from worker.sim.backend import SimulatedBackend
 
 TIME_SCALE = 0.002
 PROFILE = "gptj-6b-a100"

@@ -1,4 +1,4 @@
-"""The vLLM engine wrapper (worker/vllm_engine.py) on the tiny model, with greedy decoding.
+"""The vLLM engine wrapper (worker/vllm/engine.py) on the tiny model, with greedy decoding.
 
 One engine serves the whole module (start-up is seconds). Each test starts from an empty,
 cold pool and must leave it that way (the `clean_pool` fixture checks).
@@ -20,9 +20,9 @@ pytest.importorskip("vllm")
 
 from tokenizers import Tokenizer  # noqa: E402
 
-from control_plane.core.job import KvAction  # noqa: E402
-from worker.tiny_model import build_tiny_model  # noqa: E402
-from worker.vllm_engine import EngineConfig, EngineError, JobKv, VllmEngine  # noqa: E402
+from astraea.plan import KvAction  # noqa: E402
+from worker.vllm.engine import EngineConfig, EngineError, JobKv, VllmEngine  # noqa: E402
+from worker.vllm.tiny_model import build_tiny_model  # noqa: E402
 
 N, M = 24, 16  # tokens of segment 1 and of segment 2
 BLOCK = 32

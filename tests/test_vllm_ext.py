@@ -1,4 +1,4 @@
-"""The swap extension's block addressing (worker/vllm_ext.py), on plain tensors.
+"""The swap extension's block addressing (worker/vllm/ext.py), on plain tensors.
 
 The live engine tests cover the CPU build, where the attention kernel's block is the
 scheduler's. Here a KV cache laid out in kernel blocks half the scheduler's size (as a GPU
@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from worker.vllm_ext import KvSwapExtension, _by_scheduler_block  # noqa: E402
+from worker.vllm.ext import KvSwapExtension, _by_scheduler_block  # noqa: E402
 
 NUM_BLOCKS, K = 6, 2  # scheduler blocks, kernel blocks per scheduler block
 

@@ -11,9 +11,9 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from astraea.cli import main  # noqa: E402
 from astraea.profile import load_profile  # noqa: E402
-from worker.tiny_model import build_tiny_model  # noqa: E402
+from astraea.tools.cli.main import main  # noqa: E402
+from worker.vllm.tiny_model import build_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_isotonic_fit_averages_a_slow_small_step_instead_of_lifting_every_size()
     """The step table the simulator prices prefill by: one slow 1-token sample (a cold
     first step) must not make all small sizes cost as much as it (the old running
     maximum turned a table flat that way, and a flat table makes prefill free)."""
-    from worker.vllm_profile import _isotonic
+    from worker.vllm.profile import _isotonic
 
     measured = [2.23, 1.69, 1.68, 1.94, 2.29, 3.15]
     fitted = _isotonic(measured)

@@ -23,16 +23,16 @@ pytest.importorskip("vllm")
 from tokenizers import Tokenizer  # noqa: E402
 
 from astraea.client.client import AsyncAgentClient, FinishReason  # noqa: E402
+from astraea.plan import JobState  # noqa: E402
 from astraea.v1 import common_pb2  # noqa: E402
-from control_plane.core.job import JobState  # noqa: E402
 from control_plane.service import registry  # noqa: E402
 from control_plane.service.context import ServiceConfig  # noqa: E402
 from control_plane.service.server import serve, stop  # noqa: E402
 from worker.backend import BackendFailed  # noqa: E402
 from worker.process import run_worker  # noqa: E402
-from worker.tiny_model import build_tiny_model  # noqa: E402
-from worker.vllm_backend import VllmBackend  # noqa: E402
-from worker.vllm_engine import EngineConfig, VllmEngine  # noqa: E402
+from worker.vllm.backend import VllmBackend  # noqa: E402
+from worker.vllm.engine import EngineConfig, VllmEngine  # noqa: E402
+from worker.vllm.tiny_model import build_tiny_model  # noqa: E402
 
 PROFILE = "gptj-6b-a100"
 NUM_BLOCKS = 49  # vLLM's pool: 48 usable blocks of 32 tokens, plus the null block

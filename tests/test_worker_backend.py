@@ -12,9 +12,7 @@ import asyncio
 
 import pytest
 
-from astraea.wire import Abort
-from control_plane.core.job import KvAction
-from control_plane.core.plan import Admit, Evict, Pause, Preempt
+from astraea.plan import Abort, Admit, Evict, KvAction, Pause, Preempt
 from worker.backend import (
     Backend,
     BackendError,
@@ -26,7 +24,7 @@ from worker.backend import (
     StepTimed,
     TokensGenerated,
 )
-from worker.sim_backend import SimulatedBackend, placeholder_token
+from worker.sim.backend import SimulatedBackend, placeholder_token
 
 SCALE = 0.001
 BS = 16

@@ -1,7 +1,7 @@
 """The engine backend interface of a worker, and what a backend reports back.
 
 A worker process owns one backend: the simulated engine running in real time
-(`worker/sim_backend.py`) or a real engine (vLLM, issue #4). The worker feeds it the control
+(`worker/sim/backend.py`) or a real engine (vLLM, issue #4). The worker feeds it the control
 plane's plan actions in order (`apply`), forwards what it reports (`events`) on the
 worker ↔ control-plane stream, and sends its memory (`view`) when asked.
 
@@ -25,9 +25,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from astraea.wire import WireAction
-from control_plane.core.job import KvAction
-from control_plane.core.plan import WorkerView
+from astraea.plan import KvAction, WireAction, WorkerInfo, WorkerView
 
 
 class BackendError(RuntimeError):
@@ -45,20 +43,6 @@ class BackendError(RuntimeError):
 
 class BackendFailed(RuntimeError):
     """The engine itself failed (did not start, or died): the worker reports it and exits."""
-
-
-@dataclass(frozen=True)
-class BackendInfo:
-    """What a worker registers with (proto `Register`)."""
-
-    model: str
-    backend: str  # "sim" or "vllm"
-    kv_capacity_blocks: int
-    block_size: int
-    host_swap_blocks: int
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    profile_name: str
 
 
 ContextPiece = str | tuple[int, ...]  # a prompt's text, or token ids (prompt or output)
@@ -152,7 +136,7 @@ class Backend(Protocol):
         needs to recompute it on its next admission (a real engine: its token history).
         The worker calls it after refusing the job's Admit. A job it does not hold: no-op."""
 
-    def describe(self) -> BackendInfo:
+    def describe(self) -> WorkerInfo:
         """Model, capacities and limits, for registration. Valid after `start()`."""
 
     async def apply(self, action: WireAction,

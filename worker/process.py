@@ -29,9 +29,9 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
 from astraea import wire
+from astraea.plan import Admit
 from astraea.telemetry import add_log_level_argument, get_logger, setup_service_telemetry, spans
 from astraea.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from control_plane.core.plan import Admit
 from worker.backend import (
     Backend,
     BackendError,
@@ -369,9 +369,9 @@ async def run_worker(control_plane_address: str, backend: Backend, name: str,
 def _make_backend(args: argparse.Namespace) -> Backend:
     if args.backend == "vllm":
         # Imported only here: the simulated worker needs no vLLM.
-        from worker.tiny_model import resolve_model
-        from worker.vllm_backend import VllmBackend
-        from worker.vllm_engine import EngineConfig
+        from worker.vllm.backend import VllmBackend
+        from worker.vllm.engine import EngineConfig
+        from worker.vllm.tiny_model import resolve_model
 
         return VllmBackend(EngineConfig(
             model=resolve_model(args.model),
@@ -381,7 +381,7 @@ def _make_backend(args: argparse.Namespace) -> Backend:
             gpu_memory_utilization=args.gpu_memory_utilization,
             host_swap_blocks=args.host_swap_blocks))
     from astraea.profile import load_profile
-    from worker.sim_backend import SimulatedBackend
+    from worker.sim.backend import SimulatedBackend
 
     if args.backend != "sim":
         raise ValueError(f"unknown backend {args.backend!r}")

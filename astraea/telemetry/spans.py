@@ -27,7 +27,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, Tracer
 
 if TYPE_CHECKING:
-    from control_plane.core.plan import KvDecision
+    from astraea.plan import KvDecision
 
 # Span names.
 JOB, SEGMENT, API_WAIT, BUILD_BATCH = "job", "segment", "api_wait", "build_batch"

@@ -2,8 +2,9 @@
 
 The policies ask three things: how many tokens the current segment will generate, how long a
 job's API wait will last (in total, and what remains of it), and — for Continuum — the
-distribution of a tool category's durations. `predictor_svc.estimators.OnlineEstimator` learns
-them from observations; the simulator also offers a labelled trace oracle.
+distribution of a tool category's durations. `OnlineJobEstimator` learns them from
+observations (through the category-keyed `astraea.estimators.OnlineEstimator`); the simulator
+also offers a labelled trace oracle.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from astraea.estimators import OnlineEstimator
+from astraea.plan import JobState
 from control_plane.core.job import Job
 
 
@@ -32,3 +35,23 @@ class ServiceTimeEstimator(Protocol):
     def observe_output(self, job: Job, tokens: int) -> None: ...
 
     def observe_api(self, category: str, duration_s: float) -> None: ...
+
+
+class OnlineJobEstimator(OnlineEstimator):
+    """`ServiceTimeEstimator` over the category-keyed online estimator: a job's questions
+    become its tool category, its category and its segment index."""
+
+    def api_duration_s(self, job: Job) -> float:
+        return self.api_mean_s(job.next_tool_category)
+
+    def remaining_api_s(self, job: Job, now: float) -> float:
+        if job.state is not JobState.API_WAIT:
+            return 0.0
+        return self.api_remaining_s(job.next_tool_category, now - job.api_start_s)
+
+    def output_tokens(self, job: Job) -> float:
+        return self.output_tokens_for(job.category, job.segment_index)
+
+    def observe_output(self, job: Job, tokens: int) -> None:
+        # Called before the job's segment index advances, so the key names this segment.
+        self.observe_output_for(job.category, job.segment_index, tokens)

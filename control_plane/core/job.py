@@ -14,33 +14,9 @@ States::
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
-
-class JobState(enum.Enum):
-    ARRIVED = "arrived"
-    READY = "ready"
-    RUNNING = "running"
-    API_WAIT = "api_wait"
-    FINISHED = "finished"
-
-
-class KvAction(enum.Enum):
-    """What happens to a job's KV cache while it waits for an API."""
-
-    PRESERVE = "preserve"  # blocks stay on the GPU
-    SWAP = "swap"  # blocks copied to host memory and freed on the GPU
-    DISCARD = "discard"  # blocks freed; the context is recomputed on resume
-
-
-class KvState(enum.Enum):
-    """Where a job's KV cache is right now."""
-
-    NONE = "none"  # nothing computed yet (a new job)
-    RESIDENT = "resident"  # on the GPU of `Job.worker_id` (running, or preserved)
-    SWAPPED = "swapped"  # in host memory of `Job.worker_id`
-    DISCARDED = "discarded"  # gone (a prefix cache may still hold part of it)
+from astraea.plan import JobState, KvAction, KvState
 
 
 class IllegalTransition(RuntimeError):

@@ -25,11 +25,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from astraea.plan import KvAction, KvDecision, WorkerView
 from astraea.profile import HardwareProfile
 from control_plane.core.config import ContinuumConfig, KvPolicyConfig
 from control_plane.core.estimates import ServiceTimeEstimator
-from control_plane.core.job import Job, KvAction
-from control_plane.core.plan import KvDecision, WorkerView
+from control_plane.core.job import Job
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,24 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
+from astraea.plan import (
+    Admit,
+    Evict,
+    JobState,
+    KvAction,
+    KvDecision,
+    KvState,
+    Pause,
+    PlanAction,
+    Preempt,
+    WorkerView,
+)
 from astraea.profile import HardwareProfile
 from control_plane.core.config import SchedulerConfig
 from control_plane.core.discipline import Discipline
 from control_plane.core.estimates import ServiceTimeEstimator
-from control_plane.core.job import Job, JobState, KvAction, KvState
+from control_plane.core.job import Job
 from control_plane.core.kv_policy import KvPolicy
-from control_plane.core.plan import Admit, Evict, KvDecision, Pause, PlanAction, Preempt, WorkerView
 from control_plane.core.token_cost import TokenCostModel
 
 NO_LIMIT = 1 << 62

@@ -15,9 +15,9 @@ import uuid
 import grpc
 from opentelemetry import trace
 
+from astraea.plan import JobState
 from astraea.telemetry import extract_context, get_logger
 from astraea.v1 import agent_pb2, agent_pb2_grpc
-from control_plane.core.job import JobState
 from control_plane.service import validation
 from control_plane.service.context import ControlPlane
 from control_plane.service.registry import JobEntry, Segment, SegmentClosed

@@ -16,9 +16,10 @@ from opentelemetry import metrics as otel_metrics
 from opentelemetry.trace import Tracer
 
 from astraea import wire
+from astraea.plan import JobState
 from astraea.telemetry import Metrics, get_logger
 from astraea.v1 import agent_pb2, worker_pb2
-from control_plane.core.job import Job, JobState
+from control_plane.core.job import Job
 from control_plane.core.scheduler import Scheduler
 from control_plane.service.registry import JobEntry, Registry, SegmentClosed
 from control_plane.service.stats import ServiceStats

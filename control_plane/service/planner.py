@@ -13,9 +13,9 @@ import time
 from collections import defaultdict
 
 from astraea import wire
+from astraea.plan import Admit
 from astraea.telemetry import build_batch_span, get_logger, record_plan
 from astraea.v1 import worker_pb2
-from control_plane.core.plan import Admit
 from control_plane.service.context import ControlPlane
 from control_plane.service.registry import counters_change, view_counters
 

@@ -2,7 +2,7 @@
 
 The `Scheduler` calls its estimator synchronously on the event loop, so `PredictorLink` never
 touches the network from those calls: every query is answered from memory, either from a local
-`OnlineEstimator` (fed with every observation, always available) or from the per-category
+`OnlineJobEstimator` (fed with every observation, always available) or from the per-category
 estimates last fetched from the remote `PredictorService` while it was reachable.
 
 A background task (`start` / `close`) does all the I/O, each call bounded by `timeout_s`:
@@ -44,8 +44,8 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Tracer
 
 from astraea.telemetry import Metrics, get_logger, inject_metadata
 from astraea.v1 import common_pb2, predictor_pb2, predictor_pb2_grpc
+from control_plane.core.estimates import OnlineJobEstimator
 from control_plane.core.job import Job
-from predictor_svc.estimators import OnlineEstimator
 
 log = get_logger("astraea.control_plane.predictor")
 
@@ -82,7 +82,7 @@ class PredictorLink:
 
     name = "remote"
 
-    def __init__(self, address: str, *, local: OnlineEstimator | None = None,
+    def __init__(self, address: str, *, local: OnlineJobEstimator | None = None,
                  metrics: Metrics | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                  flush_interval_s: float = 0.1, refresh_interval_s: float = 1.0,
                  retry_interval_s: float = 0.5, max_pending: int = 100_000,
@@ -90,7 +90,7 @@ class PredictorLink:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         self.address = address
-        self.local = local or OnlineEstimator()
+        self.local = local or OnlineJobEstimator()
         self.metrics = metrics or Metrics(otel_metrics.get_meter("astraea"))
         self.timeout_s = timeout_s
         self.flush_interval_s = flush_interval_s

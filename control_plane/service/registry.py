@@ -12,10 +12,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from astraea.plan import WorkerInfo, WorkerView
 from astraea.v1 import agent_pb2, common_pb2, worker_pb2
 from control_plane.core.job import Job
-from control_plane.core.plan import WorkerView
-from worker.backend import BackendInfo
 
 # The WorkerView counters a plan changes when it admits, evicts or preempts (build_plan
 # updates the view in place); what a plan changed is kept until the worker's report shows it.
@@ -38,7 +37,7 @@ class WorkerEntry:
 
     worker_id: int
     name: str
-    info: BackendInfo
+    info: WorkerInfo
     # The latest MemoryReport plus what plans sent since have reserved; build_plan updates it
     # in place.
     view: WorkerView
@@ -128,7 +127,7 @@ class Registry:
         self.jobs: dict[str, JobEntry] = {}
         self._next_worker_id = 0
 
-    def add_worker(self, name: str, info: BackendInfo) -> WorkerEntry:
+    def add_worker(self, name: str, info: WorkerInfo) -> WorkerEntry:
         wid = self._next_worker_id
         self._next_worker_id += 1
         # Until its first MemoryReport the worker is assumed empty: it can take work at once.

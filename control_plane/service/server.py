@@ -2,7 +2,7 @@
 
     astraea-control-plane --listen 127.0.0.1:50051 --policy astraea --profile gptj-6b-a100
 
-Service-time estimates come from an in-process `OnlineEstimator`, or, with `--predictor
+Service-time estimates come from an in-process `OnlineJobEstimator`, or, with `--predictor
 host:port`, from a `PredictorLink`: local estimates always, the remote predictor's when it
 answers within the timeout (see predictor_link.py). The standard gRPC health service reports
 SERVING while up and NOT_SERVING from the start of a graceful stop.
@@ -31,13 +31,13 @@ from astraea.telemetry import (
 )
 from astraea.v1 import agent_pb2_grpc, worker_pb2, worker_pb2_grpc
 from control_plane.core.config import SchedulerConfig
+from control_plane.core.estimates import OnlineJobEstimator
 from control_plane.core.policies import POLICIES, build_scheduler
 from control_plane.service.agent_service import AgentServicer
 from control_plane.service.context import ControlPlane, ServiceConfig
 from control_plane.service.planner import Planner
 from control_plane.service.predictor_link import DEFAULT_TIMEOUT_S, PredictorLink
 from control_plane.service.worker_stream import WorkerStreamServicer
-from predictor_svc.estimators import OnlineEstimator
 
 log = get_logger("astraea.control_plane")
 
@@ -71,7 +71,7 @@ async def serve(listen: str = DEFAULT_LISTEN, policy: str = "astraea",
         # with compare-live at 10x real time: live/sim 1.13-1.16 against 1.08).
         link = PredictorLink(predictor, metrics=metrics, timeout_s=predictor_timeout_s,
                              tracer=tracer)
-    estimator = link if link is not None else OnlineEstimator()
+    estimator = link if link is not None else OnlineJobEstimator()
     scheduler = build_scheduler(policy, prof, estimator, scheduler_config)
     cp = ControlPlane(scheduler, config, policy=policy, tracer=tracer,
                       metrics=metrics)

@@ -20,10 +20,10 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
+from astraea.plan import JobState, KvDecision
 from astraea.telemetry import spans
 from astraea.telemetry.propagation import inject_metadata
-from control_plane.core.job import Job, JobState
-from control_plane.core.plan import KvDecision
+from control_plane.core.job import Job
 
 END_REASON = "astraea.end_reason"
 SWAP_IN = "astraea.swap_in"

@@ -20,9 +20,9 @@ import time
 import grpc
 
 from astraea import wire
+from astraea.plan import JobState, KvAction, WorkerInfo
 from astraea.telemetry import get_logger
 from astraea.v1 import agent_pb2, common_pb2, worker_pb2, worker_pb2_grpc
-from control_plane.core.job import JobState, KvAction
 from control_plane.core.scheduler import SchedulerError
 from control_plane.service.context import ControlPlane
 from control_plane.service.registry import (
@@ -32,7 +32,6 @@ from control_plane.service.registry import (
     counters_change,
     view_counters,
 )
-from worker.backend import BackendInfo
 
 log = get_logger("astraea.control_plane.workers")
 
@@ -48,11 +47,11 @@ class _StreamError(Exception):
         self.message = message
 
 
-def _info(reg: worker_pb2.Register) -> BackendInfo:
+def _info(reg: worker_pb2.Register) -> WorkerInfo:
     if reg.kv_capacity_blocks == 0 or reg.block_size == 0 or reg.max_num_seqs == 0:
         raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
                            "register needs kv_capacity_blocks, block_size and max_num_seqs > 0")
-    return BackendInfo(model=reg.model, backend=reg.backend,
+    return WorkerInfo(model=reg.model, backend=reg.backend,
                        kv_capacity_blocks=reg.kv_capacity_blocks, block_size=reg.block_size,
                        host_swap_blocks=reg.host_swap_blocks, max_num_seqs=reg.max_num_seqs,
                        max_num_batched_tokens=reg.max_num_batched_tokens,

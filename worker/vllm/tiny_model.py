@@ -12,7 +12,7 @@
 Importing this module is cheap: torch, transformers and tokenizers are imported only when a
 model has to be built. Any local Hugging Face model folder can be used in its place.
 
-    python -m worker.tiny_model [cache_dir [size]]     # prints the folder
+    python -m worker.vllm.tiny_model [cache_dir [size]]     # prints the folder
 """
 
 from __future__ import annotations

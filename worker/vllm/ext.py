@@ -1,7 +1,7 @@
 """vLLM worker extension: copy a job's KV blocks to host memory and back (the Swap action).
 
-vLLM 0.32's v1 engine has no swap of its own. `worker/vllm_engine.py` passes this class as
-`EngineArgs(worker_extension_cls="worker.vllm_ext.KvSwapExtension")`; vLLM mixes it into its
+vLLM 0.32's v1 engine has no swap of its own. `worker/vllm/engine.py` passes this class as
+`EngineArgs(worker_extension_cls="worker.vllm.ext.KvSwapExtension")`; vLLM mixes it into its
 Worker class (vllm/v1/worker/worker_base.py:296), so these methods run where the KV cache
 lives and are called with `EngineCore.collective_rpc("kv_swap_out", args=(...))`.
 

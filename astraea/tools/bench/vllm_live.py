@@ -8,7 +8,7 @@ as they are here. Then for each policy a `Stack` of separate processes is starte
 (predictor, control plane at time scale 1.0, one ``--backend vllm`` worker, by default on the
 project's "small" model, with a KV pool of `kv_blocks` usable blocks of 32 tokens, small
 enough that the jobs cannot all stay resident), the trace is replayed with
-`astraea.replay.replay` at time scale 1.0 (so JCTs are wall seconds), and the stack is
+`astraea.tools.replay.replay` at time scale 1.0 (so JCTs are wall seconds), and the stack is
 stopped. The KV decisions are counted from the services' span files.
 
 The trace (`tiny_agent_trace`) is a scaled-down agent mix for the project's models, seeded: each
@@ -123,9 +123,9 @@ def _vocab_size(model: Path) -> int:
 def run_policy(cfg: VllmBenchConfig, policy: str, jobs: list[JobTrace], model: str,
                base: Path, prompt_ids, log=sys.stderr) -> PolicyRun:
     from astraea.profile import load_profile
-    from astraea.replay import replay
-    from astraea.stack import Stack, StackConfig
     from astraea.telemetry.span_files import kv_decision_counts, load_spans
+    from astraea.tools.replay import replay
+    from astraea.tools.stack import Stack, StackConfig
 
     span_dir = base / policy / "traces"
     stack_cfg = StackConfig(policy=policy, profile=cfg.profile, time_scale=1.0, workers=1,
@@ -151,7 +151,7 @@ def run_policy(cfg: VllmBenchConfig, policy: str, jobs: list[JobTrace], model: s
 
 def run(cfg: VllmBenchConfig, log=sys.stderr) -> dict:
     """Every policy on the same jobs; the report (see `format_report`)."""
-    from worker.tiny_model import resolve_model
+    from worker.vllm.tiny_model import resolve_model
 
     if cfg.kv_blocks < 1:
         raise ValueError("--kv-blocks must be at least 1")
@@ -187,7 +187,7 @@ def run(cfg: VllmBenchConfig, log=sys.stderr) -> dict:
 
 def measure_profile(model: Path, out: Path, log) -> Path:
     """`astraea profile` of `model` on this machine (its default grid), written to `out`."""
-    from worker.vllm_profile import measure_to_file
+    from worker.vllm.profile import measure_to_file
 
     started = time.monotonic()
     print(f"  measuring the engine on {model.name} (astraea profile) ...", file=log, flush=True)

@@ -6,9 +6,10 @@ future. Observations still feed an online estimator, whose samples Continuum's C
 
 from __future__ import annotations
 
+from astraea.plan import JobState
 from astraea.workloads.trace import JobTrace
-from control_plane.core.job import Job, JobState
-from predictor_svc.estimators import OnlineEstimator
+from control_plane.core.estimates import OnlineJobEstimator
+from control_plane.core.job import Job
 
 
 class TraceOracle:
@@ -16,7 +17,7 @@ class TraceOracle:
 
     def __init__(self, jobs: dict[str, JobTrace]) -> None:
         self._jobs = jobs
-        self._learned = OnlineEstimator()
+        self._learned = OnlineJobEstimator()
 
     def output_tokens(self, job: Job) -> float:
         segs = self._jobs[job.job_id].segments

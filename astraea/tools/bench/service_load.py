@@ -6,12 +6,12 @@ Three kinds of OS process, so that only the control plane's own work counts agai
 
 * **the control plane**: the real `control_plane.service.server.serve` (AgentService,
   WorkerService streams, the planner, the health service), with the same telemetry and log
-  set-up as `astraea-control-plane`, run by `python -m astraea.bench.service_load
+  set-up as `astraea-control-plane`, run by `python -m astraea.tools.bench.service_load
   control-plane-host`. Its stdin takes two commands from the benchmark: ``reset`` starts a
   measurement window of its `ServiceStats` (see `control_plane/service/stats.py`), ``stats``
   answers with them as one JSON line; EOF stops it.
 * **N simulated workers**: `astraea-worker` processes (real `SimulatedBackend`, real gRPC
-  streams), started by `astraea.stack.Stack`. Their profile is GPT-J-6B/A100 with the step
+  streams), started by `astraea.tools.stack.Stack`. Their profile is GPT-J-6B/A100 with the step
   limits raised so that they are not the bottleneck (`max_num_seqs` large enough for every job
   in flight, a 8,192-token step budget) and `--kv-blocks` large enough that memory never binds
   (this measures the control plane, not the engine).
@@ -27,7 +27,7 @@ What is measured, over `--seconds` after `--warmup` seconds:
 * **segment event** = one segment completed end to end: its RunSegment was submitted, every
   one of its tokens streamed back, and its done event reached the client. ``segments/s`` is
   these per second. Every segment's tokens are checked: all arrive, in order, and equal to
-  what the simulated engine generates (`worker.sim_backend.placeholder_token`).
+  what the simulated engine generates (`worker.sim.backend.placeholder_token`).
 * **control-plane events** = every message that reached the control plane: RunSegment calls,
   ReportToolCall calls, StartJob and EndJob calls, and every WorkerMessage on the worker
   streams (token batches, segment ends, memory reports, step reports, preemptions). Counted by
@@ -102,7 +102,7 @@ class ServiceBenchConfig:
 # --- the control-plane host process ---------------------------------------------------------
 
 def _host_main(argv: list[str]) -> int:
-    """`python -m astraea.bench.service_load control-plane-host ...`: the control plane as
+    """`python -m astraea.tools.bench.service_load control-plane-host ...`: the control plane as
     `astraea-control-plane` runs it, plus the stdin command channel (module docstring)."""
     from control_plane.service import server as cp_server
     from control_plane.service.context import ServiceConfig
@@ -185,7 +185,7 @@ async def _floor_server(listen: str):
 
     from astraea.v1 import agent_pb2, agent_pb2_grpc, common_pb2
     from control_plane.service.stats import ServiceStats
-    from worker.sim_backend import placeholder_token
+    from worker.sim.backend import placeholder_token
 
     stats = ServiceStats()
     done_reason = {True: common_pb2.FINISH_REASON_TOOL_CALL,
@@ -255,7 +255,7 @@ class _Host:
     """The control-plane host subprocess and its command channel."""
 
     def __init__(self, cfg: ServiceBenchConfig, profile_path: str, log_dir: Path) -> None:
-        args = [sys.executable, "-m", "astraea.bench.service_load", HOST_COMMAND,
+        args = [sys.executable, "-m", "astraea.tools.bench.service_load", HOST_COMMAND,
                 "--policy", cfg.policy, "--profile", profile_path,
                 "--time-scale", repr(cfg.time_scale), "--log-level", cfg.log_level]
         if cfg.cprofile:
@@ -278,7 +278,7 @@ class _Host:
     def _read(self, timeout_s: float = 30) -> dict:
         import selectors
 
-        from astraea.stack import StackError, log_tail
+        from astraea.tools.stack import StackError, log_tail
 
         sel = selectors.DefaultSelector()
         sel.register(self.popen.stdout, selectors.EVENT_READ)
@@ -367,7 +367,7 @@ class _Load:
 
     async def _job(self, client, job_id: str, segments: int) -> None:
         from astraea.client import FinishReason
-        from worker.sim_backend import placeholder_token
+        from worker.sim.backend import placeholder_token
 
         cfg = self.cfg
         prompt = [PLACEHOLDER_ID] * cfg.prompt_tokens
@@ -502,7 +502,7 @@ def run(cfg: ServiceBenchConfig, log=None) -> dict:
     """Run the benchmark; the report (see `format_report`)."""
     import tempfile
 
-    from astraea.stack import Stack, StackConfig
+    from astraea.tools.stack import Stack, StackConfig
 
     cfg.check()
     log = log if log is not None else sys.stderr

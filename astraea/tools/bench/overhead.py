@@ -13,11 +13,10 @@ import time
 
 import numpy as np
 
+from astraea.plan import JobState, WorkerView
 from astraea.profile import load_profile
-from control_plane.core.job import JobState
-from control_plane.core.plan import WorkerView
+from control_plane.core.estimates import OnlineJobEstimator
 from control_plane.core.policies import build_scheduler
-from predictor_svc.estimators import OnlineEstimator
 
 WARMUP = 20  # builds not timed: first calls pay for lazy imports and cold caches
 
@@ -42,7 +41,7 @@ def measure(policy: str = "astraea", profile_name: str = "gptj-6b-a100",
     rng = np.random.default_rng(seed)
     out: dict = {"policy": policy, "profile": profile_name, "build": {}, "events": {}}
     for n in sizes:
-        est = OnlineEstimator()
+        est = OnlineJobEstimator()
         sched = build_scheduler(policy, profile, est)
         now = 0.0
         arrive_ns, end_ns, return_ns, build_ns = [], [], [], []

@@ -20,16 +20,23 @@ import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from astraea.plan import (
+    Abort,
+    Admit,
+    Evict,
+    KvAction,
+    Pause,
+    Preempt,
+    WireAction,
+    WorkerInfo,
+    WorkerView,
+)
 from astraea.profile import HardwareProfile
-from astraea.wire import Abort, WireAction
-from control_plane.core.job import KvAction
-from control_plane.core.plan import Admit, Evict, Pause, Preempt, WorkerView
 from worker.backend import (
     END_OF_EVENTS,
     BackendError,
     BackendEvent,
     BackendFailed,
-    BackendInfo,
     MemoryChanged,
     SegmentFinished,
     SegmentInput,
@@ -38,7 +45,7 @@ from worker.backend import (
     TokensGenerated,
     queued_events,
 )
-from worker.sim_engine.engine import EngineError, SimulatedEngine
+from worker.sim.engine import EngineError, SimulatedEngine
 
 VOCAB = 32000
 
@@ -104,9 +111,9 @@ class SimulatedBackend:
         if self._failed is None:
             self._queue.put_nowait(END_OF_EVENTS)
 
-    def describe(self) -> BackendInfo:
+    def describe(self) -> WorkerInfo:
         p = self.profile
-        return BackendInfo(model=p.model, backend="sim", kv_capacity_blocks=self.engine.pool.total,
+        return WorkerInfo(model=p.model, backend="sim", kv_capacity_blocks=self.engine.pool.total,
                            block_size=p.block_size, host_swap_blocks=self.engine.host_total,
                            max_num_seqs=p.max_num_seqs,
                            max_num_batched_tokens=p.max_num_batched_tokens, profile_name=p.name)

@@ -37,15 +37,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from astraea.wire import Abort, WireAction
-from control_plane.core.job import KvAction
-from control_plane.core.plan import Admit, Evict, Pause, Preempt, WorkerView
+from astraea.plan import (
+    Abort,
+    Admit,
+    Evict,
+    KvAction,
+    Pause,
+    Preempt,
+    WireAction,
+    WorkerInfo,
+    WorkerView,
+)
 from worker.backend import (
     END_OF_EVENTS,
     BackendError,
     BackendEvent,
     BackendFailed,
-    BackendInfo,
     MemoryChanged,
     SegmentFinished,
     SegmentInput,
@@ -54,8 +61,8 @@ from worker.backend import (
     TokensGenerated,
     queued_events,
 )
-from worker.detokenize import TextStream
-from worker.vllm_engine import EngineConfig, JobKv, VllmEngine
+from worker.vllm.detokenize import TextStream
+from worker.vllm.engine import EngineConfig, JobKv, VllmEngine
 
 
 @dataclass
@@ -119,7 +126,7 @@ class VllmBackend:
         self._failed: BackendFailed | None = None
         self._stopped = False
         self._snap: _Snapshot | None = None
-        self._info: BackendInfo | None = None
+        self._info: WorkerInfo | None = None
         self._tokenizer = None
         # Engine-thread state (touched only there).
         self._admissions: dict[str, _Admission] = {}
@@ -153,7 +160,7 @@ class VllmBackend:
     def _start_sync(self) -> None:
         e = self.engine
         vc = e.vllm_config
-        self._info = BackendInfo(
+        self._info = WorkerInfo(
             model=Path(self.config.model).name, backend="vllm",
             kv_capacity_blocks=e.memory().total_blocks, block_size=vc.cache_config.block_size,
             host_swap_blocks=self.config.host_swap_blocks,
@@ -183,7 +190,7 @@ class VllmBackend:
         if self._failed is None:
             self._queue.put_nowait(END_OF_EVENTS)
 
-    def describe(self) -> BackendInfo:
+    def describe(self) -> WorkerInfo:
         if self._info is None:
             raise BackendError("backend not started")
         return self._info

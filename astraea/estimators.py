@@ -1,4 +1,7 @@
-"""Online service-time estimators (pure: no I/O, no clock of their own).
+"""Online service-time estimators (pure: no I/O, no clock of their own), keyed by category.
+
+The predictor service serves them over the wire; the control plane keeps one in process as
+its fallback (`control_plane.core.estimates.OnlineJobEstimator` asks it about `Job`s).
 
 * API latency per tool category: a sliding window of recent durations gives the mean, the
   quantiles and — what heavy tails need — the expected *remaining* time given the time already
@@ -13,8 +16,6 @@ from __future__ import annotations
 import bisect
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-
-from control_plane.core.job import Job, JobState
 
 PRIOR_API_S = 1.0
 PRIOR_OUTPUT_TOKENS = 64.0
@@ -102,16 +103,6 @@ class OnlineEstimator:
             return w
         return self._api_all if len(self._api_all) else None
 
-    def api_duration_s(self, job: Job) -> float:
-        return self.api_mean_s(job.next_tool_category)
-
-    def remaining_api_s(self, job: Job, now: float) -> float:
-        if job.state is not JobState.API_WAIT:
-            return 0.0
-        return self.api_remaining_s(job.next_tool_category, now - job.api_start_s)
-
-    # Category-keyed forms of the Job-based queries above, for the predictor service, which
-    # receives categories and counts over the wire rather than `Job` objects.
     def api_mean_s(self, category: str | None) -> float:
         w = self._api_window(category)
         return w.mean if w else self.prior_api_s
@@ -149,17 +140,6 @@ class OnlineEstimator:
         first = segment_index == 0
         return ((category, first), (category,), ())
 
-    @staticmethod
-    def _keys(job: Job) -> tuple[tuple, ...]:
-        return OnlineEstimator._output_keys(job.category, job.segment_index)
-
-    def output_tokens(self, job: Job) -> float:
-        return self.output_tokens_for(job.category, job.segment_index)
-
-    def observe_output(self, job: Job, tokens: int) -> None:
-        # Called before the job's segment index advances, so `_keys` names the segment.
-        self.observe_output_for(job.category, job.segment_index, tokens)
-
     def _learned_output_key(self, category: str, segment_index: int) -> tuple | None:
         for key in self._output_keys(category, segment_index):
             if self._out_n.get(key, 0) >= 4:
@@ -180,7 +160,7 @@ class OnlineEstimator:
             self._out_sum[key] += tokens
             self._out_n[key] += 1
 
-    # --- state export / import (predictor_svc/state.py persists these) -------------------
+    # --- state export / import (the predictor service persists these) -------------------
     def export_state(self) -> dict:
         """Everything learned, as plain JSON-able data. Window sums are kept as they are
         (not recomputed) so a reloaded estimator answers bit-for-bit the same."""
@@ -199,7 +179,7 @@ class OnlineEstimator:
     @classmethod
     def from_state(cls, data: dict) -> OnlineEstimator:
         """The inverse of `export_state`; `data` is trusted to be well-formed
-        (predictor_svc/state.py validates files before calling this)."""
+        (the predictor service validates files before calling this)."""
         est = cls(window=int(data["window"]), prior_api_s=float(data["prior_api_s"]),
                   prior_output_tokens=float(data["prior_output_tokens"]))
         est._api = {cat: DurationWindow.from_state(w, est._window)

@@ -24,8 +24,8 @@ from opentelemetry import trace
 
 from astraea.client import AsyncAgentClient, FinishReason
 from astraea.profile import HardwareProfile
-from astraea.sim.metrics import JobRecord, idle_jct_s, summarize
 from astraea.telemetry import spans
+from astraea.tools.sim.metrics import JobRecord, idle_jct_s, summarize
 from astraea.workloads.trace import JobTrace
 
 PLACEHOLDER_ID = 1  # the prompt tokens' id: only their number matters to simulated workers
@@ -67,7 +67,7 @@ async def local_stack(policy: str = "astraea", profile: str = "gptj-6b-a100",
     from control_plane.service.context import ServiceConfig
     from control_plane.service.server import serve, stop
     from worker.process import run_worker
-    from worker.sim_backend import SimulatedBackend
+    from worker.sim.backend import SimulatedBackend
 
     prof = load_profile(profile)
     server = await serve(listen, policy, profile, ServiceConfig(time_scale=time_scale))
@@ -205,7 +205,7 @@ async def replay(jobs: list[JobTrace], address: str, profile: HardwareProfile,
 
 def run_row(result: ReplayResult, policy_label: str, qps: float | None, seed: int,
             jobs: int, decision_counts: dict | None = None) -> dict:
-    """A run dict shaped like `astraea bench`'s (astraea.bench.run.run_one) for the report;
+    """A run dict shaped like `astraea bench`'s (astraea.tools.bench.run.run_one) for the report;
     KV decision counts when known (an in-process stack)."""
     row = {"policy": policy_label, "qps": qps, "seed": seed, **result.summary, "jobs": jobs,
            "sim_wall_s": result.wall_s, "errors": len(result.errors)}

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from astraea.profile import ProfileError, load_profile
-from worker.vllm_engine import EngineConfig, VllmEngine
+from worker.vllm.engine import EngineConfig, VllmEngine
 
 DEFAULT_PREFILL = (1, 16, 32, 64, 128, 256, 512, 1024, 2048)
 DEFAULT_CONTEXTS = (32, 128, 256, 512, 1024, 1536)

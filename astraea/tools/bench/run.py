@@ -9,7 +9,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 from astraea.profile import load_profile
-from astraea.sim.simulator import Simulation
+from astraea.tools.sim.simulator import Simulation
 from astraea.workloads import generate_mix, load_trace, take_jobs, with_poisson_arrivals
 from astraea.workloads.trace import JobTrace
 from control_plane.core.config import SchedulerConfig

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
-QUALNAME = "worker.vllm_scheduler.RecordingScheduler"
+QUALNAME = "worker.vllm.scheduler.RecordingScheduler"
 
 
 @dataclass(frozen=True)

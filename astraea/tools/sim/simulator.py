@@ -14,16 +14,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from astraea.plan import Admit, Evict, Pause, Preempt
 from astraea.profile import HardwareProfile
-from astraea.sim.metrics import JobRecord, idle_jct_s, summarize
-from astraea.sim.oracle import TraceOracle
+from astraea.tools.sim.metrics import JobRecord, idle_jct_s, summarize
+from astraea.tools.sim.oracle import TraceOracle
 from astraea.workloads.trace import JobTrace
 from control_plane.core.config import SchedulerConfig
-from control_plane.core.estimates import ServiceTimeEstimator
-from control_plane.core.plan import Admit, Evict, Pause, Preempt
+from control_plane.core.estimates import OnlineJobEstimator, ServiceTimeEstimator
 from control_plane.core.policies import build_scheduler
-from predictor_svc.estimators import OnlineEstimator
-from worker.sim_engine.engine import SimulatedEngine
+from worker.sim.engine import SimulatedEngine
 
 ARRIVAL, STEP_END, API_RETURN, TRANSFER, WAKE = range(5)
 
@@ -42,7 +41,7 @@ class SimResult:
 
 def make_estimator(kind: str, jobs: dict[str, JobTrace]) -> ServiceTimeEstimator:
     if kind == "online":
-        return OnlineEstimator()
+        return OnlineJobEstimator()
     if kind == "oracle":
         return TraceOracle(jobs)
     raise ValueError(f"unknown predictor {kind!r}: use 'online' or 'oracle' (simulator only)")

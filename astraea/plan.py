@@ -2,15 +2,41 @@
 
 Like vLLM's `SchedulerOutput`, a plan is plain data a worker can execute without knowing the
 policy: admit (or resume) a segment, pause a job with a KV action after its segment ended,
-evict the KV of a job that waits for an API, preempt a running segment.
+evict the KV of a job that waits for an API, preempt a running segment, abort a job. These
+types are shared by the scheduling core, the services and the simulator; the proto messages
+of the same names (`astraea/v1/*.proto`) carry them between processes (`astraea.wire`).
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from control_plane.core.job import KvAction
+
+class JobState(enum.Enum):
+    ARRIVED = "arrived"
+    READY = "ready"
+    RUNNING = "running"
+    API_WAIT = "api_wait"
+    FINISHED = "finished"
+
+
+class KvAction(enum.Enum):
+    """What happens to a job's KV cache while it waits for an API."""
+
+    PRESERVE = "preserve"  # blocks stay on the GPU
+    SWAP = "swap"  # blocks copied to host memory and freed on the GPU
+    DISCARD = "discard"  # blocks freed; the context is recomputed on resume
+
+
+class KvState(enum.Enum):
+    """Where a job's KV cache is right now."""
+
+    NONE = "none"  # nothing computed yet (a new job)
+    RESIDENT = "resident"  # on the GPU of `Job.worker_id` (running, or preserved)
+    SWAPPED = "swapped"  # in host memory of `Job.worker_id`
+    DISCARDED = "discarded"  # gone (a prefix cache may still hold part of it)
 
 
 @dataclass(frozen=True)
@@ -61,6 +87,22 @@ PlanAction = Admit | Pause | Evict | Preempt
 
 
 @dataclass(frozen=True)
+class Abort:
+    """Drop a job from a worker entirely (stop it if running, free its GPU and host blocks).
+
+    Not part of the scheduling core's plans: the service layer issues it on CancelJob, a client
+    that disconnects mid-segment, or a failed job.
+    """
+
+    job_id: str
+    worker_id: int
+    reason: str = ""
+
+
+WireAction = PlanAction | Abort
+
+
+@dataclass(frozen=True)
 class KvDecision:
     """A KV action with the inputs that led to it, so a trace can explain it."""
 
@@ -98,3 +140,17 @@ class WorkerView:
     def job_blocks(self, job_id: str, tokens: int) -> int:
         """Blocks a job holds: exact where the worker can tell, else those `tokens` need."""
         return self.blocks_of(job_id) if self.blocks_of else self.blocks_for(tokens)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker registers with (proto `Register`): its model and memory."""
+
+    model: str
+    backend: str  # "sim" or "vllm"
+    kv_capacity_blocks: int
+    block_size: int
+    host_swap_blocks: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    profile_name: str

@@ -26,10 +26,9 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 
+from astraea.plan import KvAction, WorkerView
 from astraea.profile import HardwareProfile
-from control_plane.core.job import KvAction
-from control_plane.core.plan import WorkerView
-from worker.sim_engine.kv_blocks import BlockPool
+from worker.sim.kv_blocks import BlockPool
 
 
 def _kv_positions(history: int) -> int:

@@ -13,7 +13,7 @@ How each KV action maps onto vLLM (measured in docs/vllm-spike, paths under vllm
   no KV yet, `_update_request_as_session`, :1650), so the update re-sends it first.
 * Discard: abort the request (its blocks go back to the pool, still prefix-cached) and
   evict their hashes (`KVCacheManager.evict_blocks`), so a resume recomputes everything.
-* Swap: copy the blocks to host memory inside the worker (`worker/vllm_ext.py`), then
+* Swap: copy the blocks to host memory inside the worker (`worker/vllm/ext.py`), then
   discard. On swap-in a new request gets fresh blocks from `allocate_slots`, the copy goes
   back into them, and `num_computed_tokens` tells the scheduler they are already computed.
 
@@ -42,14 +42,14 @@ from typing import TYPE_CHECKING
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; num_gpu_blocks_override sizes it
 
-from control_plane.core.job import KvAction  # noqa: E402
+from astraea.plan import KvAction  # noqa: E402
 from worker.backend import BackendError  # noqa: E402
 
 if TYPE_CHECKING:
-    from worker.vllm_scheduler import StepRecord
+    from worker.vllm.scheduler import StepRecord
 
-EXTENSION = "worker.vllm_ext.KvSwapExtension"
-SCHEDULER = "worker.vllm_scheduler.RecordingScheduler"
+EXTENSION = "worker.vllm.ext.KvSwapExtension"
+SCHEDULER = "worker.vllm.scheduler.RecordingScheduler"
 
 
 class EngineError(BackendError):

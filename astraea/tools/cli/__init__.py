@@ -1,0 +1,1 @@
+"""The `astraea` command: one module per subcommand, wired by `main.py`."""
