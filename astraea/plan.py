@@ -112,6 +112,16 @@ class KvDecision:
     inputs: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class AdmitDecision:
+    """Why a job was admitted when it was, so a trace can explain it."""
+
+    job_id: str
+    worker_id: int
+    queue_level: int  # the job's queue (0 = highest) when it was chosen
+    score: float | None  # its HRRN response ratio within that queue; None for other disciplines
+
+
 @dataclass
 class WorkerView:
     """What the scheduler knows of one worker's memory when it plans."""
@@ -147,7 +157,10 @@ class WorkerInfo:
     """What a worker registers with (proto `Register`): its model and memory."""
 
     model: str
-    backend: str  # "sim" or "vllm"
+    backend: str  # "sim" or "vllm": for logs, nothing branches on it
+    # The engine keeps a job's token history: it must be sent it when it does not hold it
+    # (proto `Register.needs_history`); the simulated engine recomputes from token counts.
+    needs_history: bool
     kv_capacity_blocks: int
     block_size: int
     host_swap_blocks: int

@@ -23,6 +23,7 @@ from astraea.plan import (
     Pause,
     Preempt,
     WireAction,
+    WorkerInfo,
     WorkerView,
 )
 from astraea.v1 import common_pb2, worker_pb2
@@ -167,6 +168,42 @@ def plan_to_proto(actions: Iterable[WireAction]) -> worker_pb2.Plan:
 
 def plan_from_proto(msg: worker_pb2.Plan, worker_id: int) -> list[WireAction]:
     return [plan_action_from_proto(a, worker_id) for a in msg.actions]
+
+
+# --- registration ---------------------------------------------------------------------------
+
+
+def worker_info_to_proto(info: WorkerInfo, worker_name: str) -> worker_pb2.Register:
+    """What a worker registers with, as the first message of its stream."""
+    return worker_pb2.Register(
+        worker_name=worker_name,
+        model=info.model,
+        backend=info.backend,
+        needs_history=info.needs_history,
+        kv_capacity_blocks=info.kv_capacity_blocks,
+        block_size=info.block_size,
+        host_swap_blocks=info.host_swap_blocks,
+        max_num_seqs=info.max_num_seqs,
+        max_num_batched_tokens=info.max_num_batched_tokens,
+        profile_name=info.profile_name,
+    )
+
+
+def worker_info_from_proto(msg: worker_pb2.Register) -> WorkerInfo:
+    """A `Register` as a `WorkerInfo` (the name stays behind: it is the stream's, for logs)."""
+    if msg.kv_capacity_blocks == 0 or msg.block_size == 0 or msg.max_num_seqs == 0:
+        raise ValueError("register needs kv_capacity_blocks, block_size and max_num_seqs > 0")
+    return WorkerInfo(
+        model=msg.model,
+        backend=msg.backend,
+        needs_history=msg.needs_history,
+        kv_capacity_blocks=msg.kv_capacity_blocks,
+        block_size=msg.block_size,
+        host_swap_blocks=msg.host_swap_blocks,
+        max_num_seqs=msg.max_num_seqs,
+        max_num_batched_tokens=msg.max_num_batched_tokens,
+        profile_name=msg.profile_name,
+    )
 
 
 # --- memory ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The predictor service: `astraea.v1.PredictorService` over gRPC (DESIGN §5, issue #3).
+"""The predictor service: `astraea.v1.PredictorService` over gRPC.
 
 It serves batched service-time estimates to the control plane and learns from the
 observations the control plane forwards: API durations per tool category and output lengths
@@ -20,12 +20,14 @@ import os
 import signal
 import threading
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Tracer
 
+from astraea.errors import InvalidRequest
 from astraea.estimators import OnlineEstimator
 from astraea.profile import HardwareProfile, ProfileError, load_profile
 from astraea.telemetry import add_log_level_argument, extract_context, setup_service_telemetry
@@ -39,10 +41,6 @@ MAX_BATCH = 10_000  # elements per request; bounds the time one call holds the l
 DEFAULT_LISTEN = "127.0.0.1:50071"
 DEFAULT_PROFILE = "gptj-6b-a100"
 SHUTDOWN_GRACE_S = 5.0
-
-
-class InvalidRequest(ValueError):
-    """A request element failed validation; the message names the field and index."""
 
 
 def _finite_nonneg(value: float, where: str) -> None:
@@ -143,7 +141,7 @@ class Predictor:
         # export_state copies everything, so the file can be written outside the lock.
         with self._lock:
             est = OnlineEstimator.from_state(self._est.export_state())
-            return PredictorState(est, self._steps.samples, self.profile.name)
+            return PredictorState(est, self._steps.timings, self.profile.name)
 
     def save(self, path: str) -> int:
         return save_state(self.snapshot(), path)
@@ -151,7 +149,7 @@ class Predictor:
     def load(self, path: str) -> None:
         state = load_state(path)  # validated in full before anything is replaced
         steps = StepTimeModel(self.profile, window=self._steps.window)
-        steps.replace_samples(state.step_samples)
+        steps.replace_timings(state.step_timings)
         with self._lock:
             self._est, self._steps = state.estimator, steps
 
@@ -207,11 +205,26 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
         return predictor_pb2.LoadStateResponse()
 
 
+@dataclass(frozen=True)
+class RunningPredictor:
+    """A predictor `serve` started: its gRPC server, the port it bound and its state."""
+
+    server: grpc.Server
+    port: int
+    predictor: Predictor
+    # SERVING while up, NOT_SERVING from the start of a graceful stop
+    # (`health.enter_graceful_shutdown()`, as main does on SIGTERM).
+    health: health.HealthServicer
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Refuse new calls, give in-flight ones `grace` seconds; the event is set when done."""
+        return self.server.stop(grace)
+
+
 def serve(address: str, profile_name: str, state_path: str | None = None,
-          max_workers: int = 8, tracer: Tracer | None = None) -> grpc.Server:
-    """Start a predictor on `address` (host:port; port 0 picks a free one) and return the
-    running server. The bound port is `server.bound_port`, the logic `server.predictor`.
-    A `state_path` that exists is loaded first; a bad one raises `StateError`."""
+          max_workers: int = 8, tracer: Tracer | None = None) -> RunningPredictor:
+    """Start a predictor on `address` (host:port; port 0 picks a free one) and return it
+    running. A `state_path` that exists is loaded first; a bad one raises `StateError`."""
     predictor = Predictor(load_profile(profile_name))
     if state_path and os.path.exists(state_path):
         predictor.load(state_path)
@@ -220,8 +233,6 @@ def serve(address: str, profile_name: str, state_path: str | None = None,
                                                     thread_name_prefix="predictor"))
     predictor_pb2_grpc.add_PredictorServiceServicer_to_server(
         PredictorServicer(predictor, tracer), server)
-    # The standard health service: SERVING while up, NOT_SERVING from the start of a graceful
-    # stop (`server.health.enter_graceful_shutdown()`, as main does on SIGTERM).
     hs = health.HealthServicer()
     for name in ("", "astraea.v1.PredictorService"):
         hs.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -230,10 +241,7 @@ def serve(address: str, profile_name: str, state_path: str | None = None,
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     server.start()
-    server.bound_port = port  # type: ignore[attr-defined]
-    server.predictor = predictor  # type: ignore[attr-defined]
-    server.health = hs  # type: ignore[attr-defined]
-    return server
+    return RunningPredictor(server, port, predictor, hs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,12 +271,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        server = serve(args.listen, args.profile, args.state)
+        running = serve(args.listen, args.profile, args.state)
     except (ProfileError, StateError, OSError) as e:
         log.error("cannot start: %s", e)
         return 2
     log.info("predictor serving on %s:%d (profile %s)", args.listen.rsplit(":", 1)[0],
-             server.bound_port, args.profile)
+             running.port, args.profile)
 
     stop = threading.Event()
 
@@ -279,12 +287,12 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     stop.wait()
-    server.health.enter_graceful_shutdown()  # NOT_SERVING during the drain
+    running.health.enter_graceful_shutdown()  # NOT_SERVING during the drain
     # Stop first, so observations from calls finishing within the grace are saved too.
-    server.stop(args.grace).wait()
+    running.stop(args.grace).wait()
     if args.state:
         try:
-            size = server.predictor.save(args.state)
+            size = running.predictor.save(args.state)
         except OSError as e:
             log.error("cannot save state to %s: %s", args.state, e)
             return 1

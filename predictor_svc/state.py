@@ -1,11 +1,12 @@
 """Save and load the predictor's learned state as one JSON file.
 
 What is kept: the API-duration windows per tool category (and the pooled one), the
-output-length sums and counts, and the step-time samples (the fit is recomputed from them, so
-it is reproduced exactly). Writes are atomic — a temporary file in the same directory, fsynced,
-then `os.replace` — so a crash mid-save leaves the previous file intact. Files are untrusted on
-load: anything missing, mistyped or out of range raises `StateError` naming the file and field,
-and nothing is built from a file that fails validation.
+output-length sums and counts, and the step timings the step-time fit uses (the file's
+`step_samples`; the fit is recomputed from them, so it is reproduced exactly). Writes are
+atomic — a temporary file in the same directory, fsynced, then `os.replace` — so a crash
+mid-save leaves the previous file intact. Files are untrusted on load: anything missing,
+mistyped or out of range raises `StateError` naming the file and field, and nothing is built
+from a file that fails validation.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from astraea.estimators import OnlineEstimator
-from predictor_svc.step_time import StepSample
+from predictor_svc.step_time import StepTiming
 
 FORMAT = "astraea-predictor-state"
 VERSION = 1
@@ -31,7 +32,7 @@ class StateError(ValueError):
 @dataclass
 class PredictorState:
     estimator: OnlineEstimator
-    step_samples: list[StepSample]
+    step_timings: list[StepTiming]
     profile: str = ""  # the profile the state was learned under (informational)
 
 
@@ -42,7 +43,7 @@ def to_dict(state: PredictorState) -> dict:
         "profile": state.profile,
         "estimator": state.estimator.export_state(),
         "step_samples": [[s.tokens, s.context_tokens_read, s.duration_s]
-                         for s in state.step_samples],
+                         for s in state.step_timings],
     }
 
 
@@ -154,12 +155,12 @@ def from_dict(data, origin: str = "<state>") -> PredictorState:
             raise StateError(f"{at}.key: expected [], [category] or [category, first_segment]")
         _nonneg(_req(entry, "sum", (int, float), at), f"{at}.sum")
         _count(_req(entry, "n", int, at), f"{at}.n")
-    samples = []
+    timings = []
     for i, row in enumerate(_req(data, "step_samples", list, origin)):
         at = f"{origin}: step_samples[{i}]"
         if not isinstance(row, list) or len(row) != 3:
             raise StateError(f"{at}: expected [tokens, context_tokens_read, duration_s]")
-        samples.append(StepSample(_count(row[0], f"{at}[0] (tokens)"),
+        timings.append(StepTiming(_count(row[0], f"{at}[0] (tokens)"),
                                   _count(row[1], f"{at}[1] (context_tokens_read)"),
                                   _nonneg(row[2], f"{at}[2] (duration_s)")))
-    return PredictorState(OnlineEstimator.from_state(est), samples, profile)
+    return PredictorState(OnlineEstimator.from_state(est), timings, profile)

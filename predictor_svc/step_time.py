@@ -1,4 +1,4 @@
-"""Online fit of the engine's step time from the timings workers report (DESIGN §5).
+"""Online fit of the engine's step time from the timings workers report.
 
 Model, in milliseconds, the linear form of `astraea.profile.HardwareProfile`::
 
@@ -28,7 +28,9 @@ MIN_SAMPLES = 8
 
 
 @dataclass(frozen=True)
-class StepSample:
+class StepTiming:
+    """One engine step's timing, as a worker reports it (proto `StepTiming`)."""
+
     tokens: int
     context_tokens_read: int
     duration_s: float
@@ -51,7 +53,7 @@ class StepTimeModel:
         self.profile = profile
         self.window = window
         self.min_samples = min_samples
-        self._samples: deque[StepSample] = deque(maxlen=window)
+        self._timings: deque[StepTiming] = deque(maxlen=window)
         self._fit: StepCoefficients | None = None  # None → answer from the profile
         self._dirty = False  # refit lazily: observations arrive far more often than queries
 
@@ -61,27 +63,28 @@ class StepTimeModel:
             raise ValueError("tokens and context_tokens_read must not be negative")
         if not (math.isfinite(duration_s) and duration_s >= 0):
             raise ValueError(f"step duration_s must be finite and >= 0, got {duration_s}")
-        self._samples.append(StepSample(int(tokens), int(context_tokens_read), float(duration_s)))
+        self._timings.append(StepTiming(int(tokens), int(context_tokens_read), float(duration_s)))
         self._dirty = True
 
     @property
-    def samples(self) -> list[StepSample]:
-        return list(self._samples)
+    def timings(self) -> list[StepTiming]:
+        """The window of step timings the fit uses, oldest first."""
+        return list(self._timings)
 
-    def replace_samples(self, samples: list[StepSample]) -> None:
-        """Start over from `samples` (a loaded state); the fit is redone from them, and
+    def replace_timings(self, timings: list[StepTiming]) -> None:
+        """Start over from `timings` (a loaded state); the fit is redone from them, and
         falls back to the profile seed if they cannot support one."""
-        self._samples = deque(samples, maxlen=self.window)
+        self._timings = deque(timings, maxlen=self.window)
         self._fit = None
         self._dirty = True
 
     def _refit(self) -> None:
         self._dirty = False
-        n = len(self._samples)
+        n = len(self._timings)
         if n < self.min_samples:
             return
-        x = np.array([(1.0, s.tokens, s.context_tokens_read) for s in self._samples])
-        y = np.array([s.duration_s * 1e3 for s in self._samples])
+        x = np.array([(1.0, s.tokens, s.context_tokens_read) for s in self._timings])
+        y = np.array([s.duration_s * 1e3 for s in self._timings])
         # Scale columns to unit max so the rank test and the solve are not dominated by the
         # context column, which is orders of magnitude larger than the others.
         scale = np.abs(x).max(axis=0)

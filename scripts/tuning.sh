@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The sweeps behind the defaults (README, "How the defaults were chosen"). Each run writes
-# docs/results/tuning/<name>.json; `python scripts/tuning_table.py` prints the tables.
+# The sweeps behind the defaults (docs/results/README.md, "How the defaults were chosen").
+# Each run writes docs/results/tuning/<name>.json; `python scripts/tuning_table.py` prints
+# the tables.
 # GPT-J-6B/A100, InferCept mix, 2,000 jobs. About 5 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."

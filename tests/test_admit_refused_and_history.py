@@ -3,7 +3,8 @@
 A worker whose engine refuses an Admit says so (`AdmitRefused`): the control plane sends the
 prompt again with the next Admit, or fails the job when the refusal cannot be retried. A job
 whose history its worker no longer holds (the worker was lost, or the job moved) is admitted
-with that history (`Admit.context`) on a real engine; the simulated one needs counts only.
+with that history (`Admit.context`) when its worker registered `needs_history` (a real
+engine); one that did not (the simulated engine) recomputes from counts.
 The worker side: the worker process frees a refused job's KV and reports the refusal.
 """
 
@@ -19,7 +20,7 @@ from astraea import wire
 from astraea.plan import Admit, KvAction, Pause
 from astraea.v1 import agent_pb2, agent_pb2_grpc, common_pb2, worker_pb2, worker_pb2_grpc
 from control_plane.service.context import ServiceConfig
-from control_plane.service.server import serve, stop
+from control_plane.service.server import serve
 from worker.backend import BackendError, TokensGenerated
 from worker.process import AdmitRefused, WorkerProcess, _to_messages
 from worker.sim.backend import SimulatedBackend
@@ -29,11 +30,13 @@ WAIT_S = 5.0
 
 
 class FakeWorker:
-    """A worker stream written by hand: registers with `backend`, records every plan action
-    it is sent, and sends whatever reports the test tells it to."""
+    """A worker stream written by hand: registers (keeping histories if `needs_history`, as
+    a real engine does), records every plan action it is sent, and sends whatever reports the
+    test tells it to."""
 
-    def __init__(self, address: str, name: str, backend: str = "vllm") -> None:
-        self.name, self.backend = name, backend
+    def __init__(self, address: str, name: str, needs_history: bool = True,
+                 backend: str = "fake") -> None:
+        self.name, self.needs_history, self.backend = name, needs_history, backend
         self.channel = grpc.aio.insecure_channel(address)
         self.call = worker_pb2_grpc.WorkerServiceStub(self.channel).Connect()
         self.actions: asyncio.Queue[worker_pb2.PlanAction] = asyncio.Queue()
@@ -43,8 +46,9 @@ class FakeWorker:
 
     async def register(self) -> FakeWorker:
         await self.call.write(worker_pb2.WorkerMessage(register=worker_pb2.Register(
-            worker_name=self.name, model="tiny", backend=self.backend, kv_capacity_blocks=1000,
-            block_size=16, max_num_seqs=8, max_num_batched_tokens=512)))
+            worker_name=self.name, model="tiny", backend=self.backend,
+            needs_history=self.needs_history, kv_capacity_blocks=1000, block_size=16,
+            max_num_seqs=8, max_num_batched_tokens=512)))
         first = await asyncio.wait_for(self.call.read(), WAIT_S)
         assert first.WhichOneof("msg") == "registered"
         self.worker_id = first.registered.worker_id
@@ -101,13 +105,13 @@ class FakeWorker:
 async def control_plane():
     server = await serve("127.0.0.1:0", "astraea", PROFILE,
                          ServiceConfig(time_scale=1.0, worker_timeout_s=0))
-    address = f"127.0.0.1:{server.bound_port}"
+    address = f"127.0.0.1:{server.port}"
     channel = grpc.aio.insecure_channel(address)
     try:
         yield address, agent_pb2_grpc.AgentServiceStub(channel), server.control_plane
     finally:
         await channel.close()
-        await stop(server, grace=0.5)
+        await server.stop(grace=0.5)
 
 
 async def _until(predicate) -> None:
@@ -318,12 +322,12 @@ def test_a_segment_cut_by_a_lost_worker_resumes_elsewhere_with_its_partial_outpu
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
-async def _move_after_preemption(backend: str):
+async def _move_after_preemption(needs_history: bool, backend: str = "fake"):
     """Job runs on A, is preempted with its KV discarded, and A reports itself full: the job
     is admitted on B while A stays connected. Returns (B's Admit, A's actions for the job)."""
     async with control_plane() as (address, stub, cp):
-        a = await FakeWorker(address, "a", backend).register()
-        b = await FakeWorker(address, "b", backend).register()
+        a = await FakeWorker(address, "a", needs_history, backend).register()
+        b = await FakeWorker(address, "b", needs_history, backend).register()
         try:
             await stub.StartJob(agent_pb2.StartJobRequest(job_id="j", category="test"))
             seg = asyncio.create_task(_collect(_segment(stub, [7, 7, 7], 4)))
@@ -350,7 +354,7 @@ async def _move_after_preemption(backend: str):
 
 def test_a_job_moved_to_another_real_worker_carries_its_history_and_frees_the_old_copy():
     async def main():
-        admit, on_a = await _move_after_preemption("vllm")
+        admit, on_a = await _move_after_preemption(needs_history=True)
         assert admit.WhichOneof("prompt") is None
         assert _context(admit) == [[7, 7, 7], [1]]
         assert on_a == ["admit", "abort"]  # A still held the history: it frees it
@@ -360,12 +364,28 @@ def test_a_job_moved_to_another_real_worker_carries_its_history_and_frees_the_ol
 
 def test_a_job_moved_between_simulated_workers_gets_no_history():
     async def main():
-        admit, on_a = await _move_after_preemption("sim")
+        admit, on_a = await _move_after_preemption(needs_history=False)
         assert admit.WhichOneof("prompt") is None and admit.max_tokens == 3
         assert not admit.context  # the simulated engine recomputes from counts
         assert on_a == ["admit"]
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_the_history_follows_the_declared_capability_not_the_backend_name():
+    async def main():
+        admit, on_a = await _move_after_preemption(needs_history=True, backend="sim")
+        assert _context(admit) == [[7, 7, 7], [1]]
+        assert on_a == ["admit", "abort"]
+        admit, on_a = await _move_after_preemption(needs_history=False, backend="vllm")
+        assert not admit.context and on_a == ["admit"]
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_the_simulated_backend_declares_it_needs_no_history(simple_profile):
+    # It recomputes a job's context from token counts; the vLLM backend declares True.
+    assert SimulatedBackend(simple_profile).describe().needs_history is False
 
 
 # --- the worker side --------------------------------------------------------------------
@@ -389,7 +409,7 @@ def test_the_worker_frees_a_refused_jobs_kv_and_reports_the_refusal(simple_profi
             await wp._apply(admit(100, 0))
             while True:
                 ev = await asyncio.wait_for(events.__anext__(), WAIT_S)
-                if type(ev).__name__ == "SegmentFinished":
+                if type(ev).__name__ == "SegmentEnded":
                     break
             await wp._apply(wire.plan_action_to_proto(Pause("j", 0, KvAction.PRESERVE)))
             assert backend.view().free_blocks < 20  # the preserved segment holds KV

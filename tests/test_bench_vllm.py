@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+from statistics import fmean
 
 import pytest
 
+from astraea.telemetry.span_files import load_spans
+from astraea.telemetry.spans import JCT_S, JOB
 from astraea.tools.bench.vllm_live import tiny_agent_trace
 from astraea.tools.stack import StackConfig, StackError
 
@@ -38,6 +41,16 @@ def test_stack_config_backend() -> None:
         StackConfig(model="/m")
 
 
+def control_plane_mean_jct(span_dir) -> float:
+    """The mean JCT the control plane itself measured (StartJob to the job's end), from the
+    job spans it wrote: a measurement independent of the replaying client's."""
+    jcts = [s.attributes[JCT_S] for s in load_spans(str(span_dir))
+            if s.name == JOB and s.service == "astraea-control-plane"]
+    assert len(jcts) == 4, jcts
+    return fmean(jcts)
+
+
+@pytest.mark.timeout(900)  # three vLLM stacks one after the other: ~90 s alone, more in CI
 def test_bench_vllm_cli(tmp_path, capsys) -> None:
     pytest.importorskip("vllm")
     from astraea.tools.cli.main import main
@@ -63,6 +76,19 @@ def test_bench_vllm_cli(tmp_path, capsys) -> None:
     assert math.isclose(report["astraea_over"]["infercept"], peer)
     assert f"astraea / infercept = {peer:.3f}" in printed
     assert "vllm-fcfs" in printed and "astraea" in printed
+    # The client's figures against the control plane's own: the client's JCT runs from the
+    # job's scheduled arrival to the EndJob answer, the control plane's from StartJob to the
+    # job's end, so the client's is longer by its start-up lag and a round trip, no more.
+    server = {p: control_plane_mean_jct(tmp_path / "logs" / p / "traces") for p in runs}
+    for policy, r in runs.items():
+        client = r["summary"]["mean_jct_s"]
+        # (Measured: 6-22 ms longer on means of 2.3-5.8 s.)
+        assert server[policy] - 0.01 <= client <= server[policy] + max(0.15, 0.03 * client), (
+            policy, client, server[policy])
+    assert report["ratio_astraea_over_fcfs"] == pytest.approx(
+        server["astraea"] / server["vllm-fcfs"], rel=0.15)
+    assert report["astraea_over"]["infercept"] == pytest.approx(
+        server["astraea"] / server["infercept"], rel=0.15)
 
 
 def test_model_names_resolve_and_unknown_sizes_are_refused(tmp_path) -> None:

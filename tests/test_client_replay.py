@@ -1,18 +1,22 @@
 """The client SDK, `astraea replay` and `astraea compare-live` over real gRPC on loopback,
-with the control plane and simulated workers in-process (issue #3, item 5)."""
+with the control plane and simulated workers in-process."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from statistics import fmean
 
 import grpc
 import pytest
 
-from astraea.tools.cli import main as cli
+import astraea.tools.replay as replay_module
 from astraea.client import AgentClient, AstraeaError, AsyncAgentClient, FinishReason
 from astraea.client.client import _Collector
+from astraea.profile import load_profile
+from astraea.tools.cli import main as cli
 from astraea.tools.replay import local_stack
+from astraea.tools.sim.simulator import Simulation
 from astraea.v1 import agent_pb2
 from astraea.workloads import generate_mix, write_native
 from worker.sim.backend import placeholder_token
@@ -130,7 +134,17 @@ def test_replay_without_arrivals_needs_qps(tmp_path, capsys) -> None:
     assert "give --qps" in capsys.readouterr().err
 
 
-def test_compare_live_prints_each_policy_side_by_side(tmp_path, capsys) -> None:
+def test_compare_live_prints_each_policy_side_by_side(tmp_path, capsys, monkeypatch) -> None:
+    # Keep the live runs' job records, to work out their mean JCT here.
+    live_records = []
+    real_replay = replay_module.replay
+
+    async def recording_replay(*args, **kwargs):
+        result = await real_replay(*args, **kwargs)
+        live_records.append(result.records)
+        return result
+
+    monkeypatch.setattr(replay_module, "replay", recording_replay)
     out_file = tmp_path / "cmp.json"
     rc = cli.main(["compare-live", "infercept", "--jobs", "10", "--qps", "4",
                    "--time-scale", "0.002", "--policy", "vllm-fcfs,astraea",
@@ -147,4 +161,21 @@ def test_compare_live_prints_each_policy_side_by_side(tmp_path, capsys) -> None:
         assert ratio == pytest.approx(live_mean / sim_mean, abs=1e-3)
         assert saved[policy]["live_over_sim"] == pytest.approx(ratio, abs=1e-3)
         assert saved[policy]["live"]["jobs_completed"] == 10
-    assert "astraea / vllm-fcfs mean JCT: simulator" in out
+    # Against means worked out here: the simulator's from its own run of the same jobs, the
+    # live one from the replayed jobs' records, each as finish minus arrival.
+    profile = load_profile("gptj-6b-a100")
+    jobs = generate_mix(10, 0, qps=4.0, context_window=profile.context_window)
+    sim_means, live_means = {}, {}
+    for policy, records in zip(("vllm-fcfs", "astraea"), live_records, strict=True):
+        sim = Simulation(list(jobs), profile, policy).run().records
+        sim_means[policy] = fmean(r.finish_s - r.arrival_s for r in sim)
+        live_means[policy] = fmean(r.finish_s - r.arrival_s for r in records)
+        assert saved[policy]["simulator"]["mean_jct_s"] == pytest.approx(sim_means[policy])
+        assert saved[policy]["live"]["mean_jct_s"] == pytest.approx(live_means[policy])
+        assert float(rows[policy][2]) == pytest.approx(sim_means[policy], abs=0.005)
+        assert float(rows[policy][3]) == pytest.approx(live_means[policy], abs=0.005)
+        assert saved[policy]["live_over_sim"] == pytest.approx(
+            live_means[policy] / sim_means[policy])
+    assert (f"astraea / vllm-fcfs mean JCT: simulator "
+            f"{sim_means['astraea'] / sim_means['vllm-fcfs']:.3f}, live "
+            f"{live_means['astraea'] / live_means['vllm-fcfs']:.3f}") in out

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from astraea.plan import KvAction
-from worker.sim.engine import EngineError, SimulatedEngine
+from worker.backend import EngineError
+from worker.sim.engine import SimulatedEngine
 from worker.sim.kv_blocks import BlockPool, OutOfBlocks
 
 BS = 16
@@ -36,7 +37,8 @@ def run(engine: SimulatedEngine, now: float = 0.0, max_steps: int = 10_000):
 
 # --- tokens ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("prompt, max_tokens", [(10, 1), (100, 5), (64, 37), (200, 128)])
-def test_a_segment_generates_exactly_max_tokens_and_prefills_its_prompt(simple_profile, prompt, max_tokens):
+def test_a_segment_generates_exactly_max_tokens_and_prefills_its_prompt(simple_profile, prompt,
+                                                                        max_tokens):
     e = SimulatedEngine(simple_profile, kv_blocks=100)
     e.admit("j", prompt, 0, max_tokens, swap_in=False, now=0.0)
     ended, preempted, steps, _ = run(e)
@@ -113,7 +115,8 @@ def test_resume_with_a_context_that_disagrees_with_the_worker_is_an_error(simple
 
 
 @pytest.mark.parametrize("prompt, out", [(100, 10), (90, 6), (60, 4)])
-def test_discarded_job_resumes_from_the_prefix_cache_when_memory_allows(simple_profile, prompt, out):
+def test_discarded_job_resumes_from_the_prefix_cache_when_memory_allows(simple_profile, prompt,
+                                                                        out):
     """Only blocks completely filled with computed KV can be cached: the segment's history is
     prompt + out tokens, of which history − 1 have KV (the last sampled token has none)."""
     e = SimulatedEngine(simple_profile, kv_blocks=100)

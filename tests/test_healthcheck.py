@@ -15,7 +15,7 @@ import pytest
 
 from astraea import healthcheck
 from control_plane.service.context import ServiceConfig
-from control_plane.service.server import SERVICE_NAMES, serve, stop
+from control_plane.service.server import SERVICE_NAMES, serve
 from predictor_svc import server as predictor_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,9 +41,9 @@ async def _probe(*args: str) -> tuple[int, str, str]:
 async def control_plane():
     server = await serve("127.0.0.1:0", "astraea", PROFILE, ServiceConfig(time_scale=0.01))
     try:
-        yield server, f"127.0.0.1:{server.bound_port}"
+        yield server, f"127.0.0.1:{server.port}"
     finally:
-        await stop(server, grace=0.5)
+        await server.stop(grace=0.5)
 
 
 def test_serving_control_plane_is_healthy() -> None:
@@ -99,7 +99,7 @@ def test_silent_server_is_unhealthy_within_the_timeout() -> None:
 def test_serving_predictor_is_healthy() -> None:
     server = predictor_server.serve("127.0.0.1:0", PROFILE)
     try:
-        address = f"127.0.0.1:{server.bound_port}"
+        address = f"127.0.0.1:{server.port}"
         run = subprocess.run([*PROBE, address], cwd=ROOT, capture_output=True, text=True,
                              timeout=30)
         assert run.returncode == 0, run.stderr

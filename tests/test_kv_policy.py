@@ -1,4 +1,4 @@
-"""KV decisions during API waits: InferCept's waste formulas (DESIGN §4) and the policies."""
+"""KV decisions during API waits: InferCept's waste formulas (ICML 2024) and the policies."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def view(profile, free: int, total: int = 10_000, running_context: int = 0,
 
 # --- waste formulas ---------------------------------------------------------------------
 def t_fwd_by_hand(tokens: int, c_ms: float, a_ms: float, budget: int) -> float:
-    """DESIGN §6: each prefill step costs c + a·tokens, in chunks of the step budget."""
+    """The profile's cost model: each prefill step costs c + a·tokens, in chunks of the step budget."""
     t, left = 0.0, tokens
     while left > 0:
         chunk = min(left, budget)
@@ -76,7 +76,7 @@ def t_fwd_by_hand(tokens: int, c_ms: float, a_ms: float, budget: int) -> float:
 
 @pytest.mark.parametrize("context, other, t_int", [(1000, 0, 0.5), (1500, 6000, 20.0), (384, 100, 0.0)])
 def test_memory_waste_follows_the_design_formulas(gptj, context, other, t_int):
-    m = 2 * 28 * 4096 * 2  # GPT-J-6B fp16 KV bytes per token (DESIGN §6)
+    m = 2 * 28 * 4096 * 2  # GPT-J-6B fp16 KV bytes per token: K and V, 28 layers, 4096 wide, 2 bytes
     t_fwd = t_fwd_by_hand(context, 10.0, 0.0463, 384)
     t_swap = context * m / 25e9  # PCIe 4 x16, 25 GB/s
     w = memory_waste(gptj, context, t_int, other)

@@ -1,4 +1,4 @@
-"""Stateful-MLFQ (DESIGN §3): quotas, promotion on API yields, HRRN inside levels, aging."""
+"""Stateful-MLFQ: quotas, promotion on API yields, HRRN inside levels, aging."""
 
 from __future__ import annotations
 

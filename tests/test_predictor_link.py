@@ -18,7 +18,6 @@ from astraea.v1 import common_pb2, predictor_pb2, predictor_pb2_grpc
 from control_plane.core.job import Job
 from control_plane.service.predictor_link import PredictorLink
 from control_plane.service.server import serve as serve_control_plane
-from control_plane.service.server import stop as stop_control_plane
 from predictor_svc.server import serve as serve_predictor
 
 PROFILE = "gptj-6b-a100"
@@ -76,7 +75,7 @@ def test_observations_reach_the_predictor_and_its_estimates_are_used():
     async def main() -> None:
         pred = serve_predictor("127.0.0.1:0", PROFILE)
         tel, reader = _metrics()
-        link = PredictorLink(f"127.0.0.1:{pred.bound_port}", metrics=tel.metrics, **FAST)
+        link = PredictorLink(f"127.0.0.1:{pred.port}", metrics=tel.metrics, **FAST)
         try:
             # The predictor knows more than this control plane: long searches seen elsewhere.
             pred.predictor.observe(predictor_pb2.ObserveRequest(api_calls=[
@@ -92,7 +91,7 @@ def test_observations_reach_the_predictor_and_its_estimates_are_used():
             await _until(lambda: link.sent >= 30)
             assert link.sent == 30  # the invalid step was dropped locally, the batch accepted
             assert _remote_api_mean(pred, "search") == (10 * 9.0 + 10 * 1.0) / 20
-            assert len(pred.predictor.snapshot().step_samples) == 10
+            assert len(pred.predictor.snapshot().step_timings) == 10
             assert link.local.api_mean_s("search") == 1.0
             # Once refreshed, the remote estimates are served (the local ones differ).
             await _until(lambda: link.api_duration_s(job) == 5.0)
@@ -209,21 +208,22 @@ def test_control_plane_uses_the_link_and_serves_health():
         pred = serve_predictor("127.0.0.1:0", PROFILE)
         tel, _ = _metrics()
         server = await serve_control_plane("127.0.0.1:0", "astraea", PROFILE,
-                                           predictor=f"127.0.0.1:{pred.bound_port}",
+                                           predictor=f"127.0.0.1:{pred.port}",
                                            metrics=tel.metrics)
         try:
             link = server.predictor_link
             assert server.control_plane.scheduler.estimator is link
+            assert server.control_plane.step_observer is link
             server.control_plane.observe_steps([common_pb2.StepTiming(
                 tokens=4, context_tokens_read=10, duration_s=0.01)])
             await _until(lambda: link.sent == 1)
             serving = health_pb2.HealthCheckResponse.SERVING
-            assert await _health(server.bound_port) == serving
-            assert await _health(server.bound_port, "astraea.v1.AgentService") == serving
+            assert await _health(server.port) == serving
+            assert await _health(server.port, "astraea.v1.AgentService") == serving
             await server.health.enter_graceful_shutdown()
-            assert await _health(server.bound_port) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert await _health(server.port) == health_pb2.HealthCheckResponse.NOT_SERVING
         finally:
-            await stop_control_plane(server, grace=0.2)
+            await server.stop(grace=0.2)
             pred.stop(0)
             tel.shutdown()
         assert server.predictor_link._task is None  # closed by stop()
@@ -234,7 +234,7 @@ def test_control_plane_uses_the_link_and_serves_health():
 def test_predictor_serves_health_and_reports_not_serving_on_drain():
     pred = serve_predictor("127.0.0.1:0", PROFILE)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{pred.bound_port}") as ch:
+        with grpc.insecure_channel(f"127.0.0.1:{pred.port}") as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             for service in ("", "astraea.v1.PredictorService"):
                 assert stub.Check(health_pb2.HealthCheckRequest(service=service),

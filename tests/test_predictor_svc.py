@@ -15,7 +15,7 @@ from astraea.profile import load_profile
 from astraea.v1 import common_pb2, predictor_pb2, predictor_pb2_grpc
 from predictor_svc.server import MAX_BATCH, serve
 from predictor_svc.state import PredictorState, StateError, load_state, save_state
-from predictor_svc.step_time import StepSample, StepTimeModel
+from predictor_svc.step_time import StepTimeModel, StepTiming
 
 PRIOR = predictor_pb2.ESTIMATE_SOURCE_PRIOR
 MODEL = predictor_pb2.ESTIMATE_SOURCE_MODEL
@@ -29,7 +29,7 @@ def start_server(request):
 
     def _start(state_path=None):
         server = serve("127.0.0.1:0", "gptj-6b-a100", state_path, max_workers=4)
-        channel = grpc.insecure_channel(f"127.0.0.1:{server.bound_port}")
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
 
         def _stop():
             channel.close()
@@ -336,7 +336,7 @@ def test_observe_refuses_bad_samples(gptj):
     for args in ((-1, 0, 0.1), (1, -1, 0.1), (1, 0, -0.1), (1, 0, math.nan)):
         with pytest.raises(ValueError):
             m.observe(*args)
-    assert m.samples == []
+    assert m.timings == []
 
 
 # --- state.py -------------------------------------------------------------------------------
@@ -347,7 +347,7 @@ def learned_state() -> PredictorState:
         est.observe_api("qa", rng.lognormvariate(0, 1))
         est.observe_output_for("qa", rng.randint(0, 2), rng.randint(1, 200))
     est.observe_api("tts", 0.1)
-    return PredictorState(est, [StepSample(10, 100, 0.01), StepSample(20, 0, 0.02)], "gptj")
+    return PredictorState(est, [StepTiming(10, 100, 0.01), StepTiming(20, 0, 0.02)], "gptj")
 
 
 def test_state_round_trips_exactly(tmp_path):
@@ -356,7 +356,7 @@ def test_state_round_trips_exactly(tmp_path):
     size = save_state(state, path)
     assert size == path.stat().st_size
     loaded = load_state(path)
-    assert loaded.step_samples == state.step_samples and loaded.profile == "gptj"
+    assert loaded.step_timings == state.step_timings and loaded.profile == "gptj"
     assert loaded.estimator.export_state() == state.estimator.export_state()
     for cat in ("qa", "tts", "other"):
         for elapsed in (0.0, 0.7, 3.0):

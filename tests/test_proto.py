@@ -13,7 +13,17 @@ import grpc
 import pytest
 
 from astraea import wire
-from astraea.plan import Admit, Evict, JobState, KvAction, KvState, Pause, Preempt, WorkerView
+from astraea.plan import (
+    Admit,
+    Evict,
+    JobState,
+    KvAction,
+    KvState,
+    Pause,
+    Preempt,
+    WorkerInfo,
+    WorkerView,
+)
 from astraea.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +114,21 @@ def test_worker_view_drops_the_per_job_callbacks():
                       blocks_of=lambda job: 1, preemptible=lambda job: True)
     back = wire.worker_view_from_proto(wire.worker_view_to_proto(view), worker_id=1)
     assert back.blocks_of is None and back.preemptible is None
+
+
+@pytest.mark.parametrize("needs_history", [True, False])
+def test_worker_info_round_trip(needs_history):
+    info = WorkerInfo(model="tiny", backend="vllm", needs_history=needs_history,
+                      kv_capacity_blocks=2048, block_size=16, host_swap_blocks=4096,
+                      max_num_seqs=64, max_num_batched_tokens=512, profile_name="simple")
+    msg = _through_bytes(wire.worker_info_to_proto(info, "host:0"))
+    assert msg.worker_name == "host:0" and msg.needs_history is needs_history
+    assert wire.worker_info_from_proto(msg) == info
+
+
+def test_register_without_capacity_is_refused():
+    with pytest.raises(ValueError, match="kv_capacity_blocks, block_size and max_num_seqs"):
+        wire.worker_info_from_proto(worker_pb2.Register(block_size=16, max_num_seqs=8))
 
 
 @pytest.mark.parametrize(("core", "to_pb", "from_pb"), [

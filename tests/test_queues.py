@@ -198,7 +198,7 @@ def test_plas_queue_is_chosen_by_attained_service():
 def test_plas_serves_least_attained_service_first_and_skips_what_cannot_fit():
     p = Plas(PlasConfig(boundaries_s=(1.0, 2.0, 4.0), starvation_ratio=1e9))
     old = job("old", ready_since=0.0)
-    old.extra["attained_s"] = 3.0  # level 2
+    old.attained_s = 3.0  # level 2
     new = job("new", ready_since=5.0)  # level 0
     huge = job("huge", ready_since=4.0)  # level 0 but too big
     p.add(old, 5.0, 1.0, need_blocks=1)
@@ -211,7 +211,7 @@ def test_plas_serves_least_attained_service_first_and_skips_what_cannot_fit():
 def test_plas_promotes_a_starved_job_to_the_top_queue():
     p = Plas(PlasConfig(boundaries_s=(1.0, 2.0), starvation_ratio=2.0))
     starved = job("starved", ready_since=0.0)
-    starved.extra["attained_s"] = 1.5  # level 1; waiting 10 s / 1.5 s > 2
+    starved.attained_s = 1.5  # level 1; waiting 10 s / 1.5 s > 2
     p.add(starved, 0.0, 1.0, 1)
     assert p.level_of(starved) == 1
     list(p.candidates(10.0, [10]))
@@ -222,7 +222,7 @@ def test_plas_promotes_a_starved_job_to_the_top_queue():
 def test_plas_counts_the_partial_run_of_a_preempted_call():
     p = Plas(PlasConfig())
     j = job("j")
-    j.extra["attained_s"] = 0.5
-    j.extra["running_since_s"] = 10.0
+    j.attained_s = 0.5
+    j.running_since_s = 10.0
     p.on_preempted(j, 10.75)
-    assert j.extra["attained_s"] == pytest.approx(1.25)
+    assert j.attained_s == pytest.approx(1.25)

@@ -4,7 +4,8 @@ what plans reserved stays reserved until a report says the worker applied them."
 from __future__ import annotations
 
 from astraea.plan import WorkerInfo, WorkerView
-from control_plane.service.registry import WorkerEntry, counters_change, view_counters
+from control_plane.service.registry import WorkerEntry
+from control_plane.service.reservations import Reservation, ViewCounters
 
 
 def view(free: int, running: int = 0, ctx: int = 0, host: int = 50) -> WorkerView:
@@ -14,16 +15,16 @@ def view(free: int, running: int = 0, ctx: int = 0, host: int = 50) -> WorkerVie
 
 
 def entry() -> WorkerEntry:
-    info = WorkerInfo("m", "sim", 100, 16, 50, 8, 512, "p")
+    info = WorkerInfo("m", "sim", False, 100, 16, 50, 8, 512, "p")
     return WorkerEntry(0, "w", info, view(100))
 
 
 def plan(e: WorkerEntry, blocks: int, seqs: int = 1) -> int:
     """A plan admitting `seqs` jobs of `blocks` blocks in all, as build_plan changes the view."""
-    before = view_counters(e.view)
+    before = ViewCounters.of(e.view)
     e.view.free_blocks -= blocks
     e.view.running_seqs += seqs
-    e.next_plan([], counters_change(e.view, before))
+    e.next_plan([], Reservation.since(before, e.view))
     return e.plan_seq
 
 
@@ -38,7 +39,7 @@ def test_a_report_keeps_the_reservations_of_plans_it_does_not_cover():
     assert (e.view.free_blocks, e.view.running_seqs) == (65, 3)
     e.memory_reported(view(64, running=3), third)  # everything applied: the worker's word
     assert (e.view.free_blocks, e.view.running_seqs) == (64, 3)
-    assert not e.in_flight
+    assert len(e.reservations) == 0
     e.memory_reported(view(80, running=2), third)
     assert (e.view.free_blocks, e.view.running_seqs) == (80, 2)
 
@@ -54,8 +55,8 @@ def test_reservations_never_take_a_counter_below_zero():
 
 def test_a_plan_that_changed_nothing_is_not_held():
     e = entry()
-    e.next_plan([], (0, 0, 0, 0, 0))
+    e.next_plan([], Reservation())
     e.next_plan([])
-    assert not e.in_flight
+    assert len(e.reservations) == 0
     e.memory_reported(view(100), 0)
     assert e.view.free_blocks == 100

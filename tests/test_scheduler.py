@@ -225,7 +225,7 @@ def test_plas_preempts_a_lower_queue_call_to_admit_a_higher_one(gptj):
     actions = s.build_plan(20.0, {0: v})
     pre = [a for a in actions if isinstance(a, Preempt)]
     assert [p.job_id for p in pre] == ["old"]
-    assert old.extra.get("preempting")
+    assert old.preempting
     s.segment_preempted("old", 20.0, 3, pre[0].action)
     assert old.state is JobState.READY and old.context_tokens == 1603
 
@@ -258,3 +258,27 @@ def test_a_lost_worker_requeues_its_running_and_kept_jobs_with_their_kv_discarde
     # Another worker picks the running job up, recomputing its context.
     actions = sched.build_plan(2.0, {1: view(worker=1)})
     assert [admit_fields(a) for a in actions] == [("run", 1, 0, 325, False)]
+
+
+# --- admission decisions (what traces record) ------------------------------------------------
+def test_admission_decision_carries_the_hrrn_score_it_won_with(gptj):
+    s = build_scheduler("astraea", gptj, OnlineJobEstimator())
+    seen = []
+    s.on_admit = lambda decision, job: seen.append((decision, job.waiting_now(3.0)))
+    s.job_arrived("a", 0.0)
+    s.segment_submitted("a", 0.0, 100, "qa")
+    s.build_plan(3.0, {0: view()})  # waited 3 s: the score is (W + T) / T > 1
+    (decision, waited), = seen
+    predicted = s.predicted_compute_s(s.jobs["a"])
+    assert (decision.job_id, decision.worker_id, decision.queue_level) == ("a", 0, 0)
+    assert decision.score == pytest.approx((waited + predicted) / predicted)
+
+
+def test_admission_decision_has_no_score_under_a_discipline_without_one(gptj):
+    s = build_scheduler("vllm-fcfs", gptj, OnlineJobEstimator())
+    seen = []
+    s.on_admit = lambda decision, job: seen.append(decision)
+    s.job_arrived("a", 0.0)
+    s.segment_submitted("a", 0.0, 100, "qa")
+    s.build_plan(1.0, {0: view()})
+    assert [(d.job_id, d.score) for d in seen] == [("a", None)]

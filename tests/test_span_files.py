@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 from opentelemetry import trace
 
-from astraea.tools.cli import main as cli
 from astraea.plan import KvAction, KvDecision
 from astraea.telemetry import TelemetryConfig, TelemetryConfigError, setup_telemetry, spans
 from astraea.telemetry.span_files import (
@@ -16,6 +15,7 @@ from astraea.telemetry.span_files import (
     kv_decision_counts,
     load_spans,
 )
+from astraea.tools.cli import main as cli
 
 
 def _write_two_services(directory) -> None:

@@ -1,4 +1,4 @@
-"""astraea.telemetry: spans per DESIGN §10, KV decisions on spans, trace context over real gRPC,
+"""astraea.telemetry: the spans of docs/design.md, KV decisions on spans, trace context over real gRPC,
 structlog JSON with trace ids, the shared metrics, and OTLP setup without a collector."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One job, one trace (DESIGN §10, issue #3): a replayed agent trace through a predictor, a
+"""One job, one trace: a replayed agent trace through a predictor, a
 control plane and two simulated workers over real gRPC on loopback, every service exporting to
 the SDK's in-memory exporter; then the spans of each job are checked as a user reading the
 trace would rely on them."""
@@ -17,7 +17,7 @@ from astraea.telemetry import TelemetryConfig, setup_telemetry, spans
 from astraea.tools.replay import AGENT_SPAN, replay, replay_jobs
 from control_plane.service.context import ServiceConfig
 from control_plane.service.predictor_link import OBSERVE_SPAN
-from control_plane.service.server import serve, stop
+from control_plane.service.server import serve
 from predictor_svc.server import serve as serve_predictor
 from worker.process import ADMISSION_SPAN, run_worker
 from worker.sim.backend import SimulatedBackend
@@ -38,9 +38,9 @@ async def _traced_run(jobs, kv_blocks=None):
     tels = {n: _telemetry(n, exporter) for n in ("predictor", "control-plane", "worker", "client")}
     predictor = serve_predictor("127.0.0.1:0", PROFILE, tracer=tels["predictor"].tracer)
     server = await serve("127.0.0.1:0", "astraea", PROFILE, ServiceConfig(time_scale=TIME_SCALE),
-                         predictor=f"127.0.0.1:{predictor.bound_port}",
+                         predictor=f"127.0.0.1:{predictor.port}",
                          tracer=tels["control-plane"].tracer, metrics=tels["control-plane"].metrics)
-    address = f"127.0.0.1:{server.bound_port}"
+    address = f"127.0.0.1:{server.port}"
     prof = load_profile(PROFILE)
     workers = [asyncio.create_task(run_worker(
         address, SimulatedBackend(prof, time_scale=TIME_SCALE, kv_blocks=kv_blocks), f"w{i}",
@@ -56,7 +56,7 @@ async def _traced_run(jobs, kv_blocks=None):
                 break
             await asyncio.sleep(0.05)
     finally:
-        await stop(server, grace=0.5)
+        await server.stop(grace=0.5)
         for t in workers:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(t, 5)

@@ -12,6 +12,7 @@ the top two logprobs are closer than that, so `reference` checks that every gree
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -21,7 +22,14 @@ pytest.importorskip("vllm")
 from tokenizers import Tokenizer  # noqa: E402
 
 from astraea.plan import KvAction  # noqa: E402
-from worker.vllm.engine import EngineConfig, EngineError, JobKv, VllmEngine  # noqa: E402
+from worker.backend import EngineError  # noqa: E402
+from worker.vllm.engine import (  # noqa: E402
+    EXTENSION,
+    SCHEDULER,
+    EngineConfig,
+    JobKv,
+    VllmEngine,
+)
 from worker.vllm.tiny_model import build_tiny_model  # noqa: E402
 
 N, M = 24, 16  # tokens of segment 1 and of segment 2
@@ -80,13 +88,13 @@ def check_memory(engine: VllmEngine, host: int) -> None:
 
 
 def run_segment(engine: VllmEngine, job: str, steps: int = 500):
-    """Step until `job`'s segment ends: (its tokens, its SegmentEnd, its logprob rows)."""
+    """Step until `job`'s segment ends: (its tokens, its EngineSegmentEnded, its logprob rows)."""
     tokens, rows = [], []
     for _ in range(steps):
         result = engine.step()
         tokens += result.tokens.get(job, ())
         rows += result.logprobs.get(job, ())
-        for end in result.finished:
+        for end in result.ended:
             if end.job_id == job:
                 return tokens, end, rows
     raise AssertionError(f"{job} did not finish")
@@ -432,3 +440,9 @@ def test_without_a_block_count_vllm_sizes_the_pool_from_memory(model_dir):
         eng.abort("j")
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("path", [EXTENSION, SCHEDULER])
+def test_the_classes_vllm_loads_by_name_exist(path):
+    module, _, name = path.rpartition(".")
+    assert isinstance(getattr(importlib.import_module(module), name), type)

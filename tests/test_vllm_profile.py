@@ -1,5 +1,5 @@
 """`astraea profile` on the tiny model: the profile it writes loads, and the simulator runs
-off it (issue 4, item 4)."""
+off it."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from astraea.plan import JobState  # noqa: E402
 from astraea.v1 import common_pb2  # noqa: E402
 from control_plane.service import registry  # noqa: E402
 from control_plane.service.context import ServiceConfig  # noqa: E402
-from control_plane.service.server import serve, stop  # noqa: E402
+from control_plane.service.server import serve  # noqa: E402
 from worker.backend import BackendFailed  # noqa: E402
 from worker.process import run_worker  # noqa: E402
 from worker.vllm.backend import VllmBackend  # noqa: E402
@@ -80,7 +80,7 @@ def live(model_dir):
 
     async def up():
         server = await serve("127.0.0.1:0", "astraea", PROFILE, ServiceConfig(time_scale=1.0))
-        address = f"127.0.0.1:{server.bound_port}"
+        address = f"127.0.0.1:{server.port}"
         worker = asyncio.create_task(run_worker(address, backend, "vllm-0"))
         deadline = time.monotonic() + 60
         while len(server.control_plane.registry.workers) < 1:
@@ -94,7 +94,7 @@ def live(model_dir):
         yield stack
     finally:
         async def down():
-            await stop(stack.server, grace=0.5)
+            await stack.server.stop(grace=0.5)
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                 await asyncio.wait_for(stack.worker, 30)
         loop.run_until_complete(down())
@@ -168,7 +168,7 @@ def references(engine: VllmEngine, jobs: dict[str, list[tuple[list[int], int]]])
                 outs[j][-1] += ids
             for j, rows in result.logprobs.items():
                 margins[j] += [top[0] - top[1] for top in rows]
-            ended |= {end.job_id for end in result.finished}
+            ended |= {end.job_id for end in result.ended}
     for j in jobs:
         engine.abort(j)
     while engine.has_work():
@@ -276,7 +276,8 @@ def test_job_whose_worker_is_lost_resumes_on_another_token_exact(model_dir, toke
     job's next segment runs on worker B from the history the control plane kept (text
     prompts as sent, output ids), recomputed there, and continues exactly as an unbroken run.
     Its own stack: two engines in this process, one control plane."""
-    prompts = [tokenizer.encode(PROMPT).ids, tokenizer.encode(RESULTS[0], add_special_tokens=False).ids]
+    prompts = [tokenizer.encode(PROMPT).ids,
+               tokenizer.encode(RESULTS[0], add_special_tokens=False).ids]
     segments = list(zip(prompts, SEGMENTS[:2], strict=True))
 
     def backend() -> VllmBackend:
@@ -292,7 +293,7 @@ def test_job_whose_worker_is_lost_resumes_on_another_token_exact(model_dir, toke
 
     async def main():
         server = await serve("127.0.0.1:0", "astraea", PROFILE, ServiceConfig(time_scale=1.0))
-        address = f"127.0.0.1:{server.bound_port}"
+        address = f"127.0.0.1:{server.port}"
         a, b = backend(), backend()
         worker_a = asyncio.create_task(run_worker(address, a, "vllm-a"))
         worker_b = None
@@ -318,7 +319,7 @@ def test_job_whose_worker_is_lost_resumes_on_another_token_exact(model_dir, toke
                 lambda engine: references(engine, {"ref": segments}))
             return first, second, b.applied.copy(), want["ref"], margins["ref"]
         finally:
-            await stop(server, grace=0.5)
+            await server.stop(grace=0.5)
             for task in (worker_a, worker_b):
                 if task is not None:
                     task.cancel()

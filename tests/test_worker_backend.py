@@ -18,10 +18,10 @@ from worker.backend import (
     BackendError,
     BackendFailed,
     MemoryChanged,
-    SegmentFinished,
+    SegmentEnded,
     SegmentInput,
     SegmentPreempted,
-    StepTimed,
+    StepTiming,
     TokensGenerated,
 )
 from worker.sim.backend import SimulatedBackend, placeholder_token
@@ -56,7 +56,8 @@ class CheckedBackend(SimulatedBackend):
             "pool sums": pool.free + pool.cached_total + pool.used == pool.total,
             "nothing negative": min(pool.free, pool.cached_total, pool.used) >= 0,
             "used = held by jobs": pool.used == held_by_jobs + in_flight_out,
-            "host": v.host_free_blocks == e.host_total - e.host_used and 0 <= e.host_used <= e.host_total,
+            "host": v.host_free_blocks == e.host_total - e.host_used
+            and 0 <= e.host_used <= e.host_total,
             "running": v.running_seqs == len(e.running),
         }
         self.violations += [f"step {e.step}: {k}" for k, ok in checks.items() if not ok]
@@ -89,8 +90,8 @@ class Harness:
             if pred(ev):
                 return ev
 
-    async def finished(self, job_id: str) -> SegmentFinished:
-        return await self.until(lambda ev: isinstance(ev, SegmentFinished) and ev.job_id == job_id)
+    async def finished(self, job_id: str) -> SegmentEnded:
+        return await self.until(lambda ev: isinstance(ev, SegmentEnded) and ev.job_id == job_id)
 
     async def idle(self):
         """Wait until the engine holds nothing in flight and the stream is drained."""
@@ -143,7 +144,7 @@ def test_a_segment_streams_exactly_max_tokens_in_order_each_once(simple_profile)
             assert h.tokens("a") == expected("a", 0, 37)
             assert (end.generated_tokens, end.prefill_tokens) == (37, 100)
             # Prefill takes 2 steps (64-token budget), then 36 decode steps.
-            steps = [ev for ev in h.events if isinstance(ev, StepTimed)]
+            steps = [ev for ev in h.events if isinstance(ev, StepTiming)]
             assert len(steps) == 38
             assert [s.tokens for s in steps[:3]] == [64, 36 + 0, 1]
             for s in steps:
@@ -215,13 +216,13 @@ def test_two_concurrent_segments_both_finish_with_their_own_tokens(simple_profil
             await h.admit("y", new=50, max_tokens=12)
             ends = {}
             while len(ends) < 2:
-                ev = await h.until(lambda ev: isinstance(ev, SegmentFinished))
+                ev = await h.until(lambda ev: isinstance(ev, SegmentEnded))
                 ends[ev.job_id] = ev
             assert h.tokens("x") == expected("x", 0, 20)
             assert h.tokens("y") == expected("y", 0, 12)
             assert ends["x"].generated_tokens == 20 and ends["y"].generated_tokens == 12
             # Both were batched: a step processed their 80 prompt tokens' first 64 together.
-            steps = [ev.tokens for ev in h.events if isinstance(ev, StepTimed)]
+            steps = [ev.tokens for ev in h.events if isinstance(ev, StepTiming)]
             assert steps[0] == 64 and max(steps[2:]) >= 2
 
     run(main())
@@ -246,7 +247,7 @@ def test_preempt_returns_the_kv_action_and_tokens_generated_and_the_segment_resu
 
             # A segment still prefilling cannot be swapped: it is dropped instead.
             await h.admit("q", new=640, max_tokens=5)
-            await h.until(lambda ev: isinstance(ev, StepTimed))
+            await h.until(lambda ev: isinstance(ev, StepTiming))
             got = await h.b.apply(Preempt("q", 0, KvAction.SWAP))
             assert (got.action, got.generated_tokens) == (KvAction.DISCARD, 0)
             assert h.tokens("q") == []
@@ -464,9 +465,9 @@ def test_a_host_stall_delays_reports_but_not_the_engines_timeline(simple_profile
         clock[0] = 500.0  # the loop runs again only 500 engine seconds later
         b._wake()
         seen = []
-        while not seen or not isinstance(seen[-1], SegmentFinished):
+        while not seen or not isinstance(seen[-1], SegmentEnded):
             seen.append(await asyncio.wait_for(events.__anext__(), 2.0))
-        steps = [ev for ev in seen if isinstance(ev, StepTimed)]
+        steps = [ev for ev in seen if isinstance(ev, StepTiming)]
         end = seen[-1]
         assert end.generated_tokens == 20
         assert end.duration_s == pytest.approx(sum(s.duration_s for s in steps))

@@ -13,7 +13,7 @@ import pytest
 from astraea.profile import load_profile
 from astraea.v1 import agent_pb2, agent_pb2_grpc, common_pb2, worker_pb2, worker_pb2_grpc
 from control_plane.service.context import ServiceConfig
-from control_plane.service.server import serve, stop
+from control_plane.service.server import serve
 from worker.process import run_worker
 from worker.sim.backend import SimulatedBackend, placeholder_token
 
@@ -48,7 +48,7 @@ def test_a_silent_worker_is_dropped_with_a_reason_and_its_job_runs_elsewhere():
 async def _control_plane(worker_timeout_s: float):
     server = await serve("127.0.0.1:0", "astraea", PROFILE,
                          ServiceConfig(time_scale=TIME_SCALE, worker_timeout_s=worker_timeout_s))
-    return server, f"127.0.0.1:{server.bound_port}"
+    return server, f"127.0.0.1:{server.port}"
 
 
 async def _test_a_silent_worker_is_dropped_with_a_reason_and_its_job_runs_elsewhere():
@@ -94,7 +94,7 @@ async def _test_a_silent_worker_is_dropped_with_a_reason_and_its_job_runs_elsewh
         call.cancel()
         await channel.close()
         await agent_channel.close()
-        await stop(server, grace=0.5)
+        await server.stop(grace=0.5)
         if real is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(real, 5)
@@ -116,7 +116,7 @@ async def _test_heartbeats_keep_an_idle_worker_registered():
         assert [e.name for e in cp.registry.workers.values()] == ["idle"]
         assert not task.done()
     finally:
-        await stop(server, grace=0.5)
+        await server.stop(grace=0.5)
         assert await asyncio.wait_for(task, 5) == 0  # a clean shutdown, not a drop
 
 
@@ -134,4 +134,4 @@ async def _test_worker_timeout_zero_never_drops():
     finally:
         call.cancel()
         await channel.close()
-        await stop(server, grace=0.5)
+        await server.stop(grace=0.5)

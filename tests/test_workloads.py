@@ -21,7 +21,7 @@ from astraea.workloads import (
     write_native,
 )
 
-# DESIGN §7, the paper's Table 1: (API time s, API calls per job) means per category.
+# InferCept's Table 1 (ICML 2024): (API time s, API calls per job) means per category.
 TABLE1 = {
     "math": (9e-5, 3.75),
     "qa": (0.69, 2.52),

@@ -37,10 +37,10 @@ from worker.backend import (
     BackendError,
     BackendFailed,
     MemoryChanged,
-    SegmentFinished,
+    SegmentEnded,
     SegmentInput,
     SegmentPreempted,
-    StepTimed,
+    StepTiming,
     TokensGenerated,
 )
 
@@ -52,7 +52,8 @@ HEARTBEAT_INTERVAL_S = 1.0  # well under the control plane's default --worker-ti
 # The worker's span of one admission of a segment: Admit applied → segment ended, preempted
 # or aborted. A child of the control plane's ``segment`` span (Admit.trace_context).
 ADMISSION_SPAN = "admission"
-PREFILL_TOKENS, MAX_TOKENS, SWAP_IN = "astraea.prefill_tokens", "astraea.max_tokens", "astraea.swap_in"
+PREFILL_TOKENS, MAX_TOKENS = "astraea.prefill_tokens", "astraea.max_tokens"
+SWAP_IN = "astraea.swap_in"
 END_REASON = "astraea.end_reason"
 
 
@@ -128,7 +129,7 @@ def _to_messages(items: list, worker_id: int,
             else:
                 jt.token_ids.extend(ev.token_ids)
                 jt.text += ev.text
-        elif isinstance(ev, StepTimed):
+        elif isinstance(ev, StepTiming):
             steps.append(common_pb2.StepTiming(tokens=ev.tokens,
                                                context_tokens_read=ev.context_tokens_read,
                                                duration_s=ev.duration_s))
@@ -136,7 +137,7 @@ def _to_messages(items: list, worker_id: int,
             if i == last_memory and memory is None:
                 flush_tokens()
                 out.append(worker_pb2.WorkerMessage(memory=wire.worker_view_to_proto(ev.view)))
-        elif isinstance(ev, SegmentFinished):
+        elif isinstance(ev, SegmentEnded):
             flush_tokens()
             out.append(worker_pb2.WorkerMessage(segment_ended=worker_pb2.SegmentEnded(
                 job_id=ev.job_id, generated_tokens=ev.generated_tokens,
@@ -192,11 +193,8 @@ class WorkerProcess:
     async def _session(self, stub: worker_pb2_grpc.WorkerServiceStub) -> int:
         info = self.backend.describe()
         call = stub.Connect()
-        await call.write(worker_pb2.WorkerMessage(register=worker_pb2.Register(
-            worker_name=self.name, model=info.model, backend=info.backend,
-            kv_capacity_blocks=info.kv_capacity_blocks, block_size=info.block_size,
-            host_swap_blocks=info.host_swap_blocks, max_num_seqs=info.max_num_seqs,
-            max_num_batched_tokens=info.max_num_batched_tokens, profile_name=info.profile_name)))
+        await call.write(worker_pb2.WorkerMessage(
+            register=wire.worker_info_to_proto(info, self.name)))
         first = await call.read()
         if first is grpc.aio.EOF or first.WhichOneof("msg") != "registered":
             log.error("control plane did not answer register", got=str(first))
@@ -280,11 +278,12 @@ class WorkerProcess:
     def _start_span(self, action: Admit, segment: SegmentInput, trace_context) -> None:
         self._end_span(action.job_id, "admitted again")  # never leak one
         parent = propagate.extract(dict(trace_context)) if trace_context else None
-        self._spans[action.job_id] = self.tracer.start_span(ADMISSION_SPAN, context=parent, attributes={
-            spans.JOB_ID: action.job_id, spans.WORKER_ID: self.worker_id,
-            SWAP_IN: action.swap_in, MAX_TOKENS: segment.max_tokens,
-            "astraea.new_tokens": action.new_tokens,
-            "astraea.context_tokens": action.context_tokens})
+        self._spans[action.job_id] = self.tracer.start_span(
+            ADMISSION_SPAN, context=parent, attributes={
+                spans.JOB_ID: action.job_id, spans.WORKER_ID: self.worker_id,
+                SWAP_IN: action.swap_in, MAX_TOKENS: segment.max_tokens,
+                "astraea.new_tokens": action.new_tokens,
+                "astraea.context_tokens": action.context_tokens})
 
     def _end_span(self, job_id: str, reason: str, error: bool = False, **attrs) -> None:
         span = self._spans.pop(job_id, None)
@@ -296,7 +295,7 @@ class WorkerProcess:
         span.end()
 
     def _event_ends_span(self, ev) -> None:
-        if isinstance(ev, SegmentFinished):
+        if isinstance(ev, SegmentEnded):
             self._end_span(ev.job_id, "segment ended", **{
                 spans.TOKENS: ev.generated_tokens, PREFILL_TOKENS: ev.prefill_tokens,
                 spans.TTFT_S: ev.ttft_s})
@@ -307,7 +306,7 @@ class WorkerProcess:
     async def _forward(self) -> None:
         try:
             async for ev in self.backend.events():
-                if isinstance(ev, SegmentFinished | SegmentPreempted):
+                if isinstance(ev, SegmentEnded | SegmentPreempted):
                     self._event_ends_span(ev)
                 self._out.put_nowait(ev)
         except BackendFailed as e:

@@ -1,4 +1,7 @@
-"""Observability for every Astraea service: traces, metrics and logs (DESIGN §10, issue #3).
+"""Observability for every Astraea service: traces, metrics and logs, set up alike in each.
+
+The conventions (span names, attributes, metrics) are in docs/design.md, "Telemetry
+conventions".
 
 A service does, once at start::
 

@@ -1,4 +1,4 @@
-"""structlog JSON logs carrying the current trace (DESIGN §10).
+"""structlog JSON logs carrying the current trace (docs/design.md, Telemetry conventions).
 
 Each line is one JSON object with ``timestamp`` (ISO 8601, UTC), ``level``, ``event``,
 ``logger``, any bound keys and — when a span is current — ``trace_id`` and ``span_id`` in the

@@ -1,4 +1,4 @@
-"""The instruments every service shares (DESIGN §10, issue #3 item 7).
+"""The instruments every service shares (docs/design.md, Telemetry conventions).
 
 | instrument | kind | unit | attributes |
 |---|---|---|---|

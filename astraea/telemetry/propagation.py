@@ -1,5 +1,5 @@
 """W3C trace-context propagation over gRPC metadata, so one job's trace spans client, control
-plane, predictor and worker (issue #3 item 7).
+plane, predictor and worker.
 
 Client side: ``stub.Method(req, metadata=inject_metadata())`` inside the span the call belongs
 to. Server side: ``tracer.start_as_current_span(name, context=extract_context(context))`` (or

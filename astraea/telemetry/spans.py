@@ -1,4 +1,4 @@
-"""Span names, attribute keys and helpers for the traces of DESIGN §10.
+"""Span names, attribute keys and helpers for each job's trace (docs/design.md, Telemetry).
 
 One trace per job: a root span ``job`` with children ``segment`` (one per segment) and
 ``api_wait`` (one per tool call). The control plane's ``build_batch`` spans (one per plan) are

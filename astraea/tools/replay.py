@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 
@@ -27,6 +28,9 @@ from astraea.profile import HardwareProfile
 from astraea.telemetry import spans
 from astraea.tools.sim.metrics import JobRecord, idle_jct_s, summarize
 from astraea.workloads.trace import JobTrace
+
+if TYPE_CHECKING:  # imported when a stack starts: the CLI stays light
+    from control_plane.service.server import RunningControlPlane
 
 PLACEHOLDER_ID = 1  # the prompt tokens' id: only their number matters to simulated workers
 AGENT_SPAN = "agent"  # the replaying client's span of one job: the root of the job's trace
@@ -48,7 +52,7 @@ class ReplayResult:
 @dataclass
 class LocalStack:
     address: str
-    server: object  # the grpc.aio server; its state is `server.control_plane`
+    server: RunningControlPlane  # its state is `server.control_plane`
 
     @property
     def decision_counts(self) -> dict:
@@ -65,13 +69,13 @@ async def local_stack(policy: str = "astraea", profile: str = "gptj-6b-a100",
     (its `address`) once every worker has registered, and stops them all on exit."""
     from astraea.profile import load_profile
     from control_plane.service.context import ServiceConfig
-    from control_plane.service.server import serve, stop
+    from control_plane.service.server import serve
     from worker.process import run_worker
     from worker.sim.backend import SimulatedBackend
 
     prof = load_profile(profile)
     server = await serve(listen, policy, profile, ServiceConfig(time_scale=time_scale))
-    address = f"127.0.0.1:{server.bound_port}"
+    address = f"127.0.0.1:{server.port}"
     tasks = [asyncio.create_task(run_worker(
         address, SimulatedBackend(prof, time_scale=time_scale, kv_blocks=kv_blocks), f"w{i}"))
         for i in range(workers)]
@@ -87,7 +91,7 @@ async def local_stack(policy: str = "astraea", profile: str = "gptj-6b-a100",
             await asyncio.sleep(0.01)
         yield LocalStack(address, server)
     finally:
-        await stop(server, grace=0.5)
+        await server.stop(grace=0.5)
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                 await asyncio.wait_for(t, 5)

@@ -28,7 +28,7 @@ class WorkerMessage(_message.Message):
     def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., step_report: _Optional[_Union[StepReport, _Mapping]] = ..., segment_ended: _Optional[_Union[SegmentEnded, _Mapping]] = ..., preempted: _Optional[_Union[Preempted, _Mapping]] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ..., tokens: _Optional[_Union[TokenBatch, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., admit_refused: _Optional[_Union[AdmitRefused, _Mapping]] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("worker_name", "model", "backend", "kv_capacity_blocks", "block_size", "host_swap_blocks", "max_num_seqs", "max_num_batched_tokens", "profile_name")
+    __slots__ = ("worker_name", "model", "backend", "kv_capacity_blocks", "block_size", "host_swap_blocks", "max_num_seqs", "max_num_batched_tokens", "profile_name", "needs_history")
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class Register(_message.Message):
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROFILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_HISTORY_FIELD_NUMBER: _ClassVar[int]
     worker_name: str
     model: str
     backend: str
@@ -47,7 +48,8 @@ class Register(_message.Message):
     max_num_seqs: int
     max_num_batched_tokens: int
     profile_name: str
-    def __init__(self, worker_name: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., kv_capacity_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., host_swap_blocks: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., profile_name: _Optional[str] = ...) -> None: ...
+    needs_history: bool
+    def __init__(self, worker_name: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., kv_capacity_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., host_swap_blocks: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., profile_name: _Optional[str] = ..., needs_history: _Optional[bool] = ...) -> None: ...
 
 class StepReport(_message.Message):
     __slots__ = ("steps",)

@@ -1,4 +1,4 @@
-"""The InferCept agent mix (DESIGN §7), generated from per-category distributions.
+"""The InferCept agent mix, generated from per-category distributions (docs/design.md).
 
 What the paper's Table 1 gives per category (mean, spread): API time, API calls per job and
 the job's context tokens. What it does not give — how a context splits into the first prompt,

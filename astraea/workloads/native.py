@@ -1,4 +1,4 @@
-"""The native trace format: JSONL, one job per line (DESIGN §7), read and written here."""
+"""The native trace format: JSONL, one job per line, read and written here (docs/design.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Agent traces: jobs as sequences of segments separated by tool calls (DESIGN §7)."""
+"""Agent traces: jobs as sequences of segments separated by tool calls."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Every scheduling knob in one place, with the default and why.
 
 Defaults were picked by measurement on the InferCept mix (`astraea bench`); the sweep that
-chose them is recorded in the README ("Choosing the MLFQ defaults").
+chose them is recorded in docs/results/README.md ("How the defaults were chosen").
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 @dataclass(frozen=True)
 class MlfqConfig:
-    """Stateful-MLFQ (DESIGN §3)."""
+    """Stateful-MLFQ (docs/design.md, "Stateful-MLFQ")."""
 
     num_levels: int = 4
     # Quota of level 0 in token cost (prefill-token equivalents, see token_cost.py); level k
@@ -35,17 +35,17 @@ class MlfqConfig:
 
 @dataclass(frozen=True)
 class KvPolicyConfig:
-    """Pressure-adaptive KV decisions during API waits (DESIGN §4)."""
+    """Pressure-adaptive KV decisions during API waits (docs/design.md, "KV policy during API waits")."""
 
     # Below this KV utilisation every API wait preserves: free memory costs nobody anything.
-    # (Swept 0.5–0.99 on the InferCept mix, README "Choosing the KV thresholds".)
+    # (Swept 0.5–0.99 on the InferCept mix: docs/results/README.md, "How the defaults were chosen".)
     low_pressure: float = 0.9
     # At or above this utilisation the preserve waste counts in full (InferCept's rule).
     high_pressure: float = 0.99
     # When a ready job does not fit, reclaim memory from jobs paused in API waits (swap if the
     # host has room and the predicted wait exceeds the swap round trip). It is what makes
     # preserving below `low_pressure` safe: memory kept while it was free is given back when
-    # it is wanted. Neutral on the InferCept mix on GPT-J/A100 (README, "Reclaim"); where
+    # it is wanted. Neutral on the InferCept mix on GPT-J/A100 (docs/results/README.md, tuning); where
     # swaps are cheap next to tool calls it cuts mean JCT by 18 % (the small model on CPU).
     reclaim_for_ready_jobs: bool = True
     # Reclaim may also discard (recompute later) when swapping is impossible. Off by default:
@@ -65,7 +65,7 @@ class PlasConfig:
     # Anti-starvation: promote to the top queue when waiting / service exceeds this.
     starvation_ratio: float = 8.0
     # Preempt lower-queue running calls to admit a higher-queue call that does not fit.
-    # Off by default: measured on the InferCept mix it thrashes (README), and the choice
+    # Off by default: measured on the InferCept mix it thrashes (docs/results/README.md), and the choice
     # left open by the paper is taken in the peer's favour.
     preemptive: bool = False
 
@@ -76,7 +76,7 @@ class ContinuumConfig:
 
     # Memory held for τ seconds is priced as τ · (held share of the KV capacity) · this many
     # seconds of GPU time: the exchange rate between the benefit (time) and the cost (memory).
-    # The paper gives no value; 0.01 was Continuum's best in a sweep of 0.001–10 (README).
+    # The paper gives no value; 0.01 was Continuum's best in a sweep of 0.001–1 (docs/results/README.md).
     memory_price_s: float = 0.01
     max_ttl_s: float = 60.0
 

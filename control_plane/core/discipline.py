@@ -58,6 +58,11 @@ class Discipline:
     def level_of(self, job: Job) -> int:
         return 0
 
+    def admission_score(self, job: Job, now: float) -> float | None:
+        """The score that ranked `job` within its queue, for traces; None if the discipline
+        ranks by something other than a score (arrival order, attained service)."""
+        return None
+
 
 class Fcfs(Discipline):
     """First come, first served on a fixed key, blocking like vLLM's waiting queue.
@@ -133,8 +138,8 @@ class Plas(Discipline):
 
     @staticmethod
     def service_s(job: Job, now: float) -> float:
-        running_since = job.extra.get("running_since_s")
-        return job.extra.get("attained_s", 0.0) + (now - running_since if running_since is not None else 0.0)
+        running_since = job.running_since_s
+        return job.attained_s + (now - running_since if running_since is not None else 0.0)
 
     def add(self, job: Job, now: float, predicted_s: float, need_blocks: int) -> None:
         level = self.level_for_service(self.service_s(job, now))
@@ -175,12 +180,11 @@ class Plas(Discipline):
 
     def on_segment_end(self, job: Job, now: float, calls_tool: bool, segment_cost: float,
                        run_s: float) -> None:
-        job.extra["attained_s"] = job.extra.get("attained_s", 0.0) + run_s
+        job.attained_s += run_s
 
     def on_preempted(self, job: Job, now: float) -> None:
         # The partial call's service counts: it ran.
-        job.extra["attained_s"] = job.extra.get("attained_s", 0.0) + (
-            now - job.extra.get("running_since_s", now))
+        job.attained_s += now - (job.running_since_s if job.running_since_s is not None else now)
 
     def priority_key(self, job: Job, now: float) -> tuple:
         level = self._level.get(job.job_id)
@@ -192,4 +196,4 @@ class Plas(Discipline):
         return [len(q) for q in self._levels]
 
     def level_of(self, job: Job) -> int:
-        return self._level.get(job.job_id, self.level_for_service(job.extra.get("attained_s", 0.0)))
+        return self._level.get(job.job_id, self.level_for_service(job.attained_s))

@@ -14,7 +14,7 @@ States::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from astraea.plan import JobState, KvAction, KvState
 
@@ -41,13 +41,12 @@ class Job:
     waiting_s: float = 0.0  # accumulated time ready but not running (HRRN's W)
     ready_since_s: float = 0.0
     segment_cost: float = 0.0  # token cost attained by the current segment
-    attained_cost: float = 0.0  # token cost attained by the whole job (PLAS)
+    attained_s: float = 0.0  # GPU time of the job's ended admissions (PLAS's attained service)
+    running_since_s: float | None = None  # when the current admission started (RUNNING only)
+    preempting: bool = False  # a Preempt was planned and the worker has not answered yet
     api_start_s: float = 0.0
-    predicted_api_s: float = 0.0
     next_tool_category: str | None = None
     finished_s: float | None = None
-    # Free-form per-policy data (e.g. Continuum's TTL deadline).
-    extra: dict = field(default_factory=dict)
 
     # --- transitions -------------------------------------------------------------------
     def _expect(self, *states: JobState) -> None:

@@ -1,4 +1,4 @@
-"""What happens to a job's KV cache while it waits for an API (DESIGN §4).
+"""What happens to a job's KV cache while it waits for an API.
 
 InferCept's memory-waste terms (bytes × seconds) for a job with context C tokens, M bytes of KV
 per token, predicted remaining API time T_int, the other running jobs' context C_other and the

@@ -1,4 +1,4 @@
-"""Stateful-MLFQ (DESIGN §3): token-cost quotas, promotion on API yields, HRRN inside levels.
+"""Stateful-MLFQ: token-cost quotas, promotion on API yields, HRRN inside levels.
 
 * m levels, Q0 highest; level k's quota is `quota_base · quota_growth**k` token cost.
 * A new job enters Q0. At a segment end: cost above the level's quota → compute-intensive,
@@ -89,3 +89,6 @@ class StatefulMlfq(Discipline):
     def response_ratio(self, job: Job, now: float) -> float:
         level = self._levels[job.level]
         return level.score_of(job, now) if job in level else 0.0
+
+    def admission_score(self, job: Job, now: float) -> float | None:
+        return self.response_ratio(job, now)

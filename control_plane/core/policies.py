@@ -123,7 +123,7 @@ POLICIES: dict[str, PolicySpec] = {
             "inside levels, aging) with a work-conserving fill, and the pressure-adaptive KV "
             "policy, which swaps paused jobs out when a ready job needs their memory "
             "(kv.reclaim_for_ready_jobs); the worker prefills admitted segments in MLFQ order.",
-            "Astraea (arXiv 2512.14142) and this project's improvements (README).",
+            "Astraea (arXiv 2512.14142) and this project's improvements (docs/design.md).",
             _astraea,
         ),
         PolicySpec(

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from astraea.plan import (
     Admit,
+    AdmitDecision,
     Evict,
     JobState,
     KvAction,
@@ -49,6 +50,7 @@ class Scheduler:
         estimator: ServiceTimeEstimator,
         config: SchedulerConfig | None = None,
         on_decision: Callable[[KvDecision, Job], None] | None = None,
+        on_admit: Callable[[AdmitDecision, Job], None] | None = None,
     ) -> None:
         self.config = config or SchedulerConfig()
         self.discipline = discipline
@@ -61,7 +63,8 @@ class Scheduler:
         self.paused: dict[int, dict[str, Job]] = {}  # API_WAIT with KV resident on the worker
         self.resident_ready: dict[int, dict[str, Job]] = {}  # READY with KV resident, not running
         self.decision_counts: Counter[str] = Counter()
-        self.on_decision = on_decision
+        self.on_decision = on_decision  # every KV decision, with its inputs (for traces)
+        self.on_admit = on_admit  # every admission, with the queue and score it won with
         self.recent_queueing_delay_s = 0.0  # EWMA of the wait before admission
 
     # --- events -------------------------------------------------------------------------
@@ -100,11 +103,10 @@ class Scheduler:
         job = self._job(job_id)
         if job.state is not JobState.RUNNING or job.worker_id != view.worker_id:
             raise SchedulerError(f"job {job_id} is not running on worker {view.worker_id}")
-        run_s = now - job.extra.pop("running_since_s", now)
+        run_s = now - (job.running_since_s if job.running_since_s is not None else now)
+        job.running_since_s = None
         decode_context = job.context_tokens + job.pending_tokens
-        cost = self.token_cost.cost(prefill_tokens, generated_tokens, decode_context)
-        job.segment_cost += cost
-        job.attained_cost += cost
+        job.segment_cost += self.token_cost.cost(prefill_tokens, generated_tokens, decode_context)
         self.estimator.observe_output(job, generated_tokens)
         self.discipline.on_segment_end(job, now, calls_tool, job.segment_cost, run_s)
         job.mark_segment_end(now, generated_tokens, calls_tool)
@@ -125,9 +127,9 @@ class Scheduler:
         if job.state is not JobState.RUNNING:
             raise SchedulerError(f"job {job_id} is not running")
         self.running[job.worker_id].pop(job_id, None)
-        job.extra.pop("preempting", None)
+        job.preempting = False
         self.discipline.on_preempted(job, now)
-        job.extra.pop("running_since_s", None)
+        job.running_since_s = None
         job.mark_preempted(now, generated_tokens)
         job.kv_state = KvState.SWAPPED if action is KvAction.SWAP else KvState.DISCARDED
         self.decision_counts["preempt_" + action.value] += 1
@@ -304,16 +306,16 @@ class Scheduler:
         return view, need
 
     def _admit(self, job: Job, now: float, view: WorkerView, need: int) -> Admit:
-        ratio = getattr(self.discipline, "response_ratio", None)
-        if ratio is not None:  # for traces: the HRRN score the job was admitted with
-            job.extra["response_ratio"] = ratio(job, now)
+        if self.on_admit is not None:  # for traces: the queue and score the job was admitted with
+            self.on_admit(AdmitDecision(job.job_id, view.worker_id, self.discipline.level_of(job),
+                                        self.discipline.admission_score(job, now)), job)
         self.discipline.remove(job)
         self.resident_ready.get(view.worker_id, {}).pop(job.job_id, None)
         swap_in = job.kv_state is KvState.SWAPPED
         wait = job.waiting_now(now) - job.waiting_s
         self.recent_queueing_delay_s += 0.05 * (wait - self.recent_queueing_delay_s)
         job.mark_running(now, view.worker_id)
-        job.extra["running_since_s"] = now
+        job.running_since_s = now
         self.running.setdefault(view.worker_id, {})[job.job_id] = job
         view.free_blocks -= need
         view.running_seqs += 1
@@ -385,7 +387,7 @@ class Scheduler:
         mine = self.discipline.priority_key(job, now)[0]
         victims = []
         for r in self.running.get(view.worker_id, {}).values():
-            if r.extra.get("preempting") or (view.preemptible and not view.preemptible(r.job_id)):
+            if r.preempting or (view.preemptible and not view.preemptible(r.job_id)):
                 continue
             key = self.discipline.priority_key(r, now)
             if key[0] > mine:
@@ -409,6 +411,6 @@ class Scheduler:
             short -= blocks
             view.running_seqs -= 1
             view.running_context_tokens -= victim.context_tokens + victim.pending_tokens
-            victim.extra["preempting"] = True
+            victim.preempting = True
             out.append(Preempt(victim.job_id, view.worker_id, action))
         return out

@@ -15,12 +15,13 @@ import uuid
 import grpc
 from opentelemetry import trace
 
+from astraea.errors import InvalidRequest
 from astraea.plan import JobState
 from astraea.telemetry import extract_context, get_logger
 from astraea.v1 import agent_pb2, agent_pb2_grpc
 from control_plane.service import validation
 from control_plane.service.context import ControlPlane
-from control_plane.service.registry import JobEntry, Segment, SegmentClosed
+from control_plane.service.registry import JobEntry, SegmentCall, SegmentClosed
 
 log = get_logger("astraea.control_plane.agents")
 
@@ -44,7 +45,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         try:
             validation.check_id(request.job_id, "job_id", cfg)
             validation.check_id(request.category, "category", cfg)
-        except validation.InvalidRequest as e:
+        except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         job_id = request.job_id or uuid.uuid4().hex
         if job_id in self.cp.registry.jobs:
@@ -75,7 +76,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 self.cp.finish_job(entry, "client disconnected mid-segment", cancel=True,
                                    error=True)
 
-    async def _submit(self, entry: JobEntry, request, context) -> Segment:
+    async def _submit(self, entry: JobEntry, request, context) -> SegmentCall:
         job, cfg = entry.job, self.cp.config
         if job.state is JobState.FINISHED:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -90,7 +91,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             sampling = validation.sampling(request.sampling, cfg,
                                            self.cp.scheduler.profile.context_window,
                                            job.context_tokens, new_tokens)
-        except validation.InvalidRequest as e:
+        except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"job {job.job_id!r}: {e}")
         hint = request.next_tool_category or None
@@ -107,10 +108,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             self.cp.scheduler.segment_submitted(job.job_id, now, new_tokens, hint)
         self.cp.tracing.segment_submitted(job, job.segment_index, observed_api)
         entry.tool_started_s = None
-        seg = Segment(index=job.segment_index, new_tokens=new_tokens,
-                      max_tokens=sampling.max_tokens, sampling=sampling, request=request,
-                      calls_tool=hint is not None, tool_category=hint, submitted_s=now,
-                      wait_before=wait_before)
+        seg = SegmentCall(index=job.segment_index, new_tokens=new_tokens,
+                          max_tokens=sampling.max_tokens, sampling=sampling, request=request,
+                          calls_tool=hint is not None, tool_category=hint, submitted_s=now,
+                          wait_before=wait_before)
         entry.segment = seg
         self.cp.mark_dirty()
         return seg
@@ -122,7 +123,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         job = entry.job
         try:
             validation.check_id(request.category, "category", self.cp.config)
-        except validation.InvalidRequest as e:
+        except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if request.phase == agent_pb2.TOOL_CALL_PHASE_UNSPECIFIED:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,

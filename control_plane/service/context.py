@@ -8,8 +8,9 @@ the core half-updated: the event loop is the lock.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from opentelemetry import metrics as otel_metrics
@@ -18,10 +19,11 @@ from opentelemetry.trace import Tracer
 from astraea import wire
 from astraea.plan import JobState
 from astraea.telemetry import Metrics, get_logger
-from astraea.v1 import agent_pb2, worker_pb2
+from astraea.v1 import agent_pb2, common_pb2, worker_pb2
 from control_plane.core.job import Job
 from control_plane.core.scheduler import Scheduler
 from control_plane.service.registry import JobEntry, Registry, SegmentClosed
+from control_plane.service.reservations import Reservation
 from control_plane.service.stats import ServiceStats
 from control_plane.service.tracing import JobTracing
 
@@ -47,9 +49,16 @@ class ServiceConfig:
     worker_timeout_s: float = 10.0
 
 
+class StepObserver(Protocol):
+    """Takes the engine step timings workers report (the remote predictor's link)."""
+
+    def observe_steps(self, steps: Iterable[common_pb2.StepTiming]) -> None: ...
+
+
 class ControlPlane:
     def __init__(self, scheduler: Scheduler, config: ServiceConfig, *, policy: str = "",
-                 tracer: Tracer | None = None, metrics: Metrics | None = None) -> None:
+                 tracer: Tracer | None = None, metrics: Metrics | None = None,
+                 step_observer: StepObserver | None = None) -> None:
         if not config.time_scale > 0:
             raise ValueError(f"time_scale must be positive, got {config.time_scale}")
         self.scheduler = scheduler
@@ -58,39 +67,48 @@ class ControlPlane:
         self.registry = Registry()
         self.tracing = JobTracing(tracer, policy or None)
         scheduler.on_decision = self.tracing.kv_decision
+        scheduler.on_admit = self.tracing.admit_decision
         self.metrics = metrics or Metrics(otel_metrics.get_meter("astraea"))
         self.metrics.set_queue_length_source(
             lambda: dict(enumerate(self.scheduler.queue_lengths())))
         self.metrics.set_kv_utilization_source(self._kv_utilization)
         self.stats = ServiceStats()  # event counts and plan latencies (bench-service)
         self._origin = time.monotonic()
-        self._mark_dirty = lambda: None  # set by the planner
+        self.step_observer = step_observer
+        self._on_change: Callable[[], None] | None = None  # see set_on_change
 
     # --- clock ----------------------------------------------------------------------------
     def now(self) -> float:
         """Scheduler time: monotonic seconds since start, in engine time (see time_scale)."""
         return (time.monotonic() - self._origin) / self.config.time_scale
 
-    def observe_steps(self, steps) -> None:
-        """A worker's engine step timings: forwarded to the remote predictor when the
-        estimator is a `PredictorLink`; dropped otherwise (the core has no use for them)."""
-        observe = getattr(self.scheduler.estimator, "observe_steps", None)
-        if observe is not None:
-            observe(steps)
+    def observe_steps(self, steps: Iterable[common_pb2.StepTiming]) -> None:
+        """A worker's engine step timings: forwarded to the step observer (the remote
+        predictor's link) if there is one; dropped otherwise (the core has no use for them)."""
+        if self.step_observer is not None:
+            self.step_observer.observe_steps(steps)
 
     def _kv_utilization(self) -> dict[int, float]:
         return {w: e.view.utilization for w, e in self.registry.workers.items()
                 if e.view.total_blocks}
 
+    def set_on_change(self, callback: Callable[[], None]) -> None:
+        """Who `mark_dirty` tells (the planner); set once, where the server is wired."""
+        if self._on_change is not None:
+            raise RuntimeError("the control plane's on_change callback is already set")
+        self._on_change = callback
+
     def mark_dirty(self) -> None:
         """Something the plan depends on changed: the planner will run."""
-        self._mark_dirty()
+        if self._on_change is not None:
+            self._on_change()
 
     # --- to workers -----------------------------------------------------------------------
     def send(self, worker_id: int, actions: Iterable[worker_pb2.PlanAction],
-             change: tuple[int, ...] | None = None) -> bool:
+             change: Reservation | None = None) -> bool:
         """Queue actions (already protos) for a worker as one plan; False if it is not
-        connected. `change`: what the plan did to the worker's view (see WorkerEntry)."""
+        connected. `change`: what the plan did to the worker's view, reserved until the
+        worker reports it applied the plan (see reservations.py)."""
         entry = self.registry.workers.get(worker_id)
         actions = list(actions)
         if entry is None or not actions:

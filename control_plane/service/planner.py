@@ -17,7 +17,8 @@ from astraea.plan import Admit
 from astraea.telemetry import build_batch_span, get_logger, record_plan
 from astraea.v1 import worker_pb2
 from control_plane.service.context import ControlPlane
-from control_plane.service.registry import counters_change, view_counters
+from control_plane.service.registry import WorkerEntry
+from control_plane.service.reservations import Reservation, ViewCounters
 
 log = get_logger("astraea.control_plane.planner")
 
@@ -26,13 +27,13 @@ class Planner:
     def __init__(self, cp: ControlPlane) -> None:
         self.cp = cp
         self._dirty = asyncio.Event()
-        cp._mark_dirty = self._mark_dirty
         self.plans = 0  # plans built (for tests and logs)
         self._dirty_since: float | None = None  # perf_counter of the first event since a plan
         self.last_build_s: float | None = None  # build_plan wall time of the last plan_once
         self.last_actions = 0
 
-    def _mark_dirty(self) -> None:
+    def mark_dirty(self) -> None:
+        """Plan soon (the control plane's on_change callback: the server wires it)."""
         if self._dirty_since is None:
             self._dirty_since = time.perf_counter()
         self._dirty.set()
@@ -70,7 +71,7 @@ class Planner:
         views = cp.registry.views()
         if not views:
             return
-        before = {w: view_counters(v) for w, v in views.items()}
+        before = {w: ViewCounters.of(v) for w, v in views.items()}
         with build_batch_span(cp.tracing.tracer, cp.scheduler.queue_lengths()) as span:
             t0 = time.perf_counter()
             actions = cp.scheduler.build_plan(cp.now(), views)
@@ -89,14 +90,15 @@ class Planner:
                         action.job_id, stale, f"history moved to worker {action.worker_id}")))
             per_worker[action.worker_id].append(msg)
         for worker_id, msgs in per_worker.items():
-            cp.send(worker_id, msgs, counters_change(views[worker_id], before[worker_id]))
+            cp.send(worker_id, msgs, Reservation.since(before[worker_id], views[worker_id]))
 
     def _fill_admit(self, action: Admit, admit: worker_pb2.Admit) -> int | None:
         """The segment's input, which the core's Admit does not carry: what is left of the
         token budget, the sampling, the prompt (on the first admission only: after a
         preemption the worker or the recomputation already has it), and the job's history
         when the worker does not hold it. Returns the worker that held the history until now
-        if it should free it (a real engine keeps a job's token history), else None."""
+        if it should free it (that worker keeps histories: it registered needs_history),
+        else None."""
         cp = self.cp
         entry = cp.registry.jobs[action.job_id]
         seg = entry.segment
@@ -112,8 +114,8 @@ class Planner:
                         streamed=seg.next_index, reported=seg.generated)
         old = entry.history_worker
         moved = old != action.worker_id
-        # Only a real engine needs the history: the simulated one recomputes from counts.
-        entry.context_in_admit = moved and bool(entry.transcript) and _wants_history(
+        # Only an engine that declared it (Register.needs_history) is sent the history.
+        entry.context_in_admit = moved and bool(entry.transcript) and _needs_history(
             cp.registry.workers.get(action.worker_id))
         if entry.context_in_admit:
             _add_context(admit.context, entry.transcript)
@@ -131,15 +133,15 @@ class Planner:
                 entry.transcript.append(tuple(seg.request.prompt_token_ids.ids))
                 entry.output = None
         entry.history_worker = action.worker_id
-        if moved and old is not None and _wants_history(cp.registry.workers.get(old)):
+        if moved and old is not None and _needs_history(cp.registry.workers.get(old)):
             return old
         return None
 
 
-def _wants_history(worker) -> bool:
-    """Whether `worker` (a WorkerEntry, or None if gone) runs a real engine, which keeps and
-    needs a job's token history."""
-    return worker is not None and worker.info.backend != "sim"
+def _needs_history(worker: WorkerEntry | None) -> bool:
+    """Whether `worker` (None if gone) keeps a job's token history, so must be sent it and
+    told to free it (it registered with `needs_history`)."""
+    return worker is not None and worker.info.needs_history
 
 
 def _add_context(context, transcript) -> None:

@@ -1,4 +1,4 @@
-"""The control plane's link to the remote predictor service, with a local fallback (issue #3).
+"""The control plane's link to the remote predictor service, with a local fallback.
 
 The `Scheduler` calls its estimator synchronously on the event loop, so `PredictorLink` never
 touches the network from those calls: every query is answered from memory, either from a local

@@ -9,26 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from astraea.plan import WorkerInfo, WorkerView
 from astraea.v1 import agent_pb2, common_pb2, worker_pb2
 from control_plane.core.job import Job
-
-# The WorkerView counters a plan changes when it admits, evicts or preempts (build_plan
-# updates the view in place); what a plan changed is kept until the worker's report shows it.
-PLANNED_FIELDS = ("free_blocks", "running_seqs", "running_context_tokens", "host_free_blocks",
-                  "swapping_out_blocks")
-
-
-def view_counters(view: WorkerView) -> tuple[int, ...]:
-    return tuple(getattr(view, f) for f in PLANNED_FIELDS)
-
-
-def counters_change(view: WorkerView, before: tuple[int, ...]) -> tuple[int, ...]:
-    """What was planned on `view` since its counters were `before` (see PLANNED_FIELDS)."""
-    return tuple(a - b for a, b in zip(view_counters(view), before))
+from control_plane.service.reservations import Reservation, Reservations
 
 
 @dataclass
@@ -47,27 +33,22 @@ class WorkerEntry:
     plan_seq: int = 0  # Plan.seq of the last plan sent
     last_seen: float = field(default_factory=time.monotonic)  # when its last message came
     drop_reason: str | None = None  # why the control plane dropped it (silent too long)
-    # (seq, change of each PLANNED_FIELDS) of plans the worker has not reported applied yet.
-    in_flight: deque[tuple[int, tuple[int, ...]]] = field(default_factory=deque)
+    # What plans sent to it changed on `view` and its reports do not show yet.
+    reservations: Reservations = field(default_factory=Reservations)
 
-    def next_plan(self, actions, change: tuple[int, ...] | None = None) -> worker_pb2.ControlMessage:
+    def next_plan(self, actions, change: Reservation | None = None) -> worker_pb2.ControlMessage:
         """The ControlMessage carrying `actions` as the next plan; `change` is what the plan
         did to the view's counters, held until a report covers the plan."""
         self.plan_seq += 1
-        if change is not None and any(change):
-            self.in_flight.append((self.plan_seq, change))
+        if change is not None:
+            self.reservations.reserve(self.plan_seq, change)
         return worker_pb2.ControlMessage(plan=worker_pb2.Plan(actions=actions, seq=self.plan_seq))
 
     def memory_reported(self, view: WorkerView, applied_seq: int) -> None:
-        """A MemoryReport taken after plan `applied_seq`: the plans sent after it are not in
-        its figures yet, so their reservations are added back, plan by plan, in the order
-        they were sent (never below zero)."""
-        while self.in_flight and self.in_flight[0][0] <= applied_seq:
-            self.in_flight.popleft()
-        for _, change in self.in_flight:
-            for name, delta in zip(PLANNED_FIELDS, change):
-                if delta:
-                    setattr(view, name, max(0, getattr(view, name) + delta))
+        """A MemoryReport taken after plan `applied_seq` becomes the view, with what the plans
+        sent after it reserved added back (see `Reservations.overlay`)."""
+        self.reservations.settle(applied_seq)
+        self.reservations.overlay(view)
         self.view = view
 
 
@@ -81,8 +62,9 @@ class SegmentClosed(Exception):
 
 
 @dataclass
-class Segment:
-    """The segment a job is running (submitted, not ended), as its RunSegment call sees it."""
+class SegmentCall:
+    """A RunSegment call in progress: the segment a job is running (submitted, not ended) and
+    what its call needs to stream the segment's events back."""
 
     index: int
     new_tokens: int
@@ -110,7 +92,7 @@ class JobEntry:
     arrival_unix_s: float
     finished_unix_s: float | None = None
     generated_total: int = 0  # tokens streamed over all segments
-    segment: Segment | None = None
+    segment: SegmentCall | None = None  # the RunSegment call in progress
     tool_started_s: float | None = None  # ReportToolCall(START), scheduler clock
     # The job's history, for a worker that must recompute it (Admit.context): each prompt as
     # the client sent it (str, or a tuple of ids) from when an Admit carried it, and each

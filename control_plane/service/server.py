@@ -16,6 +16,7 @@ import contextlib
 import gc
 import signal
 import time
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -47,21 +48,50 @@ STOP_MARGIN_S = 3.0  # beyond the grace, for the planner, the watchdog and the p
 SERVICE_NAMES = ("astraea.v1.AgentService", "astraea.v1.WorkerService")
 
 
+@dataclass(frozen=True)
+class RunningControlPlane:
+    """A control plane `serve` started: its gRPC server, the port it bound, its state and the
+    tasks it runs. `await stop()` ends all of it."""
+
+    server: grpc.aio.Server
+    port: int
+    control_plane: ControlPlane
+    planner: Planner
+    health: HealthServicer  # SERVING while up, NOT_SERVING from the start of a graceful stop
+    predictor_link: PredictorLink | None  # None: in-process estimates only
+    tasks: tuple[asyncio.Task, ...]  # the planner and the worker watchdog
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE_S, drain: bool = False) -> None:
+        """Graceful stop: tell workers to shut down, refuse new calls, give in-flight calls
+        `grace` seconds, then stop planning, the watchdog and the predictor link."""
+        cp = self.control_plane
+        # NOT_SERVING first, so load balancers and `astraea up` stop sending work during the
+        # drain.
+        await self.health.enter_graceful_shutdown()
+        for entry in list(cp.registry.workers.values()):
+            entry.outbound.put_nowait(worker_pb2.ControlMessage(
+                shutdown=worker_pb2.Shutdown(reason="control plane stopping", drain=drain)))
+            entry.outbound.put_nowait(None)
+        await self.server.stop(grace)
+        for task in self.tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.predictor_link is not None:
+            await self.predictor_link.close()
+
+
 async def serve(listen: str = DEFAULT_LISTEN, policy: str = "astraea",
                 profile: str = "gptj-6b-a100", config: ServiceConfig | None = None,
                 scheduler_config: SchedulerConfig | None = None, *,
                 predictor: str | None = None, metrics: Metrics | None = None,
                 predictor_timeout_s: float = DEFAULT_TIMEOUT_S,
-                tracer: Tracer | None = None) -> grpc.aio.Server:
-    """Start a control plane on `listen` (port 0 picks one) and return the running server.
+                tracer: Tracer | None = None) -> RunningControlPlane:
+    """Start a control plane on `listen` (port 0 picks one) and return it running.
 
     `predictor` (host:port) consults a remote predictor through a `PredictorLink`; None uses
     in-process estimates only. `metrics` records JCT, plan latency, queue lengths, KV use and
-    predictor fallbacks, `tracer` the jobs' spans (default: the global providers'). The bound
-    port is `server.bound_port`, the state `server.control_plane`, the link (or None)
-    `server.predictor_link`, the health servicer `server.health`; stop it with
-    `await stop(server)`, which also closes the worker streams, the planner, the worker
-    watchdog and the link."""
+    predictor fallbacks, `tracer` the jobs' spans (default: the global providers')."""
     prof = load_profile(profile)
     config = config or ServiceConfig()
     link = None
@@ -74,8 +104,9 @@ async def serve(listen: str = DEFAULT_LISTEN, policy: str = "astraea",
     estimator = link if link is not None else OnlineJobEstimator()
     scheduler = build_scheduler(policy, prof, estimator, scheduler_config)
     cp = ControlPlane(scheduler, config, policy=policy, tracer=tracer,
-                      metrics=metrics)
+                      metrics=metrics, step_observer=link)
     planner = Planner(cp)
+    cp.set_on_change(planner.mark_dirty)
     server = grpc.aio.server()
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(cp), server)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerStreamServicer(cp), server)
@@ -89,16 +120,11 @@ async def serve(listen: str = DEFAULT_LISTEN, policy: str = "astraea",
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     if link is not None:
         await link.start()
-    server.bound_port = port  # type: ignore[attr-defined]
-    server.control_plane = cp  # type: ignore[attr-defined]
-    server.planner = planner  # type: ignore[attr-defined]
-    server.health = health  # type: ignore[attr-defined]
-    server.predictor_link = link  # type: ignore[attr-defined]
-    server.planner_task = asyncio.create_task(planner.run(), name="planner")  # type: ignore[attr-defined]
-    server.watchdog_task = asyncio.create_task(_watch_workers(cp), name="worker-watchdog")  # type: ignore[attr-defined]
+    tasks = (asyncio.create_task(planner.run(), name="planner"),
+             asyncio.create_task(_watch_workers(cp), name="worker-watchdog"))
     log.info("control plane serving", port=port, policy=policy, profile=profile,
              predictor=predictor or "local")
-    return server
+    return RunningControlPlane(server, port, cp, planner, health, link, tasks)
 
 
 async def _watch_workers(cp: ControlPlane) -> None:
@@ -111,34 +137,13 @@ async def _watch_workers(cp: ControlPlane) -> None:
         cp.drop_silent_workers(time.monotonic())
 
 
-async def stop(server: grpc.aio.Server, grace: float = SHUTDOWN_GRACE_S,
-               drain: bool = False) -> None:
-    """Graceful stop: tell workers to shut down, refuse new calls, give in-flight calls
-    `grace` seconds, then stop planning."""
-    cp: ControlPlane = server.control_plane  # type: ignore[attr-defined]
-    # NOT_SERVING first, so load balancers and `astraea up` stop sending work during the drain.
-    await server.health.enter_graceful_shutdown()  # type: ignore[attr-defined]
-    for entry in list(cp.registry.workers.values()):
-        entry.outbound.put_nowait(worker_pb2.ControlMessage(
-            shutdown=worker_pb2.Shutdown(reason="control plane stopping", drain=drain)))
-        entry.outbound.put_nowait(None)
-    await server.stop(grace)
-    for task in (server.planner_task, server.watchdog_task):  # type: ignore[attr-defined]
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    link: PredictorLink | None = server.predictor_link  # type: ignore[attr-defined]
-    if link is not None:
-        await link.close()
-
-
 async def _main_async(args: argparse.Namespace, metrics: Metrics | None = None) -> int:
     try:
-        server = await serve(args.listen, args.policy, args.profile,
-                             ServiceConfig(time_scale=args.time_scale,
-                                           worker_timeout_s=args.worker_timeout),
-                             predictor=args.predictor, metrics=metrics,
-                             predictor_timeout_s=args.predictor_timeout)
+        running = await serve(args.listen, args.policy, args.profile,
+                              ServiceConfig(time_scale=args.time_scale,
+                                            worker_timeout_s=args.worker_timeout),
+                              predictor=args.predictor, metrics=metrics,
+                              predictor_timeout_s=args.predictor_timeout)
     except (ProfileError, OSError, ValueError) as e:
         log.error("cannot start", error=str(e))
         return 2
@@ -152,7 +157,7 @@ async def _main_async(args: argparse.Namespace, metrics: Metrics | None = None) 
     try:
         # Bounded: a stop that hangs (seen once in CI, under heavy I/O) must not keep the
         # process from exiting; the log then says which phase did not finish.
-        await asyncio.wait_for(stop(server, args.grace), args.grace + STOP_MARGIN_S)
+        await asyncio.wait_for(running.stop(args.grace), args.grace + STOP_MARGIN_S)
     except TimeoutError:
         log.error("graceful stop did not finish; exiting anyway",
                   seconds=args.grace + STOP_MARGIN_S)

@@ -1,4 +1,4 @@
-"""The spans of each job's trace in the live control plane (DESIGN §10).
+"""The spans of each job's trace in the live control plane.
 
 One trace per job: ``job`` (StartJob to the job's end) with a ``segment`` child per
 RunSegment (submission to its done event) and an ``api_wait`` child per tool call (the
@@ -20,7 +20,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
-from astraea.plan import JobState, KvDecision
+from astraea.plan import AdmitDecision, JobState, KvDecision
 from astraea.telemetry import spans
 from astraea.telemetry.propagation import inject_metadata
 from control_plane.core.job import Job
@@ -38,6 +38,7 @@ class _JobSpans:
     segment: Span | None = None
     api_wait: Span | None = None
     segment_admitted: bool = False
+    admission_score: float | None = None  # HRRN score of the latest admission (AdmitDecision)
     pending: list[KvDecision] = field(default_factory=list)  # decisions before api_wait exists
 
 
@@ -100,7 +101,7 @@ class JobTracing:
         if js is None or js.segment is None:
             return {}
         seg = js.segment
-        ratio = job.extra.get("response_ratio")
+        ratio = js.admission_score
         if not js.segment_admitted:
             js.segment_admitted = True
             attrs = {spans.QUEUE_LEVEL: job.level, spans.WORKER_ID: worker_id, SWAP_IN: swap_in}
@@ -148,7 +149,14 @@ class JobTracing:
         if span is not None:
             span.add_event(TOOL_EVENT, {"astraea.phase": phase, spans.TOOL_CATEGORY: category})
 
-    # --- KV decisions (the core's on_decision callback) -----------------------------------
+    # --- the core's decision callbacks ---------------------------------------------------
+    def admit_decision(self, decision: AdmitDecision, job: Job) -> None:
+        """Fires inside `build_plan`, before the planner sends the Admit and calls
+        `segment_admitted`, which records the score on the segment span."""
+        js = self._jobs.get(job.job_id)
+        if js is not None:
+            js.admission_score = decision.score
+
     def kv_decision(self, decision: KvDecision, job: Job) -> None:
         js = self._jobs.get(job.job_id)
         if js is None:

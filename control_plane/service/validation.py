@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import math
 
+from astraea.errors import InvalidRequest
 from astraea.v1 import agent_pb2, common_pb2
 from control_plane.service.context import ServiceConfig
 
 # Without a tokenizer in the control plane, text is counted at ~4 bytes per token (the usual
 # BPE average for English); the worker tokenizes the text itself.
 BYTES_PER_TOKEN = 4
-
-
-class InvalidRequest(ValueError):
-    pass
 
 
 def check_id(value: str, field: str, cfg: ServiceConfig) -> None:

@@ -20,18 +20,13 @@ import time
 import grpc
 
 from astraea import wire
-from astraea.plan import JobState, KvAction, WorkerInfo
+from astraea.plan import JobState, KvAction
 from astraea.telemetry import get_logger
 from astraea.v1 import agent_pb2, common_pb2, worker_pb2, worker_pb2_grpc
 from control_plane.core.scheduler import SchedulerError
 from control_plane.service.context import ControlPlane
-from control_plane.service.registry import (
-    JobEntry,
-    Segment,
-    WorkerEntry,
-    counters_change,
-    view_counters,
-)
+from control_plane.service.registry import JobEntry, SegmentCall, WorkerEntry
+from control_plane.service.reservations import Reservation, ViewCounters
 
 log = get_logger("astraea.control_plane.workers")
 
@@ -47,17 +42,6 @@ class _StreamError(Exception):
         self.message = message
 
 
-def _info(reg: worker_pb2.Register) -> WorkerInfo:
-    if reg.kv_capacity_blocks == 0 or reg.block_size == 0 or reg.max_num_seqs == 0:
-        raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
-                           "register needs kv_capacity_blocks, block_size and max_num_seqs > 0")
-    return WorkerInfo(model=reg.model, backend=reg.backend,
-                       kv_capacity_blocks=reg.kv_capacity_blocks, block_size=reg.block_size,
-                       host_swap_blocks=reg.host_swap_blocks, max_num_seqs=reg.max_num_seqs,
-                       max_num_batched_tokens=reg.max_num_batched_tokens,
-                       profile_name=reg.profile_name)
-
-
 class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, cp: ControlPlane) -> None:
         self.cp = cp
@@ -71,13 +55,14 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
         if first.WhichOneof("msg") != "register":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first message must be register")
         try:
-            info = _info(first.register)
-        except _StreamError as e:
-            await context.abort(e.code, e.message)
+            info = wire.worker_info_from_proto(first.register)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         name = first.register.worker_name or context.peer()
         worker = self.cp.registry.add_worker(name, info)
         log.info("worker registered", worker_id=worker.worker_id, worker_name=name,
-                 kv_blocks=info.kv_capacity_blocks, backend=info.backend)
+                 kv_blocks=info.kv_capacity_blocks, backend=info.backend,
+                 needs_history=info.needs_history)
         yield worker_pb2.ControlMessage(
             registered=worker_pb2.Registered(worker_id=worker.worker_id))
         self.cp.mark_dirty()
@@ -164,7 +149,8 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
                             kind=kind, error=str(e))
 
     # --- reports --------------------------------------------------------------------------
-    def _held(self, worker: WorkerEntry, job_id: str, what: str) -> tuple[JobEntry, Segment] | None:
+    def _held(self, worker: WorkerEntry, job_id: str,
+              what: str) -> tuple[JobEntry, SegmentCall] | None:
         """The job's entry and running segment if `worker` runs it; else log and None."""
         entry = self.cp.registry.jobs.get(job_id)
         job = entry.job if entry else None
@@ -217,8 +203,8 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
         calls_tool = reason == common_pb2.FINISH_REASON_TOOL_CALL
         now = self.cp.now()
         job = entry.job
-        job.extra.pop("preempting", None)  # a Preempt that lost the race to the segment's end
-        before = view_counters(worker.view)
+        job.preempting = False  # a Preempt that lost the race to the segment's end
+        before = ViewCounters.of(worker.view)
         pause = self.cp.scheduler.segment_ended(m.job_id, now, m.generated_tokens,
                                                 m.prefill_tokens, calls_tool,
                                                 seg.tool_category, worker.view)
@@ -241,7 +227,7 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
                                       predicted)
         if pause is not None:
             # Sent as a plan: what it frees stays in the view until a report includes it.
-            change = counters_change(worker.view, before)
+            change = Reservation.since(before, worker.view)
             self.cp.send(worker.worker_id, [wire.plan_action_to_proto(pause)], change)
         else:
             self.cp.finish_job(entry, "segment ended without a tool call", cancel=False)

@@ -9,16 +9,16 @@ placeholders (`placeholder_token`), step durations follow the profile.
 Engine time is ``(clock() − start) / time_scale`` seconds: `time_scale < 1` runs faster than
 real time (tests), and every time or duration reported is in engine time.
 
-Plan actions are checked before they reach the engine, so a bad one raises `BackendError`
-and leaves the engine as it was (`SimulatedEngine.admit` can fail after changing state).
+A bad plan action raises `BackendError` and leaves the engine as it was: the checks every
+backend makes come first (`worker.backend.check_action`), then the engine's own, which it
+makes before it changes any state (an `EngineError`, passed on as it is).
 """
 
 from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from astraea.plan import (
     Abort,
@@ -33,19 +33,17 @@ from astraea.plan import (
 )
 from astraea.profile import HardwareProfile
 from worker.backend import (
-    END_OF_EVENTS,
+    Admission,
     BackendError,
     BackendEvent,
-    BackendFailed,
+    EngineBackend,
     MemoryChanged,
-    SegmentFinished,
     SegmentInput,
     SegmentPreempted,
-    StepTimed,
+    StepTiming,
     TokensGenerated,
-    queued_events,
 )
-from worker.sim.engine import EngineError, SimulatedEngine
+from worker.sim.engine import SimulatedEngine
 
 VOCAB = 32000
 
@@ -55,36 +53,26 @@ def placeholder_token(job_id: str, index: int) -> int:
     return (zlib.crc32(job_id.encode()) + index) % VOCAB
 
 
-@dataclass
-class _Admission:
-    admitted_s: float
-    first_index: int
-    emitted: int = 0  # tokens of this admission reported so far
-    first_token_s: float | None = None
-
-
-class SimulatedBackend:
+class SimulatedBackend(EngineBackend):
     """`worker.backend.Backend` over `SimulatedEngine`, stepping in (scaled) real time."""
+
+    engine_name = "simulated engine"
 
     def __init__(self, profile: HardwareProfile, worker_id: int = 0,
                  kv_blocks: int | None = None, time_scale: float = 1.0,
                  clock: Callable[[], float] | None = None) -> None:
         if not time_scale > 0:
             raise ValueError(f"time_scale must be positive, got {time_scale}")
+        super().__init__(worker_id)
         self.profile = profile
         self.engine = SimulatedEngine(profile, worker_id, kv_blocks)
         self.time_scale = time_scale
         self._clock = clock
         self._origin = 0.0
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._task: asyncio.Task | None = None
         self._waiter: asyncio.Future | None = None
-        self._admissions: dict[str, _Admission] = {}
         self._step_end = 0.0
         self._step_shape: tuple[int, int] = (0, 0)
         self._last_memory: tuple | None = None
-        self._failed: BackendFailed | None = None
-        self._stopped = False
         self.max_lag_s = 0.0  # how far (engine s) reports have trailed the step timeline
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -98,25 +86,14 @@ class SimulatedBackend:
         self._task = loop.create_task(self._run(), name=f"sim-backend-{self.engine.worker_id}")
         self._memory_changed()
 
-    async def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        if self._failed is None:
-            self._queue.put_nowait(END_OF_EVENTS)
-
     def describe(self) -> WorkerInfo:
         p = self.profile
-        return WorkerInfo(model=p.model, backend="sim", kv_capacity_blocks=self.engine.pool.total,
-                           block_size=p.block_size, host_swap_blocks=self.engine.host_total,
-                           max_num_seqs=p.max_num_seqs,
-                           max_num_batched_tokens=p.max_num_batched_tokens, profile_name=p.name)
+        # needs_history=False: the simulated engine recomputes a context from its token count.
+        return WorkerInfo(model=p.model, backend="sim", needs_history=False,
+                          kv_capacity_blocks=self.engine.pool.total,
+                          block_size=p.block_size, host_swap_blocks=self.engine.host_total,
+                          max_num_seqs=p.max_num_seqs,
+                          max_num_batched_tokens=p.max_num_batched_tokens, profile_name=p.name)
 
     def now(self) -> float:
         """Engine time: seconds since `start()`, divided by `time_scale`."""
@@ -125,50 +102,35 @@ class SimulatedBackend:
     def view(self) -> WorkerView:
         return self.engine.view()
 
-    def events(self) -> AsyncIterator[BackendEvent]:
-        return queued_events(self._queue)
+    # --- plan actions (on the event loop, like the stepping) ----------------------------
+    async def _carry_out(self, action: WireAction,
+                         segment: SegmentInput | None) -> SegmentPreempted | None:
+        return self._dispatch(action, segment)
 
-    # --- plan actions -------------------------------------------------------------------
-    async def apply(self, action: WireAction,
-                    segment: SegmentInput | None = None) -> SegmentPreempted | None:
-        if self._failed is not None:
-            raise self._failed
-        if self._task is None or self._stopped:
-            raise BackendError("backend is not running")
-        now = self._engine_now()
-        e = self.engine
-        out = None
-        try:
-            if isinstance(action, Admit):
-                self._check_admit(action, segment)
-                e.admit(action.job_id, action.new_tokens, action.context_tokens,
-                        segment.max_tokens, action.swap_in, now, action.priority)
-                self._admissions[action.job_id] = _Admission(now, segment.first_index)
-            elif isinstance(action, Pause):
-                e.pause(action.job_id, action.action, now)
-            elif isinstance(action, Evict):
-                e.evict(action.job_id, action.action, now)
-            elif isinstance(action, Preempt):
-                if action.action is KvAction.PRESERVE:
-                    raise BackendError(f"job {action.job_id}: a preemption must SWAP or DISCARD")
-                if action.job_id not in e.running:
-                    raise BackendError(f"job {action.job_id} is not running on worker {e.worker_id}")
-                generated, taken = e.preempt(action.job_id, action.action, now)
-                self._flush_tokens(action.job_id, generated)
-                out = self._preempted(action.job_id, generated, taken)
-            elif isinstance(action, Abort):
-                self._free(action.job_id, now)
-            else:
-                raise BackendError(f"not a plan action: {action!r}")
-        except EngineError as exc:
-            raise BackendError(str(exc)) from None
-        except BackendError:
-            raise
-        except Exception as exc:  # not a refused action: the engine's state is suspect
-            raise self._fail(exc) from exc
+    def _applied(self) -> None:
         self._memory_changed()
         self._wake()
-        return out
+
+    def _admit(self, a: Admit, segment: SegmentInput) -> None:
+        now = self._engine_now()
+        # The engine checks the rest (room, context, state, counts) before changing anything.
+        self.engine.admit(a.job_id, a.new_tokens, a.context_tokens, segment.max_tokens,
+                          a.swap_in, now, a.priority)
+        self._admissions[a.job_id] = Admission(now, segment.first_index)
+
+    def _pause(self, a: Pause, segment: None) -> None:
+        self.engine.pause(a.job_id, a.action, self._engine_now())
+
+    def _evict(self, a: Evict, segment: None) -> None:
+        self.engine.evict(a.job_id, a.action, self._engine_now())
+
+    def _preempt(self, a: Preempt, segment: None) -> SegmentPreempted:
+        generated, taken = self.engine.preempt(a.job_id, a.action, self._engine_now())
+        self._flush_tokens(a.job_id, generated)
+        return self._preempted(a.job_id, generated, taken)
+
+    def _abort(self, a: Abort, segment: None) -> None:
+        self._free(a.job_id, self._engine_now())
 
     async def release(self, job_id: str) -> None:
         """Free the job's GPU blocks or host copy, as an Abort does (the simulated engine
@@ -190,17 +152,6 @@ class SimulatedBackend:
             e.preempt(job_id, KvAction.DISCARD, now)
             self._admissions.pop(job_id, None)
         e.release(job_id)
-
-    def _check_admit(self, a: Admit, seg: SegmentInput | None) -> None:
-        """What only the backend knows to check: the segment input. Everything else (room,
-        context, state) the engine checks itself before it changes any state."""
-        j = a.job_id
-        if seg is None:
-            raise BackendError(f"job {j}: an Admit needs its SegmentInput (max_tokens)")
-        if seg.max_tokens < 1:
-            raise BackendError(f"job {j}: max_tokens must be at least 1, got {seg.max_tokens}")
-        if a.new_tokens < 0 or a.context_tokens < 0 or seg.first_index < 0:
-            raise BackendError(f"job {j}: token counts must not be negative")
 
     # --- stepping -----------------------------------------------------------------------
     async def _run(self) -> None:
@@ -251,16 +202,6 @@ class SimulatedBackend:
             return self._step_end
         return now
 
-    def _fail(self, exc: Exception) -> BackendFailed:
-        if self._failed is None:
-            self._failed = BackendFailed(f"simulated engine on worker {self.engine.worker_id} "
-                                         f"failed: {type(exc).__name__}: {exc}")
-            self._failed.__cause__ = exc
-            self._queue.put_nowait(self._failed)
-            if self._task is not None and self._task is not asyncio.current_task():
-                self._task.cancel()
-        return self._failed
-
     async def _sleep_until(self, deadline: float | None) -> None:
         """Wait for `deadline` (engine time) or an `apply`, whichever comes first."""
         loop = asyncio.get_running_loop()
@@ -300,20 +241,17 @@ class SimulatedBackend:
         e = self.engine
         duration = e.last_step_s
         result = e.finish_step(now)
-        self._emit(StepTimed(*self._step_shape, duration))
+        self._emit(StepTiming(*self._step_shape, duration))
         for job_id in result.first_token:
             adm = self._admissions.get(job_id)
-            if adm is not None and adm.first_token_s is None:
-                adm.first_token_s = now
+            if adm is not None:
+                adm.first_token(now)
         ended = {end.job_id: end for end in result.ended}
         for job_id in list(self._admissions):
             end = ended.get(job_id)
             self._flush_tokens(job_id, end.generated_tokens if end else None)
         for end in result.ended:
-            adm = self._admissions.pop(end.job_id)
-            ttft = (adm.first_token_s if adm.first_token_s is not None else now) - adm.admitted_s
-            self._emit(SegmentFinished(end.job_id, end.generated_tokens, end.prefill_tokens,
-                                       ttft, now - adm.admitted_s))
+            self._emit(self._admissions.pop(end.job_id).ended(end, now))
         self._memory_changed()
 
     # --- reporting ----------------------------------------------------------------------
@@ -327,7 +265,7 @@ class SimulatedBackend:
                 return
             generated = self.engine.generated_of(job_id)
         if generated > adm.emitted:
-            start = adm.first_index + adm.emitted
+            start = adm.next_index
             ids = tuple(placeholder_token(job_id, i)
                         for i in range(start, adm.first_index + generated))
             adm.emitted = generated

@@ -28,16 +28,13 @@ from dataclasses import dataclass, field
 
 from astraea.plan import KvAction, WorkerView
 from astraea.profile import HardwareProfile
+from worker.backend import EngineError, EngineSegmentEnded
 from worker.sim.kv_blocks import BlockPool
 
 
 def _kv_positions(history: int) -> int:
     """KV positions a paused job's blocks hold: its last sampled token has none yet."""
     return max(history - 1, 0)
-
-
-class EngineError(RuntimeError):
-    """A plan the engine cannot carry out (unknown job, no room, wrong state)."""
 
 
 @dataclass
@@ -60,15 +57,10 @@ class Sequence:
 
 
 @dataclass
-class SegmentEnd:
-    job_id: str
-    generated_tokens: int
-    prefill_tokens: int
-
-
-@dataclass
 class StepResult:
-    ended: list[SegmentEnd] = field(default_factory=list)
+    """What starting (`preempted`) or finishing (`ended`, `first_token`) a step did."""
+
+    ended: list[EngineSegmentEnded] = field(default_factory=list)
     preempted: list[tuple[str, int]] = field(default_factory=list)  # (job, generated so far)
     first_token: list[str] = field(default_factory=list)
 
@@ -87,7 +79,8 @@ class SimulatedEngine:
         self.profile = profile
         self.worker_id = worker_id
         self.bs = profile.block_size
-        self.pool = BlockPool(kv_blocks if kv_blocks is not None else profile.kv_capacity_blocks, self.bs)
+        total = kv_blocks if kv_blocks is not None else profile.kv_capacity_blocks
+        self.pool = BlockPool(total, self.bs)
         self.host_total = profile.host_swap_blocks
         self.host_used = 0
         self.budget = profile.max_num_batched_tokens
@@ -479,7 +472,7 @@ class SimulatedEngine:
         history = seq.prompt_total + seq.generated
         # The last sampled token has no KV yet: blocks cover history − 1 positions.
         self.held[seq.job_id] = (self._blocks(history - 1), history)
-        result.ended.append(SegmentEnd(seq.job_id, seq.generated, seq.prefilled))
+        result.ended.append(EngineSegmentEnded(seq.job_id, seq.generated, seq.prefilled))
 
     def _note_usage(self) -> None:
         used = self.pool.used

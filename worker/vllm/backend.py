@@ -8,11 +8,13 @@ construction, admit, pause, preempt, abort, step, memory — runs on it through
 A stepping task steps while the engine has work (`VllmEngine.has_work`: paused sessions do
 not count) and otherwise waits until an `apply` wakes it.
 
-The bookkeeping of admissions (emitted tokens, first-token time) also lives on the engine
-thread: each call there builds its events and hands them to the event loop with
-`call_soon_threadsafe`, which keeps them in the engine's own order (a step's tokens always
-reach the queue before the SegmentPreempted of a Preempt applied after that step). With the
-events goes a fresh memory snapshot from `VllmEngine.memory()`; `view()` returns the newest.
+The bookkeeping of admissions (`worker.backend.Admission`: emitted tokens, first-token time)
+also lives on the engine thread, and so do the checks and handlers of `apply`
+(`worker.backend.EngineBackend`): each call there builds its events and hands them to the
+event loop with `call_soon_threadsafe`, which keeps them in the engine's own order (a step's
+tokens always reach the queue before the SegmentPreempted of a Preempt applied after that
+step). With the events goes a fresh memory snapshot from `VllmEngine.memory()`; `view()`
+returns the newest.
 
 Finish reasons: a segment the model ended itself (EOS, a stop string) is reported with
 ``finish_reason="stop"``; one that reached its `max_tokens` is reported with no reason, so the
@@ -32,9 +34,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from astraea.plan import (
@@ -49,28 +51,18 @@ from astraea.plan import (
     WorkerView,
 )
 from worker.backend import (
-    END_OF_EVENTS,
+    Admission,
     BackendError,
     BackendEvent,
     BackendFailed,
+    EngineBackend,
     MemoryChanged,
-    SegmentFinished,
     SegmentInput,
     SegmentPreempted,
-    StepTimed,
     TokensGenerated,
-    queued_events,
 )
 from worker.vllm.detokenize import TextStream
 from worker.vllm.engine import EngineConfig, JobKv, VllmEngine
-
-
-@dataclass
-class _Admission:
-    admitted_s: float
-    first_index: int
-    emitted: int = 0  # tokens of this admission reported so far
-    first_token_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -92,25 +84,24 @@ class MemoryCheck:
 
 
 @dataclass
-class _Snapshot:
+class _Published:
+    """What the engine thread last handed to the event loop: the memory view, and whether
+    the engine has work (numbered, so that an older one never replaces a newer)."""
+
     seq: int
     view: WorkerView
     has_work: bool
 
 
-@dataclass
-class _Outcome:
-    events: list = field(default_factory=list)
-    preempted: SegmentPreempted | None = None
-
-
-class VllmBackend:
+class VllmBackend(EngineBackend):
     """`worker.backend.Backend` over `VllmEngine`, on one dedicated engine thread."""
+
+    engine_name = "vLLM engine"
 
     def __init__(self, config: EngineConfig, worker_id: int = 0,
                  check_memory: bool = False) -> None:
+        super().__init__(worker_id)
         self.config = config
-        self.worker_id = worker_id
         self.check_memory = check_memory  # verify every snapshot against the pool (tests)
         self.memory_checks: list[MemoryCheck] = []
         # What was carried out in vLLM, by kind: admit_<KV before>, pause_<action>,
@@ -120,16 +111,11 @@ class VllmBackend:
         self.engine: VllmEngine | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue = asyncio.Queue()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
-        self._failed: BackendFailed | None = None
-        self._stopped = False
-        self._snap: _Snapshot | None = None
+        self._snap: _Published | None = None
         self._info: WorkerInfo | None = None
         self._tokenizer = None
-        # Engine-thread state (touched only there).
-        self._admissions: dict[str, _Admission] = {}
+        # Engine-thread state (touched only there), besides the admissions.
         self._texts: dict[str, TextStream] = {}  # each running segment's text so far
         self._seq = 0
         self._step_index = 0
@@ -161,25 +147,16 @@ class VllmBackend:
         e = self.engine
         vc = e.vllm_config
         self._info = WorkerInfo(
-            model=Path(self.config.model).name, backend="vllm",
+            model=Path(self.config.model).name, backend="vllm", needs_history=True,
             kv_capacity_blocks=e.memory().total_blocks, block_size=vc.cache_config.block_size,
             host_swap_blocks=self.config.host_swap_blocks,
             max_num_seqs=vc.scheduler_config.max_num_seqs,
             max_num_batched_tokens=vc.scheduler_config.max_num_batched_tokens,
             profile_name="")
         self._origin = time.perf_counter()
-        self._publish(_Outcome(), force_memory=True)
+        self._publish([], force_memory=True)
 
-    async def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+    async def _close(self) -> None:
         if self._executor is not None:
             if self.engine is not None:
                 try:
@@ -187,8 +164,6 @@ class VllmBackend:
                 except Exception:  # noqa: BLE001 - closing a broken engine
                     pass
             self._executor.shutdown(wait=True)
-        if self._failed is None:
-            self._queue.put_nowait(END_OF_EVENTS)
 
     def describe(self) -> WorkerInfo:
         if self._info is None:
@@ -200,77 +175,62 @@ class VllmBackend:
             raise BackendError("backend not started")
         return self._snap.view
 
-    def events(self) -> AsyncIterator[BackendEvent]:
-        return queued_events(self._queue)
-
     async def run_on_engine(self, fn: Callable[[VllmEngine], object]) -> object:
         """Run `fn(engine)` on the engine thread, between steps (tests, tools)."""
         return await self._call(fn, self.engine)
 
-    # --- plan actions -------------------------------------------------------------------
-    async def apply(self, action: WireAction,
-                    segment: SegmentInput | None = None) -> SegmentPreempted | None:
-        if self._failed is not None:
-            raise self._failed
-        if self._task is None or self._stopped:
-            raise BackendError("backend is not running")
-        try:
-            out = await self._call(self._apply_sync, action, segment)
-        except BackendError:
-            raise
-        except Exception as exc:  # not a refused action: the engine's state is suspect
-            raise self._fail(exc) from exc
-        self._wake.set()
-        return out
+    # --- plan actions (on the engine thread) -------------------------------------------
+    async def _carry_out(self, action: WireAction,
+                         segment: SegmentInput | None) -> SegmentPreempted | None:
+        return await self._call(self._carry_out_sync, action, segment)
 
-    def _apply_sync(self, action: WireAction, seg: SegmentInput | None):
-        e = self.engine
-        out = _Outcome()
-        if isinstance(action, Admit):
-            j = action.job_id
-            if seg is None:
-                raise BackendError(f"job {j}: an Admit needs its SegmentInput (max_tokens)")
-            if seg.first_index < 0:
-                raise BackendError(f"job {j}: first_index must not be negative")
-            kv = e.job_kv(j)
-            context = None
-            if seg.context:
-                # The control plane sends the history when it believes this worker lacks it;
-                # whatever the engine still has for the job is stale then.
-                context = self._context_ids(seg.context)
-                if kv is not None:
-                    e.abort(j)
-                    kv = None
-            new = self._prompt_ids(seg, first=kv is None and not context)
-            e.admit(j, new, seg.max_tokens, priority=action.priority,
-                    context_token_ids=context)
-            self.applied[f"admit_{kv.value if kv else 'new'}"] += 1
-            if e.job_kv(j) is JobKv.HELD and kv is JobKv.SWAPPED:
-                self.applied["swap_in_held"] += 1
-            if seg.first_index == 0:  # a new segment (not one resumed after a preemption)
-                self._texts.pop(j, None)
-            self._admissions[j] = _Admission(self._now(), seg.first_index)
-        elif isinstance(action, Pause | Evict):
-            if isinstance(action, Evict) and action.action is KvAction.PRESERVE:
-                raise BackendError(f"job {action.job_id}: an eviction must SWAP or DISCARD")
-            e.pause(action.job_id, action.action)
-            self.applied[f"{type(action).__name__.lower()}_{action.action.value}"] += 1
-        elif isinstance(action, Preempt):
-            if action.action is KvAction.PRESERVE:
-                raise BackendError(f"job {action.job_id}: a preemption must SWAP or DISCARD")
-            p = e.preempt(action.job_id, action.action)
-            self._admissions.pop(action.job_id, None)
-            self.applied[f"preempt_{p.action.value}"] += 1
-            out.preempted = SegmentPreempted(p.job_id, p.generated_tokens, p.action)
-            out.events.append(out.preempted)
-        elif isinstance(action, Abort):
-            e.abort(action.job_id)
-            self._admissions.pop(action.job_id, None)
-            self._texts.pop(action.job_id, None)
-        else:
-            raise BackendError(f"not a plan action: {action!r}")
-        self._publish(out)
-        return out.preempted
+    def _carry_out_sync(self, action: WireAction,
+                        segment: SegmentInput | None) -> SegmentPreempted | None:
+        preempted = self._dispatch(action, segment)
+        self._publish([preempted] if preempted is not None else [])
+        return preempted
+
+    def _applied(self) -> None:
+        self._wake.set()
+
+    def _admit(self, a: Admit, seg: SegmentInput) -> None:
+        e, j = self.engine, a.job_id
+        kv = e.job_kv(j)
+        context = None
+        if seg.context:
+            # The control plane sends the history when it believes this worker lacks it;
+            # whatever the engine still has for the job is stale then.
+            context = self._context_ids(seg.context)
+            if kv is not None:
+                e.abort(j)
+                kv = None
+        new = self._prompt_ids(seg, first=kv is None and not context)
+        e.admit(j, new, seg.max_tokens, priority=a.priority, context_token_ids=context)
+        self.applied[f"admit_{kv.value if kv else 'new'}"] += 1
+        if e.job_kv(j) is JobKv.HELD and kv is JobKv.SWAPPED:
+            self.applied["swap_in_held"] += 1
+        if seg.first_index == 0:  # a new segment (not one resumed after a preemption)
+            self._texts.pop(j, None)
+        self._admissions[j] = Admission(self._now(), seg.first_index)
+
+    def _pause(self, a: Pause | Evict, segment: None) -> None:
+        self.engine.pause(a.job_id, a.action)
+        self.applied[f"{type(a).__name__.lower()}_{a.action.value}"] += 1
+
+    # To vLLM an Evict is a Pause: either way the job's segment has ended and its KV gets
+    # the action (a PRESERVE eviction is refused before, by `check_action`).
+    _evict = _pause
+
+    def _preempt(self, a: Preempt, segment: None) -> SegmentPreempted:
+        p = self.engine.preempt(a.job_id, a.action)
+        self._admissions.pop(a.job_id, None)
+        self.applied[f"preempt_{p.action.value}"] += 1
+        return SegmentPreempted(p.job_id, p.generated_tokens, p.action)
+
+    def _abort(self, a: Abort, segment: None) -> None:
+        self.engine.abort(a.job_id)
+        self._admissions.pop(a.job_id, None)
+        self._texts.pop(a.job_id, None)
 
     async def release(self, job_id: str) -> None:
         if self._failed is not None:
@@ -289,7 +249,7 @@ class VllmBackend:
             return  # unknown, or nothing held
         self._admissions.pop(job_id, None)
         self.applied["released"] += 1
-        self._publish(_Outcome())
+        self._publish([])
 
     def _context_ids(self, pieces) -> list[int]:
         """A history from another worker as ids: prompt texts tokenized one by one, the
@@ -358,45 +318,38 @@ class VllmBackend:
         e = self.engine
         result = e.step()
         now = self._now()
-        out = _Outcome()
+        events: list[BackendEvent] = []
         if result.timing is not None:
             self._step_index += 1
             self._step_time_s = result.timing.duration_s
-            t = result.timing
-            out.events.append(StepTimed(t.tokens, t.context_tokens_read, t.duration_s))
-        ending = {end.job_id for end in result.finished}
+            events.append(result.timing)
+        ending = {end.job_id for end in result.ended}
         for job_id, ids in result.tokens.items():
             adm = self._admissions.get(job_id)
             if adm is None:
                 continue
-            if adm.first_token_s is None:
-                adm.first_token_s = now
-            out.events.append(TokensGenerated(job_id, ids, adm.first_index + adm.emitted,
-                                              self._text(job_id, ids, job_id in ending)))
+            adm.first_token(now)
+            events.append(TokensGenerated(job_id, ids, adm.next_index,
+                                          self._text(job_id, ids, job_id in ending)))
             adm.emitted += len(ids)
-        for end in result.finished:
+        for end in result.ended:
             adm = self._admissions.pop(end.job_id, None)
-            if adm is None:
-                continue
-            first = adm.first_token_s if adm.first_token_s is not None else now
-            out.events.append(SegmentFinished(
-                end.job_id, end.generated_tokens, end.prefill_tokens, first - adm.admitted_s,
-                now - adm.admitted_s,
-                finish_reason="stop" if end.finish_reason == "stop" else None))
+            if adm is not None:
+                events.append(adm.ended(end, now))
         for p in result.preempted:  # vLLM's own (out of blocks), or a held swap-in
             if self._admissions.pop(p.job_id, None) is None:
                 continue
             self.applied["swap_in_handed_back" if p.held else "vllm_preempted"] += 1
-            out.events.append(SegmentPreempted(p.job_id, p.generated_tokens, p.action))
-        self._publish(out)
+            events.append(SegmentPreempted(p.job_id, p.generated_tokens, p.action))
+        self._publish(events)
 
     # --- reporting (engine thread) ------------------------------------------------------
-    def _publish(self, out: _Outcome, force_memory: bool = False) -> None:
-        """Hand `out`'s events and a fresh memory snapshot to the event loop, in order."""
+    def _publish(self, events: list[BackendEvent], force_memory: bool = False) -> None:
+        """Hand `events` and a fresh memory snapshot to the event loop, in order."""
         e = self.engine
         mem = e.memory()
         running = [j for j in e.job_ids() if e.job_kv(j) in (JobKv.RUNNING, JobKv.HELD)]
-        ctx = sum(len(e._jobs[j].history) for j in running)  # noqa: SLF001 - same package
+        ctx = sum(e.history_tokens(j) for j in running)
         view = WorkerView(
             worker_id=self.worker_id, total_blocks=mem.total_blocks,
             # Blocks a held swap-in will take are as good as used.
@@ -407,20 +360,20 @@ class VllmBackend:
             running_context_tokens=ctx, step_time_s=self._step_time_s,
             step_index=self._step_index)
         self._seq += 1
-        snap = _Snapshot(self._seq, view, e.has_work())
+        snap = _Published(self._seq, view, e.has_work())
         key = (view.total_blocks, view.free_blocks, view.host_free_blocks, view.running_seqs)
         if force_memory or key != self._last_memory:
             self._last_memory = key
-            out.events.append(MemoryChanged(view))
+            events.append(MemoryChanged(view))
             if self.check_memory:
                 pool = e.core.scheduler.kv_cache_manager.block_pool
                 free = sum(1 for b in pool.blocks if b.ref_cnt == 0 and not b.is_null)
                 self.memory_checks.append(MemoryCheck(view, free, mem.held_swap_in_blocks,
                                                       e.host_blocks_held(),
                                                       mem.host_swap_blocks_total))
-        self._loop.call_soon_threadsafe(self._deliver, snap, out.events)
+        self._loop.call_soon_threadsafe(self._deliver, snap, events)
 
-    def _deliver(self, snap: _Snapshot, events: list) -> None:
+    def _deliver(self, snap: _Published, events: list[BackendEvent]) -> None:
         if self._snap is None or snap.seq > self._snap.seq:
             self._snap = snap
         if self._failed is not None:
@@ -434,13 +387,3 @@ class VllmBackend:
     # --- helpers ------------------------------------------------------------------------
     def _call(self, fn, *args):
         return self._loop.run_in_executor(self._executor, fn, *args)
-
-    def _fail(self, exc: Exception) -> BackendFailed:
-        if self._failed is None:
-            self._failed = BackendFailed(f"vLLM engine on worker {self.worker_id} failed: "
-                                         f"{type(exc).__name__}: {exc}")
-            self._failed.__cause__ = exc
-            self._queue.put_nowait(self._failed)
-            if self._task is not None and self._task is not asyncio.current_task():
-                self._task.cancel()
-        return self._failed

@@ -13,9 +13,10 @@ How each KV action maps onto vLLM (measured in docs/vllm-spike, paths under vllm
   no KV yet, `_update_request_as_session`, :1650), so the update re-sends it first.
 * Discard: abort the request (its blocks go back to the pool, still prefix-cached) and
   evict their hashes (`KVCacheManager.evict_blocks`), so a resume recomputes everything.
-* Swap: copy the blocks to host memory inside the worker (`worker/vllm/ext.py`), then
-  discard. On swap-in a new request gets fresh blocks from `allocate_slots`, the copy goes
-  back into them, and `num_computed_tokens` tells the scheduler they are already computed.
+* Swap: copy the blocks to host memory (`worker/vllm/swap.py`, the copies themselves in
+  vLLM's worker, `worker/vllm/ext.py`), then discard. On swap-in a new request gets fresh
+  blocks from `allocate_slots`, the copy goes back into them, and `num_computed_tokens`
+  tells the scheduler they are already computed.
 
 Each pause, swap or preemption gives the job a new vLLM request id `<job>#<n>`.
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -43,17 +43,15 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in t
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; num_gpu_blocks_override sizes it
 
 from astraea.plan import KvAction  # noqa: E402
-from worker.backend import BackendError  # noqa: E402
+from worker.backend import EngineError, EngineSegmentEnded, StepTiming  # noqa: E402
+from worker.vllm.swap import HostSwap  # noqa: E402
 
 if TYPE_CHECKING:
-    from worker.vllm.scheduler import StepRecord
+    from worker.vllm.scheduler import StepSchedule
 
+# What vLLM loads by name (tests/test_vllm_engine.py checks they resolve).
 EXTENSION = "worker.vllm.ext.KvSwapExtension"
 SCHEDULER = "worker.vllm.scheduler.RecordingScheduler"
-
-
-class EngineError(BackendError):
-    """An action the engine cannot carry out; nothing was changed."""
 
 
 class JobKv(enum.Enum):
@@ -84,14 +82,6 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
-class SegmentEnd:
-    job_id: str
-    generated_tokens: int  # tokens of this admission
-    prefill_tokens: int  # tokens prefilled before its first token (new plus recomputed)
-    finish_reason: str  # vLLM's: "length" or "stop"
-
-
-@dataclass(frozen=True)
 class Preemption:
     job_id: str
     generated_tokens: int  # tokens of this admission generated before it stopped
@@ -100,16 +90,11 @@ class Preemption:
 
 
 @dataclass(frozen=True)
-class StepTiming:
-    tokens: int  # tokens the step processed (prefill plus decode)
-    context_tokens_read: int  # KV tokens its attention read, new ones included
-    duration_s: float
-
-
-@dataclass(frozen=True)
 class StepResult:
+    """What one step produced: its tokens and segment ends, not only its timing."""
+
     tokens: dict[str, tuple[int, ...]]  # new tokens by job
-    finished: tuple[SegmentEnd, ...]
+    ended: tuple[EngineSegmentEnded, ...]  # finish_reason: vLLM's, "length" or "stop"
     preempted: tuple[Preemption, ...]  # vLLM ran out of blocks: our jobs, now DISCARDED
     timing: StepTiming | None  # None when the step ran no model
     # Per new token, the top-k logprobs (descending), for jobs admitted with `logprobs=k`.
@@ -117,7 +102,9 @@ class StepResult:
 
 
 @dataclass(frozen=True)
-class MemoryReport:
+class MemorySnapshot:
+    """The engine's KV memory now, as vLLM's block pool and the host copies count it."""
+
     total_blocks: int  # usable blocks (the pool minus the null block)
     free_blocks: int  # free, including free blocks still in the prefix cache
     host_swap_blocks_used: int
@@ -137,8 +124,6 @@ class _Job:
     history: list[int]  # every token vLLM has seen for the job: prompts and outputs
     kv: JobKv = JobKv.RUNNING
     serial: int = 0  # the current vLLM request is f"{job_id}#{serial}"
-    swapped_tokens: int = 0  # KV tokens in the host copy (SWAPPED)
-    swapped_blocks: int = 0
     generated: int = 0  # tokens of the current admission
     prefill_tokens: int = 0  # tokens scheduled for it before its first token
 
@@ -202,6 +187,7 @@ class VllmEngine:
         self._pool = self._kvm.block_pool
         self._block_size = self.vllm_config.cache_config.block_size
         self.block_bytes = self.core.collective_rpc("kv_block_bytes")[0]
+        self._swap = HostSwap(self.core, self._block_size, config.host_swap_blocks)
         self._generation_config, self._eos_id = self._eos_settings()
         self._jobs: dict[str, _Job] = {}
         self._by_rid: dict[str, _Job] = {}
@@ -294,7 +280,7 @@ class VllmEngine:
                 return
 
     def _swap_in_fits(self, job: _Job) -> bool:
-        return job.swapped_blocks <= self._pool.get_num_free_blocks()
+        return self._swap.blocks_of(job.job_id) <= self._pool.get_num_free_blocks()
 
     def _unhold(self, job: _Job) -> _Held:
         """Take a held admission back: the job returns to its KV state before it (a job new
@@ -332,29 +318,14 @@ class VllmEngine:
     def _swap_in(self, job: _Job, new: list[int], max_tokens: int, priority: float,
                  logprobs: int | None) -> None:
         if not self._swap_in_fits(job):
-            raise EngineError(f"admit {job.job_id}: swap-in needs {job.swapped_blocks} "
-                              f"blocks, {self._pool.get_num_free_blocks()} free")
+            raise EngineError(f"admit {job.job_id}: swap-in needs "
+                              f"{self._swap.blocks_of(job.job_id)} blocks, "
+                              f"{self._pool.get_num_free_blocks()} free")
         serial = job.serial + 1
         req = self._request(f"{job.job_id}#{serial}", job.history + new, max_tokens,
                             priority, logprobs)
-        # Blocks for tokens [0, swapped_tokens) of a request vLLM has not seen yet
-        # (kv_cache_manager.py:371); full blocks are hashed into the prefix cache.
-        if self._kvm.allocate_slots(req, job.swapped_tokens) is None:
-            raise EngineError(f"admit {job.job_id}: no room to swap in")
-        if self._sched.needs_kv_cache_zeroing:
-            # Blocks listed here are zeroed on the next step, which would wipe the copy.
-            self._kvm.take_new_block_ids()
-        block_ids = list(self._kvm.get_block_ids(req.request_id)[0])
-        try:
-            self.core.collective_rpc("kv_swap_in", args=(job.job_id, block_ids))
-        except Exception:
-            self._kvm.free(req)
-            raise
-        # The scheduler sees computed tokens, queues it with the requests that hold
-        # blocks and prefills only the rest (scheduler.py:1086).
-        req.num_computed_tokens = job.swapped_tokens
+        self._swap.copy_in(job.job_id, req)
         self.core.add_request(req)
-        job.swapped_tokens = job.swapped_blocks = 0
         self._bind(job, serial)
 
     # --- pause, preempt, abort ------------------------------------------------------------
@@ -375,8 +346,7 @@ class VllmEngine:
             self._release(job)
             job.kv = JobKv.DISCARDED
         elif job.kv is JobKv.SWAPPED:  # DISCARD of a host copy
-            self.core.collective_rpc("kv_swap_drop", args=(job_id,))
-            job.swapped_tokens = job.swapped_blocks = 0
+            self._swap.drop(job_id)
             job.kv = JobKv.DISCARDED
 
     def preempt(self, job_id: str, action: KvAction) -> Preemption:
@@ -425,21 +395,13 @@ class VllmEngine:
         if job.kv in (JobKv.RUNNING, JobKv.PRESERVED):
             self.core.abort_requests([job.rid])
         elif job.kv is JobKv.SWAPPED:
-            self.core.collective_rpc("kv_swap_drop", args=(job_id,))
+            self._swap.drop(job_id)
         self._by_rid.pop(job.rid, None)
 
     def _swap_out(self, job: _Job) -> None:
-        computed = self._computed_tokens(job)
-        n_blocks = math.ceil(computed / self._block_size)
-        room = self.config.host_swap_blocks - self._host_blocks_used()
-        if n_blocks > room:
-            raise EngineError(f"swap {job.job_id}: {n_blocks} blocks, {room} free on the host")
-        # Only the blocks holding computed tokens: vLLM may have allocated one more ahead.
-        block_ids = list(self._kvm.get_block_ids(job.rid)[0][:n_blocks])
-        self.core.collective_rpc("kv_swap_out", args=(job.job_id, block_ids))
+        self._swap.copy_out(job.job_id, job.rid, self._computed_tokens(job))
         self._release(job)
         job.kv = JobKv.SWAPPED
-        job.swapped_tokens, job.swapped_blocks = computed, n_blocks
 
     def _release(self, job: _Job) -> None:
         """Free the job's blocks and drop them from the prefix cache."""
@@ -465,31 +427,31 @@ class VllmEngine:
         outputs, executed = self.core.step()
         duration = time.perf_counter() - started
         self.core.post_step(executed)
-        record = self._sched.take_step()
+        schedule = self._sched.take_schedule()
 
         timing = None
         preempted: list[Preemption] = handed_back
-        if record is not None and record.tokens > 0:
-            timing = StepTiming(record.tokens, record.context_read, duration)
-            preempted += self._discard_vllm_preemptions(record)
-            for rid, n in record.scheduled.items():
+        if schedule is not None and schedule.tokens > 0:
+            timing = StepTiming(schedule.tokens, schedule.context_tokens_read, duration)
+            preempted += self._discard_vllm_preemptions(schedule)
+            for rid, n in schedule.scheduled.items():
                 job = self._by_rid.get(rid)
                 if job is not None and job.generated == 0:
                     job.prefill_tokens += n
 
         tokens: dict[str, tuple[int, ...]] = {}
         logprobs: dict[str, tuple[tuple[float, ...], ...]] = {}
-        finished: list[SegmentEnd] = []
+        ended: list[EngineSegmentEnded] = []
         for batch in outputs.values():
             for out in batch.outputs:
                 job = self._by_rid.get(out.request_id)
                 if job is None:  # aborted or preempted by us this step
                     continue
-                self._take_output(job, out, tokens, logprobs, finished)
-        return StepResult(tokens, tuple(finished), tuple(preempted), timing, logprobs)
+                self._take_output(job, out, tokens, logprobs, ended)
+        return StepResult(tokens, tuple(ended), tuple(preempted), timing, logprobs)
 
     def _take_output(self, job: _Job, out, tokens: dict, logprobs: dict,
-                     finished: list[SegmentEnd]) -> None:
+                     ended: list[EngineSegmentEnded]) -> None:
         new = tuple(out.new_token_ids)
         if new:
             job.history += new
@@ -501,8 +463,8 @@ class VllmEngine:
                          for row in out.new_logprobs.logprobs)
             logprobs[job.job_id] = logprobs.get(job.job_id, ()) + rows
         if out.finish_reason is not None:
-            finished.append(SegmentEnd(job.job_id, job.generated, job.prefill_tokens,
-                                       str(out.finish_reason)))
+            ended.append(EngineSegmentEnded(job.job_id, job.generated, job.prefill_tokens,
+                                            str(out.finish_reason)))
             # A resumable request stays as a paused session holding its blocks.
             job.kv = JobKv.PRESERVED if job.rid in self._sched.requests else JobKv.DISCARDED
 
@@ -518,11 +480,11 @@ class VllmEngine:
             self._release_held()
         return handed_back
 
-    def _discard_vllm_preemptions(self, record: StepRecord) -> list[Preemption]:
+    def _discard_vllm_preemptions(self, schedule: StepSchedule) -> list[Preemption]:
         """vLLM preempted requests to free blocks (scheduler.py:1571) and would recompute
         them by itself; the control plane decides when a job runs, so end the request."""
         preempted = []
-        for rid, blocks in sorted(record.preempted.items()):
+        for rid, blocks in sorted(schedule.preempted.items()):
             job = self._by_rid.get(rid)
             if job is None:
                 continue
@@ -536,17 +498,17 @@ class VllmEngine:
 
     # --- memory ---------------------------------------------------------------------------
 
-    def memory(self) -> MemoryReport:
+    def memory(self) -> MemorySnapshot:
         """The pool's own numbers (never "blocks a job held": blocks can be shared)."""
-        return MemoryReport(
+        return MemorySnapshot(
             total_blocks=self._pool.num_gpu_blocks - 1,  # minus the null block
             free_blocks=self._pool.get_num_free_blocks(),  # block_pool.py:868
-            host_swap_blocks_used=self._host_blocks_used(),
+            host_swap_blocks_used=self._swap.used_blocks,
             host_swap_blocks_total=self.config.host_swap_blocks,
             running_seqs=len(self._sched.running),
             preserved_seqs=self._sched.num_waiting_for_streaming_input,
-            held_swap_in_blocks=sum(h.job.swapped_blocks for h in self._held.values()
-                                    if h.prior is JobKv.SWAPPED))
+            held_swap_in_blocks=sum(self._swap.blocks_of(h.job.job_id)
+                                    for h in self._held.values() if h.prior is JobKv.SWAPPED))
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block (tests: start from a cold cache). Needs all blocks
@@ -556,7 +518,7 @@ class VllmEngine:
 
     def host_blocks_held(self) -> int:
         """Blocks the worker itself holds on the host (a check on `memory()`)."""
-        return sum(self.core.collective_rpc("kv_swap_held")[0].values())
+        return self._swap.held_by_worker()
 
     def block_ids(self, job_id: str) -> list[int]:
         """The KV blocks the job holds in the pool now."""
@@ -573,8 +535,10 @@ class VllmEngine:
         job = self._jobs.get(job_id)
         return job.kv if job else None
 
-    def _host_blocks_used(self) -> int:
-        return sum(j.swapped_blocks for j in self._jobs.values())
+    def history_tokens(self, job_id: str) -> int:
+        """Tokens of the job's history: every prompt and output token vLLM has seen for it."""
+        job = self._jobs.get(job_id)
+        return len(job.history) if job else 0
 
     # --- helpers --------------------------------------------------------------------------
 

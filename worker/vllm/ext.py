@@ -3,7 +3,8 @@
 vLLM 0.32's v1 engine has no swap of its own. `worker/vllm/engine.py` passes this class as
 `EngineArgs(worker_extension_cls="worker.vllm.ext.KvSwapExtension")`; vLLM mixes it into its
 Worker class (vllm/v1/worker/worker_base.py:296), so these methods run where the KV cache
-lives and are called with `EngineCore.collective_rpc("kv_swap_out", args=(...))`.
+lives and are called with `EngineCore.collective_rpc("kv_swap_out", args=(...))` (the engine's
+side of a swap: `worker/vllm/swap.py`).
 
 The host copies stay inside the worker, keyed by job: only block and byte counts cross the
 `collective_rpc` boundary, never tensors (which a multi-process executor would pickle).

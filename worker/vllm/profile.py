@@ -345,7 +345,8 @@ def format_table(profile: dict) -> str:
     lines.append(f"attention bandwidth {profile['attention_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s"
                  f" ({profile['kv_bytes_per_token']} KV bytes per token)")
     s = m["swap"]
+    bandwidth = profile["swap_bandwidth_bytes_per_s"]
     lines.append(f"swap copy of {s['bytes'] / 1e6:.1f} MB: out {s['out_ms']:.2f} ms, "
-                 f"in {s['in_ms']:.2f} ms -> {profile['swap_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s")
+                 f"in {s['in_ms']:.2f} ms -> {bandwidth / 1e9:.2f} GB/s")
     return "\n".join(lines)
 

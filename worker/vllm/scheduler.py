@@ -3,8 +3,8 @@ know about each step.
 
 `VllmEngine` passes this class as `scheduler_cls`, so vLLM still does block allocation,
 chunked prefill, batching and prefill order by `Admit.priority` (`scheduling_policy=
-"priority"`). What it adds is a record of every step, which the engine turns into the
-worker's reports:
+"priority"`). What it adds is each step's schedule (`StepSchedule`), which the engine turns
+into the worker's reports:
 * the tokens scheduled per request (a segment's prefill count, the step's token count) and
   the KV tokens the step's attention reads (`StepTiming.context_tokens_read`);
 * the requests vLLM preempted to free blocks for others, with the blocks they held, which the
@@ -24,35 +24,36 @@ from dataclasses import dataclass, field
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
-QUALNAME = "worker.vllm.scheduler.RecordingScheduler"
-
 
 @dataclass(frozen=True)
-class StepRecord:
+class StepSchedule:
+    """What vLLM scheduled for one step, before it ran (its timing is the engine's
+    `StepTiming`)."""
+
     scheduled: dict[str, int]  # request id -> tokens scheduled this step
     tokens: int  # all tokens scheduled
-    context_read: int  # KV tokens the step's attention reads, its own new ones included
+    context_tokens_read: int  # KV tokens the step's attention reads, its own new ones included
     preempted: dict[str, list[int]] = field(default_factory=dict)  # request id -> its blocks
 
 
 class RecordingScheduler(Scheduler):
-    """vLLM's scheduler, recording each `schedule()` in `last_step` (None after it is read
-    with `take_step`)."""
+    """vLLM's scheduler, recording each `schedule()` in `last_schedule` (None after it is
+    read with `take_schedule`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.last_step: StepRecord | None = None
+        self.last_schedule: StepSchedule | None = None
         self._preempting: dict[str, list[int]] = {}
 
     def schedule(self, *args, **kwargs):
         self._preempting = {}
         out = super().schedule(*args, **kwargs)
-        self.last_step = StepRecord(
+        self.last_schedule = StepSchedule(
             scheduled=dict(out.num_scheduled_tokens),
             tokens=out.total_num_scheduled_tokens,
             # After scheduling, num_computed_tokens includes this step's new tokens.
-            context_read=sum(self.requests[r].num_computed_tokens
-                             for r in out.num_scheduled_tokens),
+            context_tokens_read=sum(self.requests[r].num_computed_tokens
+                                    for r in out.num_scheduled_tokens),
             preempted=self._preempting)
         return out
 
@@ -62,6 +63,6 @@ class RecordingScheduler(Scheduler):
         self._preempting[rid] = list(self.kv_cache_manager.get_block_ids(rid)[0])
         super()._preempt_request(request, *args, **kwargs)
 
-    def take_step(self) -> StepRecord | None:
-        record, self.last_step = self.last_step, None
-        return record
+    def take_schedule(self) -> StepSchedule | None:
+        schedule, self.last_schedule = self.last_schedule, None
+        return schedule

@@ -6,8 +6,8 @@ Three kinds of OS process, so that only the control plane's own work counts agai
 
 * **the control plane**: the real `control_plane.service.server.serve` (AgentService,
   WorkerService streams, the planner, the health service), with the same telemetry and log
-  set-up as `astraea-control-plane`, run by `python -m astraea.tools.bench.service_load
-  control-plane-host`. Its stdin takes two commands from the benchmark: ``reset`` starts a
+  set-up as `astraea-control-plane`, run by `python -m astraea.tools.bench.service_host`.
+  Its stdin takes two commands from the benchmark: ``reset`` starts a
   measurement window of its `ServiceStats` (see `control_plane/service/stats.py`), ``stats``
   answers with them as one JSON line; EOF stops it.
 * **N simulated workers**: `astraea-worker` processes (real `SimulatedBackend`, real gRPC
@@ -50,7 +50,6 @@ calls alone, the floor under any Python grpc.aio control plane for this client A
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -64,7 +63,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 DEFAULT_PROFILE = "gptj-6b-a100"
-HOST_COMMAND = "control-plane-host"
 PLACEHOLDER_ID = 1
 
 
@@ -99,163 +97,11 @@ class ServiceBenchConfig:
                              "--tool-ms not negative")
 
 
-# --- the control-plane host process ---------------------------------------------------------
-
-def _host_main(argv: list[str]) -> int:
-    """`python -m astraea.tools.bench.service_load control-plane-host ...`: the control plane as
-    `astraea-control-plane` runs it, plus the stdin command channel (module docstring)."""
-    from control_plane.service import server as cp_server
-    from control_plane.service.context import ServiceConfig
-
-    p = argparse.ArgumentParser(prog=HOST_COMMAND)
-    p.add_argument("--listen", default="127.0.0.1:0")
-    p.add_argument("--policy", default="astraea")
-    p.add_argument("--profile", default=DEFAULT_PROFILE)
-    p.add_argument("--time-scale", type=float, default=1.0)
-    p.add_argument("--log-level", default=None)
-    p.add_argument("--cprofile", default=None)
-    p.add_argument("--grpc-floor", action="store_true")
-    args = p.parse_args(argv)
-    from astraea.telemetry import setup_service_telemetry
-
-    tel = setup_service_telemetry(p, "astraea-control-plane", args.log_level)
-
-    def reply(obj: dict) -> None:
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
-
-    async def run() -> None:
-        if args.grpc_floor:
-            server, stats = await _floor_server(args.listen)
-        else:
-            server = await cp_server.serve(args.listen, args.policy, args.profile,
-                                           ServiceConfig(time_scale=args.time_scale),
-                                           metrics=tel.metrics)
-            stats = server.control_plane.stats
-        cp_server.freeze_startup_objects()  # as astraea-control-plane's main does
-        gc_time = _GcTimer()
-        reply({"ready": True, "port": server.bound_port, "pid": os.getpid()})
-        loop = asyncio.get_running_loop()
-        prof = None
-        try:
-            while True:
-                line = await loop.run_in_executor(None, sys.stdin.readline)
-                cmd = line.strip()
-                if not line:
-                    break
-                if cmd == "reset":
-                    gc_time.reset()
-                    if args.cprofile:
-                        import cProfile
-
-                        prof = cProfile.Profile()
-                        prof.enable()
-                    stats.reset()
-                    reply({"ok": True})
-                elif cmd == "stats":
-                    snap = stats.snapshot()
-                    if prof is not None:
-                        prof.disable()
-                        prof.dump_stats(args.cprofile)
-                        prof = None
-                    snap["plans_total"] = server.planner.plans if not args.grpc_floor else 0
-                    snap["gc"] = gc_time.snapshot()
-                    reply(snap)
-                else:
-                    reply({"error": f"unknown command {cmd!r}"})
-        finally:
-            if args.grpc_floor:
-                await server.stop(0.5)
-            else:
-                await cp_server.stop(server, grace=0.5)
-
-    try:
-        asyncio.run(run())
-    finally:
-        tel.shutdown()
-    return 0
-
-
-async def _floor_server(listen: str):
-    """`--grpc-floor`: an AgentService whose handlers do nothing but answer, with the real
-    control plane's message pattern (one token event per token, then done), on the same
-    gRPC stack. What it costs per segment is the floor any Python grpc.aio control plane pays
-    for this client API on this machine, before any scheduling, worker traffic or logging."""
-    import grpc
-
-    from astraea.v1 import agent_pb2, agent_pb2_grpc, common_pb2
-    from control_plane.service.stats import ServiceStats
-    from worker.sim.backend import placeholder_token
-
-    stats = ServiceStats()
-    done_reason = {True: common_pb2.FINISH_REASON_TOOL_CALL,
-                   False: common_pb2.FINISH_REASON_LENGTH}
-
-    class Floor(agent_pb2_grpc.AgentServiceServicer):
-        async def StartJob(self, request, context):
-            stats.events["start_job"] += 1
-            return agent_pb2.StartJobResponse(job_id=request.job_id)
-
-        async def RunSegment(self, request, context):
-            stats.events["run_segment"] += 1
-            n = request.sampling.max_tokens
-            for i in range(n):
-                yield agent_pb2.RunSegmentEvent(tokens=agent_pb2.TokenEvent(
-                    first_index=i, token_ids=[placeholder_token(request.job_id, i)]))
-            yield agent_pb2.RunSegmentEvent(done=agent_pb2.SegmentDone(
-                finish_reason=done_reason[bool(request.next_tool_category)],
-                timings=common_pb2.Timings(decode_tokens=n)))
-
-        async def ReportToolCall(self, request, context):
-            stats.events["tool_call"] += 1
-            return agent_pb2.ReportToolCallResponse()
-
-        async def EndJob(self, request, context):
-            stats.events["end_job"] += 1
-            return agent_pb2.EndJobResponse()
-
-    server = grpc.aio.server()
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(Floor(), server)
-    server.bound_port = server.add_insecure_port(listen)  # type: ignore[attr-defined]
-    await server.start()
-    return server, stats
-
-
-class _GcTimer:
-    """Wall time of the cyclic garbage collector's runs, per generation."""
-
-    def __init__(self) -> None:
-        import gc
-
-        self._t0 = 0.0
-        self.reset()
-        gc.callbacks.append(self._callback)
-
-    def reset(self) -> None:
-        self.seconds = [0.0, 0.0, 0.0]
-        self.runs = [0, 0, 0]
-        self.longest_s = 0.0
-
-    def _callback(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._t0 = time.perf_counter()
-            return
-        took = time.perf_counter() - self._t0
-        gen = info.get("generation", 0)
-        self.seconds[gen] += took
-        self.runs[gen] += 1
-        self.longest_s = max(self.longest_s, took)
-
-    def snapshot(self) -> dict:
-        return {"seconds": sum(self.seconds), "by_generation_s": list(self.seconds),
-                "runs": list(self.runs), "longest_ms": 1e3 * self.longest_s}
-
-
 class _Host:
     """The control-plane host subprocess and its command channel."""
 
     def __init__(self, cfg: ServiceBenchConfig, profile_path: str, log_dir: Path) -> None:
-        args = [sys.executable, "-m", "astraea.tools.bench.service_load", HOST_COMMAND,
+        args = [sys.executable, "-m", "astraea.tools.bench.service_host",
                 "--policy", cfg.policy, "--profile", profile_path,
                 "--time-scale", repr(cfg.time_scale), "--log-level", cfg.log_level]
         if cfg.cprofile:
@@ -673,15 +519,3 @@ def format_report(r: dict) -> str:
         lines.append(f"ERRORS: {r['errors']}; segments with wrong tokens: "
                      f"{r['bad_token_segments']}; e.g. {r['error_examples'][:2]}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == HOST_COMMAND:
-        return _host_main(argv[1:])
-    raise SystemExit("use 'astraea bench-service' (this module's own entry point is the "
-                     "benchmark's control-plane host)")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

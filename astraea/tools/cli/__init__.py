@@ -1,1 +1,1 @@
-"""The `astraea` command: one module per subcommand, wired by `main.py`."""
+"""The `astraea` command: one module per subcommand or small family of them, wired by `main.py`."""

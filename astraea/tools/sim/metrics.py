@@ -1,4 +1,4 @@
-"""Per-job records and the summary a benchmark row reports (DESIGN §8)."""
+"""Per-job records and the summary a benchmark row reports."""
 
 from __future__ import annotations
 
