@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
@@ -62,10 +63,28 @@ class HardwareProfile:
     def k_ms_per_context_token(self) -> float:
         return self.kv_bytes_per_token / self.attention_bandwidth_bytes_per_s * 1e3
 
+    @cached_property
+    def _step_xs(self) -> list[int]:
+        """The table's token counts, built once."""
+        return [p[0] for p in self.step_table]
+
+    @cached_property
+    def _non_attention_memo(self) -> dict[int, float]:
+        return {}
+
     def non_attention_ms(self, tokens: int) -> float:
+        """Step time without attention, memoized: the simulator asks at every engine step,
+        for token counts bounded by the step budget."""
+        memo = self._non_attention_memo
+        ms = memo.get(tokens)
+        if ms is None:
+            ms = memo[tokens] = self._non_attention_ms(tokens)
+        return ms
+
+    def _non_attention_ms(self, tokens: int) -> float:
         if not self.step_table:
             return self.c_ms + self.a_ms_per_token * tokens
-        xs = [p[0] for p in self.step_table]
+        xs = self._step_xs
         i = bisect.bisect_left(xs, tokens)
         if i == 0:
             return self.step_table[0][1]

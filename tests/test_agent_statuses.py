@@ -197,6 +197,12 @@ CASES = [
     Case("run: a stop string too long", "arrived",
          sampled(stop=["s" * (CFG.max_stop_chars + 1)]), IA,
          ("job 'j'", "sampling.stop[0]", f"1 to {CFG.max_stop_chars} characters")),
+    *[Case(f"run: json_schema {text[:12]!r}", "arrived", sampled(json_schema=text), IA,
+           ("job 'j'", "sampling.json_schema", why))
+      for text, why in (("{not json", "is not JSON"), ('["a list"]', "must be a JSON object"),
+                        ("true", "must be a JSON object"),
+                        ('{"x": "' + "a" * CFG.max_json_schema_chars + '"}',
+                         f"at most {CFG.max_json_schema_chars}"))],
     Case("run: max_tokens 0", "arrived", sampled(max_tokens=0), IA,
          ("job 'j'", "sampling.max_tokens is 0", "at least 1")),
     Case("run: max_tokens one past the window", "arrived", sampled(max_tokens=ROOM_AFTER_10 + 1),

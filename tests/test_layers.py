@@ -4,7 +4,8 @@ runs only in the allowed directions.
     astraea/ (foundation)      imports no service
     control_plane/core/        pure scheduling: imports astraea only
     control_plane/service/     control_plane/core + astraea
-    worker/, predictor_svc/    astraea only (services talk over proto, never by import)
+    worker/, predictor_svc/,   astraea only (services talk over proto, never by import)
+    gateway/
     astraea/tools/             may import everything; only tests import it
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("astraea", "control_plane", "worker", "predictor_svc")
+PACKAGES = ("astraea", "control_plane", "worker", "predictor_svc", "gateway")
 
 
 def _module_name(path: Path) -> str:
@@ -105,6 +106,10 @@ def test_every_import_runs_in_an_allowed_direction():
     ("predictor_svc.server", "control_plane.core.estimates", False),
     ("predictor_svc.server", "astraea.estimators", True),
     ("worker.vllm.engine", "vllm.v1.engine", True),
+    ("gateway.app", "astraea.client", True),
+    ("gateway.app", "control_plane.service.agent_service", False),
+    ("gateway.chat", "worker.vllm.tiny_model", False),
+    ("astraea.tools.stack", "gateway.server", True),
 ])
 def test_the_rules_themselves(importer, imported, allowed):
     # The checker must reject what the layering forbids, or the test above proves nothing.

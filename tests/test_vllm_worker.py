@@ -133,6 +133,7 @@ async def run_agent_job(client: AsyncAgentClient, job_id: str,
         outs.append(result.tokens)
         if result.finish_reason is FinishReason.STOP:  # the model ended the job itself
             assert len(result.tokens) <= n
+            await client.end_job(job_id)  # after a hinted segment the job waits open
             return outs
         assert len(result.tokens) == n
         assert result.finish_reason is (FinishReason.LENGTH if last else FinishReason.TOOL_CALL)
@@ -236,10 +237,14 @@ def test_thirty_jobs_under_memory_pressure(live) -> None:
     got, counts, applied, took, n_reports, n_checks, want, margins = live.run(main(), 80)
     print(f"30 jobs in {took:.1f} s; decisions {counts}; in vLLM {dict(applied)}")
     assert all(counts.get(a, 0) > 0 for a in ("preserve", "swap", "discard")), counts
-    # ... and carried out in vLLM: preserved sessions resumed, host copies swapped back in,
-    # discarded contexts recomputed.
-    assert all(applied[a] > 0 for a in ("admit_preserved", "admit_swapped",
+    # ... and carried out in vLLM: host copies swapped back in, discarded contexts recomputed,
+    # and every preserved session either resumed on its kept blocks or was evicted later to
+    # make room. Whether any preserved session survives its wait here depends on timing
+    # (0 to 4 of them in repeated runs); test_vllm_engine.py resumes one deterministically.
+    assert all(applied[a] > 0 for a in ("pause_preserve", "admit_swapped",
                                         "admit_discarded")), applied
+    assert applied["pause_preserve"] == (applied["admit_preserved"] + applied["evict_swap"]
+                                         + applied["evict_discard"]), applied
 
     # Token-exact against the same jobs run with no pause and no pressure, wherever greedy
     # decoding has no near-tie (which float rounding between batch shapes could flip).

@@ -73,6 +73,18 @@ ContextPiece = str | tuple[int, ...]  # a prompt's text, or token ids (prompt or
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """How a segment samples (proto `SamplingParams`, defaults already filled in by the
+    control plane). A backend that cannot sample (the simulated engine) ignores it."""
+
+    temperature: float = 0.0  # 0: greedy, so a worker driven directly is token-exact
+    top_p: float = 1.0
+    seed: int | None = None  # None: the engine's own random state
+    stop: tuple[str, ...] = ()  # the segment ends before the first match, which is not output
+    json_schema: str | None = None  # a JSON schema the output text must match
+
+
+@dataclass(frozen=True)
 class SegmentInput:
     """The segment data an `Admit` needs beyond the core's plan action (proto `Admit`)."""
 
@@ -85,6 +97,9 @@ class SegmentInput:
     # output as ids, in order. Prompt texts are tokenized one by one, exactly as they were
     # when first admitted, so the recomputed ids are the ones the first worker had.
     context: tuple[ContextPiece, ...] | None = None
+    # The segment's sampling; every admission of the segment (after a preemption too)
+    # carries the same. None: greedy, no stop strings, no schema.
+    sampling: Sampling | None = None
 
 
 # --- events ---------------------------------------------------------------------------------

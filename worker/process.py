@@ -37,6 +37,7 @@ from worker.backend import (
     BackendError,
     BackendFailed,
     MemoryChanged,
+    Sampling,
     SegmentEnded,
     SegmentInput,
     SegmentPreempted,
@@ -94,7 +95,17 @@ def _segment_input(a: worker_pb2.Admit) -> SegmentInput:
     context = tuple(p.text if p.WhichOneof("piece") == "text" else tuple(p.token_ids.ids)
                     for p in a.context) or None
     return SegmentInput(max_tokens=max_tokens, first_index=max(budget - max_tokens, 0),
-                        prompt_token_ids=ids, prompt_text=text, context=context)
+                        prompt_token_ids=ids, prompt_text=text, context=context,
+                        sampling=_sampling(a.sampling))
+
+
+def _sampling(p: common_pb2.SamplingParams) -> Sampling:
+    # The control plane fills temperature and top_p in; a field still unset (a worker driven
+    # without it) keeps the greedy default of `Sampling`.
+    return Sampling(temperature=p.temperature if p.HasField("temperature") else 0.0,
+                    top_p=p.top_p if p.HasField("top_p") else 1.0,
+                    seed=p.seed if p.HasField("seed") else None, stop=tuple(p.stop),
+                    json_schema=p.json_schema or None)
 
 
 def _to_messages(items: list, worker_id: int,

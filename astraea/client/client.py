@@ -124,11 +124,12 @@ class _Collector:
 
 def _segment_request(job_id: str, prompt_text: str | None, prompt_token_ids, max_tokens,
                      temperature, next_tool_category, top_p=None, seed=None,
-                     stop=None) -> agent_pb2.RunSegmentRequest:
+                     stop=None, json_schema=None) -> agent_pb2.RunSegmentRequest:
     if (prompt_text is None) == (prompt_token_ids is None):
         raise ValueError("give exactly one of prompt_text and prompt_token_ids")
     sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                         top_p=top_p, seed=seed, stop=stop or [])
+                                         top_p=top_p, seed=seed, stop=stop or [],
+                                         json_schema=json_schema or "")
     req = agent_pb2.RunSegmentRequest(job_id=job_id, sampling=sampling,
                                       next_tool_category=next_tool_category or "")
     if prompt_text is not None:
@@ -242,7 +243,7 @@ class AgentClient:
                     max_tokens: int | None = None, temperature: float | None = None,
                     next_tool_category: str | None = None, **sampling) -> SegmentResult:
         """Run the job's next segment to its end and return every token, the finish reason
-        and the timings. `sampling` may add top_p, seed and stop."""
+        and the timings. `sampling` may add top_p, seed, stop and json_schema."""
         stream = self.stream_segment(job_id, prompt_text, prompt_token_ids, max_tokens,
                                      temperature, next_tool_category, **sampling)
         for _ in stream:

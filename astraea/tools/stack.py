@@ -1,10 +1,12 @@
-"""`astraea up`: the predictor, the control plane and N simulated workers as separate OS
-processes on loopback, from one `StackConfig` (flags or a TOML file).
+"""`astraea up`: the predictor, the control plane and N simulated workers (and, with
+`http_listen`, the OpenAI gateway) as separate OS processes on loopback, from one
+`StackConfig` (flags or a TOML file).
 
 `Stack` starts them in order (predictor, control plane, workers), each with its stderr (JSON
 log lines) in ``LOG_DIR/<name>.log`` and its stdout in ``LOG_DIR/<name>.out``, and waits until
 each is ready: the predictor and the control plane answer the standard gRPC health check with
-SERVING, and each worker has logged ``registered`` (the control plane accepted it). If a
+SERVING, each worker has logged ``registered`` (the control plane accepted it), and the
+gateway answers ``GET /health``. If a
 process exits during startup, or readiness takes longer than `startup_timeout_s`, the others
 are stopped and `StackError` is raised with the tail of the culprit's log.
 
@@ -37,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PREDICTOR, CONTROL_PLANE = "predictor", "control-plane"
+PREDICTOR, CONTROL_PLANE, GATEWAY = "predictor", "control-plane", "gateway"
 BACKENDS = ("sim", "vllm")
 
 
@@ -74,6 +76,13 @@ class StackConfig:
     # Attach the workers to this running control plane instead of starting one (and no
     # predictor).
     connect_control_plane: str | None = None
+    # The OpenAI gateway (gateway/): None: none; "HOST:PORT": started last, ready when its
+    # /health answers. It renders prompts with `tokenizer` (None: the vLLM workers' model,
+    # else the tiny model, built on first use) and serves the model named `served_model`.
+    http_listen: str | None = None
+    api_keys: list[str] = field(default_factory=list)
+    tokenizer: str | None = None
+    served_model: str = "astraea"
 
     def __post_init__(self) -> None:
         if not self.time_scale > 0:
@@ -97,7 +106,12 @@ class StackConfig:
             # Start-up waits for each worker's "registered" line, which is logged at info.
             raise StackError(f"log_level must be debug or info for a stack, got "
                              f"{self.log_level!r}: start-up watches the workers' info lines")
-        for name in ("control_plane_listen", "predictor_listen"):
+        if self.http_listen is not None and not self.api_keys:
+            host = _split(self.http_listen)[0]
+            if host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
+                raise StackError(f"http_listen {self.http_listen} is not a loopback address "
+                                 "and no API key is set: give api_keys (--api-key)")
+        for name in ("control_plane_listen", "predictor_listen", "http_listen"):
             value = getattr(self, name)
             if value and not _split(value)[1].isdigit():
                 raise StackError(f"{name} must be host:port, got {value!r}")
@@ -134,7 +148,8 @@ class StackConfig:
             kind = known[key].type
             ok = {"str": isinstance(value, str), "bool": isinstance(value, bool),
                   "int": isinstance(value, int) and not isinstance(value, bool),
-                  "float": isinstance(value, (int, float)) and not isinstance(value, bool)}
+                  "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+                  "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value)}
             base = kind.split(" | ")[0]
             if not (ok.get(base, True) or (value is None and "None" in kind)):
                 raise StackError(f"{source}: {key} must be {kind}, got {value!r}")
@@ -187,6 +202,7 @@ class Stack:
     config: StackConfig
     control_plane_address: str = ""
     predictor_address: str | None = None
+    http_address: str | None = None  # the gateway's base URL, e.g. http://127.0.0.1:8000
     log_dir: Path = field(default_factory=Path)
     procs: list[_Proc] = field(default_factory=list)
     exit_codes: dict[str, int] = field(default_factory=dict)
@@ -250,10 +266,49 @@ class Stack:
                     args += ["--kv-blocks", str(cfg.kv_blocks)]
                 workers.append(self._spawn(f"worker-w{i}", "worker.process", *args))
             self._wait_registered(workers, deadline)
+            if cfg.http_listen is not None:
+                self._start_gateway()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_gateway(self) -> None:
+        cfg = self.config
+        listen = _resolve(cfg.http_listen)
+        tokenizer = cfg.tokenizer
+        if tokenizer is None:
+            from worker.vllm.tiny_model import resolve_model
+
+            tokenizer = resolve_model(cfg.model if cfg.backend == "vllm" else None)
+        # Its own start-up time: building the tiny model above may have taken a while.
+        deadline = time.monotonic() + cfg.startup_timeout_s
+        args = ["--listen", listen, "--control-plane", self.control_plane_address,
+                "--model", cfg.served_model, "--tokenizer", tokenizer]
+        for key in cfg.api_keys:
+            args += ["--api-key", key]
+        if cfg.log_level:
+            args += ["--log-level", cfg.log_level]
+        proc = self._spawn(GATEWAY, "gateway.server", *args)
+        self.http_address = f"http://{_connect_address(listen)}"
+        self._wait_http(proc, f"{self.http_address}/health", deadline)
+
+    def _wait_http(self, proc: _Proc, url: str, deadline: float) -> None:
+        import urllib.error
+        import urllib.request
+
+        while True:
+            self._check_alive(proc.name)
+            try:
+                with urllib.request.urlopen(url, timeout=0.5) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise self._fail(proc, f"did not answer {url} within "
+                                       f"{self.config.startup_timeout_s:g} s")
+            time.sleep(0.1)
 
     def _spawn(self, name: str, module: str, *args: str) -> _Proc:
         log, out = self.log_dir / f"{name}.log", self.log_dir / f"{name}.out"
@@ -315,10 +370,11 @@ class Stack:
             time.sleep(0.05)
 
     def stop(self) -> dict[str, int]:
-        """SIGTERM the workers, then the control plane, then the predictor; SIGKILL any that
-        do not exit within `shutdown_timeout_s`. Returns every process's exit code (a
-        SIGKILLed one: -9). Idempotent."""
-        groups = [[p for p in self.procs if p.name.startswith("worker-")],
+        """SIGTERM the gateway, the workers, then the control plane, then the predictor;
+        SIGKILL any that do not exit within `shutdown_timeout_s`. Returns every process's exit
+        code (a SIGKILLed one: -9). Idempotent."""
+        groups = [[p for p in self.procs if p.name == GATEWAY],
+                  [p for p in self.procs if p.name.startswith("worker-")],
                   [p for p in self.procs if p.name == CONTROL_PLANE],
                   [p for p in self.procs if p.name == PREDICTOR]]
         for group in groups:

@@ -24,27 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61straea/v1/common.proto\x12\nastraea.v1\"\xaa\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"r\n\x07Timings\x12\x14\n\x0cqueue_wait_s\x18\x01 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x02 \x01(\x01\x12\x12\n\nduration_s\x18\x03 \x01(\x01\x12\x16\n\x0eprefill_tokens\x18\x04 \x01(\r\x12\x15\n\rdecode_tokens\x18\x05 \x01(\r\"x\n\nStepTiming\x12\x12\n\nstep_index\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12\x15\n\rdecode_tokens\x18\x03 \x01(\r\x12\x1b\n\x13\x63ontext_tokens_read\x18\x04 \x01(\x04\x12\x12\n\nduration_s\x18\x05 \x01(\x01*h\n\x08KvAction\x12\x19\n\x15KV_ACTION_UNSPECIFIED\x10\x00\x12\x16\n\x12KV_ACTION_PRESERVE\x10\x01\x12\x12\n\x0eKV_ACTION_SWAP\x10\x02\x12\x15\n\x11KV_ACTION_DISCARD\x10\x03*{\n\x07KvState\x12\x18\n\x14KV_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rKV_STATE_NONE\x10\x01\x12\x15\n\x11KV_STATE_RESIDENT\x10\x02\x12\x14\n\x10KV_STATE_SWAPPED\x10\x03\x12\x16\n\x12KV_STATE_DISCARDED\x10\x04*\x98\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_ARRIVED\x10\x01\x12\x13\n\x0fJOB_STATE_READY\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x16\n\x12JOB_STATE_API_WAIT\x10\x04\x12\x16\n\x12JOB_STATE_FINISHED\x10\x05*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x46INISH_REASON_TOOL_CALL\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61straea/v1/common.proto\x12\nastraea.v1\"\xbf\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x13\n\x0bjson_schema\x18\x06 \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"r\n\x07Timings\x12\x14\n\x0cqueue_wait_s\x18\x01 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x02 \x01(\x01\x12\x12\n\nduration_s\x18\x03 \x01(\x01\x12\x16\n\x0eprefill_tokens\x18\x04 \x01(\r\x12\x15\n\rdecode_tokens\x18\x05 \x01(\r\"x\n\nStepTiming\x12\x12\n\nstep_index\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12\x15\n\rdecode_tokens\x18\x03 \x01(\r\x12\x1b\n\x13\x63ontext_tokens_read\x18\x04 \x01(\x04\x12\x12\n\nduration_s\x18\x05 \x01(\x01*h\n\x08KvAction\x12\x19\n\x15KV_ACTION_UNSPECIFIED\x10\x00\x12\x16\n\x12KV_ACTION_PRESERVE\x10\x01\x12\x12\n\x0eKV_ACTION_SWAP\x10\x02\x12\x15\n\x11KV_ACTION_DISCARD\x10\x03*{\n\x07KvState\x12\x18\n\x14KV_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rKV_STATE_NONE\x10\x01\x12\x15\n\x11KV_STATE_RESIDENT\x10\x02\x12\x14\n\x10KV_STATE_SWAPPED\x10\x03\x12\x16\n\x12KV_STATE_DISCARDED\x10\x04*\x98\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_ARRIVED\x10\x01\x12\x13\n\x0fJOB_STATE_READY\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x16\n\x12JOB_STATE_API_WAIT\x10\x04\x12\x16\n\x12JOB_STATE_FINISHED\x10\x05*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x46INISH_REASON_TOOL_CALL\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'astraea.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVACTION']._serialized_start=475
-  _globals['_KVACTION']._serialized_end=579
-  _globals['_KVSTATE']._serialized_start=581
-  _globals['_KVSTATE']._serialized_end=704
-  _globals['_JOBSTATE']._serialized_start=707
-  _globals['_JOBSTATE']._serialized_end=859
-  _globals['_FINISHREASON']._serialized_start=861
-  _globals['_FINISHREASON']._serialized_end=985
+  _globals['_KVACTION']._serialized_start=496
+  _globals['_KVACTION']._serialized_end=600
+  _globals['_KVSTATE']._serialized_start=602
+  _globals['_KVSTATE']._serialized_end=725
+  _globals['_JOBSTATE']._serialized_start=728
+  _globals['_JOBSTATE']._serialized_end=880
+  _globals['_FINISHREASON']._serialized_start=882
+  _globals['_FINISHREASON']._serialized_end=1006
   _globals['_SAMPLINGPARAMS']._serialized_start=40
-  _globals['_SAMPLINGPARAMS']._serialized_end=210
-  _globals['_TOKENIDS']._serialized_start=212
-  _globals['_TOKENIDS']._serialized_end=235
-  _globals['_TIMINGS']._serialized_start=237
-  _globals['_TIMINGS']._serialized_end=351
-  _globals['_STEPTIMING']._serialized_start=353
-  _globals['_STEPTIMING']._serialized_end=473
+  _globals['_SAMPLINGPARAMS']._serialized_end=231
+  _globals['_TOKENIDS']._serialized_start=233
+  _globals['_TOKENIDS']._serialized_end=256
+  _globals['_TIMINGS']._serialized_start=258
+  _globals['_TIMINGS']._serialized_end=372
+  _globals['_STEPTIMING']._serialized_start=374
+  _globals['_STEPTIMING']._serialized_end=494
 # @@protoc_insertion_point(module_scope)

@@ -6,14 +6,23 @@ from pathlib import Path
 
 from astraea.workloads.generator import INFERCEPT_MIX, generate_mix, with_poisson_arrivals
 from astraea.workloads.infercept_format import read_infercept
+from astraea.workloads.long_context import generate_long_context
 from astraea.workloads.native import read_native, write_native
 from astraea.workloads.trace import JobTrace, Segment, ToolCall, TraceError
 
 __all__ = [
-    "INFERCEPT_MIX", "JobTrace", "Segment", "ToolCall", "TraceError", "generate_mix",
+    "GENERATED", "INFERCEPT_MIX", "JobTrace", "Segment", "ToolCall", "TraceError", "generate_mix",
+    "generate_long_context",
     "load_trace", "read_infercept", "read_native", "with_poisson_arrivals", "write_native",
     "take_jobs",
 ]
+
+# The generated workloads by the name `--workload`/`trace gen --shape` take; each is called as
+# f(num_jobs, seed, qps=..., context_window=...).
+GENERATED = {
+    "infercept": generate_mix,  # the InferCept agent mix (generator.py)
+    "long-context": generate_long_context,  # coding-agent sessions (long_context.py)
+}
 
 
 def load_trace(path: str | Path) -> list[JobTrace]:

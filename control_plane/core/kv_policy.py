@@ -170,7 +170,9 @@ class MinWaste(KvPolicy):
     def revisit(self, now: float, paused: list[Job], view: WorkerView) -> list[KvDecision]:
         if not self._swap_wanted or self.budget.left(view) <= 0:
             return []
-        mine = [j for j in self._swap_wanted.values() if j.worker_id == view.worker_id]
+        # Only jobs still preserved on this worker: one whose KV has left can't be evicted.
+        held = {j.job_id for j in paused}
+        mine = [j for j in self._swap_wanted.values() if j.job_id in held]
         # Highest preserve waste first: those gain most from leaving the GPU.
         mine.sort(key=lambda j: -self.estimator.remaining_api_s(j, now) * j.context_tokens)
         out = []

@@ -252,6 +252,12 @@ class Scheduler:
             self.paused.setdefault(job.worker_id, {})[job.job_id] = job
         else:
             self.paused.get(job.worker_id, {}).pop(job.job_id, None)
+            # The KV left the GPU, whoever decided it (the policy, a reclaim, the deadlock
+            # breaker): the policy must drop what it keeps about the job's KV. Otherwise
+            # InferCept, which keeps preserved jobs it wants to swap, revisited a job the
+            # deadlock breaker had discarded and planned a second Evict for KV the worker no
+            # longer held (the engine refused it: "no resident KV").
+            self.kv_policy.forget(job)
 
     def _need_blocks(self, job: Job, block_size: int, view: WorkerView | None = None) -> int:
         """Blocks the job's next admission takes from the worker's free memory. A resident

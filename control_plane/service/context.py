@@ -42,6 +42,7 @@ class ServiceConfig:
     max_prompt_chars: int = 1 << 20
     max_stop_strings: int = 16
     max_stop_chars: int = 256
+    max_json_schema_chars: int = 64 << 10  # a schema is compiled per segment; bound the work
     max_temperature: float = 2.0  # OpenAI's range; above it sampling is noise
     max_id_chars: int = 256  # job ids and categories
     # A worker silent this long (wall seconds; workers send a heartbeat every second when

@@ -3,6 +3,7 @@ and what is allowed, so the client gets an INVALID_ARGUMENT it can act on."""
 
 from __future__ import annotations
 
+import json
 import math
 
 from astraea.errors import InvalidRequest
@@ -65,6 +66,8 @@ def sampling(req: common_pb2.SamplingParams, cfg: ServiceConfig, max_context: in
         if not s or len(s) > cfg.max_stop_chars:
             raise InvalidRequest(f"sampling.stop[{i}] must have 1 to {cfg.max_stop_chars} "
                                  "characters")
+    if req.json_schema:
+        json_schema(req.json_schema, cfg)
     room = max_context - context_tokens - new_tokens
     if room < 1:
         raise InvalidRequest(f"prompt too long: the job's {context_tokens} context tokens plus "
@@ -81,3 +84,18 @@ def sampling(req: common_pb2.SamplingParams, cfg: ServiceConfig, max_context: in
     else:
         out.max_tokens = min(cfg.default_max_tokens, room)
     return out
+
+
+def json_schema(text: str, cfg: ServiceConfig) -> None:
+    """A structured-output schema must be a JSON object of bounded size; whether the
+    worker's grammar backend can compile it is the worker's to say (it refuses the Admit)."""
+    if len(text) > cfg.max_json_schema_chars:
+        raise InvalidRequest(f"sampling.json_schema has {len(text)} characters: at most "
+                             f"{cfg.max_json_schema_chars}")
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        raise InvalidRequest(f"sampling.json_schema is not JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise InvalidRequest(f"sampling.json_schema must be a JSON object (a schema), not "
+                             f"{type(schema).__name__}")

@@ -6,7 +6,9 @@ The finish-reason rule. A real engine knows why a segment ended and says so in
 RunSegment decides: a segment submitted with a `next_tool_category` hint ends with TOOL_CALL
 (the job enters its API wait and the KV policy decides now, as in the simulator, which reads
 the same fact from the trace), one without ends with LENGTH and finishes the job. So a client
-replaying a trace sends the hint exactly on segments that call a tool.
+replaying a trace sends the hint exactly on segments that call a tool. A model's STOP on a
+segment sent with the hint is reported as STOP, but the job enters its API wait all the same
+(a real model ends its tool calls and chat turns with EOS; the client ends the job).
 
 Reports that do not fit (a job the worker does not hold, tokens out of order) are logged and
 ignored: they come from races with cancellations and must not take the worker down.
@@ -200,7 +202,11 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
                       else common_pb2.FINISH_REASON_LENGTH)
         else:
             reason = m.finish_reason
-        calls_tool = reason == common_pb2.FINISH_REASON_TOOL_CALL
+        # A model's own stop on a segment sent with the hint still leaves the job open: a real
+        # model ends a tool call (or a chat turn) with EOS, and the client, not the model,
+        # says when the job is over (EndJob).
+        calls_tool = reason == common_pb2.FINISH_REASON_TOOL_CALL or (
+            reason == common_pb2.FINISH_REASON_STOP and seg.calls_tool)
         now = self.cp.now()
         job = entry.job
         job.preempting = False  # a Preempt that lost the race to the segment's end

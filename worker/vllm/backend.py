@@ -16,6 +16,13 @@ tokens always reach the queue before the SegmentPreempted of a Preempt applied a
 step). With the events goes a fresh memory snapshot from `VllmEngine.memory()`; `view()`
 returns the newest.
 
+Sampling: each admission samples as its `SegmentInput.sampling` says (temperature, top_p,
+seed, a JSON schema for vLLM's structured outputs; none: greedy). Stop strings are matched
+here, in the segment's text (vLLM's engine core does not: its front end does): text that may
+begin a stop string is held back, and at a match the text stops before it, the token ids up
+to the match are reported, and the engine ends the segment as at EOS (`stop_segment`, the KV
+stays as a paused session).
+
 Finish reasons: a segment the model ended itself (EOS, a stop string) is reported with
 ``finish_reason="stop"``; one that reached its `max_tokens` is reported with no reason, so the
 control plane's rule (a `next_tool_category` hint → TOOL_CALL, else LENGTH) decides.
@@ -32,6 +39,7 @@ starts from that history, each prompt text tokenized as the first worker did.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -61,7 +69,7 @@ from worker.backend import (
     SegmentPreempted,
     TokensGenerated,
 )
-from worker.vllm.detokenize import TextStream
+from worker.vllm.detokenize import StopText, TextStream
 from worker.vllm.engine import EngineConfig, JobKv, VllmEngine
 
 
@@ -117,6 +125,7 @@ class VllmBackend(EngineBackend):
         self._tokenizer = None
         # Engine-thread state (touched only there), besides the admissions.
         self._texts: dict[str, TextStream] = {}  # each running segment's text so far
+        self._stops: dict[str, StopText] = {}  # the stop strings of segments that have them
         self._seq = 0
         self._step_index = 0
         self._step_time_s = 0.0
@@ -205,12 +214,20 @@ class VllmBackend(EngineBackend):
                 e.abort(j)
                 kv = None
         new = self._prompt_ids(seg, first=kv is None and not context)
-        e.admit(j, new, seg.max_tokens, priority=a.priority, context_token_ids=context)
+        stop = seg.sampling.stop if seg.sampling is not None else ()
+        if stop and not self._has_tokenizer():
+            raise BackendError(f"job {j}: stop strings need the model's tokenizer.json",
+                               retryable=False)
+        e.admit(j, new, seg.max_tokens, priority=a.priority, context_token_ids=context,
+                sampling=seg.sampling)
         self.applied[f"admit_{kv.value if kv else 'new'}"] += 1
         if e.job_kv(j) is JobKv.HELD and kv is JobKv.SWAPPED:
             self.applied["swap_in_held"] += 1
         if seg.first_index == 0:  # a new segment (not one resumed after a preemption)
             self._texts.pop(j, None)
+            self._stops.pop(j, None)
+        if stop and j not in self._stops:  # a resumed one keeps the text it held back
+            self._stops[j] = StopText(stop)
         self._admissions[j] = Admission(self._now(), seg.first_index)
 
     def _pause(self, a: Pause | Evict, segment: None) -> None:
@@ -231,6 +248,7 @@ class VllmBackend(EngineBackend):
         self.engine.abort(a.job_id)
         self._admissions.pop(a.job_id, None)
         self._texts.pop(a.job_id, None)
+        self._stops.pop(a.job_id, None)
 
     async def release(self, job_id: str) -> None:
         if self._failed is not None:
@@ -280,25 +298,35 @@ class VllmBackend(EngineBackend):
             self._tokenizer = Tokenizer.from_file(str(path))
         return self._tokenizer
 
-    def _text(self, job_id: str, ids: tuple[int, ...], final: bool) -> str:
-        """The text of a segment's new ids. One stream per segment, across its admissions,
-        so a character split between chunks (or by a preemption) comes out whole."""
+    def _has_tokenizer(self) -> bool:
         if self._tokenizer is None:
             try:
                 self._get_tokenizer()
             except BackendError:
                 self._tokenizer = False
-        if not self._tokenizer:
-            return ""
+        return bool(self._tokenizer)
+
+    def _text(self, job_id: str, ids: tuple[int, ...], final: bool) -> tuple[str, bool]:
+        """The text of a segment's new ids, and whether it reached a stop string (the text
+        ends before it). One stream per segment, across its admissions, so a character
+        split between chunks (or by a preemption) comes out whole."""
+        if not self._has_tokenizer():
+            return "", False
         stream = self._texts.get(job_id)
         if stream is None:
             tok = self._tokenizer
             stream = self._texts[job_id] = TextStream(
                 lambda ids: tok.decode(ids, skip_special_tokens=True))
         text = stream.push(ids, final)
-        if final:
-            del self._texts[job_id]
-        return text
+        stop = self._stops.get(job_id)
+        stopped = False
+        if stop is not None:
+            text = stop.push(text, final)
+            stopped = stop.stopped
+        if final or stopped:
+            self._texts.pop(job_id, None)
+            self._stops.pop(job_id, None)
+        return text, stopped
 
     # --- stepping -----------------------------------------------------------------------
     async def _run(self) -> None:
@@ -323,16 +351,20 @@ class VllmBackend(EngineBackend):
             self._step_index += 1
             self._step_time_s = result.timing.duration_s
             events.append(result.timing)
-        ending = {end.job_id for end in result.ended}
+        ended = {end.job_id: end for end in result.ended}
         for job_id, ids in result.tokens.items():
             adm = self._admissions.get(job_id)
             if adm is None:
                 continue
             adm.first_token(now)
-            events.append(TokensGenerated(job_id, ids, adm.next_index,
-                                          self._text(job_id, ids, job_id in ending)))
+            text, stopped = self._text(job_id, ids, job_id in ended)
+            events.append(TokensGenerated(job_id, ids, adm.next_index, text))
             adm.emitted += len(ids)
-        for end in result.ended:
+            if stopped:  # a stop string: the segment ends here, whatever vLLM would do next
+                end = ended.get(job_id)
+                ended[job_id] = (dataclasses.replace(end, finish_reason="stop") if end
+                                 else e.stop_segment(job_id))
+        for end in ended.values():
             adm = self._admissions.pop(end.job_id, None)
             if adm is not None:
                 events.append(adm.ended(end, now))

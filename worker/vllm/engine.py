@@ -43,7 +43,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in t
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; num_gpu_blocks_override sizes it
 
 from astraea.plan import KvAction  # noqa: E402
-from worker.backend import EngineError, EngineSegmentEnded, StepTiming  # noqa: E402
+from worker.backend import EngineError, EngineSegmentEnded, Sampling, StepTiming  # noqa: E402
+from worker.vllm import sampling as to_vllm  # noqa: E402
 from worker.vllm.swap import HostSwap  # noqa: E402
 
 if TYPE_CHECKING:
@@ -143,6 +144,7 @@ class _Held:
     priority: float
     logprobs: int | None
     order: int  # admission order, for ties in priority
+    sampling: Sampling | None = None
 
     @property
     def key(self) -> tuple[float, int]:
@@ -176,7 +178,7 @@ class VllmEngine:
             # this anyway, platforms/cpu.py:331).
             async_scheduling=False,
             worker_extension_cls=EXTENSION,
-            scheduler_cls=SCHEDULER)
+            scheduler_cls=SCHEDULER, structured_outputs_config=dict(to_vllm.STRUCTURED_OUTPUTS))
         self.vllm_config = args.create_engine_config()
         # What InprocClient does (v1/engine/core_client.py:353), minus the front end.
         self.core = EngineCore(self.vllm_config, Executor.get_class(self.vllm_config),
@@ -188,7 +190,7 @@ class VllmEngine:
         self._block_size = self.vllm_config.cache_config.block_size
         self.block_bytes = self.core.collective_rpc("kv_block_bytes")[0]
         self._swap = HostSwap(self.core, self._block_size, config.host_swap_blocks)
-        self._generation_config, self._eos_id = self._eos_settings()
+        self._generation_config, self._eos_id = to_vllm.eos_settings(self.vllm_config.model_config)
         self._jobs: dict[str, _Job] = {}
         self._by_rid: dict[str, _Job] = {}
         self._held: dict[str, _Held] = {}
@@ -206,7 +208,8 @@ class VllmEngine:
             return
         # EngineCore.shutdown also tears down vLLM's process-wide distributed state
         # (v1/engine/core.py:839), which the engines still open in this process (tests,
-        # tools) run on: release this engine's parts only, and leave that to the last one.
+        # tools) run on: release this engine's parts only (its grammar backend included, as
+        # shutdown would), and leave that to the last one.
         self.core.structured_output_manager.clear_backend()
         self.core.model_executor.shutdown()
         self.core.scheduler.shutdown()
@@ -215,10 +218,11 @@ class VllmEngine:
 
     def admit(self, job_id: str, new_token_ids: list[int] | tuple[int, ...], max_tokens: int,
               priority: float = 0.0, context_token_ids: list[int] | None = None,
-              logprobs: int | None = None) -> None:
+              logprobs: int | None = None, sampling: Sampling | None = None) -> None:
         """Start the job's next segment: `new_token_ids` follow what the engine already has
         for the job (or `context_token_ids`, for a job it has never seen). Lower priority
-        values are scheduled first."""
+        values are scheduled first. `sampling` (None: greedy) applies to this admission; its
+        stop strings are the caller's to match (`stop_segment`)."""
         new = list(new_token_ids)
         job = self._jobs.get(job_id)
         if job is None:
@@ -237,7 +241,7 @@ class VllmEngine:
 
         self._admissions += 1
         held = _Held(job, job.kv if job_id in self._jobs else None, new, max_tokens,
-                     priority, logprobs, self._admissions)
+                     priority, logprobs, self._admissions, sampling)
         if held.prior is JobKv.SWAPPED or self._held:
             # A swap-in may have to wait for blocks; anything behind one waits with it.
             self._jobs[job_id] = job
@@ -251,14 +255,13 @@ class VllmEngine:
         """Hand an admission to vLLM; raises (changing nothing) if vLLM refuses it."""
         job, new = h.job, h.new
         if h.prior is None:  # first admission
-            self._submit_new(job, job.history + new, h.max_tokens, h.priority, h.logprobs)
+            self._submit_new(job, job.history + new, h)
         elif h.prior is JobKv.PRESERVED:
-            self._resume_session(job, new, h.max_tokens, h.priority, h.logprobs)
+            self._resume_session(job, new, h)
         elif h.prior is JobKv.SWAPPED:
-            self._swap_in(job, new, h.max_tokens, h.priority, h.logprobs)
+            self._swap_in(job, new, h)
         else:  # DISCARDED: the whole context is prefilled again
-            self._submit_new(job, job.history + new, h.max_tokens, h.priority, h.logprobs,
-                             next_rid=True)
+            self._submit_new(job, job.history + new, h, next_rid=True)
         # Only now, when nothing above raised, does the job change.
         job.history += new
         job.kv = JobKv.RUNNING
@@ -289,15 +292,13 @@ class VllmEngine:
         job.kv = h.prior if h.prior is not None else JobKv.DISCARDED
         return h
 
-    def _submit_new(self, job: _Job, tokens: list[int], max_tokens: int, priority: float,
-                    logprobs: int | None, next_rid: bool = False) -> None:
+    def _submit_new(self, job: _Job, tokens: list[int], h: _Held, next_rid: bool = False) -> None:
         serial = job.serial + 1 if next_rid else job.serial
-        req = self._request(f"{job.job_id}#{serial}", tokens, max_tokens, priority, logprobs)
+        req = self._request(f"{job.job_id}#{serial}", tokens, h)
         self.core.add_request(req)
         self._bind(job, serial)
 
-    def _resume_session(self, job: _Job, new: list[int], max_tokens: int, priority: float,
-                        logprobs: int | None) -> None:
+    def _resume_session(self, job: _Job, new: list[int], h: _Held) -> None:
         from vllm.v1.request import RequestStatus
 
         session = self._sched.requests.get(job.rid)
@@ -305,25 +306,27 @@ class VllmEngine:
             # An update to a session that is not paused would be queued, not applied.
             raise EngineError(f"admit {job.job_id}: its preserved session is gone")
         # vLLM drops the session's last sampled token (it has no KV yet): re-send it.
-        update = self._request(job.rid, [job.history[-1], *new], max_tokens, priority,
-                               logprobs)
+        update = self._request(job.rid, [job.history[-1], *new], h)
         self.core.add_request(update)
+        # The update brings new sampling params but leaves the session's grammar as it was
+        # (scheduler.py:1684): give it this segment's (compiled by `_request`), or none.
+        session.structured_output_request = update.structured_output_request
+        # Nor does vLLM's model runner re-seed the session (worker/vllm/ext.py).
+        self.core.collective_rpc("session_seed", args=(job.rid, to_vllm.seed_of(h.sampling)))
         # The update keeps the session's old priority and arrival time; re-key it in the
         # queue of requests that hold blocks (scheduler.py:915), where it is waiting.
         queue = self._sched.kv_holding_waiting
         queue.remove_request(session)
-        session.priority = priority
+        session.priority = h.priority
         queue.add_request(session)
 
-    def _swap_in(self, job: _Job, new: list[int], max_tokens: int, priority: float,
-                 logprobs: int | None) -> None:
+    def _swap_in(self, job: _Job, new: list[int], h: _Held) -> None:
         if not self._swap_in_fits(job):
             raise EngineError(f"admit {job.job_id}: swap-in needs "
                               f"{self._swap.blocks_of(job.job_id)} blocks, "
                               f"{self._pool.get_num_free_blocks()} free")
         serial = job.serial + 1
-        req = self._request(f"{job.job_id}#{serial}", job.history + new, max_tokens,
-                            priority, logprobs)
+        req = self._request(f"{job.job_id}#{serial}", job.history + new, h)
         self._swap.copy_in(job.job_id, req)
         self.core.add_request(req)
         self._bind(job, serial)
@@ -397,6 +400,23 @@ class VllmEngine:
         elif job.kv is JobKv.SWAPPED:
             self._swap.drop(job_id)
         self._by_rid.pop(job.rid, None)
+
+    def stop_segment(self, job_id: str) -> EngineSegmentEnded:
+        """End a running segment as vLLM ends one at EOS (the caller matched a stop string
+        in its text after the last step): the request stays a paused session with its
+        blocks, so the job's KV is PRESERVED."""
+        from vllm.v1.request import RequestStatus
+
+        job = self._job(job_id, "stop")
+        req = self._sched.requests.get(job.rid)
+        if job.kv is not JobKv.RUNNING or req is None or req.status != RequestStatus.RUNNING:
+            raise EngineError(f"stop {job_id}: no segment generating")
+        # What the scheduler does for a request that stopped in a step (scheduler.py:2225).
+        req.status = RequestStatus.FINISHED_STOPPED
+        self._sched._handle_stopped_request(req)
+        self._sched.running.remove(req)
+        job.kv = JobKv.PRESERVED
+        return EngineSegmentEnded(job_id, job.generated, job.prefill_tokens, "stop")
 
     def _swap_out(self, job: _Job) -> None:
         self._swap.copy_out(job.job_id, job.rid, self._computed_tokens(job))
@@ -556,26 +576,20 @@ class VllmEngine:
     def _computed_tokens(self, job: _Job) -> int:
         return self._sched.requests[job.rid].num_computed_tokens
 
-    def _eos_settings(self) -> tuple[dict, int | None]:
-        model_config = self.vllm_config.model_config
-        eos = getattr(model_config.hf_config, "eos_token_id", None)
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        return model_config.try_get_generation_config(), eos
-
-    def _request(self, rid: str, tokens: list[int], max_tokens: int, priority: float,
-                 logprobs: int | None):
-        from vllm import SamplingParams
+    def _request(self, rid: str, tokens: list[int], h: _Held):
         from vllm.v1.engine import EngineCoreRequest
 
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs)
-        # Skipping vLLM's input processor skips this too; without it EOS would not stop a
-        # segment (v1/engine/input_processor.py:489).
-        params.update_from_generation_config(self._generation_config, self._eos_id)
+        params = to_vllm.sampling_params(h.sampling, h.max_tokens, h.logprobs,
+                                 self._generation_config, self._eos_id)
         request = EngineCoreRequest(
             request_id=rid, prompt_token_ids=list(tokens), mm_features=None,
             sampling_params=params, pooling_params=None, arrival_time=time.time(),
             lora_request=None, cache_salt=None, data_parallel_rank=None,
-            priority=priority, resumable=True)
-        # Attaches the prefix-cache block hasher (v1/engine/core.py:1089).
-        return self.core.preprocess_add_request(request)[0]
+            priority=h.priority, resumable=True)
+        # Attaches the prefix-cache block hasher and compiles the grammar of a JSON schema
+        # (v1/engine/core.py:1089).
+        req = self.core.preprocess_add_request(request)[0]
+        error = to_vllm.compile_grammar(req)
+        if error is not None:  # refused before anything changed, not failed later
+            raise EngineError(f"admit {h.job.job_id}: {error}", retryable=False)
+        return req

@@ -17,6 +17,11 @@ with a smaller block than the scheduler's sees each scheduler block as k consecu
 blocks on dim 0; the copies then move whole scheduler blocks (`_by_scheduler_block`, as vLLM's
 own block copy does, v1/worker/utils.py:934). Verified on the CPU build only (k = 1; K and V
 packed in C = 2 * head_size, cpu_attn.py:364).
+
+One more thing only the worker can do: seed the sampler of a resumed session. vLLM gives a
+request its seeded generator when it first sees it and keeps it across session updates
+(`_update_streaming_request`, v1/worker/gpu_model_runner.py:1591), so a preserved job's next
+segment would ignore its own seed (`session_seed`).
 """
 
 from __future__ import annotations
@@ -102,6 +107,20 @@ class KvSwapExtension:
         idx = self._block_index(block_ids)
         return float(sum(t.index_select(0, idx).double().abs().sum()
                          for t in self._caches()))
+
+
+    def session_seed(self, req_id: str, seed: int | None) -> bool:
+        """Give a session's next segment the generator vLLM gives a new request with `seed`
+        (None: no own generator). False if the model runner does not know the request."""
+        state = self.model_runner.requests.get(req_id)
+        if state is None:
+            return False
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.model_runner.device)
+            generator.manual_seed(seed)
+        state.generator = generator
+        return True
 
 
 def _by_scheduler_block(cache: torch.Tensor, num_blocks: int | None) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 * Tokenizer: byte-level BPE trained here with `tokenizers` on the built-in corpus below,
   vocab 512, `<s>` (id 0) and `</s>` (id 1); saved as a `PreTrainedTokenizerFast` with bos,
-  eos and pad (= eos), and a post-processor that adds `<s>`.
+  eos and pad (= eos), and a post-processor that adds `<s>`; with a chat template
+  (`CHAT_TEMPLATE`), so `apply_chat_template` and vLLM's OpenAI server take chat messages.
 * Model: `transformers.LlamaForCausalLM`, 2 layers, hidden 128, 4 heads, 2 KV heads
   (head_dim 32: vLLM's CPU attention has no kernel for head_dim 16,
   vllm/v1/attention/backends/cpu_attn.py:69), random weights from a fixed seed.
@@ -24,7 +25,69 @@ import shutil
 import sys
 from pathlib import Path
 
-BUILD_VERSION = 1  # bump when the recipe changes, so old caches are not reused
+BUILD_VERSION = 2  # bump when the recipe changes, so old caches are not reused (2: chat template)
+
+# The chat template saved with the tokenizer, in a Hermes-like layout: turns marked
+# <|system|>, <|user|>, <|assistant|>, <|tool|>, each ended by the EOS token (so a reply ends
+# where the model stops); the tools listed in the system turn as JSON, one per line (name,
+# description if any, parameters: the same text whoever fills in absent fields); a tool
+# call as <tool_call>{"name": ..., "arguments": {...}}</tool_call>; a tool's result as
+# <tool_response>...</tool_response> in a tool turn. The markers are plain text to this
+# tokenizer (no new tokens, so the model is unchanged). The prompt starts with BOS itself:
+# chat prompts are tokenized without special tokens.
+CHAT_TEMPLATE = """\
+{%- macro text(content) -%}
+{%- if content is string -%}{{ content }}
+{%- elif content -%}{%- for part in content if part.type == 'text' -%}{{ part.text }}{%- endfor -%}
+{%- endif -%}
+{%- endmacro -%}
+{{- bos_token -}}
+{%- set system = messages[0] if messages and messages[0].role == 'system' else none -%}
+{%- if system is not none or tools -%}
+<|system|>
+{% if system is not none %}{{ text(system.content) }}
+{% endif -%}
+{%- if tools -%}
+You can call these tools. To call one, answer with \
+<tool_call>{"name": <tool name>, "arguments": <arguments object>}</tool_call>
+<tools>
+{% for tool in tools -%}
+{%- set f = tool.function if tool.function is defined else tool -%}
+{"name": {{ f.name | tojson }}
+{%- if f.description %}, "description": {{ f.description | tojson }}{% endif -%}
+, "parameters": {{ (f.parameters if f.parameters is defined and f.parameters is not none \
+else {}) | tojson }}}
+{% endfor -%}
+</tools>
+{% endif -%}
+{{ eos_token }}
+{% endif -%}
+{%- for message in messages -%}
+{%- if message.role == 'system' -%}
+{%- if not loop.first %}<|system|>
+{{ text(message.content) }}{{ eos_token }}
+{% endif -%}
+{%- elif message.role == 'user' -%}
+<|user|>
+{{ text(message.content) }}{{ eos_token }}
+{% elif message.role == 'assistant' -%}
+<|assistant|>
+{{ text(message.content) }}
+{%- for call in message.tool_calls or [] -%}
+{%- set f = call.function if call.function is defined else call -%}
+<tool_call>{"name": {{ f.name | tojson }}, "arguments": \
+{{ f.arguments if f.arguments is string else f.arguments | tojson }}}</tool_call>
+{%- endfor -%}
+{{ eos_token }}
+{% elif message.role == 'tool' -%}
+<|tool|>
+<tool_response>{{ text(message.content) }}</tool_response>{{ eos_token }}
+{% endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|assistant|>
+{% endif -%}
+"""
 
 PARAMS: dict = {
     "vocab_size": 512,
@@ -88,7 +151,8 @@ def default_cache_dir() -> Path:
 
 
 def _recipe_hash(params: dict) -> str:
-    blob = json.dumps({"v": BUILD_VERSION, "corpus": CORPUS, **params}, sort_keys=True)
+    blob = json.dumps({"v": BUILD_VERSION, "corpus": CORPUS, "chat_template": CHAT_TEMPLATE,
+                       **params}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -143,7 +207,9 @@ def _build(folder: Path, params: dict) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="</s>")
     fast.model_max_length = params["max_position_embeddings"]
-    fast.save_pretrained(folder)
+    fast.chat_template = CHAT_TEMPLATE
+    # In tokenizer_config.json (not chat_template.jinja), where every loader looks.
+    fast.save_pretrained(folder, save_jinja_files=False)
 
     torch.manual_seed(params["seed"])
     config = LlamaConfig(

@@ -17,18 +17,35 @@ SUMMED = ("jobs", "jobs_completed", "kv_preserve", "kv_swap", "kv_discard", "pre
           "tokens_recomputed", "tokens_swapped_out")
 
 
+def _sigma(r: dict) -> float:
+    # Runs and rows saved before `--prediction-error` existed had exact estimates.
+    return r.get("prediction_error", 0.0)
+
+
+def _label(qps: float | None, sigma: float, show_sigma: bool) -> str:
+    label = "trace arrivals" if qps is None else f"QPS {qps:g}"
+    return f"{label}, prediction error sigma {sigma:g}" if show_sigma else label
+
+
+def _shows_sigma(rows: list[dict]) -> bool:
+    return any(_sigma(r) != 0 for r in rows)
+
+
 def aggregate(runs: list[dict], baseline: str = "vllm-fcfs") -> list[dict]:
-    """One row per (policy, qps): metrics averaged over seeds, counts summed, and the ratio
-    of mean and p99 JCT to the baseline policy's at the same QPS."""
+    """One row per (policy, qps, prediction error σ): metrics averaged over seeds, counts
+    summed, the ratio of mean and p99 JCT to the baseline policy's at the same QPS and σ, and
+    (when some σ > 0) to the same policy's at σ = 0."""
     keys = []
     for r in runs:
-        k = (r["policy"], r["qps"])
+        k = (r["policy"], r["qps"], _sigma(r))
         if k not in keys:
             keys.append(k)
     rows = []
-    for policy, qps in keys:
-        group = [r for r in runs if r["policy"] == policy and r["qps"] == qps]
-        row = {"policy": policy, "qps": qps, "seeds": [r["seed"] for r in group]}
+    for policy, qps, sigma in keys:
+        group = [r for r in runs
+                 if r["policy"] == policy and r["qps"] == qps and _sigma(r) == sigma]
+        row = {"policy": policy, "qps": qps, "prediction_error": sigma,
+               "seeds": [r["seed"] for r in group]}
         for k in AVERAGED:
             vals = [r[k] for r in group if k in r]
             row[k] = float(np.mean(vals)) if vals else float("nan")
@@ -36,7 +53,8 @@ def aggregate(runs: list[dict], baseline: str = "vllm-fcfs") -> list[dict]:
             row[k] = int(sum(r.get(k, 0) for r in group))
         rows.append(row)
     for row in rows:
-        base = next((b for b in rows if b["policy"] == baseline and b["qps"] == row["qps"]), None)
+        base = next((b for b in rows if b["policy"] == baseline and b["qps"] == row["qps"]
+                     and _sigma(b) == _sigma(row)), None)
         if base is not None:
             row["mean_jct_ratio_vs_" + baseline] = row["mean_jct_s"] / base["mean_jct_s"]
             row["p99_jct_ratio_vs_" + baseline] = row["p99_jct_s"] / base["p99_jct_s"]
@@ -46,6 +64,13 @@ def aggregate(runs: list[dict], baseline: str = "vllm-fcfs") -> list[dict]:
             if excess > 0:
                 row["excess_jct_ratio_vs_" + baseline] = (
                     row["mean_jct_s"] - row["mean_idle_jct_s"]) / excess
+    if _shows_sigma(rows):
+        for row in rows:
+            exact = next((b for b in rows if b["policy"] == row["policy"]
+                          and b["qps"] == row["qps"] and _sigma(b) == 0), None)
+            if exact is not None:
+                row["mean_jct_ratio_vs_sigma0"] = row["mean_jct_s"] / exact["mean_jct_s"]
+                row["p99_jct_ratio_vs_sigma0"] = row["p99_jct_s"] / exact["p99_jct_s"]
     return rows
 
 
@@ -71,9 +96,10 @@ COLUMNS = (
 
 def format_tables(rows: list[dict]) -> str:
     out = []
-    for qps in dict.fromkeys(r["qps"] for r in rows):
-        group = [r for r in rows if r["qps"] == qps]
-        label = "trace arrivals" if qps is None else f"QPS {qps:g}"
+    show_sigma = _shows_sigma(rows)
+    for qps, sigma in dict.fromkeys((r["qps"], _sigma(r)) for r in rows):
+        group = [r for r in rows if r["qps"] == qps and _sigma(r) == sigma]
+        label = _label(qps, sigma, show_sigma)
         seeds = ",".join(str(s) for s in group[0]["seeds"])
         out.append(f"\n{label} (seeds {seeds}; JCT in seconds; xFCFS = mean JCT / vllm-fcfs's; "
                    "bound = idle-engine mean JCT / vllm-fcfs's, the best any scheduler can do; "
@@ -92,6 +118,55 @@ def format_tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def format_degradation(rows: list[dict], policy: str = "astraea") -> str:
+    """Per load, each policy's mean and p99 JCT at every prediction error σ side by side, with
+    its ratio to its own σ = 0 result, and `policy`'s ratio to the best peer at each σ.
+    Empty when every row has exact estimates."""
+    if not _shows_sigma(rows):
+        return ""
+    sigmas = list(dict.fromkeys(_sigma(r) for r in rows))
+    cell = 22
+    out = ["\nPrediction error: mean and p99 JCT in seconds, (xR) = the same policy's value "
+           "at sigma 0 times R; 'best peer' = the lowest among the other policies"]
+    for qps in dict.fromkeys(r["qps"] for r in rows):
+        at = {(r["policy"], _sigma(r)): r for r in rows if r["qps"] == qps}
+        policies = list(dict.fromkeys(p for p, _ in at))
+        out.append("")
+        out.append(f"{_label(qps, 0, False):<18}" + " ".join(
+            f"{'sigma ' + format(e, 'g'):>{2 * cell + 1}}" for e in sigmas))
+        out.append(f"{'policy':<18}" + " ".join(f"{'mean':>{cell}} {'p99':>{cell}}"
+                                                  for _ in sigmas))
+        for p in policies:
+            cells = []
+            for e in sigmas:
+                r = at.get((p, e))
+                for key, ratio in (("mean_jct_s", "mean_jct_ratio_vs_sigma0"),
+                                   ("p99_jct_s", "p99_jct_ratio_vs_sigma0")):
+                    if r is None:
+                        cells.append(f"{'-':>{cell}}")
+                    elif ratio in r and e != 0:
+                        cells.append(f"{f'{r[key]:.2f} (x{r[ratio]:.3f})':>{cell}}")
+                    else:
+                        cells.append(f"{r[key]:>{cell}.2f}")
+            out.append(f"{p:<18}" + " ".join(cells))
+        if policy not in policies:
+            continue
+        cells = []
+        for e in sigmas:
+            mine = at.get((policy, e))
+            peers = [r for (p, s), r in at.items()
+                     if s == e and p != policy and not p.startswith(policy)]
+            for key in ("mean_jct_s", "p99_jct_s"):
+                if mine is None or not peers:
+                    cells.append(f"{'-':>{cell}}")
+                    continue
+                best = min(peers, key=lambda r: r[key])
+                text = f"x{mine[key] / best[key]:.3f} {best['policy']}"
+                cells.append(f"{text:>{cell}}")
+        out.append(f"{policy + '/best peer':<18}" + " ".join(cells))
+    return "\n".join(out)
+
+
 def write_json(path: str | Path, spec: dict, rows: list[dict], runs: list[dict]) -> None:
     Path(path).write_text(json.dumps({"spec": spec, "rows": rows, "runs": runs}, indent=1))
 
@@ -103,14 +178,16 @@ def plot(path: str | Path, rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for policy in dict.fromkeys(r["policy"] for r in rows):
+    show_sigma = _shows_sigma(rows)
+    for policy, sigma in dict.fromkeys((r["policy"], _sigma(r)) for r in rows):
         pts = sorted((r["qps"], r["mean_jct_s"], r["p99_jct_s"]) for r in rows
-                     if r["policy"] == policy and r["qps"] is not None)
+                     if r["policy"] == policy and _sigma(r) == sigma and r["qps"] is not None)
         if not pts:
             continue
         q, mean, p99 = zip(*pts)
-        axes[0].plot(q, mean, marker="o", label=policy)
-        axes[1].plot(q, p99, marker="o", label=policy)
+        label = f"{policy} sigma {sigma:g}" if show_sigma else policy
+        axes[0].plot(q, mean, marker="o", label=label)
+        axes[1].plot(q, p99, marker="o", label=label)
     for ax, title in zip(axes, ("mean JCT", "p99 JCT")):
         ax.set_xlabel("QPS (jobs/s)")
         ax.set_ylabel(f"{title} (s)")
@@ -130,8 +207,9 @@ def replica_check(rows: list[dict], policy: str = "astraea", baseline: str = "vl
     (and what is the physical bound), no higher than any peer's, and its p99 no higher than
     the baseline's? Elsewhere, is it still no higher than any peer's?"""
     lines = []
-    for qps in dict.fromkeys(r["qps"] for r in rows):
-        group = {r["policy"]: r for r in rows if r["qps"] == qps}
+    show_sigma = _shows_sigma(rows)
+    for qps, sigma in dict.fromkeys((r["qps"], _sigma(r)) for r in rows):
+        group = {r["policy"]: r for r in rows if r["qps"] == qps and _sigma(r) == sigma}
         if policy not in group or baseline not in group:
             continue
         mine, base = group[policy], group[baseline]
@@ -143,6 +221,8 @@ def replica_check(rows: list[dict], policy: str = "astraea", baseline: str = "vl
         ratio = mine["mean_jct_s"] / base["mean_jct_s"]
         bound = mine["mean_idle_jct_s"] / base["mean_jct_s"]
         label = "trace" if qps is None else f"QPS {qps:g}"
+        if show_sigma:
+            label += f" sigma {sigma:g}"
         peer_txt = (f"best peer {best_peer[0]} {best_peer[1]['mean_jct_s']:.2f} s"
                     if best_peer else "no peer")
         verdict = "beats every peer" if beats_peers else "DOES NOT beat every peer"
@@ -167,10 +247,12 @@ def markdown_summary(rows: list[dict], baseline: str = "vllm-fcfs") -> str:
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     head = ["QPS", f"{baseline} slowdown"] + [f"{p} mean JCT s (×FCFS)" for p in policies] + ["idle bound ×FCFS"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for qps in dict.fromkeys(r["qps"] for r in rows):
-        group = {r["policy"]: r for r in rows if r["qps"] == qps}
+    show_sigma = _shows_sigma(rows)
+    for qps, sigma in dict.fromkeys((r["qps"], _sigma(r)) for r in rows):
+        group = {r["policy"]: r for r in rows if r["qps"] == qps and _sigma(r) == sigma}
         base = group.get(baseline)
-        cells = ["trace" if qps is None else f"{qps:g}",
+        cells = [("trace" if qps is None else f"{qps:g}")
+                 + (f" (sigma {sigma:g})" if show_sigma else ""),
                  f"{base['mean_slowdown']:.2f}" if base else "-"]
         for p in policies:
             r = group.get(p)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 
 from astraea.profile import load_profile
 from astraea.tools.sim.simulator import Simulation
-from astraea.workloads import generate_mix, load_trace, take_jobs, with_poisson_arrivals
+from astraea.workloads import GENERATED, load_trace, take_jobs, with_poisson_arrivals
 from astraea.workloads.trace import JobTrace
 from control_plane.core.config import SchedulerConfig
 from control_plane.core.policies import POLICIES
@@ -18,7 +19,7 @@ from control_plane.core.policies import POLICIES
 
 @dataclass(frozen=True)
 class BenchSpec:
-    workload: str  # "infercept" or a trace file
+    workload: str  # a generated workload ("infercept", "long-context") or a trace file
     profile: str
     policies: tuple[str, ...]
     qps: tuple[float | None, ...]  # None: the trace's own arrivals
@@ -27,13 +28,14 @@ class BenchSpec:
     predictor: str = "online"
     num_workers: int = 1
     overrides: dict = field(default_factory=dict)
+    prediction_error: tuple[float, ...] = (0.0,)  # σ of the log-normal factor on estimates
 
     def to_dict(self) -> dict:
         return {
             "workload": self.workload, "profile": self.profile, "policies": list(self.policies),
             "qps": list(self.qps), "jobs": self.jobs, "seeds": list(self.seeds),
             "predictor": self.predictor, "num_workers": self.num_workers,
-            "overrides": dict(self.overrides),
+            "overrides": dict(self.overrides), "prediction_error": list(self.prediction_error),
         }
 
 
@@ -45,14 +47,18 @@ def validate(spec: BenchSpec) -> None:
         raise ValueError("--jobs must be at least 1")
     if any(q is not None and q <= 0 for q in spec.qps):
         raise ValueError("--qps values must be positive")
+    if not spec.prediction_error or any(
+            not (s >= 0 and math.isfinite(s)) for s in spec.prediction_error):
+        raise ValueError("--prediction-error values must be finite numbers >= 0")
     SchedulerConfig().with_overrides(spec.overrides)
     load_profile(spec.profile)
 
 
 def workload_jobs(spec: BenchSpec, qps: float | None, seed: int) -> list[JobTrace]:
     profile = load_profile(spec.profile)
-    if spec.workload == "infercept":
-        return generate_mix(spec.jobs, seed, qps=qps, context_window=profile.context_window)
+    if spec.workload in GENERATED:
+        return GENERATED[spec.workload](spec.jobs, seed, qps=qps,
+                                        context_window=profile.context_window)
     jobs = take_jobs(load_trace(spec.workload), spec.jobs, profile.context_window)
     if all(j.arrival_s is not None for j in jobs):
         return jobs  # the trace's own arrivals; --qps does not apply
@@ -61,7 +67,8 @@ def workload_jobs(spec: BenchSpec, qps: float | None, seed: int) -> list[JobTrac
     return with_poisson_arrivals(jobs, qps, seed)
 
 
-def run_one(spec: BenchSpec, policy: str, qps: float | None, seed: int) -> dict:
+def run_one(spec: BenchSpec, policy: str, qps: float | None, seed: int,
+            sigma: float = 0.0) -> dict:
     profile = load_profile(spec.profile)
     jobs = workload_jobs(spec, qps, seed)
     config = SchedulerConfig().with_overrides(spec.overrides)
@@ -73,11 +80,12 @@ def run_one(spec: BenchSpec, policy: str, qps: float | None, seed: int) -> dict:
                   file=sys.stderr, flush=True)
 
     sim = Simulation(jobs, profile, policy, num_workers=spec.num_workers,
-                     predictor=spec.predictor, config=config, progress=progress)
+                     predictor=spec.predictor, config=config, progress=progress,
+                     prediction_error=sigma, error_seed=seed)
     result = sim.run()
     counts = result.decision_counts
     return {
-        "policy": policy, "qps": qps, "seed": seed,
+        "policy": policy, "qps": qps, "seed": seed, "prediction_error": sigma,
         **result.summary,
         "jobs": len(jobs),
         "kv_preserve": counts.get("preserve", 0),
@@ -100,7 +108,8 @@ def run_matrix(spec: BenchSpec, parallel: int | None = None, log=None) -> list[d
     Progress goes to `log` (default: the current stderr)."""
     validate(spec)
     log = log if log is not None else sys.stderr
-    tasks = [(spec, p, q, s) for q in spec.qps for s in spec.seeds for p in spec.policies]
+    tasks = [(spec, p, q, s, e) for e in spec.prediction_error for q in spec.qps
+             for s in spec.seeds for p in spec.policies]
     parallel = max(1, min(parallel or os.cpu_count() or 1, len(tasks)))
     runs: list[dict] = []
     started = time.perf_counter()
@@ -108,7 +117,8 @@ def run_matrix(spec: BenchSpec, parallel: int | None = None, log=None) -> list[d
     def note(run: dict) -> None:
         runs.append(run)
         qps = "trace" if run["qps"] is None else f"{run['qps']:g}"
-        print(f"[{len(runs)}/{len(tasks)}] {run['policy']} qps={qps} seed={run['seed']}: "
+        sigma = f" sigma={run['prediction_error']:g}" if run["prediction_error"] else ""
+        print(f"[{len(runs)}/{len(tasks)}] {run['policy']} qps={qps} seed={run['seed']}{sigma}: "
               f"mean JCT {run.get('mean_jct_s', float('nan')):.2f} s "
               f"({run['sim_wall_s']:.1f} s simulated in wall time, "
               f"{time.perf_counter() - started:.0f} s elapsed)", file=log, flush=True)
@@ -120,6 +130,6 @@ def run_matrix(spec: BenchSpec, parallel: int | None = None, log=None) -> list[d
         with ProcessPoolExecutor(parallel) as pool:
             for fut in as_completed([pool.submit(_run_task, t) for t in tasks]):
                 note(fut.result())
-    order = {(p, q, s): i for i, (_, p, q, s) in enumerate(tasks)}
-    runs.sort(key=lambda r: order[(r["policy"], r["qps"], r["seed"])])
+    order = {(p, q, s, e): i for i, (_, p, q, s, e) in enumerate(tasks)}
+    runs.sort(key=lambda r: order[(r["policy"], r["qps"], r["seed"], r["prediction_error"])])
     return runs

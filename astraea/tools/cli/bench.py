@@ -16,8 +16,8 @@ DEFAULT_POLICIES = "vllm-fcfs,infercept,autellix-plas,continuum,astraea"
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="compare scheduling policies in the simulator")
     b.add_argument("--workload", default="infercept",
-                   help="'infercept' (the generated InferCept mix) or a trace file "
-                        "(native JSONL or InferCept JSON)")
+                   help="'infercept' (the generated InferCept mix), 'long-context' (generated "
+                        "coding-agent sessions) or a trace file (native JSONL or InferCept JSON)")
     b.add_argument("--profile", default="gptj-6b-a100",
                    help=f"built-in ({', '.join(BUILTIN_PROFILES)}) or a profile JSON path")
     b.add_argument("--policies", default=DEFAULT_POLICIES)
@@ -30,6 +30,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="'online' learns from observations (deployable); 'oracle' reads the "
                         "trace's true lengths and durations (simulator only)")
     b.add_argument("--workers", type=int, default=1, help="simulated GPU workers")
+    b.add_argument("--prediction-error", type=_floats, default=(0.0,), metavar="SIGMA[,SIGMA...]",
+                   help="multiply every output-length and API-time estimate a policy receives "
+                        "by exp(N(0, SIGMA^2)), drawn per (job, segment) and per (job, API "
+                        "call); a list runs each (default 0: estimates as predicted)")
     b.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override a scheduler setting, e.g. --set mlfq.num_levels=3")
     b.add_argument("--parallel", type=int, default=None, help="processes (default: all cores)")
@@ -52,7 +56,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from astraea.tools.bench.report import aggregate, format_tables, plot, replica_check, write_json
+    from astraea.tools.bench.report import (
+        aggregate,
+        format_degradation,
+        format_tables,
+        plot,
+        replica_check,
+        write_json,
+    )
     from astraea.tools.bench.run import BenchSpec, run_matrix
 
     qps: tuple = args.qps
@@ -61,8 +72,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
         qps=qps, jobs=args.jobs, seeds=args.seeds, predictor=args.predictor,
         num_workers=args.workers, overrides=_overrides(args.set or []),
+        prediction_error=args.prediction_error,
     )
-    if args.workload != "infercept":
+    from astraea.workloads import GENERATED
+
+    if args.workload not in GENERATED:
         from astraea.workloads import load_trace
 
         trace = load_trace(args.workload)
@@ -70,12 +84,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"{args.workload} has its own arrival times: --qps is ignored", file=sys.stderr)
             spec = BenchSpec(**{**spec.__dict__, "qps": (None,)})
     started = time.perf_counter()
-    print(f"astraea bench: {len(spec.policies)} policies x {len(spec.qps)} QPS x "
+    sigmas, error = "", ""
+    if spec.prediction_error != (0.0,):  # the header of a plain run stays as it was
+        sigmas = f"{len(spec.prediction_error)} sigma x "
+        error = ", prediction error sigma " + ",".join(f"{e:g}" for e in spec.prediction_error)
+    print(f"astraea bench: {len(spec.policies)} policies x {len(spec.qps)} QPS x {sigmas}"
           f"{len(spec.seeds)} seeds, {spec.jobs} jobs each, profile {spec.profile}, "
-          f"predictor {spec.predictor}", file=sys.stderr)
+          f"predictor {spec.predictor}{error}", file=sys.stderr)
     runs = run_matrix(spec, parallel=args.parallel)
     rows = aggregate(runs)
     print(format_tables(rows))
+    degradation = format_degradation(rows)
+    if degradation:
+        print(degradation)
     check = replica_check(rows)
     if check:
         print("\nastraea against vllm-fcfs and the peers (the paper-replica criteria):")
@@ -91,7 +112,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from astraea.tools.bench.report import format_tables, markdown_summary, replica_check
+    from astraea.tools.bench.report import (
+        format_degradation,
+        format_tables,
+        markdown_summary,
+        replica_check,
+    )
 
     try:
         with open(args.results) as f:
@@ -102,6 +128,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     except (json.JSONDecodeError, KeyError, TypeError):
         raise ValueError(f"{args.results}: not a results file written by 'astraea bench --out'") from None
     print(markdown_summary(rows) if args.markdown else format_tables(rows))
+    degradation = format_degradation(rows)
+    if degradation and not args.markdown:
+        print(degradation)
     print("\n".join(replica_check(rows)))
     return 0
 

@@ -31,6 +31,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     help="the control plane's host:port (default: 127.0.0.1:50051)")
     up.add_argument("--predictor-listen", default=None,
                     help="the predictor's host:port (default: 127.0.0.1:50071)")
+    up.add_argument("--http", dest="http_listen", default=None, metavar="HOST:PORT",
+                    help="also start the OpenAI gateway (Chat Completions) on HOST:PORT")
+    up.add_argument("--api-key", dest="api_keys", action="append", default=None,
+                    metavar="KEY", help="a key the gateway requires (repeatable); without "
+                                        "one it serves loopback only")
     up.set_defaults(func=cmd_up)
 
     dm = sub.add_parser("demo", help="bring the stack up under vllm-fcfs and under astraea, "
@@ -215,6 +220,9 @@ def _stack_config(args: argparse.Namespace, **fixed):
              "log_level": args.log_level}
     if getattr(args, "no_predictor", False):
         flags["predictor"] = False
+    for name in ("http_listen", "api_keys"):
+        if getattr(args, name, None) is not None:
+            flags[name] = getattr(args, name)
     flags.update(fixed)
     if getattr(args, "config", None):
         return StackConfig.from_toml(args.config, **flags)
@@ -229,6 +237,9 @@ def _print_stack(st, out=None) -> None:
     if st.predictor_address:
         print(f"  predictor      {st.predictor_address}", file=out)
     print(f"  workers        {cfg.workers}", file=out)
+    if st.http_address:
+        print(f"  OpenAI API     {st.http_address}/v1  (model {cfg.served_model!r}"
+              f"{', API key required' if cfg.api_keys else ', no API key'})", file=out)
     print(f"  logs in {st.log_dir}:", file=out)
     for name, path in st.log_files.items():
         print(f"    {name:<14} {path}  (pid {st.pids[name]})", file=out)

@@ -12,7 +12,11 @@ from astraea.profile import load_profile
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("trace", help="agent traces")
     tsub = t.add_subparsers(dest="trace_command", required=True)
-    g = tsub.add_parser("gen", help="write a generated InferCept-mix trace (native JSONL)")
+    g = tsub.add_parser("gen", help="write a generated agent trace (native JSONL)")
+    g.add_argument("--shape", choices=("infercept", "long-context"), default="infercept",
+                   help="'infercept': the InferCept agent mix; 'long-context': coding-agent "
+                        "sessions (15-120k-token prompts, dozens of 0.02-5 s tool calls; use a "
+                        "long-window profile such as llama3-8b-h100)")
     g.add_argument("--jobs", type=int, default=1000)
     g.add_argument("--qps", type=float, default=None,
                    help="Poisson arrival rate; omit for a trace without arrivals")
@@ -27,10 +31,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_trace_gen(args: argparse.Namespace) -> int:
-    from astraea.workloads import generate_mix, write_native
+    from astraea.workloads import GENERATED, write_native
 
     window = load_profile(args.profile).context_window
-    jobs = generate_mix(args.jobs, args.seed, qps=args.qps, context_window=window)
+    jobs = GENERATED[args.shape](args.jobs, args.seed, qps=args.qps, context_window=window)
     n = write_native(jobs, args.out)
     print(f"wrote {n} jobs to {args.out}", file=sys.stderr)
     return 0

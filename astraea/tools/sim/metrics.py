@@ -45,6 +45,9 @@ def idle_jct_s(job: JobTrace, profile: HardwareProfile) -> float:
     """
     t, context = 0.0, 0
     budget = profile.max_num_batched_tokens
+    # A decode step's time, `profile.step_time_s(1, c)` term for term (so the same floats)
+    # without a call per token: long-context jobs decode thousands of tokens.
+    one, k = profile.non_attention_ms(1), profile.k_ms_per_context_token
     for i, seg in enumerate(job.segments):
         new = job.new_tokens_before(i)
         to_prefill = max(new, 1)
@@ -53,8 +56,8 @@ def idle_jct_s(job: JobTrace, profile: HardwareProfile) -> float:
             t += profile.step_time_s(chunk, context + new - to_prefill)
             to_prefill -= chunk
         context += new
-        for j in range(seg.output_tokens - 1):
-            t += profile.step_time_s(1, context + j)
+        for c in range(context, context + seg.output_tokens - 1):
+            t += (one + k * c) / 1e3
         context += seg.output_tokens
         if seg.tool:
             t += seg.tool.duration_s

@@ -18,6 +18,7 @@ from astraea.plan import Admit, Evict, Pause, Preempt
 from astraea.profile import HardwareProfile
 from astraea.tools.sim.metrics import JobRecord, idle_jct_s, summarize
 from astraea.tools.sim.oracle import TraceOracle
+from astraea.tools.sim.prediction_error import PredictionErrorEstimator
 from astraea.workloads.trace import JobTrace
 from control_plane.core.config import SchedulerConfig
 from control_plane.core.estimates import OnlineJobEstimator, ServiceTimeEstimator
@@ -51,7 +52,8 @@ class Simulation:
     def __init__(self, jobs: list[JobTrace], profile: HardwareProfile, policy: str,
                  num_workers: int = 1, predictor: str = "online",
                  config: SchedulerConfig | None = None, kv_blocks: int | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 prediction_error: float = 0.0, error_seed: int = 0) -> None:
         if any(j.arrival_s is None for j in jobs):
             raise ValueError("every job needs an arrival time (give a QPS for traces without)")
         if num_workers < 1:
@@ -62,6 +64,10 @@ class Simulation:
         if len(self.trace) != len(jobs):
             raise ValueError("job ids must be unique")
         self.estimator = make_estimator(predictor, self.trace)
+        if prediction_error != 0:
+            # σ = 0 leaves the estimator unwrapped: today's results, bit for bit.
+            self.estimator = PredictionErrorEstimator(self.estimator, prediction_error,
+                                                      error_seed)
         self.sched = build_scheduler(policy, profile, self.estimator, config)
         self.engines = [SimulatedEngine(profile, w, kv_blocks) for w in range(num_workers)]
         self.records = {j.job_id: JobRecord(j.job_id, j.category, j.arrival_s,

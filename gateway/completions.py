@@ -1,0 +1,414 @@
+"""One Chat Completions request as one segment of its session's job.
+
+`Chats.prepare` finds or opens the session and works out the segment's input; `Turn.run`
+streams the segment and yields text deltas, then `Turn.finish` ends the turn: the reply goes
+into the session and the job enters its API wait (ReportToolCall START, category the first
+tool the model called, or "human"); the next request of the session reports its END.
+
+Continuing a session (see docs/design.md, "The OpenAI gateway"). The job's context holds the
+previous prompt's tokens and the tokens the model generated. A new request continues it only
+when its messages are the previous request's plus the reply as returned plus new ones, and
+its rendered prompt starts with the previous prompt and the re-rendered reply. The model's
+own tokens then stand for its reply (re-tokenizing the reply's text often gives other ids);
+the template's text after the reply (an end-of-turn the model did not generate, when the
+re-rendered reply starts with the generated text) and the new messages are tokenized and sent
+as the segment's input. Anything else starts a new job with the whole prompt: the old job is
+ended first, so nothing is answered from a context that differs from the prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from astraea.client import AstraeaError, AsyncAgentClient, FinishReason
+from astraea.telemetry import get_logger
+from astraea.telemetry.propagation import inject_metadata
+from astraea.v1 import agent_pb2, agent_pb2_grpc
+from gateway import errors
+from gateway.chat import (
+    ChatTokenizer,
+    ParsedToolCall,
+    parse_forced_call,
+    parse_tool_calls,
+    template_message,
+)
+from gateway.config import GatewayConfig
+from gateway.schemas import ChatRequest, check_tool_messages
+from gateway.sessions import SESSION_HEADERS, Session, SessionTable, prefix_keys
+
+log = get_logger("astraea.gateway")
+
+JOB_CATEGORY = "chat"
+HUMAN = "human"  # the API wait's category when the reply awaits a person, not a tool
+
+__all__ = ["Chats", "Turn", "ControlPlaneClient"]
+
+
+def session_id_of(req: ChatRequest, headers) -> str | None:
+    """The session a request names, from the first place that has one."""
+    if req.session_id:
+        return req.session_id
+    if headers.get("x-session-id"):
+        return headers["x-session-id"]
+    ctx = req.nvext.agent_context if req.nvext else None
+    if ctx is not None and (ctx.session_id or ctx.trajectory_id):
+        return ctx.session_id or ctx.trajectory_id
+    for h in SESSION_HEADERS[1:]:
+        if headers.get(h):
+            return headers[h]
+    return None
+
+
+@dataclass
+class Turn:
+    """One request on its session, from its input to its reply."""
+
+    chats: Chats
+    req: ChatRequest
+    session: Session
+    messages: list[dict]
+    keys: list[str]
+    prompt_text: str
+    input_ids: list[int]
+    prompt_tokens: int  # the whole prompt, in the job's tokens
+    close: bool  # nvext.session_control close: end the session after this reply
+    json_schema: str | None = None  # what decoding must match (a forced call, response_format)
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    tool_calls: list[ParsedToolCall] = field(default_factory=list)
+    prefill_tokens: int | None = None
+    _placeholders: bool = False
+    # Whether the reply's text is all its tokens say: not when a stop string cut the text but
+    # not the tokens (the job's context then holds text the next request will not).
+    _text_is_tokens: bool = True
+
+    @property
+    def buffered(self) -> bool:
+        """With tools, text may be a tool call: it is sent once the segment has ended."""
+        return bool(self.req.tools) and self.req.tool_choice != "none"
+
+    def usage(self) -> dict:
+        cached = max(0, self.prompt_tokens - (self.prefill_tokens or 0)) \
+            if self.prefill_tokens is not None else 0
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.generated),
+                "total_tokens": self.prompt_tokens + len(self.generated),
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def _delta(self, ids: list[int], worker_text: str) -> str:
+        """New text for these ids: the worker's, or (placeholder ids of a simulated worker,
+        which come with no text) decoded here."""
+        tok = self.chats.tokenizer
+        if not worker_text and not tok.in_vocab(ids):
+            self._placeholders = True
+        if not self._placeholders:
+            return worker_text
+        full = tok.decode(self.generated)
+        if full.endswith("\ufffd") or not full.startswith(self.text):
+            return ""  # an incomplete character: wait for the next token
+        return full[len(self.text):]
+
+    async def run(self) -> AsyncIterator[str]:
+        """Run the segment, yielding its text as it arrives (nothing while `buffered`)."""
+        chats, s, r = self.chats, self.session, self.req
+        s.turn_started = True
+        sampling = {"top_p": r.top_p, "seed": r.seed, "stop": r.stops()}
+        if self.json_schema is not None:
+            sampling["json_schema"] = self.json_schema
+        stream = chats.client.stream_segment(
+            s.job_id, prompt_token_ids=self.input_ids, max_tokens=r.output_limit(),
+            temperature=r.temperature, next_tool_category=HUMAN, **sampling)
+        try:
+            async for chunk in stream:
+                self.generated.extend(chunk.token_ids)
+                delta = self._delta(list(chunk.token_ids), chunk.text)
+                if delta:
+                    self.text += delta
+                    if not self.buffered:
+                        yield delta
+        except BaseException:
+            # Cancelled (the HTTP client went away) or failed: the control plane ends the job
+            # when its RunSegment call goes, which frees the worker's KV.
+            chats.sessions.forget_turn(s)
+            s.busy = False
+            raise
+        if not self.text and self.generated:
+            # No text came for any token: placeholders all inside the vocabulary by chance.
+            self._placeholders = True
+        if self._placeholders:  # what an incomplete character held back, as it decodes
+            full = self.chats.tokenizer.decode(self.generated)
+            if full.startswith(self.text) and len(full) > len(self.text):
+                rest = full[len(self.text):]
+                self.text = full
+                if not self.buffered:
+                    yield rest
+        if not self._placeholders and self.chats.tokenizer.decode(self.generated) != self.text:
+            self._text_is_tokens = False
+        result = stream.result
+        self.prefill_tokens = result.timings.prefill_tokens if result.timings else None
+        if r.forced_tools():
+            # Decoding followed the call's schema: the whole text is the call.
+            self.tool_calls = parse_forced_call(self.text)
+            if self.tool_calls:
+                self.text = ""
+        elif r.tools and r.tool_choice != "none":
+            content, self.tool_calls = parse_tool_calls(self.text)
+            if self.tool_calls:
+                self.text = content
+        if self.tool_calls:
+            self.finish_reason = "tool_calls"
+        elif result.finish_reason is FinishReason.STOP:
+            self.finish_reason = "stop"
+        else:  # the token budget ran out (TOOL_CALL: our hint's reading of that end)
+            self.finish_reason = "length"
+
+    def reply(self) -> dict:
+        msg: dict = {"role": "assistant", "content": self.text or None}
+        if self.tool_calls:
+            msg["tool_calls"] = [c.as_openai() for c in self.tool_calls]
+        return msg
+
+    async def finish(self) -> None:
+        """The reply is sent: record it in the session and start its API wait (or end the
+        session when asked to)."""
+        chats, s = self.chats, self.session
+        try:
+            if self.close:
+                await chats.end_session(s, "closed by the client")
+                return
+            reply = self.reply()
+            s.n_messages = len(self.messages)
+            s.prompt_text = self.prompt_text
+            s.generated_text = chats.tokenizer.decode(self.generated, skip_special=False) \
+                if not self._placeholders else self.text
+            s.context_tokens = self.prompt_tokens + len(self.generated)
+            keys = prefix_keys([*self.messages, template_message_dict(reply)], self.req_tools())
+            chats.sessions.turn_ended(s, keys[-1])
+            if not self._text_is_tokens:
+                s.context_differs = True
+            category = self.tool_calls[0].name if self.tool_calls else HUMAN
+            try:
+                await chats.client.report_tool_start(s.job_id, category)
+                s.tool_started = True
+            except AstraeaError as e:  # the job is gone (e.g. its worker died)
+                log.warning("tool start not recorded; the session starts over", error=str(e),
+                            session_id=s.session_id)
+                chats.sessions.forget_turn(s)
+        finally:
+            s.busy = False
+            s.last_used = time.monotonic()
+
+    def req_tools(self) -> list[dict] | None:
+        return _tools(self.req)
+
+
+class Chats:
+    """The gateway's sessions and the calls that run them."""
+
+    def __init__(self, config: GatewayConfig, client: ControlPlaneClient,
+                 tokenizer: ChatTokenizer) -> None:
+        self.config = config
+        self.client = client
+        self.tokenizer = tokenizer
+        self.sessions = SessionTable()
+
+    async def prepare(self, req: ChatRequest, headers) -> Turn:
+        """The request's turn on its session (found, continued or opened), its job ready."""
+        if req.model != self.config.model:
+            raise errors.model_not_found(req.model, self.config.model)
+        check_tool_messages(req.messages)
+        schema = _json_schema(req)
+        messages = [template_message(m) for m in req.messages]
+        tools = _tools(req)
+        try:
+            prompt_text = self.tokenizer.render(messages, tools, add_generation_prompt=True)
+        except Exception as e:  # the template's own checks (e.g. roles it does not allow)
+            raise errors.bad_request(f"messages cannot be rendered by the model's chat "
+                                     f"template: {e}", "messages") from None
+        keys = prefix_keys(messages, tools)
+        named = session_id_of(req, headers)
+        close = bool(req.nvext and req.nvext.session_control
+                     and req.nvext.session_control.action == "close")
+        s = self.sessions.find(named, keys)
+        if s is not None and s.busy:
+            if named is not None:
+                raise errors.session_busy(s.session_id)
+            s = None  # an unnamed fork of a conversation being answered: a session of its own
+        if s is None:
+            s = self.sessions.new(named)
+        s.busy = True  # no await between the lookup and here: one request per session
+        s.turn_started = False
+        s.last_used = time.monotonic()
+        try:
+            suffix = self._continuation(s, messages, tools, keys, prompt_text)
+            if suffix is not None and s.tool_started:
+                s.tool_started = False
+                try:
+                    await self.client.report_tool_end(s.job_id)
+                except AstraeaError as e:
+                    if e.code is not grpc.StatusCode.NOT_FOUND:
+                        raise
+                    # The control plane lost the job (restarted): start over, whole prompt.
+                    self.sessions.forget_turn(s)
+                    suffix = None
+            if suffix is not None:
+                ids = self.tokenizer.encode(suffix)
+                prompt_tokens = s.context_tokens + len(ids)
+            else:
+                if s.job_id is not None:
+                    await self._drop_job(s, "the prompt does not continue the session")
+                s.job_id = await self.client.start_job()
+                ids = self.tokenizer.encode(prompt_text)
+                prompt_tokens = len(ids)
+            if not ids:
+                raise errors.bad_request("the rendered prompt is empty", "messages")
+        except AstraeaError as e:
+            self.sessions.forget_turn(s)
+            s.busy = False
+            raise errors.from_grpc(e.code, e.message) from None
+        except BaseException:
+            s.busy = False
+            raise
+        return Turn(self, req, s, messages, keys, prompt_text, ids, prompt_tokens, close,
+                    schema)
+
+    def _continuation(self, s: Session, messages: list[dict], tools, keys: list[str],
+                      prompt_text: str) -> str | None:
+        """The text to send after the job's context when the request continues the session's
+        last turn (see the module docstring), else None."""
+        if s.job_id is None or s.context_differs or not s.continues(keys):
+            return None
+        through_reply = self.tokenizer.render(messages[:s.n_messages + 1], tools,
+                                              add_generation_prompt=False)
+        if not (through_reply.startswith(s.prompt_text) and prompt_text.startswith(through_reply)):
+            return None
+        rendered_reply = through_reply[len(s.prompt_text):]
+        rest = rendered_reply[len(s.generated_text):] \
+            if rendered_reply.startswith(s.generated_text) else ""
+        return rest + prompt_text[len(through_reply):]
+
+    async def _drop_job(self, s: Session, why: str) -> None:
+        job_id = s.job_id
+        self.sessions.forget_turn(s)
+        if job_id is None:
+            return
+        try:
+            await self.client.end_job(job_id)
+        except AstraeaError as e:
+            if e.code is not grpc.StatusCode.NOT_FOUND:
+                log.warning("could not end a session's job", job_id=job_id, error=str(e))
+        log.info("session job ended", session_id=s.session_id, job_id=job_id, why=why)
+
+    async def end_session(self, s: Session, why: str) -> None:
+        await self._drop_job(s, why)
+        self.sessions.remove(s)
+
+    async def reap_idle(self, now: float | None = None) -> int:
+        """End the sessions idle for longer than the configured timeout; how many. A session
+        busy with a turn whose segment never started (a streamed response whose client left
+        before its body began) counts as idle too."""
+        idle = self.sessions.idle(self.config.session_idle_s, now)
+        for s in idle:
+            await self.end_session(s, "idle")
+        return len(idle)
+
+    async def reap_forever(self) -> None:
+        period = max(0.05, min(5.0, self.config.session_idle_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.reap_idle()
+            except Exception as e:  # a control-plane hiccup must not stop the reaper
+                log.warning("idle sessions not reaped", error=str(e))
+
+    async def close(self) -> None:
+        """End every session (the gateway is stopping): their jobs' KV is freed now."""
+        for s in list(self.sessions.by_id.values()):
+            if not s.busy:
+                await self.end_session(s, "gateway stopping")
+
+
+def tool_call_schema(tools) -> dict:
+    """The schema of one call of one of `tools`: {"name": ..., "arguments": {...}}."""
+    options = [{"type": "object", "additionalProperties": False,
+                "required": ["name", "arguments"],
+                "properties": {"name": {"const": t.function.name},
+                               "arguments": t.function.parameters or {"type": "object"}}}
+               for t in tools]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def template_message_dict(reply: dict) -> dict:
+    """The reply as it will come back in the next request, in template form."""
+    calls = reply.get("tool_calls")
+    return {"role": "assistant", "content": reply.get("content") or "",
+            "tool_calls": [{"id": c["id"], "type": "function",
+                            "function": {"name": c["function"]["name"],
+                                         "arguments": c["function"]["arguments"]}}
+                           for c in calls] if calls else None}
+
+
+def _tools(req: ChatRequest) -> list[dict] | None:
+    return [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+
+
+def _json_schema(req: ChatRequest) -> str | None:
+    """The JSON schema the output must match: a forced tool call's, or response_format's."""
+    forced = req.forced_tools()
+    if forced:
+        return json.dumps(tool_call_schema(forced))
+    f = req.response_format
+    if f is None or f.type == "text":
+        return None
+    if f.type == "json_object":
+        return json.dumps({"type": "object"})
+    if f.json_schema is None or f.json_schema.schema_ is None:
+        raise errors.bad_request("response_format.json_schema.schema is required for "
+                                 "type json_schema", "response_format.json_schema.schema")
+    return json.dumps(f.json_schema.schema_)
+
+
+class ControlPlaneClient:
+    """The control-plane calls the gateway makes, over one gRPC channel."""
+
+    def __init__(self, channel: grpc.aio.Channel, timeout_s: float | None = None) -> None:
+        self.agent = AsyncAgentClient(channel=channel)
+        self._stub = agent_pb2_grpc.AgentServiceStub(channel)
+        self.timeout_s = timeout_s  # for the unary calls; a segment takes what it takes
+
+    def stream_segment(self, job_id: str, **kw):
+        return self.agent.stream_segment(job_id, **kw)
+
+    async def _unary(self, method: str, request):
+        try:
+            return await getattr(self._stub, method)(request, timeout=self.timeout_s,
+                                                     metadata=inject_metadata())
+        except grpc.RpcError as e:
+            raise AstraeaError(e.code(), e.details() or "", method) from None
+
+    async def start_job(self) -> str:
+        return (await self._unary("StartJob", agent_pb2.StartJobRequest(
+            category=JOB_CATEGORY))).job_id
+
+    async def report_tool_start(self, job_id: str, category: str) -> None:
+        await self._unary("ReportToolCall", agent_pb2.ReportToolCallRequest(
+            job_id=job_id, phase=agent_pb2.TOOL_CALL_PHASE_START, category=category))
+
+    async def report_tool_end(self, job_id: str) -> None:
+        await self._unary("ReportToolCall", agent_pb2.ReportToolCallRequest(
+            job_id=job_id, phase=agent_pb2.TOOL_CALL_PHASE_END))
+
+    async def end_job(self, job_id: str) -> None:
+        await self._unary("EndJob", agent_pb2.EndJobRequest(job_id=job_id))
+
+    async def cancel_job(self, job_id: str, reason: str) -> None:
+        await self._unary("CancelJob", agent_pb2.CancelJobRequest(job_id=job_id, reason=reason))
