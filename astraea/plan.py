@@ -122,6 +122,16 @@ class AdmitDecision:
     score: float | None  # its HRRN response ratio within that queue; None for other disciplines
 
 
+@dataclass(frozen=True)
+class StepTiming:
+    """One engine step's timing (proto `StepTiming`): what a worker reports and the predictor
+    fits step time from."""
+
+    tokens: int  # tokens processed (decoded plus prefilled)
+    context_tokens_read: int  # KV tokens read by the step's attention, new ones included
+    duration_s: float
+
+
 @dataclass
 class WorkerView:
     """What the scheduler knows of one worker's memory when it plans."""

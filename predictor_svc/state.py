@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from astraea.estimators import OnlineEstimator
-from predictor_svc.step_time import StepTiming
+from astraea.plan import StepTiming
 
 FORMAT = "astraea-predictor-state"
 VERSION = 1

@@ -21,19 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from astraea.plan import StepTiming
 from astraea.profile import HardwareProfile
 
 DEFAULT_WINDOW = 2048
 MIN_SAMPLES = 8
-
-
-@dataclass(frozen=True)
-class StepTiming:
-    """One engine step's timing, as a worker reports it (proto `StepTiming`)."""
-
-    tokens: int
-    context_tokens_read: int
-    duration_s: float
 
 
 @dataclass(frozen=True)

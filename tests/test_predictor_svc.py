@@ -11,11 +11,12 @@ import grpc
 import pytest
 
 from astraea.estimators import PRIOR_API_S, PRIOR_OUTPUT_TOKENS, OnlineEstimator
+from astraea.plan import StepTiming
 from astraea.profile import load_profile
 from astraea.v1 import common_pb2, predictor_pb2, predictor_pb2_grpc
 from predictor_svc.server import MAX_BATCH, serve
 from predictor_svc.state import PredictorState, StateError, load_state, save_state
-from predictor_svc.step_time import StepTimeModel, StepTiming
+from predictor_svc.step_time import StepTimeModel
 
 PRIOR = predictor_pb2.ESTIMATE_SOURCE_PRIOR
 MODEL = predictor_pb2.ESTIMATE_SOURCE_MODEL

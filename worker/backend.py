@@ -19,7 +19,7 @@ Conventions every backend follows:
 
 Below the interface: what both engine backends share (`EngineBackend`: the frame of `apply`
 with its checks, the admissions being reported, failing) and what their engines report to
-them (`EngineError`, `EngineSegmentEnded`, `StepTiming`).
+them (`EngineError`, `EngineSegmentEnded`, and `astraea.plan.StepTiming`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from astraea.plan import (
     KvAction,
     Pause,
     Preempt,
+    StepTiming,
     WireAction,
     WorkerInfo,
     WorkerView,
@@ -137,15 +138,6 @@ class SegmentPreempted:
     job_id: str
     generated_tokens: int
     action: KvAction  # what was done with its KV: SWAP or DISCARD
-
-
-@dataclass(frozen=True)
-class StepTiming:
-    """One engine step (proto `StepTiming`; the predictor fits step time from these)."""
-
-    tokens: int  # tokens processed (decoded plus prefilled)
-    context_tokens_read: int  # KV tokens read by the step's attention, new ones included
-    duration_s: float
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,11 @@ from typing import TYPE_CHECKING
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; num_gpu_blocks_override sizes it
 
-from astraea.plan import KvAction  # noqa: E402
-from worker.backend import EngineError, EngineSegmentEnded, Sampling, StepTiming  # noqa: E402
+from astraea.plan import (
+    KvAction,  # noqa: E402
+    StepTiming,  # noqa: E402
+)
+from worker.backend import EngineError, EngineSegmentEnded, Sampling  # noqa: E402
 from worker.vllm import sampling as to_vllm  # noqa: E402
 from worker.vllm.swap import HostSwap  # noqa: E402
 
