@@ -8,11 +8,8 @@ One stack serves the module (the engine takes seconds to start).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import time
-from dataclasses import dataclass
 
 import pytest
 
@@ -50,11 +47,10 @@ def test_stop_text_holds_back_only_a_possible_start() -> None:
 
 pytest.importorskip("vllm")
 
+from live_vllm import Live, live_stack  # noqa: E402
+
 from astraea.client.client import AstraeaError, AsyncAgentClient, FinishReason  # noqa: E402
 from astraea.v1 import common_pb2  # noqa: E402
-from control_plane.service.context import ServiceConfig  # noqa: E402
-from control_plane.service.server import serve  # noqa: E402
-from worker.process import run_worker  # noqa: E402
 from worker.vllm.backend import VllmBackend  # noqa: E402
 from worker.vllm.engine import EngineConfig  # noqa: E402
 from worker.vllm.tiny_model import build_tiny_model  # noqa: E402
@@ -69,18 +65,6 @@ TOOL_CALL_SCHEMA = {
     "required": ["name", "arguments"], "additionalProperties": False}
 
 
-@dataclass
-class Live:
-    loop: asyncio.AbstractEventLoop
-    server: object
-    backend: VllmBackend
-    address: str
-    worker: asyncio.Task
-
-    def run(self, coro, timeout: float = 120.0):
-        return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("models"))
@@ -88,31 +72,10 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def live(model_dir):
-    loop = asyncio.new_event_loop()
     backend = VllmBackend(EngineConfig(model=str(model_dir), num_blocks=49))
-
-    async def up():
-        server = await serve("127.0.0.1:0", "astraea", "gptj-6b-a100",
-                             ServiceConfig(time_scale=1.0))
-        address = f"127.0.0.1:{server.port}"
-        worker = asyncio.create_task(run_worker(address, backend, "vllm-0"))
-        deadline = time.monotonic() + 120
-        while len(server.control_plane.registry.workers) < 1:
-            assert not worker.done(), f"worker exited: {worker.result()}"
-            assert time.monotonic() < deadline, "the vLLM worker did not register"
-            await asyncio.sleep(0.05)
-        return Live(loop, server, backend, address, worker)
-
-    stack = loop.run_until_complete(up())
-    try:
+    with live_stack(backend, "gptj-6b-a100", register_timeout_s=120,
+                    run_timeout_s=120) as stack:
         yield stack
-    finally:
-        async def down():
-            await stack.server.stop(grace=0.5)
-            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-                await asyncio.wait_for(stack.worker, 30)
-        loop.run_until_complete(down())
-        loop.close()
 
 
 async def one_segment(live: Live, job_id: str, **kwargs):

@@ -14,12 +14,12 @@ import asyncio
 import contextlib
 import random
 import time
-from dataclasses import dataclass
 
 import pytest
 
 pytest.importorskip("vllm")
 
+from live_vllm import Live, live_stack  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
 from astraea.client.client import AsyncAgentClient, FinishReason  # noqa: E402
@@ -44,19 +44,6 @@ RESULTS = (" Observation: the order costs sixty, with ten for the train. Thought
 SEGMENTS = (24, 16, 12)  # max_tokens of the agent job's three segments
 
 
-@dataclass
-class Live:
-    loop: asyncio.AbstractEventLoop
-    server: object
-    backend: VllmBackend
-    address: str
-    worker: asyncio.Task
-    reports: list  # (total, free, host free, running seqs) of every MemoryReport received
-
-    def run(self, coro, timeout: float = 60.0):
-        return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("models"))
@@ -73,32 +60,14 @@ def live(model_dir):
         return original(self, view, applied_seq)
 
     registry.WorkerEntry.memory_reported = recording
-    loop = asyncio.new_event_loop()
     backend = VllmBackend(EngineConfig(model=str(model_dir), num_blocks=NUM_BLOCKS,
                                        host_swap_blocks=HOST_BLOCKS, max_num_seqs=64),
                           check_memory=True)
-
-    async def up():
-        server = await serve("127.0.0.1:0", "astraea", PROFILE, ServiceConfig(time_scale=1.0))
-        address = f"127.0.0.1:{server.port}"
-        worker = asyncio.create_task(run_worker(address, backend, "vllm-0"))
-        deadline = time.monotonic() + 60
-        while len(server.control_plane.registry.workers) < 1:
-            assert not worker.done(), f"worker exited: {worker.result()}"
-            assert time.monotonic() < deadline, "the vLLM worker did not register"
-            await asyncio.sleep(0.05)
-        return Live(loop, server, backend, address, worker, reports)
-
-    stack = loop.run_until_complete(up())
     try:
-        yield stack
+        with live_stack(backend, PROFILE, register_timeout_s=60, run_timeout_s=60,
+                        reports=reports) as stack:
+            yield stack
     finally:
-        async def down():
-            await stack.server.stop(grace=0.5)
-            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-                await asyncio.wait_for(stack.worker, 30)
-        loop.run_until_complete(down())
-        loop.close()
         registry.WorkerEntry.memory_reported = original
 
 
