@@ -14,11 +14,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from astraea.client import AstraeaError
+from astraea.client import AstraeaError, AsyncAgentClient
 from astraea.telemetry import get_logger
 from gateway import errors, schemas
 from gateway.chat import ChatTokenizer
-from gateway.completions import Chats, ControlPlaneClient, Turn
+from gateway.completions import Chats, Turn
 from gateway.config import GatewayConfig
 
 log = get_logger("astraea.gateway")
@@ -85,7 +85,7 @@ async def _stream(turn: Turn) -> AsyncIterator[bytes]:
     yield b"data: [DONE]\n\n"
 
 
-def create_app(config: GatewayConfig, client: ControlPlaneClient,
+def create_app(config: GatewayConfig, client: AsyncAgentClient,
                tokenizer: ChatTokenizer, reap: bool = True) -> FastAPI:
     """The gateway's app over `client` (its channel is the caller's to close)."""
     chats = Chats(config, client, tokenizer)

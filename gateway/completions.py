@@ -29,8 +29,6 @@ import grpc
 
 from astraea.client import AstraeaError, AsyncAgentClient, FinishReason
 from astraea.telemetry import get_logger
-from astraea.telemetry.propagation import inject_metadata
-from astraea.v1 import agent_pb2, agent_pb2_grpc
 from gateway import errors
 from gateway.chat import (
     ChatTokenizer,
@@ -48,7 +46,7 @@ log = get_logger("astraea.gateway")
 JOB_CATEGORY = "chat"
 HUMAN = "human"  # the API wait's category when the reply awaits a person, not a tool
 
-__all__ = ["Chats", "Turn", "ControlPlaneClient"]
+__all__ = ["Chats", "Turn"]
 
 
 def session_id_of(req: ChatRequest, headers) -> str | None:
@@ -214,7 +212,7 @@ class Turn:
 class Chats:
     """The gateway's sessions and the calls that run them."""
 
-    def __init__(self, config: GatewayConfig, client: ControlPlaneClient,
+    def __init__(self, config: GatewayConfig, client: AsyncAgentClient,
                  tokenizer: ChatTokenizer) -> None:
         self.config = config
         self.client = client
@@ -266,7 +264,7 @@ class Chats:
             else:
                 if s.job_id is not None:
                     await self._drop_job(s, "the prompt does not continue the session")
-                s.job_id = await self.client.start_job()
+                s.job_id = await self.client.start_job(category=JOB_CATEGORY)
                 ids = self.tokenizer.encode(prompt_text)
                 prompt_tokens = len(ids)
             if not ids:
@@ -375,40 +373,3 @@ def _json_schema(req: ChatRequest) -> str | None:
         raise errors.bad_request("response_format.json_schema.schema is required for "
                                  "type json_schema", "response_format.json_schema.schema")
     return json.dumps(f.json_schema.schema_)
-
-
-class ControlPlaneClient:
-    """The control-plane calls the gateway makes, over one gRPC channel."""
-
-    def __init__(self, channel: grpc.aio.Channel, timeout_s: float | None = None) -> None:
-        self.agent = AsyncAgentClient(channel=channel)
-        self._stub = agent_pb2_grpc.AgentServiceStub(channel)
-        self.timeout_s = timeout_s  # for the unary calls; a segment takes what it takes
-
-    def stream_segment(self, job_id: str, **kw):
-        return self.agent.stream_segment(job_id, **kw)
-
-    async def _unary(self, method: str, request):
-        try:
-            return await getattr(self._stub, method)(request, timeout=self.timeout_s,
-                                                     metadata=inject_metadata())
-        except grpc.RpcError as e:
-            raise AstraeaError(e.code(), e.details() or "", method) from None
-
-    async def start_job(self) -> str:
-        return (await self._unary("StartJob", agent_pb2.StartJobRequest(
-            category=JOB_CATEGORY))).job_id
-
-    async def report_tool_start(self, job_id: str, category: str) -> None:
-        await self._unary("ReportToolCall", agent_pb2.ReportToolCallRequest(
-            job_id=job_id, phase=agent_pb2.TOOL_CALL_PHASE_START, category=category))
-
-    async def report_tool_end(self, job_id: str) -> None:
-        await self._unary("ReportToolCall", agent_pb2.ReportToolCallRequest(
-            job_id=job_id, phase=agent_pb2.TOOL_CALL_PHASE_END))
-
-    async def end_job(self, job_id: str) -> None:
-        await self._unary("EndJob", agent_pb2.EndJobRequest(job_id=job_id))
-
-    async def cancel_job(self, job_id: str, reason: str) -> None:
-        await self._unary("CancelJob", agent_pb2.CancelJobRequest(job_id=job_id, reason=reason))

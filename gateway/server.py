@@ -76,14 +76,16 @@ async def _serve(config: GatewayConfig, host: str, port: int, control_plane: str
     import grpc
     import uvicorn
 
+    from astraea.client import AsyncAgentClient
     from gateway.app import create_app
     from gateway.chat import ChatTokenizer
-    from gateway.completions import ControlPlaneClient
 
     tokenizer = ChatTokenizer(config.tokenizer, config.chat_template)
     channel = grpc.aio.insecure_channel(control_plane)
     try:
-        app = create_app(config, ControlPlaneClient(channel, timeout_s=30.0), tokenizer)
+        # Short calls are bounded; a segment takes what it takes.
+        client = AsyncAgentClient(channel=channel, timeout=30.0, segment_timeout=None)
+        app = create_app(config, client, tokenizer)
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                access_log=False, lifespan="on"))
         server.install_signal_handlers = lambda: None  # ours below: stop on SIGTERM too

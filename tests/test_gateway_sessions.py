@@ -98,15 +98,16 @@ class _Gateway:
     def __init__(self, config, control_plane: str) -> None:
         import uvicorn
 
+        from astraea.client import AsyncAgentClient
         from gateway.app import create_app
-        from gateway.completions import ControlPlaneClient
 
         self.loop = asyncio.new_event_loop()
         self.tokenizer = ChatTokenizer(config.tokenizer)
 
         async def build():
             self.channel = grpc.aio.insecure_channel(control_plane)
-            return create_app(config, ControlPlaneClient(self.channel, 10), self.tokenizer)
+            client = AsyncAgentClient(channel=self.channel, timeout=10, segment_timeout=None)
+            return create_app(config, client, self.tokenizer)
 
         self.app = self.loop.run_until_complete(build())
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0,

@@ -173,6 +173,9 @@ class SegmentStream:
         self.result = self._collector.close()
 
 
+_AS_TIMEOUT = object()  # AsyncAgentClient's segment_timeout default: the same as `timeout`
+
+
 class AsyncSegmentStream:
     """`async for` the `TokenChunk`s as they arrive; afterwards `result` is the SegmentResult."""
 
@@ -183,7 +186,8 @@ class AsyncSegmentStream:
         self.result: SegmentResult | None = None
 
     async def __aiter__(self) -> AsyncIterator[TokenChunk]:
-        call = self._client._stub.RunSegment(self._request, timeout=self._client.timeout,
+        call = self._client._stub.RunSegment(self._request,
+                                              timeout=self._client.segment_timeout,
                                               metadata=inject_metadata())
         try:
             async for ev in call:
@@ -255,15 +259,24 @@ class AgentClient:
     def tool_call(self, job_id: str, category: str = "") -> Iterator[ToolCallHandle]:
         """Report the tool call's START on entry and its END on exit (also when the block
         raises: the tool returned, if with an error)."""
-        self._unary("ReportToolCall", agent_pb2.ReportToolCallRequest(
-            job_id=job_id, phase=agent_pb2.TOOL_CALL_PHASE_START, category=category))
+        self.report_tool_start(job_id, category)
         handle = ToolCallHandle(job_id, category)
         try:
             yield handle
         finally:
-            r = self._unary("ReportToolCall", agent_pb2.ReportToolCallRequest(
-                job_id=job_id, phase=agent_pb2.TOOL_CALL_PHASE_END, category=category))
-            handle.observed_duration_s = r.observed_duration_s
+            handle.observed_duration_s = self.report_tool_end(job_id, category)
+
+    def report_tool_start(self, job_id: str, category: str = "") -> None:
+        """The job's tool was invoked (for a caller whose tool call spans more than a block,
+        such as the time between two HTTP requests)."""
+        self._unary("ReportToolCall", agent_pb2.ReportToolCallRequest(
+            job_id=job_id, phase=agent_pb2.TOOL_CALL_PHASE_START, category=category))
+
+    def report_tool_end(self, job_id: str, category: str = "") -> float:
+        """The job's tool returned; returns the call's duration as the server saw it."""
+        return self._unary("ReportToolCall", agent_pb2.ReportToolCallRequest(
+            job_id=job_id, phase=agent_pb2.TOOL_CALL_PHASE_END,
+            category=category)).observed_duration_s
 
     def end_job(self, job_id: str) -> common_pb2.JobStatus:
         """The job is complete; returns its final `JobStatus`."""
@@ -278,14 +291,18 @@ class AgentClient:
 
 class AsyncAgentClient:
     """`AgentClient` over `grpc.aio`: the same methods, awaited (`stream_segment` is used with
-    `async for`, `tool_call` with `async with`)."""
+    `async for`, `tool_call` with `async with`). `segment_timeout` bounds a RunSegment call
+    (default: `timeout`, as for every call); a server such as the gateway bounds its short
+    calls but not a segment, which takes what it takes."""
 
     def __init__(self, address: str = "127.0.0.1:50051", *,
-                 channel: grpc.aio.Channel | None = None, timeout: float | None = None) -> None:
+                 channel: grpc.aio.Channel | None = None, timeout: float | None = None,
+                 segment_timeout: float | None | object = _AS_TIMEOUT) -> None:
         self._own = channel is None
         self._channel = channel or grpc.aio.insecure_channel(address)
         self._stub = agent_pb2_grpc.AgentServiceStub(self._channel)
         self.timeout = timeout
+        self.segment_timeout = timeout if segment_timeout is _AS_TIMEOUT else segment_timeout
 
     async def close(self) -> None:
         if self._own:
@@ -329,15 +346,21 @@ class AsyncAgentClient:
 
     @contextlib.asynccontextmanager
     async def tool_call(self, job_id: str, category: str = "") -> AsyncIterator[ToolCallHandle]:
-        await self._unary("ReportToolCall", agent_pb2.ReportToolCallRequest(
-            job_id=job_id, phase=agent_pb2.TOOL_CALL_PHASE_START, category=category))
+        await self.report_tool_start(job_id, category)
         handle = ToolCallHandle(job_id, category)
         try:
             yield handle
         finally:
-            r = await self._unary("ReportToolCall", agent_pb2.ReportToolCallRequest(
-                job_id=job_id, phase=agent_pb2.TOOL_CALL_PHASE_END, category=category))
-            handle.observed_duration_s = r.observed_duration_s
+            handle.observed_duration_s = await self.report_tool_end(job_id, category)
+
+    async def report_tool_start(self, job_id: str, category: str = "") -> None:
+        await self._unary("ReportToolCall", agent_pb2.ReportToolCallRequest(
+            job_id=job_id, phase=agent_pb2.TOOL_CALL_PHASE_START, category=category))
+
+    async def report_tool_end(self, job_id: str, category: str = "") -> float:
+        return (await self._unary("ReportToolCall", agent_pb2.ReportToolCallRequest(
+            job_id=job_id, phase=agent_pb2.TOOL_CALL_PHASE_END,
+            category=category))).observed_duration_s
 
     async def end_job(self, job_id: str) -> common_pb2.JobStatus:
         return (await self._unary("EndJob", agent_pb2.EndJobRequest(job_id=job_id))).status
