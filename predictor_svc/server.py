@@ -3,12 +3,15 @@
 It serves batched service-time estimates to the control plane and learns from the
 observations the control plane forwards: API durations per tool category and output lengths
 (`astraea.estimators.OnlineEstimator`), and engine step timings (`step_time.StepTimeModel`, seeded
-from a hardware profile). Its state can be saved to and loaded from a file on its host.
+from a hardware profile). Its state lives in one file on its host, named on its command line
+(`--state`): SaveState/LoadState act on that file and take no path from the network.
 
 Requests are untrusted. A request with any bad element is rejected whole with
 INVALID_ARGUMENT naming the field and index, and nothing from it is applied: the whole batch is
-validated before any of it is learned. Unknown categories are fine: they borrow the pooled
-estimates, then the prior. Handlers run on a thread pool; one lock guards the learned state.
+validated before any of it is learned; every bound is in limits.py, and a burst of API
+observations moves a category's estimate by a bounded factor (`limits.BurstClip`). Unknown
+categories are fine: they borrow the pooled estimates, then the prior. Handlers run on a
+thread pool; one lock guards the learned state.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import math
 import os
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -30,55 +34,79 @@ from opentelemetry.trace import SpanKind, Tracer
 from astraea.errors import InvalidRequest
 from astraea.estimators import OnlineEstimator
 from astraea.profile import HardwareProfile, ProfileError, load_profile
+from astraea.rpc_guard import RequestGuard
 from astraea.telemetry import add_log_level_argument, extract_context, setup_service_telemetry
 from astraea.v1 import predictor_pb2, predictor_pb2_grpc
-from predictor_svc.state import PredictorState, StateError, load_state, save_state
+from predictor_svc import limits as limits_mod
+from predictor_svc.limits import BurstClip, PredictorLimits
+from predictor_svc.state import (
+    SAVE_INTERVAL_S,
+    PeriodicSaver,
+    PredictorState,
+    StateError,
+    load_state,
+    save_state,
+)
 from predictor_svc.step_time import StepTimeModel
 
 log = logging.getLogger("astraea.predictor")
 
-MAX_BATCH = 10_000  # elements per request; bounds the time one call holds the lock
+MAX_BATCH = PredictorLimits.max_batch
+DEFAULT_LIMITS = PredictorLimits()
 DEFAULT_LISTEN = "127.0.0.1:50071"
 DEFAULT_PROFILE = "gptj-6b-a100"
 SHUTDOWN_GRACE_S = 5.0
 
 
-def _finite_nonneg(value: float, where: str) -> None:
+def _finite_nonneg(value: float, where: str, most: float = math.inf) -> None:
     if not math.isfinite(value):
         raise InvalidRequest(f"{where} is {value}: must be a finite number")
     if value < 0:
         raise InvalidRequest(f"{where} is {value}: must be >= 0")
+    if value > most:
+        raise InvalidRequest(f"{where} is {value}: at most {most:g}")
 
 
-def _batch_size(n: int, what: str) -> None:
+def _batch_size(n: int, what: str, lim: PredictorLimits) -> None:
     if n == 0:
         raise InvalidRequest(f"{what} is empty: send at least one element")
-    if n > MAX_BATCH:
-        raise InvalidRequest(f"{what} has {n} elements: at most {MAX_BATCH} per request")
+    if n > lim.max_batch:
+        raise InvalidRequest(f"{what} has {n} elements: at most {lim.max_batch} per request")
 
 
-def validate_estimate(req: predictor_pb2.EstimateBatchRequest) -> None:
-    _batch_size(len(req.requests), "EstimateBatchRequest.requests")
+def _id(value: str, where: str, lim: PredictorLimits, empty_ok: bool = False) -> None:
+    if not value and not empty_ok:
+        raise InvalidRequest(f"{where} is empty")
+    if len(value) > lim.max_id_chars:
+        raise InvalidRequest(f"{where} has {len(value)} characters: at most {lim.max_id_chars}")
+
+
+def validate_estimate(req: predictor_pb2.EstimateBatchRequest,
+                      lim: PredictorLimits = DEFAULT_LIMITS) -> None:
+    _batch_size(len(req.requests), "EstimateBatchRequest.requests", lim)
     for i, r in enumerate(req.requests):
         where = f"EstimateBatchRequest.requests[{i}]"
-        if not r.job_id:
-            raise InvalidRequest(f"{where}.job_id is empty")
+        _id(r.job_id, f"{where}.job_id", lim)
         # An empty category is allowed here: the job's next tool may not be known yet, and
         # the pooled estimates are then the best answer.
+        _id(r.category, f"{where}.category", lim, empty_ok=True)
         _finite_nonneg(r.elapsed_api_s, f"{where}.elapsed_api_s")
 
 
-def validate_observe(req: predictor_pb2.ObserveRequest) -> None:
+def validate_observe(req: predictor_pb2.ObserveRequest,
+                     lim: PredictorLimits = DEFAULT_LIMITS) -> None:
     total = len(req.api_calls) + len(req.outputs) + len(req.steps)
-    _batch_size(total, "ObserveRequest (api_calls + outputs + steps)")
+    _batch_size(total, "ObserveRequest (api_calls + outputs + steps)", lim)
     for i, a in enumerate(req.api_calls):
         where = f"ObserveRequest.api_calls[{i}]"
-        if not a.category:
-            raise InvalidRequest(f"{where}.category is empty")
-        _finite_nonneg(a.duration_s, f"{where}.duration_s")
+        _id(a.category, f"{where}.category", lim)
+        _finite_nonneg(a.duration_s, f"{where}.duration_s", lim.max_api_duration_s)
     for i, o in enumerate(req.outputs):
-        if not o.category:
-            raise InvalidRequest(f"ObserveRequest.outputs[{i}].category is empty")
+        where = f"ObserveRequest.outputs[{i}]"
+        _id(o.category, f"{where}.category", lim)
+        if o.output_tokens > lim.max_output_tokens:
+            raise InvalidRequest(f"{where}.output_tokens is {o.output_tokens}: at most "
+                                 f"{lim.max_output_tokens}")
     for i, s in enumerate(req.steps):
         where = f"ObserveRequest.steps[{i}]"
         if s.tokens == 0:
@@ -86,20 +114,24 @@ def validate_observe(req: predictor_pb2.ObserveRequest) -> None:
         if s.decode_tokens > s.tokens:
             raise InvalidRequest(
                 f"{where}.decode_tokens ({s.decode_tokens}) exceeds tokens ({s.tokens})")
-        _finite_nonneg(s.duration_s, f"{where}.duration_s")
+        _finite_nonneg(s.duration_s, f"{where}.duration_s", lim.max_step_duration_s)
 
 
 class Predictor:
     """The learned state and the estimate/observe logic, free of gRPC; thread-safe."""
 
-    def __init__(self, profile: HardwareProfile) -> None:
+    def __init__(self, profile: HardwareProfile, limits: PredictorLimits = DEFAULT_LIMITS,
+                 clock=time.monotonic) -> None:
         self.profile = profile
+        self.limits = limits
+        self._clock = clock
         self._lock = threading.Lock()
         self._est = OnlineEstimator()
         self._steps = StepTimeModel(profile)
+        self._clip = BurstClip(limits.clip_factor, limits.clip_refresh_s, limits.clip_after)
 
     def estimate(self, req: predictor_pb2.EstimateBatchRequest) -> predictor_pb2.EstimateBatchResponse:
-        validate_estimate(req)
+        validate_estimate(req, self.limits)
         out = predictor_pb2.EstimateBatchResponse()
         with self._lock:
             est, steps = self._est, self._steps
@@ -126,10 +158,13 @@ class Predictor:
         return out
 
     def observe(self, req: predictor_pb2.ObserveRequest) -> predictor_pb2.ObserveResponse:
-        validate_observe(req)  # all or nothing: nothing is learned from a bad batch
+        validate_observe(req, self.limits)  # all or nothing: nothing is learned from a bad batch
+        now = self._clock()
         with self._lock:
+            est = self._est
             for a in req.api_calls:
-                self._est.observe_api(a.category, a.duration_s)
+                est.observe_api(a.category, self._clip.clip(
+                    a.category, a.duration_s, est.api_mean_s(a.category), now))
             for o in req.outputs:
                 self._est.observe_output_for(o.category, o.segment_index, o.output_tokens)
             for s in req.steps:
@@ -152,15 +187,30 @@ class Predictor:
         steps.replace_timings(state.step_timings)
         with self._lock:
             self._est, self._steps = state.estimator, steps
+            self._clip.forget()
 
 
 class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
     """Estimate and Observe run in a server span continuing the caller's trace (the control
     plane's ``predictor.estimate`` / ``predictor.observe``)."""
 
-    def __init__(self, predictor: Predictor, tracer: Tracer | None = None) -> None:
+    def __init__(self, predictor: Predictor, tracer: Tracer | None = None,
+                 state_path: str | None = None) -> None:
         self.predictor = predictor
         self.tracer = tracer or trace.get_tracer("astraea.predictor")
+        self.state_path = state_path  # the one file SaveState/LoadState act on (--state)
+
+    def _state_file(self, request, context, rpc: str) -> str:
+        """The predictor's own state file. A path from the network is refused: a caller must
+        not choose which file on this host is written or read, nor learn whether one exists."""
+        if request.path:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{rpc}Request.path must be empty: the predictor uses only its own "
+                          "state file (its --state option)")
+        if not self.state_path:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"{rpc}: the predictor was started without a state file (--state)")
+        return self.state_path
 
     def Estimate(self, request, context):
         with self.tracer.start_as_current_span(
@@ -182,26 +232,25 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     def SaveState(self, request, context):
-        if not request.path:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "SaveStateRequest.path is empty")
+        path = self._state_file(request, context, "SaveState")
         try:
-            size = self.predictor.save(request.path)
+            size = self.predictor.save(path)
         except OSError as e:
+            log.error("cannot write state file %s: %s", path, e)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"cannot write state file {request.path}: {e.strerror or e}")
-        log.info("state saved to %s (%d bytes)", request.path, size)
+                          f"cannot write the state file: {e.strerror or e}")
+        log.info("state saved to %s (%d bytes)", path, size)
         return predictor_pb2.SaveStateResponse(size_bytes=size)
 
     def LoadState(self, request, context):
-        if not request.path:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "LoadStateRequest.path is empty")
+        path = self._state_file(request, context, "LoadState")
         try:
-            self.predictor.load(request.path)
+            self.predictor.load(path)
         except StateError as e:
-            code = (grpc.StatusCode.NOT_FOUND if not os.path.exists(request.path)
+            code = (grpc.StatusCode.NOT_FOUND if not os.path.exists(path)
                     else grpc.StatusCode.INVALID_ARGUMENT)
             context.abort(code, str(e))
-        log.info("state loaded from %s", request.path)
+        log.info("state loaded from %s", path)
         return predictor_pb2.LoadStateResponse()
 
 
@@ -222,17 +271,21 @@ class RunningPredictor:
 
 
 def serve(address: str, profile_name: str, state_path: str | None = None,
-          max_workers: int = 8, tracer: Tracer | None = None) -> RunningPredictor:
+          max_workers: int | None = None, tracer: Tracer | None = None,
+          limits: PredictorLimits = DEFAULT_LIMITS) -> RunningPredictor:
     """Start a predictor on `address` (host:port; port 0 picks a free one) and return it
-    running. A `state_path` that exists is loaded first; a bad one raises `StateError`."""
-    predictor = Predictor(load_profile(profile_name))
+    running. A `state_path` that exists is loaded first; a bad one raises `StateError`.
+    SaveState/LoadState act on `state_path` only."""
+    predictor = Predictor(load_profile(profile_name), limits)
     if state_path and os.path.exists(state_path):
         predictor.load(state_path)
         log.info("state loaded from %s", state_path)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
-                                                    thread_name_prefix="predictor"))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers or limits.max_workers,
+                                                    thread_name_prefix="predictor"),
+                         interceptors=[RequestGuard()], options=limits.server_options(),
+                         maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
     predictor_pb2_grpc.add_PredictorServiceServicer_to_server(
-        PredictorServicer(predictor, tracer), server)
+        PredictorServicer(predictor, tracer, state_path), server)
     hs = health.HealthServicer()
     for name in ("", "astraea.v1.PredictorService"):
         hs.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -251,9 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", default=DEFAULT_PROFILE,
                         help="hardware profile name or JSON path (seeds the step-time model)")
     parser.add_argument("--state", default=None, metavar="FILE",
-                        help="state file: loaded at start if it exists, saved on SIGTERM/SIGINT")
+                        help="state file: loaded at start if it exists, saved every "
+                             "--save-interval seconds and on SIGTERM/SIGINT")
+    parser.add_argument("--save-interval", type=float, default=SAVE_INTERVAL_S,
+                        metavar="SECONDS", help="period of the state file's saves while "
+                                                "serving: what a SIGKILL can lose")
     parser.add_argument("--grace", type=float, default=SHUTDOWN_GRACE_S,
                         help="seconds in-flight calls get to finish on shutdown")
+    limits_mod.add_arguments(parser)
     add_log_level_argument(parser)
     return parser
 
@@ -261,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.save_interval > 0:
+        parser.error("--save-interval must be positive")
     # structlog JSON lines on stderr (stdlib records of this module included), with trace ids.
     tel = setup_service_telemetry(parser, "astraea-predictor", args.log_level)
     try:
@@ -271,12 +331,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        running = serve(args.listen, args.profile, args.state)
-    except (ProfileError, StateError, OSError) as e:
+        running = serve(args.listen, args.profile, args.state,
+                        limits=limits_mod.from_args(args))
+    except (ProfileError, StateError, OSError, ValueError) as e:  # ValueError: a bad limit
         log.error("cannot start: %s", e)
         return 2
     log.info("predictor serving on %s:%d (profile %s)", args.listen.rsplit(":", 1)[0],
              running.port, args.profile)
+    saver = _periodic_save(running, args)
 
     stop = threading.Event()
 
@@ -290,6 +352,8 @@ def _run(args: argparse.Namespace) -> int:
     running.health.enter_graceful_shutdown()  # NOT_SERVING during the drain
     # Stop first, so observations from calls finishing within the grace are saved too.
     running.stop(args.grace).wait()
+    if saver is not None:
+        saver.stop()
     if args.state:
         try:
             size = running.predictor.save(args.state)
@@ -298,6 +362,14 @@ def _run(args: argparse.Namespace) -> int:
             return 1
         log.info("state saved to %s (%d bytes)", args.state, size)
     return 0
+
+
+def _periodic_save(running: RunningPredictor, args: argparse.Namespace) -> PeriodicSaver | None:
+    """With --state, the state is also saved every --save-interval seconds (if it changed),
+    not only on SIGTERM: a SIGKILL or a crash then loses at most that interval."""
+    if not args.state:
+        return None
+    return PeriodicSaver(running.predictor.snapshot, args.state, args.save_interval).start()
 
 
 if __name__ == "__main__":

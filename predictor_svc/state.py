@@ -7,14 +7,20 @@ atomic â€” a temporary file in the same directory, fsynced, then `os.replace` â€
 mid-save leaves the previous file intact. Files are untrusted on load: anything missing,
 mistyped or out of range raises `StateError` naming the file and field, and nothing is built
 from a file that fails validation.
+
+`PeriodicSaver` writes the state every few seconds while the service runs (when it changed),
+so a process killed without a chance to save loses at most that interval's learning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +29,9 @@ from astraea.plan import StepTiming
 
 FORMAT = "astraea-predictor-state"
 VERSION = 1
+SAVE_INTERVAL_S = 10.0  # the service's default period between saves
+
+log = logging.getLogger("astraea.predictor")
 
 
 class StateError(ValueError):
@@ -47,10 +56,19 @@ def to_dict(state: PredictorState) -> dict:
     }
 
 
+def encode_state(state: PredictorState) -> bytes:
+    return json.dumps(to_dict(state), separators=(",", ":")).encode()
+
+
 def save_state(state: PredictorState, path: str | os.PathLike) -> int:
     """Write `state` to `path` atomically; returns the bytes written."""
+    return write_atomically(encode_state(state), path)
+
+
+def write_atomically(data: bytes, path: str | os.PathLike) -> int:
+    """`data` into `path` through a fsynced temporary file and `os.replace`: a reader (or a
+    crash) sees the old file or the new one, never a part."""
     path = Path(path)
-    data = json.dumps(to_dict(state), separators=(",", ":")).encode()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -65,6 +83,58 @@ def save_state(state: PredictorState, path: str | os.PathLike) -> int:
             pass
         raise
     return len(data)
+
+
+class PeriodicSaver:
+    """Every `interval_s`, on a daemon thread, the state `snapshot()` returns is written to
+    `path` (atomically) if it differs from what was last written. A failed write is logged
+    (once until one succeeds again) and retried at the next period."""
+
+    def __init__(self, snapshot: Callable[[], PredictorState], path: str | os.PathLike,
+                 interval_s: float = SAVE_INTERVAL_S) -> None:
+        if not interval_s > 0:
+            raise ValueError(f"interval_s must be positive, got {interval_s}")
+        self.snapshot, self.path, self.interval_s = snapshot, Path(path), interval_s
+        self.saves = 0  # files written
+        self._last: bytes | None = None
+        self._failing = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="predictor-state-saver",
+                                        daemon=True)
+
+    def start(self) -> PeriodicSaver:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """No more periodic saves (the caller then writes the final state itself)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def save_if_changed(self) -> bool:
+        """Write the state now if it changed since the last write; whether it wrote."""
+        data = encode_state(self.snapshot())
+        if data == self._last:
+            return False
+        write_atomically(data, self.path)
+        self._last = data
+        self.saves += 1
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.save_if_changed()
+            except OSError as e:
+                if not self._failing:
+                    log.error("cannot save state to %s: %s (retrying every %g s)", self.path,
+                              e.strerror or e, self.interval_s)
+                self._failing = True
+            else:
+                if self._failing:
+                    log.info("state saved to %s again", self.path)
+                self._failing = False
 
 
 def load_state(path: str | os.PathLike) -> PredictorState:

@@ -3,6 +3,8 @@ files). Each server listens on 127.0.0.1 port 0 and is stopped by its fixture.""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import math
 import random
@@ -14,6 +16,7 @@ from astraea.estimators import PRIOR_API_S, PRIOR_OUTPUT_TOKENS, OnlineEstimator
 from astraea.plan import StepTiming
 from astraea.profile import load_profile
 from astraea.v1 import common_pb2, predictor_pb2, predictor_pb2_grpc
+from predictor_svc.limits import PredictorLimits
 from predictor_svc.server import MAX_BATCH, serve
 from predictor_svc.state import PredictorState, StateError, load_state, save_state
 from predictor_svc.step_time import StepTimeModel
@@ -156,35 +159,63 @@ def test_step_time_fit_recovers_known_coefficients_over_grpc(start_server):
 
 # --- over gRPC: state -----------------------------------------------------------------------
 def test_save_then_load_into_a_fresh_server_reproduces_estimates(start_server, tmp_path):
-    _, stub = start_server()
+    path = str(tmp_path / "state.json")
+    _, stub = start_server(state_path=path)
     learn_everything(stub)
     before = probe(stub)
-    path = str(tmp_path / "state.json")
-    size = stub.SaveState(predictor_pb2.SaveStateRequest(path=path)).size_bytes
+    size = stub.SaveState(predictor_pb2.SaveStateRequest()).size_bytes
     assert size == (tmp_path / "state.json").stat().st_size > 0
 
-    _, fresh = start_server()
+    other = str(tmp_path / "other.json")
+    _, fresh = start_server(state_path=other)
     assert probe(fresh) != before
-    fresh.LoadState(predictor_pb2.LoadStateRequest(path=path))
+    (tmp_path / "other.json").write_bytes((tmp_path / "state.json").read_bytes())
+    fresh.LoadState(predictor_pb2.LoadStateRequest())  # its own file, now the saved state
     assert probe(fresh) == before
     # ... and so does a server started with the file as its state.
     _, started = start_server(state_path=path)
     assert probe(started) == before
 
 
-def test_load_of_a_missing_or_corrupt_file_is_refused_and_keeps_the_state(stub, tmp_path):
+def test_load_of_a_missing_or_corrupt_file_is_refused_and_keeps_the_state(start_server,
+                                                                          tmp_path):
+    _, stub = start_server(state_path=str(tmp_path / "state.json"))
     learn_everything(stub)
     before = probe(stub)
     with pytest.raises(grpc.RpcError) as err:
-        stub.LoadState(predictor_pb2.LoadStateRequest(path=str(tmp_path / "nope.json")))
+        stub.LoadState(predictor_pb2.LoadStateRequest())
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "not found" in err.value.details()
-    bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
+    (tmp_path / "state.json").write_text("{not json")
     with pytest.raises(grpc.RpcError) as err:
-        stub.LoadState(predictor_pb2.LoadStateRequest(path=str(bad)))
+        stub.LoadState(predictor_pb2.LoadStateRequest())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "invalid JSON" in err.value.details()
     assert probe(stub) == before
+
+
+@pytest.mark.parametrize("rpc", ["SaveState", "LoadState"])
+@pytest.mark.parametrize("path", ["../../etc/passwd", "/tmp/x.json", "state.json"])
+def test_state_calls_take_no_path_from_the_network(start_server, tmp_path, rpc, path):
+    """A caller cannot choose a file to write or read, nor learn whether one exists: any
+    path is refused the same way, and nothing is written."""
+    _, stub = start_server(state_path=str(tmp_path / "state.json"))
+    req = (predictor_pb2.SaveStateRequest(path=path) if rpc == "SaveState"
+           else predictor_pb2.LoadStateRequest(path=path))
+    with pytest.raises(grpc.RpcError) as err:
+        getattr(stub, rpc)(req)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{rpc}Request.path must be empty" in err.value.details()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("rpc", ["SaveState", "LoadState"])
+def test_state_calls_need_a_state_file(stub, rpc):
+    req = (predictor_pb2.SaveStateRequest() if rpc == "SaveState"
+           else predictor_pb2.LoadStateRequest())
+    with pytest.raises(grpc.RpcError) as err:
+        getattr(stub, rpc)(req)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "without a state file (--state)" in err.value.details()
 
 
 # --- over gRPC: bad input -------------------------------------------------------------------
@@ -204,6 +235,10 @@ def step(tokens=10, decode=1, ctx=100, d=0.01):
 BAD_OBSERVE = {
     "negative api duration": ([api(), api(d=-1.0)], [], [], "api_calls[1].duration_s"),
     "nan api duration": ([api(d=math.nan)], [], [], "api_calls[0].duration_s"),
+    "absurd api duration": ([api(d=1e6)], [], [], "api_calls[0].duration_s is 1000000.0: "
+                            f"at most {PredictorLimits.max_api_duration_s:g}"),
+    "long api category": ([api(cat="c" * 257)], [], [], "api_calls[0].category has 257"),
+    "absurd step duration": ([], [], [step(d=1e6)], "steps[0].duration_s"),
     "infinite api duration": ([api(d=math.inf)], [], [], "api_calls[0].duration_s"),
     "empty api category": ([api(), api(), api(cat="")], [], [], "api_calls[2].category"),
     "empty output category": ([api()], [out(), out(cat="")], [], "outputs[1].category"),
@@ -234,6 +269,62 @@ def test_bad_observations_are_rejected_whole(learned_stub, case):
     assert probe(learned_stub) == before  # the valid elements before the bad one were not kept
 
 
+def test_a_burst_of_fake_durations_moves_an_estimate_by_a_bounded_factor(stub):
+    """2,000 valid-looking 3,000-s observations after 100 real 2-s ones: each counts at most
+    clip_factor x the category's mean, so the estimate ends at most 10x where it was."""
+    stub.Observe(predictor_pb2.ObserveRequest(api_calls=[api("search", 2.0)] * 100))
+    (e,) = estimate(stub, ereq(category="search"))
+    assert e.api_total_s == pytest.approx(2.0)
+    for _ in range(4):
+        stub.Observe(predictor_pb2.ObserveRequest(api_calls=[api("search", 3000.0)] * 500))
+    (e,) = estimate(stub, ereq(category="search"))
+    assert 2.0 < e.api_total_s <= PredictorLimits.clip_factor * 2.0 + 1e-9
+    # Another category is not touched.
+    stub.Observe(predictor_pb2.ObserveRequest(api_calls=[api("db", 1.0)] * 40))
+    (d,) = estimate(stub, ereq(category="db"))
+    assert d.api_total_s == pytest.approx(1.0)
+
+
+def test_a_burst_of_calls_gets_answers_or_resource_exhausted_never_cancelled():
+    """3,000 Estimate calls at once on 4 threads and 16 concurrent calls: each is answered or
+    refused with RESOURCE_EXHAUSTED; none is dropped as CANCELLED by gRPC's pending queue."""
+    server = serve("127.0.0.1:0", "gptj-6b-a100", limits=PredictorLimits(max_concurrent_rpcs=16,
+                                                                         max_workers=4))
+
+    async def burst():
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = predictor_pb2_grpc.PredictorServiceStub(channel)
+            req = predictor_pb2.EstimateBatchRequest(requests=[ereq(f"j{i}") for i in range(20)])
+
+            async def one():
+                try:
+                    await stub.Estimate(req, timeout=120)
+                    return grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as e:
+                    return e.code()
+            return collections.Counter(await asyncio.gather(*(one() for _ in range(3000))))
+    try:
+        codes = asyncio.run(burst())
+    finally:
+        server.stop(None).wait()
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert codes[grpc.StatusCode.OK] >= 16 and sum(codes.values()) == 3000
+
+
+@pytest.mark.parametrize("method", ["Observe", "Estimate"])
+def test_an_unparseable_request_is_invalid_argument_and_logged_once(start_server, caplog,
+                                                                    method):
+    server, _ = start_server()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = channel.unary_unary(f"/astraea.v1.PredictorService/{method}")  # raw bytes
+        with caplog.at_level("WARNING"), pytest.raises(grpc.RpcError) as err:
+            call(b"\xff\xff\xff\xff", timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"not a valid {method} request message" in err.value.details()
+    records = [r for r in caplog.records if "unparseable" in r.getMessage()]
+    assert len(records) == 1 and records[0].exc_info is None  # one line, no traceback
+
+
 BAD_ESTIMATE = {
     "negative elapsed": ([ereq(), ereq(elapsed_api_s=-1.0)], "requests[1].elapsed_api_s"),
     "nan elapsed": ([ereq(elapsed_api_s=math.nan)], "requests[0].elapsed_api_s"),
@@ -251,16 +342,6 @@ def test_bad_estimate_requests_are_rejected(learned_stub, case):
         learned_stub.Estimate(predictor_pb2.EstimateBatchRequest(requests=reqs))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in err.value.details()
-
-
-@pytest.mark.parametrize("rpc", ["SaveState", "LoadState"])
-def test_state_calls_need_a_path(stub, rpc):
-    req = (predictor_pb2.SaveStateRequest() if rpc == "SaveState"
-           else predictor_pb2.LoadStateRequest())
-    with pytest.raises(grpc.RpcError) as err:
-        getattr(stub, rpc)(req)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "path is empty" in err.value.details()
 
 
 def test_empty_estimate_category_is_served_from_the_pool(learned_stub):

@@ -3,14 +3,21 @@
 Errors are gRPC statuses with a message naming the job and the problem: NOT_FOUND for an
 unknown job, ALREADY_EXISTS for a duplicate id, FAILED_PRECONDITION for a call the job's state
 does not allow (a segment on a finished job, or while one runs), INVALID_ARGUMENT for bad
-input. A bad call changes nothing. A client that goes away mid-segment cancels its job, which
-frees its worker's memory (an Abort).
+input (every string and list is bounded: limits.py). A bad call changes nothing. A client that
+goes away mid-segment cancels its job, which frees its worker's memory (an Abort).
+
+Overload is an answer: beyond `max_unfinished_jobs` (or `max_jobs_per_client` from one client
+host) StartJob fails with RESOURCE_EXHAUSTED and trailing metadata `retry-after-ms`. A finished
+job is answered by GetJob (state FINISHED, kv_state KV_STATE_NONE: its KV is freed) for
+`finished_retention_s`, then forgotten: NOT_FOUND, and its id may be used again. A job left in
+its API wait with no call from its client for `api_wait_timeout_s` is ended (its KV freed).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from typing import NoReturn
 
 import grpc
 from opentelemetry import trace
@@ -21,9 +28,17 @@ from astraea.telemetry import extract_context, get_logger
 from astraea.v1 import agent_pb2, agent_pb2_grpc
 from control_plane.service import validation
 from control_plane.service.context import ControlPlane
+from control_plane.service.limits import RETRY_AFTER_KEY
 from control_plane.service.registry import JobEntry, SegmentCall, SegmentClosed
 
 log = get_logger("astraea.control_plane.agents")
+
+
+def client_host(context) -> str:
+    """The peer's address without its port ("ipv4:10.0.0.7"): one client host, whatever
+    connection it uses."""
+    peer = context.peer() or ""
+    return peer.rsplit(":", 1)[0] if peer.count(":") > 1 else peer
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -33,10 +48,25 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def _entry(self, job_id: str, context) -> JobEntry:
         if not job_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job_id is empty")
+        try:
+            validation.check_id(job_id, "job_id", self.cp.config)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         entry = self.cp.registry.jobs.get(job_id)
         if entry is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job id {job_id!r}")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown job id {job_id!r}: never started here, or finished more than "
+                f"{self.cp.config.finished_retention_s:g} s ago and forgotten")
+        entry.last_call_s = time.monotonic()
         return entry
+
+    async def _refuse_admission(self, context, message: str) -> NoReturn:
+        self.cp.stats.events["start_job_refused"] += 1
+        retry = self.cp.config.retry_after_ms
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"{message}: retry in {retry} ms or later",
+                            trailing_metadata=((RETRY_AFTER_KEY, str(retry)),))
 
     # --- StartJob ---------------------------------------------------------------------------
     async def StartJob(self, request, context):
@@ -48,10 +78,22 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         job_id = request.job_id or uuid.uuid4().hex
-        if job_id in self.cp.registry.jobs:
+        registry = self.cp.registry
+        if job_id in registry.jobs:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"job id {job_id!r} already exists")
+        if registry.unfinished >= cfg.max_unfinished_jobs:
+            await self._refuse_admission(
+                context, f"the control plane holds {registry.unfinished} unfinished jobs, its "
+                f"limit (max_unfinished_jobs {cfg.max_unfinished_jobs})")
+        client = client_host(context)
+        if cfg.max_jobs_per_client and \
+                registry.unfinished_by_client[client] >= cfg.max_jobs_per_client:
+            await self._refuse_admission(
+                context, f"client {client} has {registry.unfinished_by_client[client]} "
+                f"unfinished jobs, its limit (max_jobs_per_client {cfg.max_jobs_per_client})")
         job = self.cp.scheduler.job_arrived(job_id, self.cp.now(), request.category or "unknown")
-        self.cp.registry.jobs[job_id] = JobEntry(job=job, arrival_unix_s=time.time())
+        registry.jobs[job_id] = JobEntry(job=job, arrival_unix_s=time.time(), client=client)
+        registry.unfinished_by_client[client] += 1
         # The job's trace continues the caller's, when it sent one.
         self.cp.tracing.job_started(job, extract_context(context))
         log.info("job started", job_id=job_id, category=job.category,
@@ -72,6 +114,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 if event.WhichOneof("event") == "done":
                     return
         finally:
+            entry.last_call_s = time.monotonic()  # its API wait's timeout counts from here
             if not seg.done:  # the client went away (or the call was cancelled) mid-segment
                 self.cp.finish_job(entry, "client disconnected mid-segment", cancel=True,
                                    error=True)
@@ -135,6 +178,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"job {job.job_id!r} is {job.state.value}: a tool call follows "
                                 "a segment that ended with TOOL_CALL")
+        if request.phase == agent_pb2.TOOL_CALL_PHASE_START and entry.tool_started_s is not None:
+            # One tool call at a time per job: a second START would silently lose the first's
+            # start time (and its duration, which the predictor learns from).
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"job {job.job_id!r}: a tool call is already open (START sent, "
+                                "END not yet): send its END first")
         now = self.cp.now()
         self.cp.tracing.tool_reported(
             job.job_id, "start" if request.phase == agent_pb2.TOOL_CALL_PHASE_START else "end",
@@ -165,6 +214,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return agent_pb2.EndJobResponse(status=self.cp.job_status(entry))
 
     async def CancelJob(self, request, context):
+        limit = self.cp.config.max_reason_chars
+        if len(request.reason) > limit:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"reason has {len(request.reason)} characters: at most {limit}")
         entry = await self._entry(request.job_id, context)
         if entry.finished_unix_s is None:
             self.cp.finish_job(entry, f"cancelled: {request.reason or 'no reason given'}",

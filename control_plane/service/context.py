@@ -22,6 +22,7 @@ from astraea.telemetry import Metrics, get_logger
 from astraea.v1 import agent_pb2, common_pb2, worker_pb2
 from control_plane.core.job import Job
 from control_plane.core.scheduler import Scheduler
+from control_plane.service.limits import Limits
 from control_plane.service.registry import JobEntry, Registry, SegmentClosed
 from control_plane.service.reservations import Reservation
 from control_plane.service.stats import ServiceStats
@@ -29,22 +30,26 @@ from control_plane.service.tracing import JobTracing
 
 log = get_logger("astraea.control_plane")
 
+PLAN_OVERHEAD_BYTES = 1024  # a ControlMessage around a plan's actions: tags, lengths, seq
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
 
 @dataclass(frozen=True)
-class ServiceConfig:
-    """Limits and defaults of the client API, and the clock."""
+class ServiceConfig(Limits):
+    """Defaults of the client API and the clock, on top of the limits (limits.py)."""
 
     # Scheduler seconds per wall second is 1 / time_scale: a control plane driving workers
     # whose simulated engines run `time_scale` times real time sets the same scale, so the
     # scheduler's times (waits, API durations, TTLs) are in the engines' time.
     time_scale: float = 1.0
     default_max_tokens: int = 256
-    max_prompt_chars: int = 1 << 20
-    max_stop_strings: int = 16
-    max_stop_chars: int = 256
-    max_json_schema_chars: int = 64 << 10  # a schema is compiled per segment; bound the work
     max_temperature: float = 2.0  # OpenAI's range; above it sampling is noise
-    max_id_chars: int = 256  # job ids and categories
     # A worker silent this long (wall seconds; workers send a heartbeat every second when
     # idle) is dropped and its jobs re-queued; 0 never drops one.
     worker_timeout_s: float = 10.0
@@ -114,8 +119,45 @@ class ControlPlane:
         actions = list(actions)
         if entry is None or not actions:
             return False
-        entry.outbound.put_nowait(entry.next_plan(actions, change))
-        return True
+        chunks = self._fit_worker_messages(worker_id, actions)
+        for i, chunk in enumerate(chunks):
+            # The change is held until the last part is applied: between the parts the view
+            # looks fuller than it is, never emptier.
+            entry.outbound.put_nowait(
+                entry.next_plan(chunk, change if i == len(chunks) - 1 else None))
+        return bool(chunks)
+
+    def _fit_worker_messages(self, worker_id: int,
+                             actions: list[worker_pb2.PlanAction]) -> list[list]:
+        """`actions` cut into plans the worker can receive (`worker_max_receive_bytes`); a
+        larger message would end the worker's stream, losing every job on it. An action that
+        alone does not fit fails its job instead."""
+        budget = self.config.worker_max_receive_bytes - PLAN_OVERHEAD_BYTES
+        chunks: list[list] = [[]]
+        size = 0
+        for action in actions:
+            n = action.ByteSize() + 8  # the field's tag and length
+            if n > budget:
+                self._fail_unsendable(worker_id, action, n)
+                continue
+            if size + n > budget and chunks[-1]:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(action)
+            size += n
+        return [c for c in chunks if c]
+
+    def _fail_unsendable(self, worker_id: int, action: worker_pb2.PlanAction, size: int) -> None:
+        kind = action.WhichOneof("action")
+        job_id = getattr(action, kind).job_id
+        log.error("plan action larger than a worker accepts, not sent", worker_id=worker_id,
+                  job_id=job_id, action=kind, bytes=size,
+                  limit=self.config.worker_max_receive_bytes)
+        entry = self.registry.jobs.get(job_id)
+        if kind == "admit" and entry is not None and entry.finished_unix_s is None:
+            self.finish_job(entry, f"its Admit needs {size} bytes: more than a worker accepts "
+                            f"({self.config.worker_max_receive_bytes})", cancel=True,
+                            error=True, code=grpc.StatusCode.RESOURCE_EXHAUSTED)
 
     def abort_on_worker(self, job: Job, reason: str) -> None:
         """Free whatever the job's worker holds for it (running segment, GPU or host KV, or
@@ -132,6 +174,11 @@ class ControlPlane:
         it from the core. `error`: it ended abnormally (its trace's root span gets an error
         status)."""
         job = entry.job
+        if entry.finished_unix_s is not None:
+            return  # ended already (a report racing a cancel)
+        # Bounded: it travels in an Abort to the worker, in a status to the client and to
+        # the log (CancelJob's reason is checked; reasons built from a worker's are not).
+        reason = clip(reason, 2 * self.config.max_reason_chars)
         if cancel and job.state is not JobState.FINISHED:
             self.scheduler.job_cancelled(job.job_id, self.now())
         self.abort_on_worker(job, reason)
@@ -140,7 +187,14 @@ class ControlPlane:
             seg.done = True
             seg.events.put_nowait(SegmentClosed(code, f"job {job.job_id} ended: {reason}"))
         entry.finished_unix_s = time.time()
-        entry.transcript, entry.output = [], None  # kept for GetJob: the history is not needed
+        self.registry.finished[job.job_id] = time.monotonic()
+        self.registry.unfinished_by_client[entry.client] -= 1
+        if self.registry.unfinished_by_client[entry.client] <= 0:
+            del self.registry.unfinished_by_client[entry.client]
+        while len(self.registry.finished) > self.config.max_finished_jobs:
+            self._forget_oldest_finished()
+        # Kept for GetJob a while (see expire); the history and the prompt are not needed.
+        entry.transcript, entry.output, entry.segment = [], None, None
         self.scheduler.forget_finished(job.job_id)
         self.mark_dirty()
         jct = (job.finished_s or 0.0) - job.arrival_s
@@ -149,11 +203,37 @@ class ControlPlane:
         self.metrics.record_jct(jct, policy=self.policy, category=job.category)
         log.info("job finished", job_id=job.job_id, reason=reason, jct_s=jct, trace_id=trace_id)
 
+    def _forget_oldest_finished(self) -> None:
+        job_id, _ = self.registry.finished.popitem(last=False)
+        self.registry.jobs.pop(job_id, None)
+
+    def expire(self, now: float) -> None:
+        """Housekeeping at `now` (time.monotonic()), run by the server's clock loop: forget
+        jobs finished longer than the retention window ago, and end jobs in an API wait whose
+        client made no call for longer than the API-wait timeout (their KV is freed)."""
+        cfg, finished = self.config, self.registry.finished
+        while finished and next(iter(finished.values())) <= now - cfg.finished_retention_s:
+            self._forget_oldest_finished()
+        timeout = cfg.api_wait_timeout_s
+        if not timeout > 0:
+            return
+        abandoned = [e for e in self.registry.jobs.values()
+                     if e.finished_unix_s is None and e.job.state is JobState.API_WAIT
+                     and now - e.last_call_s > timeout]
+        for entry in abandoned:
+            log.warning("API wait abandoned, ending the job", job_id=entry.job.job_id,
+                        idle_s=round(now - entry.last_call_s, 1), timeout_s=timeout)
+            self.finish_job(entry, f"its client made no call for {timeout:g} s during its API "
+                            "wait", cancel=True, error=True)
+
     def job_status(self, entry: JobEntry) -> agent_pb2.JobStatus:
         job = entry.job
+        # A finished job holds no KV (its worker got an Abort), whatever the core last knew.
+        kv = (common_pb2.KV_STATE_NONE if entry.finished_unix_s is not None
+              else wire.kv_state_to_proto(job.kv_state))
         status = agent_pb2.JobStatus(
             job_id=job.job_id, category=job.category, state=wire.job_state_to_proto(job.state),
-            level=job.level, kv_state=wire.kv_state_to_proto(job.kv_state),
+            level=job.level, kv_state=kv,
             segment_index=job.segment_index, context_tokens=job.context_tokens,
             pending_tokens=job.pending_tokens,
             generated_tokens=entry.generated_total, arrival_unix_s=entry.arrival_unix_s,

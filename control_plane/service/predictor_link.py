@@ -51,6 +51,7 @@ log = get_logger("astraea.control_plane.predictor")
 
 DEFAULT_TIMEOUT_S = 0.2
 MAX_BATCH = 1000  # observations per Observe call (the predictor accepts up to 10,000)
+MAX_FORWARDED_API_S = 3600.0  # the predictor's default max_api_duration_s
 MAX_CATEGORIES = 1000  # categories refreshed per Estimate call (two requests each)
 UNKNOWN_CATEGORY = "unknown"
 # Links per Observe span to the spans whose observations it carries (OTel SDKs keep 128).
@@ -191,7 +192,9 @@ class PredictorLink:
             self._links.append(ctx)
         category = category or UNKNOWN_CATEGORY
         self._note(category)
-        if math.isfinite(duration_s):
+        # The predictor refuses a batch holding a duration beyond its bound (its default is
+        # MAX_FORWARDED_API_S): one such wait must not cost the batch's other observations.
+        if math.isfinite(duration_s) and duration_s <= MAX_FORWARDED_API_S:
             self._api_pending.append(predictor_pb2.ApiObservation(
                 category=category, duration_s=duration_s))
             self._kick()

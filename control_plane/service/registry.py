@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from astraea.plan import WorkerInfo, WorkerView
@@ -90,6 +91,10 @@ class SegmentCall:
 class JobEntry:
     job: Job  # the core's object; kept after Scheduler.forget_finished for GetJob
     arrival_unix_s: float
+    client: str = ""  # the client's host (peer address without the port): per-client bounds
+    # When a call about the job last came from its client (time.monotonic()); a job in its
+    # API wait whose client stays away longer than the API-wait timeout is ended.
+    last_call_s: float = field(default_factory=time.monotonic)
     finished_unix_s: float | None = None
     generated_total: int = 0  # tokens streamed over all segments
     segment: SegmentCall | None = None  # the RunSegment call in progress
@@ -106,8 +111,17 @@ class JobEntry:
 class Registry:
     def __init__(self) -> None:
         self.workers: dict[int, WorkerEntry] = {}
-        self.jobs: dict[str, JobEntry] = {}
+        self.jobs: dict[str, JobEntry] = {}  # unfinished and (for a while) finished jobs
+        # The finished ones among `jobs`, oldest first, with when they finished
+        # (time.monotonic()): forgotten after the retention window (ControlPlane.expire).
+        self.finished: OrderedDict[str, float] = OrderedDict()
+        self.unfinished_by_client: Counter[str] = Counter()
         self._next_worker_id = 0
+
+    @property
+    def unfinished(self) -> int:
+        """Jobs queued, running or in an API wait: what admission bounds."""
+        return len(self.jobs) - len(self.finished)
 
     def add_worker(self, name: str, info: WorkerInfo) -> WorkerEntry:
         wid = self._next_worker_id

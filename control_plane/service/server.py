@@ -5,7 +5,8 @@
 Service-time estimates come from an in-process `OnlineJobEstimator`, or, with `--predictor
 host:port`, from a `PredictorLink`: local estimates always, the remote predictor's when it
 answers within the timeout (see predictor_link.py). The standard gRPC health service reports
-SERVING while up and NOT_SERVING from the start of a graceful stop.
+SERVING while up and NOT_SERVING from the start of a graceful stop. Every bound on input,
+messages, concurrency and memory is in limits.py (flags under "limits" in --help).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from grpc_health.v1._async import HealthServicer
 from opentelemetry.trace import Tracer
 
 from astraea.profile import ProfileError, load_profile
+from astraea.rpc_guard import AioRequestGuard
 from astraea.telemetry import (
     Metrics,
     add_log_level_argument,
@@ -34,6 +36,7 @@ from astraea.v1 import agent_pb2_grpc, worker_pb2, worker_pb2_grpc
 from control_plane.core.config import SchedulerConfig
 from control_plane.core.estimates import OnlineJobEstimator
 from control_plane.core.policies import POLICIES, build_scheduler
+from control_plane.service import limits
 from control_plane.service.agent_service import AgentServicer
 from control_plane.service.context import ControlPlane, ServiceConfig
 from control_plane.service.planner import Planner
@@ -59,7 +62,7 @@ class RunningControlPlane:
     planner: Planner
     health: HealthServicer  # SERVING while up, NOT_SERVING from the start of a graceful stop
     predictor_link: PredictorLink | None  # None: in-process estimates only
-    tasks: tuple[asyncio.Task, ...]  # the planner and the worker watchdog
+    tasks: tuple[asyncio.Task, ...]  # the planner, the worker watchdog, the housekeeping
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_S, drain: bool = False) -> None:
         """Graceful stop: tell workers to shut down, refuse new calls, give in-flight calls
@@ -107,7 +110,9 @@ async def serve(listen: str = DEFAULT_LISTEN, policy: str = "astraea",
                       metrics=metrics, step_observer=link)
     planner = Planner(cp)
     cp.set_on_change(planner.mark_dirty)
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[AioRequestGuard()],
+                             options=config.server_options(),
+                             maximum_concurrent_rpcs=config.concurrent_rpcs)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(cp), server)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerStreamServicer(cp), server)
     health = HealthServicer()
@@ -121,7 +126,8 @@ async def serve(listen: str = DEFAULT_LISTEN, policy: str = "astraea",
     if link is not None:
         await link.start()
     tasks = (asyncio.create_task(planner.run(), name="planner"),
-             asyncio.create_task(_watch_workers(cp), name="worker-watchdog"))
+             asyncio.create_task(_watch_workers(cp), name="worker-watchdog"),
+             asyncio.create_task(_housekeeping(cp), name="housekeeping"))
     log.info("control plane serving", port=port, policy=policy, profile=profile,
              predictor=predictor or "local")
     return RunningControlPlane(server, port, cp, planner, health, link, tasks)
@@ -137,11 +143,23 @@ async def _watch_workers(cp: ControlPlane) -> None:
         cp.drop_silent_workers(time.monotonic())
 
 
+async def _housekeeping(cp: ControlPlane) -> None:
+    """Forget finished jobs after the retention window and end abandoned API waits
+    (`ControlPlane.expire`), a few times per the shorter of the two periods."""
+    cfg = cp.config
+    periods = [p for p in (cfg.finished_retention_s, cfg.api_wait_timeout_s) if p > 0]
+    interval = min(max(min(periods, default=4.0) / 4, 0.05), 5.0)
+    while True:
+        await asyncio.sleep(interval)
+        cp.expire(time.monotonic())
+
+
 async def _main_async(args: argparse.Namespace, metrics: Metrics | None = None) -> int:
     try:
         running = await serve(args.listen, args.policy, args.profile,
                               ServiceConfig(time_scale=args.time_scale,
-                                            worker_timeout_s=args.worker_timeout),
+                                            worker_timeout_s=args.worker_timeout,
+                                            **limits.from_args(args)),
                               predictor=args.predictor, metrics=metrics,
                               predictor_timeout_s=args.predictor_timeout)
     except (ProfileError, OSError, ValueError) as e:
@@ -194,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="SECONDS",
                         help="drop a worker that sent nothing (not even a heartbeat) for this "
                              "long and re-queue its jobs; 0 never drops one")
+    limits.add_arguments(parser)
     add_log_level_argument(parser)
     return parser
 
@@ -205,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--predictor-timeout must be positive")
     if args.worker_timeout < 0:
         parser.error("--worker-timeout must be 0 (never) or positive")
+    try:
+        limits.Limits(**limits.from_args(args))
+    except ValueError as e:
+        parser.error(str(e))
     tel = setup_service_telemetry(parser, "astraea-control-plane", args.log_level)
     try:
         return asyncio.run(_main_async(args, tel.metrics))

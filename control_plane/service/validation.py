@@ -1,5 +1,6 @@
-"""Checks of client requests. Each failure raises `InvalidRequest` naming the field, the value
-and what is allowed, so the client gets an INVALID_ARGUMENT it can act on."""
+"""Checks of client requests and worker reports. Each failure raises `InvalidRequest` naming
+the field, the value and what is allowed, so the client gets an INVALID_ARGUMENT it can act
+on. The bounds themselves are in limits.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import json
 import math
 
 from astraea.errors import InvalidRequest
-from astraea.v1 import agent_pb2, common_pb2
+from astraea.plan import WorkerInfo
+from astraea.v1 import agent_pb2, common_pb2, worker_pb2
 from control_plane.service.context import ServiceConfig
 
 # Without a tokenizer in the control plane, text is counted at ~4 bytes per token (the usual
@@ -99,3 +101,27 @@ def json_schema(text: str, cfg: ServiceConfig) -> None:
     if not isinstance(schema, dict):
         raise InvalidRequest(f"sampling.json_schema must be a JSON object (a schema), not "
                              f"{type(schema).__name__}")
+
+
+def memory_report(m: worker_pb2.MemoryReport, info: WorkerInfo) -> None:
+    """A worker's report must agree with what it registered: the planner trusts these numbers
+    (a report of 4,294,967,295 free blocks out of 1 would draw every job to that worker)."""
+    if m.block_size != info.block_size:
+        raise InvalidRequest(f"MemoryReport.block_size is {m.block_size}: registered "
+                             f"{info.block_size}")
+    if m.total_blocks > info.kv_capacity_blocks:
+        raise InvalidRequest(f"MemoryReport.total_blocks is {m.total_blocks}: registered "
+                             f"{info.kv_capacity_blocks}")
+    for name in ("free_blocks", "swapping_out_blocks"):
+        if getattr(m, name) > m.total_blocks:
+            raise InvalidRequest(f"MemoryReport.{name} is {getattr(m, name)}: more than "
+                                 f"total_blocks {m.total_blocks}")
+    if m.host_free_blocks > info.host_swap_blocks:
+        raise InvalidRequest(f"MemoryReport.host_free_blocks is {m.host_free_blocks}: "
+                             f"registered host_swap_blocks {info.host_swap_blocks}")
+    if m.running_seqs > info.max_num_seqs or m.max_seqs > info.max_num_seqs:
+        raise InvalidRequest(f"MemoryReport.running_seqs/max_seqs are {m.running_seqs}/"
+                             f"{m.max_seqs}: registered max_num_seqs {info.max_num_seqs}")
+    if not (math.isfinite(m.step_time_s) and m.step_time_s >= 0):
+        raise InvalidRequest(f"MemoryReport.step_time_s is {m.step_time_s}: must be a finite "
+                             "number >= 0")

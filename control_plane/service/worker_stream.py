@@ -11,7 +11,10 @@ segment sent with the hint is reported as STOP, but the job enters its API wait 
 (a real model ends its tool calls and chat turns with EOS; the client ends the job).
 
 Reports that do not fit (a job the worker does not hold, tokens out of order) are logged and
-ignored: they come from races with cancellations and must not take the worker down.
+ignored: they come from races with cancellations and must not take the worker down. A memory
+report that contradicts the worker's registration (more free blocks than it has, ...) or a
+message that does not parse ends the stream with INVALID_ARGUMENT: the planner trusts those
+numbers, so a worker sending them must not stay.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import time
 import grpc
 
 from astraea import wire
+from astraea.errors import InvalidRequest
 from astraea.plan import JobState, KvAction
 from astraea.telemetry import get_logger
 from astraea.v1 import agent_pb2, common_pb2, worker_pb2, worker_pb2_grpc
 from control_plane.core.scheduler import SchedulerError
+from control_plane.service import validation
 from control_plane.service.context import ControlPlane
 from control_plane.service.registry import JobEntry, SegmentCall, WorkerEntry
 from control_plane.service.reservations import Reservation, ViewCounters
@@ -54,6 +59,8 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
             first = await it.__anext__()
         except StopAsyncIteration:
             return
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if first.WhichOneof("msg") != "register":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first message must be register")
         try:
@@ -69,7 +76,7 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
             registered=worker_pb2.Registered(worker_id=worker.worker_id))
         self.cp.mark_dirty()
         outbound = worker.outbound
-        reader = asyncio.ensure_future(self._consume(it, worker))
+        reader = asyncio.ensure_future(self._consume(it, worker, context.peer()))
         # The reader's end is queued behind the messages already queued, so the loop below
         # waits on the queue alone (no task and no wait() per message sent).
         reader.add_done_callback(lambda _: outbound.put_nowait(_READER_DONE))
@@ -90,13 +97,17 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
                 if msg is not _READER_DONE:
                     if msg.WhichOneof("msg") == "plan":
                         # Plans queued back to back go out as one message: the worker carries
-                        # out the same actions in the same order, with one write, not several.
+                        # out the same actions in the same order, with one write, not several,
+                        # as long as the message stays within what the worker receives.
+                        size, limit = msg.ByteSize(), self.cp.config.worker_max_receive_bytes
                         while not outbound.empty():
                             nxt = outbound.get_nowait()
                             if (nxt is None or nxt is _READER_DONE
-                                    or nxt.WhichOneof("msg") != "plan"):
+                                    or nxt.WhichOneof("msg") != "plan"
+                                    or size + nxt.ByteSize() > limit):
                                 held = nxt
                                 break
+                            size += nxt.ByteSize()
                             msg.plan.actions.extend(nxt.plan.actions)
                             msg.plan.seq = nxt.plan.seq  # applying it applies both
                     yield msg
@@ -104,6 +115,8 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
                 exc = None if reader.cancelled() else reader.exception()
                 if isinstance(exc, _StreamError):
                     error = exc
+                elif isinstance(exc, InvalidRequest):  # a message that does not parse
+                    error = _StreamError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                 elif exc is not None:
                     log.error("worker stream failed", worker_id=worker.worker_id,
                               error=repr(exc))
@@ -115,7 +128,7 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
         if error is not None:
             await context.abort(error.code, error.message)
 
-    async def _consume(self, it, worker: WorkerEntry) -> None:
+    async def _consume(self, it, worker: WorkerEntry, peer: str) -> None:
         async for msg in it:
             worker.last_seen = time.monotonic()
             kind = msg.WhichOneof("msg")
@@ -126,6 +139,7 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
                                    "stream: register must be sent once")
             try:
                 if kind == "memory":
+                    self._check_memory(worker, msg.memory, peer)
                     worker.memory_reported(
                         wire.worker_view_from_proto(msg.memory, worker.worker_id),
                         msg.memory.applied_plan_seq)
@@ -149,6 +163,16 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
                 # One bad report is dropped; the stream and the other jobs carry on.
                 log.warning("bad worker report ignored", worker_id=worker.worker_id,
                             kind=kind, error=str(e))
+
+    def _check_memory(self, worker: WorkerEntry, m: worker_pb2.MemoryReport, peer: str) -> None:
+        try:
+            validation.memory_report(m, worker.info)
+        except InvalidRequest as e:
+            log.warning("memory report contradicts the registration, dropping the worker",
+                        worker_id=worker.worker_id, worker_name=worker.name, peer=peer,
+                        error=str(e))
+            raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"worker {worker.worker_id} ({worker.name}): {e}") from None
 
     # --- reports --------------------------------------------------------------------------
     def _held(self, worker: WorkerEntry, job_id: str,
