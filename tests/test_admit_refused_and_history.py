@@ -22,7 +22,8 @@ from astraea.v1 import agent_pb2, agent_pb2_grpc, common_pb2, worker_pb2, worker
 from control_plane.service.context import ServiceConfig
 from control_plane.service.server import serve
 from worker.backend import BackendError, TokensGenerated
-from worker.process import AdmitRefused, WorkerProcess, _to_messages
+from worker.messages import AdmitRefused, to_messages
+from worker.process import WorkerProcess
 from worker.sim.backend import SimulatedBackend
 
 PROFILE = "gptj-6b-a100"
@@ -419,7 +420,7 @@ def test_the_worker_frees_a_refused_jobs_kv_and_reports_the_refusal(simple_profi
             assert refused == AdmitRefused("j", refused.reason, True)
             assert "needs" in refused.reason
             assert wp._out.empty()
-            msgs = _to_messages([TokensGenerated("j", (1, 2), 0), refused], 0)
+            msgs = to_messages([TokensGenerated("j", (1, 2), 0), refused], 0)
             assert [m.WhichOneof("msg") for m in msgs] == ["tokens", "admit_refused"]
             assert msgs[1].admit_refused.retryable and msgs[1].admit_refused.job_id == "j"
         finally:

@@ -82,12 +82,13 @@ def test_stack_runs_a_job_through_separate_processes_and_shuts_down_cleanly(tmp_
 
 def test_a_worker_that_cannot_reach_its_control_plane_fails_startup_with_its_log(tmp_path):
     dead = f"127.0.0.1:{_free_port()}"
-    st = Stack(_cfg(tmp_path, workers=1, connect_control_plane=dead, startup_timeout_s=15))
+    st = Stack(_cfg(tmp_path, workers=1, connect_control_plane=dead, startup_timeout_s=5))
     with pytest.raises(StackError) as err:
         st.start()
     msg = str(err.value)
-    assert "worker-w1 exited with code 1" in msg
-    assert "control plane stream failed" in msg  # the tail of the worker's log
+    # The worker keeps retrying (a control plane may come back), so start-up times out.
+    assert f"worker-w1 did not register with the control plane at {dead} within 5 s" in msg
+    assert "control plane lost, reconnecting" in msg  # the tail of the worker's log
     assert str(st.log_files["worker-w1"]) in msg
     assert not any(_alive(pid) for pid in st.pids.values())
 

@@ -8,6 +8,11 @@ stream; it batches whatever is queued at the moment (tokens of several jobs into
 TokenBatch, step timings into one StepReport, only the newest MemoryReport) while keeping each
 job's tokens ahead of its SegmentEnded/Preempted.
 
+A stream that fails (the control plane died or restarted, dropped this worker as silent, sent
+a message over the size limit) is retried with exponential backoff and jitter, and the worker
+registers again. It exits on the control plane's `Shutdown` (a graceful stop), SIGTERM/SIGINT,
+an engine failure, a registration refused for good, or `reconnect_timeout_s` without one.
+
 A plan action the engine refuses (`BackendError`) is logged and skipped. A refused Admit
 would leave the job "running" in the control plane forever, so the worker frees the job's KV
 (`backend.release`, which keeps its history) and reports `AdmitRefused`: the control plane
@@ -19,36 +24,50 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import random
 import signal
 import socket
 import time
-from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
 from astraea import wire
 from astraea.plan import Admit
 from astraea.telemetry import add_log_level_argument, get_logger, setup_service_telemetry, spans
-from astraea.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from astraea.v1 import worker_pb2
 from worker.backend import (
     Backend,
     BackendError,
     BackendFailed,
     MemoryChanged,
-    Sampling,
     SegmentEnded,
     SegmentInput,
     SegmentPreempted,
-    StepTiming,
-    TokensGenerated,
 )
+from worker.messages import AdmitRefused, segment_input, to_messages
 
 log = get_logger("astraea.worker")
 
 EXIT_OK, EXIT_FAILED = 0, 1
 HEARTBEAT_INTERVAL_S = 1.0  # well under the control plane's default --worker-timeout (10 s)
+# Reconnection: the first retry after ~0.5 s, doubling up to 10 s, each delay scaled by a
+# random factor in [0.5, 1] so that workers lost together do not all come back at once.
+RECONNECT_INITIAL_S, RECONNECT_MAX_S = 0.5, 10.0
+# Set explicitly rather than left to gRPC's defaults (4 MiB received, no send limit). A plan's
+# Admit can carry a whole prompt or history: 16 MiB holds far more than a context window of
+# token ids. A larger (or unparsable) control message ends the stream with a line saying so,
+# and the worker reconnects. gRPC itself refuses one over twice the limit without reading it
+# (grpc.aio then reports only "INTERNAL: Internal error from Core").
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+CONNECT = "/astraea.v1.WorkerService/Connect"
+# A control plane that refuses the registration itself with one of these will refuse it again:
+# retrying cannot help.
+_REFUSED_FOR_GOOD = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                     grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                     grpc.StatusCode.UNIMPLEMENTED)
 
 # The worker's span of one admission of a segment: Admit applied → segment ended, preempted
 # or aborted. A child of the control plane's ``segment`` span (Admit.trace_context).
@@ -68,116 +87,30 @@ class _Failed:
         self.exc = exc
 
 
-# A backend's own finish reason; None (a length-ended segment) leaves it UNSPECIFIED, and the
-# control plane decides TOOL_CALL or LENGTH from the client's next_tool_category hint.
-_FINISH_REASONS = {"stop": common_pb2.FINISH_REASON_STOP,
-                   "length": common_pb2.FINISH_REASON_LENGTH,
-                   "tool_call": common_pb2.FINISH_REASON_TOOL_CALL}
-
-
-@dataclass(frozen=True)
-class AdmitRefused:
-    """Queued by the worker itself (not a backend event) when the backend refused an Admit;
-    it goes out in order with the job's backend events."""
-
-    job_id: str
-    reason: str
-    retryable: bool
-
-
-def _segment_input(a: worker_pb2.Admit) -> SegmentInput:
-    # The Admit carries what is left of the segment's budget (`max_tokens`) and the whole
-    # budget (`sampling.max_tokens`); their difference is where this admission starts.
-    budget = a.sampling.max_tokens if a.sampling.HasField("max_tokens") else 0
-    max_tokens = a.max_tokens or budget
-    ids = tuple(a.prompt_token_ids.ids) if a.WhichOneof("prompt") == "prompt_token_ids" else None
-    text = a.prompt_text if a.WhichOneof("prompt") == "prompt_text" else None
-    context = tuple(p.text if p.WhichOneof("piece") == "text" else tuple(p.token_ids.ids)
-                    for p in a.context) or None
-    return SegmentInput(max_tokens=max_tokens, first_index=max(budget - max_tokens, 0),
-                        prompt_token_ids=ids, prompt_text=text, context=context,
-                        sampling=_sampling(a.sampling))
-
-
-def _sampling(p: common_pb2.SamplingParams) -> Sampling:
-    # The control plane fills temperature and top_p in; a field still unset (a worker driven
-    # without it) keeps the greedy default of `Sampling`.
-    return Sampling(temperature=p.temperature if p.HasField("temperature") else 0.0,
-                    top_p=p.top_p if p.HasField("top_p") else 1.0,
-                    seed=p.seed if p.HasField("seed") else None, stop=tuple(p.stop),
-                    json_schema=p.json_schema or None)
-
-
-def _to_messages(items: list, worker_id: int,
-                 memory: worker_pb2.MemoryReport | None = None) -> list[worker_pb2.WorkerMessage]:
-    """Backend events (in order) as stream messages, batched. `memory`, if given, replaces
-    the MemoryChanged views and goes first: it is the memory as of now (after every event of
-    the batch), so the KV decisions the control plane takes on the segment ends that follow
-    see it rather than the previous report."""
-    out: list[worker_pb2.WorkerMessage] = []
-    if memory is not None and any(isinstance(e, MemoryChanged) for e in items):
-        out.append(worker_pb2.WorkerMessage(memory=memory))
-    tokens: dict[str, worker_pb2.JobTokens] = {}
-    steps: list[common_pb2.StepTiming] = []
-    last_memory = max((i for i, e in enumerate(items) if isinstance(e, MemoryChanged)), default=-1)
-
-    def flush_tokens() -> None:
-        if tokens:
-            out.append(worker_pb2.WorkerMessage(
-                tokens=worker_pb2.TokenBatch(jobs=list(tokens.values()))))
-            tokens.clear()
-
-    for i, ev in enumerate(items):
-        if isinstance(ev, TokensGenerated):
-            jt = tokens.get(ev.job_id)
-            if jt is not None and jt.first_index + len(jt.token_ids) != ev.first_index:
-                flush_tokens()
-                jt = None
-            if jt is None:
-                tokens[ev.job_id] = worker_pb2.JobTokens(
-                    job_id=ev.job_id, first_index=ev.first_index, token_ids=ev.token_ids,
-                    text=ev.text)
-            else:
-                jt.token_ids.extend(ev.token_ids)
-                jt.text += ev.text
-        elif isinstance(ev, StepTiming):
-            steps.append(common_pb2.StepTiming(tokens=ev.tokens,
-                                               context_tokens_read=ev.context_tokens_read,
-                                               duration_s=ev.duration_s))
-        elif isinstance(ev, MemoryChanged):
-            if i == last_memory and memory is None:
-                flush_tokens()
-                out.append(worker_pb2.WorkerMessage(memory=wire.worker_view_to_proto(ev.view)))
-        elif isinstance(ev, SegmentEnded):
-            flush_tokens()
-            out.append(worker_pb2.WorkerMessage(segment_ended=worker_pb2.SegmentEnded(
-                job_id=ev.job_id, generated_tokens=ev.generated_tokens,
-                prefill_tokens=ev.prefill_tokens, ttft_s=ev.ttft_s, duration_s=ev.duration_s,
-                finish_reason=_FINISH_REASONS.get(ev.finish_reason,
-                                                  common_pb2.FINISH_REASON_UNSPECIFIED))))
-        elif isinstance(ev, SegmentPreempted):
-            flush_tokens()
-            out.append(worker_pb2.WorkerMessage(preempted=worker_pb2.Preempted(
-                job_id=ev.job_id, generated_tokens=ev.generated_tokens,
-                action=wire.kv_action_to_proto(ev.action))))
-        elif isinstance(ev, AdmitRefused):
-            flush_tokens()
-            out.append(worker_pb2.WorkerMessage(admit_refused=worker_pb2.AdmitRefused(
-                job_id=ev.job_id, reason=ev.reason, retryable=ev.retryable)))
-    flush_tokens()
-    if steps:
-        out.append(worker_pb2.WorkerMessage(step_report=worker_pb2.StepReport(steps=steps)))
-    return out
+class _StreamLost(Exception):
+    """The stream ended without a Shutdown: the worker reconnects."""
 
 
 class WorkerProcess:
     def __init__(self, backend: Backend, name: str, tracer: Tracer | None = None,
-                 heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S) -> None:
+                 heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
+                 reconnect_timeout_s: float = 0.0,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         if not heartbeat_interval_s > 0:
             raise ValueError(f"heartbeat_interval_s must be positive, got {heartbeat_interval_s}")
+        if reconnect_timeout_s < 0:
+            raise ValueError(f"reconnect_timeout_s must be >= 0, got {reconnect_timeout_s}")
+        if max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
         self.backend = backend
         self.name = name
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.reconnect_timeout_s = reconnect_timeout_s  # 0: keep trying for ever
+        self.max_message_bytes = max_message_bytes
+        self.channel_options = [("grpc.max_receive_message_length", 2 * max_message_bytes),
+                                ("grpc.max_send_message_length", max_message_bytes)]
+        self.registrations = 0  # streams the control plane accepted, over the process's life
+        self._jobs: set[str] = set()  # jobs admitted on the current stream and not aborted
         self._last_write = 0.0
         self.tracer = tracer or trace.get_tracer("astraea.worker")
         self._spans: dict[str, Span] = {}  # job id → its open admission span
@@ -185,6 +118,7 @@ class WorkerProcess:
         self._out: asyncio.Queue = asyncio.Queue()  # backend events, and _Failed
         self._applied_seq = 0  # Plan.seq of the last plan applied in full
         self._shutdown: worker_pb2.Shutdown | None = None
+        self._write_ended = False  # this stream refused a write: it has ended
 
     async def run(self, address: str) -> int:
         try:
@@ -192,29 +126,135 @@ class WorkerProcess:
         except BackendFailed as e:
             log.error("backend failed to start", error=str(e))
             return EXIT_FAILED
+        # One forwarder for the process's life: the backend's events have one consumer.
+        forward = asyncio.create_task(self._forward(), name="forward")
         try:
-            async with grpc.aio.insecure_channel(address) as channel:
-                return await self._session(worker_pb2_grpc.WorkerServiceStub(channel))
-        except grpc.aio.AioRpcError as e:
-            log.error("control plane stream failed", code=e.code().name, details=e.details())
-            return EXIT_FAILED
+            return await self._connect_loop(address)
         finally:
+            forward.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await forward
+            for job_id in list(self._spans):
+                self._end_span(job_id, "worker stopped", error=True)
             await self.backend.stop()
 
-    async def _session(self, stub: worker_pb2_grpc.WorkerServiceStub) -> int:
+    async def _connect_loop(self, address: str) -> int:
+        """Sessions on fresh channels until one ends for good; between them a backoff."""
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        lost_since: float | None = None
+        while True:
+            before = self.registrations
+            try:
+                async with grpc.aio.insecure_channel(address,
+                                                     options=self.channel_options) as channel:
+                    return await self._session(channel.stream_stream(
+                        CONNECT, request_serializer=worker_pb2.WorkerMessage.SerializeToString,
+                        response_deserializer=self._parse))
+            except grpc.aio.AioRpcError as e:
+                if self.registrations == before and e.code() in _REFUSED_FOR_GOOD:
+                    log.error("control plane refused the registration", code=e.code().name,
+                              details=e.details())
+                    return EXIT_FAILED
+                why = f"{e.code().name}: {e.details()}"
+            except _StreamLost as e:
+                why = str(e)
+            now = loop.time()
+            if self.registrations != before:  # that stream was up: a new outage starts
+                attempt, lost_since = 0, now
+            elif lost_since is None:
+                lost_since = now
+            if self.reconnect_timeout_s and now - lost_since >= self.reconnect_timeout_s:
+                log.error("no control plane, giving up", address=address, error=why,
+                          reconnect_timeout_s=self.reconnect_timeout_s)
+                return EXIT_FAILED
+            delay = min(RECONNECT_MAX_S, RECONNECT_INITIAL_S * 2 ** attempt)
+            delay *= random.uniform(0.5, 1.0)
+            attempt += 1
+            log.warning("control plane lost, reconnecting", address=address, error=why,
+                        attempt=attempt, retry_in_s=round(delay, 2))
+            # At once, not at the next registration: the engine stops spending on those jobs.
+            if not await self._drop_engine_state():
+                return EXIT_FAILED
+            await asyncio.sleep(delay)
+
+    async def _drop_engine_state(self) -> bool:
+        """When a stream is lost: abort every job it admitted. Whoever answers next (a
+        restarted control plane, or the same one, which ran `worker_lost` and re-queued our
+        jobs) takes this worker as new and empty; KV kept for those jobs could never be used
+        and would only shrink the free pool it is told about. False if the engine failed."""
+        try:
+            for job_id in sorted(self._jobs):
+                self._end_span(job_id, "control plane lost", error=True)
+                with contextlib.suppress(BackendError):  # not held: nothing to free
+                    await self.backend.apply(wire.Abort(job_id, self.worker_id, "lost"))
+        except BackendFailed as e:
+            log.error("backend failed", error=str(e))
+            return False
+        if self._jobs:
+            log.info("dropped the engine state of the lost stream", jobs=len(self._jobs))
+        self._jobs = set()
+        await asyncio.sleep(0.05)  # let the forwarder pass on what the engine had reported
+        return self._discard_queued()
+
+    def _discard_queued(self) -> bool:
+        """Drop the reports not sent on the lost stream: they are about jobs, plans and
+        memory a new registration knows nothing of. False if the engine failed meanwhile."""
+        failed = False
+        while not self._out.empty():
+            failed = isinstance(self._out.get_nowait(), _Failed) or failed
+        if failed:
+            log.error("backend failed while the control plane was away")
+        return not failed
+
+    def _parse(self, data: bytes) -> worker_pb2.ControlMessage | _StreamLost:
+        """A control message off the wire; what cannot be one comes back as the reason the
+        stream ends (gRPC would log a deserializer's exception with a traceback)."""
+        if len(data) > self.max_message_bytes:
+            return _StreamLost(f"a control message of {len(data)} bytes is over the limit of "
+                               f"{self.max_message_bytes}")
+        try:
+            return worker_pb2.ControlMessage.FromString(data)
+        except DecodeError as e:
+            return _StreamLost(f"a control message that does not parse: {e}")
+
+    async def _session(self, connect) -> int:
+        """One stream: `connect()` opens it (the Connect method's multi-callable)."""
+        call = connect()
+        try:
+            return await self._run_stream(call)
+        except (asyncio.InvalidStateError, grpc.aio.AioRpcError, _StreamLost) as e:
+            if self._shutdown is not None:  # told to leave: how the stream ends is moot
+                return EXIT_OK
+            if isinstance(e, asyncio.InvalidStateError):
+                # A write after the stream ended, before the reader saw the end: its status.
+                raise _StreamLost(f"{(await call.code()).name}: {await call.details()}") from None
+            raise
+
+    async def _run_stream(self, call) -> int:
+        if self.registrations and not self._discard_queued():  # late reports of the lost one
+            call.cancel()
+            return EXIT_FAILED
         info = self.backend.describe()
-        call = stub.Connect()
         await call.write(worker_pb2.WorkerMessage(
             register=wire.worker_info_to_proto(info, self.name)))
         first = await call.read()
-        if first is grpc.aio.EOF or first.WhichOneof("msg") != "registered":
+        if isinstance(first, _StreamLost):
+            raise first
+        if first is grpc.aio.EOF:
+            raise _StreamLost("control plane closed the stream before answering register")
+        if first.WhichOneof("msg") != "registered":  # not a control plane we can work with
             log.error("control plane did not answer register", got=str(first))
             call.cancel()
             return EXIT_FAILED
         self.worker_id = first.registered.worker_id
-        log.info("registered", worker_id=self.worker_id, worker_name=self.name)
+        self.registrations += 1
+        self._applied_seq, self._shutdown, self._write_ended = 0, None, False
+        log.info("registered", worker_id=self.worker_id, worker_name=self.name,
+                 registration=self.registrations)
+        # The memory as it is now, first: the registration says only what the engine holds.
+        self._out.put_nowait(MemoryChanged(self.backend.view()))
         tasks = [asyncio.create_task(self._receive(call), name="receive"),
-                 asyncio.create_task(self._forward(), name="forward"),
                  asyncio.create_task(self._send(call), name="send"),
                  asyncio.create_task(self._heartbeat(), name="heartbeat")]
         try:
@@ -232,17 +272,17 @@ class WorkerProcess:
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
-            for job_id in list(self._spans):
-                self._end_span(job_id, "worker stopped", error=True)
+            call.cancel()  # a no-op after a clean end; else the control plane sees us go
 
     async def _receive(self, call) -> int:
         """Carry out plans until the control plane shuts us down or closes the stream."""
         while True:
             msg = await call.read()
+            if isinstance(msg, _StreamLost):
+                raise msg
             if msg is grpc.aio.EOF:
                 if self._shutdown is None:
-                    log.error("control plane closed the stream")
-                    return EXIT_FAILED
+                    raise _StreamLost("control plane closed the stream without a shutdown")
                 return EXIT_OK
             kind = msg.WhichOneof("msg")
             if kind == "plan":
@@ -271,9 +311,11 @@ class WorkerProcess:
             return
         segment = None
         if isinstance(action, Admit):
-            segment = _segment_input(pa.admit)
+            self._jobs.add(action.job_id)
+            segment = segment_input(pa.admit)
             self._start_span(action, segment, pa.admit.trace_context)
         elif isinstance(action, wire.Abort):
+            self._jobs.discard(action.job_id)
             self._end_span(action.job_id, f"aborted: {action.reason}")
         try:
             await self.backend.apply(action, segment)
@@ -338,13 +380,18 @@ class WorkerProcess:
             if any(isinstance(e, MemoryChanged) for e in events):
                 memory = wire.worker_view_to_proto(self.backend.view())
                 memory.applied_plan_seq = self._applied_seq
-            msgs = _to_messages([e for e in events if e is not _HEARTBEAT], self.worker_id,
+            msgs = to_messages([e for e in events if e is not _HEARTBEAT], self.worker_id,
                                 memory)
             if not msgs and _HEARTBEAT in events:
                 msgs = [worker_pb2.WorkerMessage(
                     heartbeat=worker_pb2.Heartbeat(sent_unix_s=time.time()))]
-            for msg in msgs:
-                await call.write(msg)
+            try:
+                for msg in msgs:
+                    await call.write(msg)
+            except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                if failed is None:  # the stream has ended: the reader learns how, and ends us
+                    self._write_ended = True
+                    await asyncio.Event().wait()
             self._last_write = asyncio.get_running_loop().time()
             if failed is not None:
                 # No message carries an error: closing the stream with a cancel makes the
@@ -363,17 +410,20 @@ class WorkerProcess:
                 self._out.put_nowait(_HEARTBEAT)
 
     async def _flush(self) -> None:
-        """Wait until the sender has written everything queued so far."""
-        while not self._out.empty():
+        """Wait until the sender has written everything queued so far (or cannot)."""
+        while not self._out.empty() and not self._write_ended:
             await asyncio.sleep(0.01)
 
 
 async def run_worker(control_plane_address: str, backend: Backend, name: str,
                      tracer: Tracer | None = None,
-                     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S) -> int:
-    """Run a worker until the control plane shuts it down (0) or something fails (1)."""
-    return await WorkerProcess(backend, name, tracer, heartbeat_interval_s).run(
-        control_plane_address)
+                     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
+                     reconnect_timeout_s: float = 0.0,
+                     max_message_bytes: int = MAX_MESSAGE_BYTES) -> int:
+    """Run a worker until the control plane shuts it down (0) or something fails (1); a lost
+    control plane is reconnected to (for at most `reconnect_timeout_s`; 0: for ever)."""
+    return await WorkerProcess(backend, name, tracer, heartbeat_interval_s, reconnect_timeout_s,
+                               max_message_bytes).run(control_plane_address)
 
 
 def _make_backend(args: argparse.Namespace) -> Backend:
@@ -403,7 +453,9 @@ async def _main_async(args: argparse.Namespace) -> int:
     backend = _make_backend(args)
     name = args.name or f"{socket.gethostname()}:{args.backend}"
     task = asyncio.create_task(run_worker(args.control_plane, backend, name,
-                                          heartbeat_interval_s=args.heartbeat_interval))
+                                          heartbeat_interval_s=args.heartbeat_interval,
+                                          reconnect_timeout_s=args.reconnect_timeout,
+                                          max_message_bytes=args.max_message_bytes))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
@@ -442,6 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="SECONDS",
                         help="send a heartbeat when nothing else was sent for this long; keep "
                              "it well under the control plane's --worker-timeout")
+    parser.add_argument("--reconnect-timeout", type=float, default=0.0, metavar="SECONDS",
+                        help="exit (code 1) after this long without a control plane; retries "
+                             "back off from 0.5 s to 10 s (default 0: keep retrying)")
+    parser.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES,
+                        metavar="BYTES", help="largest gRPC message sent or received (default "
+                                              "16 MiB); a larger one ends the stream, and the "
+                                              "worker reconnects")
     add_log_level_argument(parser)
     return parser
 
@@ -451,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.heartbeat_interval > 0:
         parser.error("--heartbeat-interval must be positive")
+    if not args.reconnect_timeout >= 0:
+        parser.error("--reconnect-timeout must be >= 0")
+    if args.max_message_bytes < 1024:
+        parser.error("--max-message-bytes must be at least 1024")
     # structlog JSON lines on stderr, with the current trace's ids.
     tel = setup_service_telemetry(parser, "astraea-worker", args.log_level)
     try:

@@ -10,6 +10,16 @@ gateway answers ``GET /health``. If a
 process exits during startup, or readiness takes longer than `startup_timeout_s`, the others
 are stopped and `StackError` is raised with the tail of the culprit's log.
 
+Once up, `Stack.supervise` (called periodically: `astraea up` does every 0.5 s) restarts a
+service that exits, with the same command line and its log appended to: after
+`restart_backoff_s`, doubling at each restart up to `restart_backoff_max_s`, back to the
+start once the service has stayed up `restart_stable_s`. Each step is returned as a line for
+the operator. A service restarted more than `restart_max` times within `restart_window_s`
+keeps failing at start: `supervise` raises `StackError` with its log's tail, and the caller
+stops the stack (`restart_max = 0`: any exit does). The others ride the restart out: workers
+reconnect to a restarted control plane, the control plane falls back to local estimates while
+the predictor is away (and the predictor reloads `predictor_state`, saved periodically).
+
 `Stack.stop` sends SIGTERM to the workers, then the control plane, then the predictor, waits
 up to `shutdown_timeout_s` for each group and SIGKILLs what is left. `Stack` is a context
 manager: ``with Stack(cfg) as st: ... st.control_plane_address``.
@@ -23,6 +33,7 @@ A TOML file has the `StackConfig` field names as top-level keys, e.g.::
     control_plane_listen = "127.0.0.1:50051"
     predictor_listen = "127.0.0.1:50071"   # "" or predictor = false: no predictor service
     log_dir = "astraea-logs"
+    restart_max = 5             # restarts of one service within restart_window_s
 """
 
 from __future__ import annotations
@@ -83,6 +94,15 @@ class StackConfig:
     api_keys: list[str] = field(default_factory=list)
     tokenizer: str | None = None
     served_model: str = "astraea"
+    # The predictor's state file (--state): loaded when it starts or restarts, saved
+    # periodically and on shutdown. None: it learns from scratch each time.
+    predictor_state: str | None = None
+    # Supervision (see the module docstring).
+    restart_max: int = 5
+    restart_window_s: float = 60.0
+    restart_backoff_s: float = 0.5
+    restart_backoff_max_s: float = 10.0
+    restart_stable_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.time_scale > 0:
@@ -111,6 +131,14 @@ class StackConfig:
             if host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
                 raise StackError(f"http_listen {self.http_listen} is not a loopback address "
                                  "and no API key is set: give api_keys (--api-key)")
+        if self.restart_max < 0:
+            raise StackError(f"restart_max must be at least 0, got {self.restart_max}")
+        for name in ("restart_window_s", "restart_backoff_s", "restart_stable_s"):
+            if not getattr(self, name) > 0:
+                raise StackError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.restart_backoff_max_s >= self.restart_backoff_s:
+            raise StackError(f"restart_backoff_max_s ({self.restart_backoff_max_s}) must be at "
+                             f"least restart_backoff_s ({self.restart_backoff_s})")
         for name in ("control_plane_listen", "predictor_listen", "http_listen"):
             value = getattr(self, name)
             if value and not _split(value)[1].isdigit():
@@ -193,6 +221,22 @@ class _Proc:
     popen: subprocess.Popen
     log: Path
     out: Path
+    command: list[str]  # to start it again, as it was
+    env: dict | None
+    started_s: float  # time.monotonic() of the current process's start
+    backoff_step: int = 0  # restarts since it last stayed up restart_stable_s
+    restarts: list[float] = field(default_factory=list)  # their times, within the window
+    restart_at: float | None = None  # exited: when it is started again
+
+
+def describe_exit(code: int) -> str:
+    """`code` of `Popen.returncode` in words: "code 1", "signal SIGKILL"."""
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
 
 
 @dataclass
@@ -244,8 +288,9 @@ class Stack:
                 if cfg.predictor:
                     listen = _resolve(cfg.predictor_listen)
                     self.predictor_address = _connect_address(listen)
+                    state = ["--state", cfg.predictor_state] if cfg.predictor_state else []
                     pred = self._spawn(PREDICTOR, "predictor_svc.server", "--listen", listen,
-                                       "--grace", str(cfg.grace_s), *common)
+                                       "--grace", str(cfg.grace_s), *state, *common)
                     self._wait_serving(pred, self.predictor_address, deadline)
                 listen = _resolve(cfg.control_plane_listen)
                 self.control_plane_address = _connect_address(listen)
@@ -312,18 +357,52 @@ class Stack:
 
     def _spawn(self, name: str, module: str, *args: str) -> _Proc:
         log, out = self.log_dir / f"{name}.log", self.log_dir / f"{name}.out"
-        with open(log, "wb") as err_f, open(out, "wb") as out_f:
-            # Its own session: a Ctrl-C at the terminal reaches `astraea up` only, which then
-            # stops the services in order.
-            env = None
-            if self.config.span_dir:
-                env = {**os.environ, "ASTRAEA_TELEMETRY_SPAN_DIR": self.config.span_dir}
-            popen = subprocess.Popen([sys.executable, "-m", module, *args],
-                                     stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f,
-                                     start_new_session=True, env=env)
-        proc = _Proc(name, popen, log, out)
+        env = None
+        if self.config.span_dir:
+            env = {**os.environ, "ASTRAEA_TELEMETRY_SPAN_DIR": self.config.span_dir}
+        command = [sys.executable, "-m", module, *args]
+        proc = _Proc(name, _popen(command, env, log, out, "wb"), log, out, command, env,
+                     time.monotonic())
         self.procs.append(proc)
         return proc
+
+    # -- supervision ----------------------------------------------------------------------
+    def supervise(self, now: float | None = None) -> list[str]:
+        """One round of supervision (see the module docstring): note the services that have
+        exited and start again those whose delay is over. Returns what it did, a line each;
+        raises `StackError` when a service exceeds `restart_max` restarts in the window."""
+        cfg = self.config
+        now = time.monotonic() if now is None else now
+        lines = []
+        for p in self.procs:
+            if p.restart_at is not None:
+                if now >= p.restart_at:
+                    p.popen = _popen(p.command, p.env, p.log, p.out, "ab")
+                    p.started_s, p.restart_at = now, None
+                    lines.append(f"{p.name} restarted (pid {p.popen.pid}, restart "
+                                 f"{len(p.restarts)} in the last {cfg.restart_window_s:g} s)")
+                continue
+            code = p.popen.poll()
+            if code is None:
+                continue
+            up_s = now - p.started_s
+            p.restarts = [t for t in p.restarts if now - t < cfg.restart_window_s]
+            if len(p.restarts) >= cfg.restart_max:
+                why = (f"{len(p.restarts)} restarts within {cfg.restart_window_s:g} s (restart_max "
+                       f"{cfg.restart_max}): it keeps failing, giving up" if cfg.restart_max
+                       else "restart_max is 0: no restarts")
+                raise self._fail(p, f"exited with {describe_exit(code)} after {up_s:.1f} s up, "
+                                    f"{why}")
+            if up_s >= cfg.restart_stable_s:
+                p.backoff_step = 0
+            delay = min(cfg.restart_backoff_max_s, cfg.restart_backoff_s * 2 ** p.backoff_step)
+            p.backoff_step += 1
+            p.restarts.append(now)
+            p.restart_at = now + delay
+            lines.append(f"{p.name} (pid {p.popen.pid}) exited with {describe_exit(code)} after "
+                         f"{up_s:.1f} s up; restart {len(p.restarts)} in {delay:g} s (log: "
+                         f"{p.log})")
+        return lines
 
     def _fail(self, proc: _Proc, why: str) -> StackError:
         return StackError(f"{proc.name} {why}; the last lines of {proc.log}:\n"
@@ -392,6 +471,15 @@ class Stack:
                     p.popen.wait()
                 self.exit_codes[p.name] = p.popen.returncode
         return dict(self.exit_codes)
+
+
+def _popen(command: list[str], env: dict | None, log: Path, out: Path,
+           mode: str) -> subprocess.Popen:
+    with open(log, mode) as err_f, open(out, mode) as out_f:
+        # Its own session: a Ctrl-C at the terminal reaches `astraea up` only, which then
+        # stops the services in order.
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f,
+                                start_new_session=True, env=env)
 
 
 class _suppress_lookup:

@@ -36,6 +36,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--api-key", dest="api_keys", action="append", default=None,
                     metavar="KEY", help="a key the gateway requires (repeatable); without "
                                         "one it serves loopback only")
+    up.add_argument("--predictor-state", default=None, metavar="FILE",
+                    help="the predictor's state file: loaded at (re)start, saved periodically "
+                         "and on shutdown")
+    up.add_argument("--max-restarts", dest="restart_max", type=int, default=None, metavar="N",
+                    help="a service that exits is restarted (backoff 0.5 s doubling to 10 s); "
+                         "more than N restarts of one within --restart-window stop the stack "
+                         "(default 5; 0: any exit stops it)")
+    up.add_argument("--restart-window", dest="restart_window_s", type=float, default=None,
+                    metavar="SECONDS", help="the window of --max-restarts (default 60)")
     up.set_defaults(func=cmd_up)
 
     dm = sub.add_parser("demo", help="bring the stack up under vllm-fcfs and under astraea, "
@@ -69,7 +78,7 @@ def _stack_args(p: argparse.ArgumentParser, time_scale_default, workers_default,
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from astraea.tools.stack import Stack, log_tail
+    from astraea.tools.stack import Stack, StackError
 
     cfg = _stack_config(args)
     stop = threading.Event()
@@ -92,12 +101,11 @@ def cmd_up(args: argparse.Namespace) -> int:
                   "SIGTERM stops the stack", file=sys.stderr, flush=True)
             code = 0
             while not stop.wait(0.5):
-                dead = st.dead()
-                if dead:
-                    name, rc = dead[0]
-                    print(f"astraea up: {name} exited with code {rc}; stopping the stack. The "
-                          f"last lines of {st.log_files[name]}:\n{log_tail(st.log_files[name])}",
-                          file=sys.stderr)
+                try:
+                    for line in st.supervise():
+                        print(f"astraea up: {line}", file=sys.stderr, flush=True)
+                except StackError as e:
+                    print(f"astraea up: {e}\nastraea up: stopping the stack", file=sys.stderr)
                     code = 1
                     break
         finally:
@@ -220,7 +228,8 @@ def _stack_config(args: argparse.Namespace, **fixed):
              "log_level": args.log_level}
     if getattr(args, "no_predictor", False):
         flags["predictor"] = False
-    for name in ("http_listen", "api_keys"):
+    for name in ("http_listen", "api_keys", "predictor_state", "restart_max",
+                 "restart_window_s"):
         if getattr(args, name, None) is not None:
             flags[name] = getattr(args, name)
     flags.update(fixed)
