@@ -110,6 +110,9 @@ def test_every_import_runs_in_an_allowed_direction():
     ("gateway.app", "control_plane.service.agent_service", False),
     ("gateway.chat", "worker.vllm.tiny_model", False),
     ("astraea.tools.stack", "gateway.server", True),
+    ("astraea.store.sql", "control_plane.service.context", False),
+    ("control_plane.service.server", "astraea.store", True),
+    ("gateway.app", "astraea.store.records", True),
 ])
 def test_the_rules_themselves(importer, imported, allowed):
     # The checker must reject what the layering forbids, or the test above proves nothing.
