@@ -1,5 +1,6 @@
-"""The FastAPI app: /v1/chat/completions (whole or streamed as server-sent events),
-/v1/models, /health, API keys, the body-size limit, and every error in OpenAI's shape."""
+"""The FastAPI app: /v1/chat/completions, /v1/responses and /v1/completions (whole or
+streamed as server-sent events), /v1/models, /health, API keys, the body-size limit, and
+every error in OpenAI's shape."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from astraea.client import AstraeaError, AsyncAgentClient
 from astraea.telemetry import get_logger
-from gateway import errors, schemas
+from gateway import errors, response_schemas, schemas, text_completions
 from gateway.chat import ChatTokenizer
 from gateway.completions import Chats, Turn
 from gateway.config import GatewayConfig
+from gateway.response_store import MemoryResponseStore, ResponseStore
+from gateway.responses import Responses, stream_events
 
 log = get_logger("astraea.gateway")
 
@@ -86,9 +89,13 @@ async def _stream(turn: Turn) -> AsyncIterator[bytes]:
 
 
 def create_app(config: GatewayConfig, client: AsyncAgentClient,
-               tokenizer: ChatTokenizer, reap: bool = True) -> FastAPI:
-    """The gateway's app over `client` (its channel is the caller's to close)."""
+               tokenizer: ChatTokenizer, reap: bool = True,
+               store: ResponseStore | None = None) -> FastAPI:
+    """The gateway's app over `client` (its channel is the caller's to close); Responses API
+    responses are kept in `store` (default: the newest ones in memory)."""
     chats = Chats(config, client, tokenizer)
+    responses = Responses(chats, store if store is not None else MemoryResponseStore())
+    texts = text_completions.TextCompletions(chats)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -106,6 +113,7 @@ def create_app(config: GatewayConfig, client: AsyncAgentClient,
     app = FastAPI(title="Astraea gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.chats = chats
+    app.state.responses = responses
 
     @app.exception_handler(errors.ApiError)
     async def _api_error(_request: Request, e: errors.ApiError) -> JSONResponse:
@@ -152,6 +160,42 @@ def create_app(config: GatewayConfig, client: AsyncAgentClient,
                 "choices": [{"index": 0, "message": turn.reply(),
                              "finish_reason": turn.finish_reason, "logprobs": None}],
                 "usage": turn.usage()}
+        return JSONResponse(body, headers=headers)
+
+    @app.post("/v1/responses")
+    async def create_response(request: Request):
+        _authorized(config, request)
+        req = response_schemas.parse(await _body(config, request))
+        rt = await responses.prepare(req, request.headers)
+        if req.stream:
+            return StreamingResponse(stream_events(rt), media_type="text/event-stream",
+                                     headers={**rt.headers(), "Cache-Control": "no-cache"})
+        body = await responses.run(rt)
+        return JSONResponse(body, headers=rt.headers())
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str, request: Request) -> dict:
+        _authorized(config, request)
+        return responses.get(response_id)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        _authorized(config, request)
+        req = text_completions.parse(await _body(config, request))
+        turn = await texts.prepare(req, request.headers)
+        headers = {"X-Astraea-Job-ID": turn.session.job_id or ""}
+        if turn.session.session_id in chats.sessions.by_id:  # else a one-segment job
+            headers["X-Session-ID"] = turn.session.session_id
+        if req.stream:
+            return StreamingResponse(text_completions.stream_chunks(texts, turn),
+                                     media_type="text/event-stream",
+                                     headers={**headers, "Cache-Control": "no-cache"})
+        try:
+            async for _ in texts.run(turn):
+                pass
+        except AstraeaError as e:
+            raise errors.from_grpc(e.code, e.message) from None
+        body = text_completions.completion_body(turn, turn.text, turn.finish_reason, True)
         return JSONResponse(body, headers=headers)
 
     return app

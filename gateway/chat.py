@@ -105,13 +105,28 @@ def template_message(m) -> dict[str, Any]:
     return out
 
 
+def _load_tokenizer(folder: str):
+    """The folder's tokenizer. A `tokenizer.json` is loaded as a fast tokenizer directly:
+    `AutoTokenizer` would import torch (through the model registry) only to pick the class,
+    which makes the gateway start ~10 s slower and hold torch in memory for nothing. The
+    gateway encodes without special tokens (the chat template places them), so the model
+    class's own special-token handling does not matter."""
+    import os
+
+    if os.path.exists(os.path.join(folder, "tokenizer.json")):
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
 class ChatTokenizer:
     """The model's tokenizer and chat template."""
 
     def __init__(self, folder: str, template: str | None = None) -> None:
-        from transformers import AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(folder)
+        self.tok = _load_tokenizer(folder)
         self.template = template or getattr(self.tok, "chat_template", None) \
             or FALLBACK_TEMPLATE
         self.vocab_size = len(self.tok)

@@ -78,6 +78,8 @@ class Turn:
     prompt_tokens: int  # the whole prompt, in the job's tokens
     close: bool  # nvext.session_control close: end the session after this reply
     json_schema: str | None = None  # what decoding must match (a forced call, response_format)
+    # The segment's hint to the scheduler: the API wait its end starts (None: the job's last).
+    next_tool_category: str | None = HUMAN
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     generated: list[int] = field(default_factory=list)
@@ -102,6 +104,15 @@ class Turn:
                 "total_tokens": self.prompt_tokens + len(self.generated),
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
+    def generated_text(self) -> str:
+        """The reply's tokens as text, special tokens kept: what the job's context holds."""
+        return self.chats.tokenizer.decode(self.generated, skip_special=False) \
+            if not self._placeholders else self.text
+
+    @property
+    def text_is_tokens(self) -> bool:
+        return self._text_is_tokens
+
     def _delta(self, ids: list[int], worker_text: str) -> str:
         """New text for these ids: the worker's, or (placeholder ids of a simulated worker,
         which come with no text) decoded here."""
@@ -124,7 +135,7 @@ class Turn:
             sampling["json_schema"] = self.json_schema
         stream = chats.client.stream_segment(
             s.job_id, prompt_token_ids=self.input_ids, max_tokens=r.output_limit(),
-            temperature=r.temperature, next_tool_category=HUMAN, **sampling)
+            temperature=r.temperature, next_tool_category=self.next_tool_category, **sampling)
         try:
             async for chunk in stream:
                 self.generated.extend(chunk.token_ids)
@@ -186,14 +197,13 @@ class Turn:
             reply = self.reply()
             s.n_messages = len(self.messages)
             s.prompt_text = self.prompt_text
-            s.generated_text = chats.tokenizer.decode(self.generated, skip_special=False) \
-                if not self._placeholders else self.text
+            s.generated_text = self.generated_text()
             s.context_tokens = self.prompt_tokens + len(self.generated)
             keys = prefix_keys([*self.messages, template_message_dict(reply)], self.req_tools())
             chats.sessions.turn_ended(s, keys[-1])
             if not self._text_is_tokens:
                 s.context_differs = True
-            category = self.tool_calls[0].name if self.tool_calls else HUMAN
+            category = self.wait_category()
             try:
                 await chats.client.report_tool_start(s.job_id, category)
                 s.tool_started = True
@@ -207,6 +217,14 @@ class Turn:
 
     def req_tools(self) -> list[dict] | None:
         return _tools(self.req)
+
+    def wait_category(self) -> str:
+        """The API wait's category: the client's hint, else the function the model called,
+        else a person's reply."""
+        hint = getattr(self.req, "astraea", None)
+        if hint is not None and hint.next_tool_category:
+            return hint.next_tool_category
+        return self.tool_calls[0].name if self.tool_calls else HUMAN
 
 
 class Chats:
@@ -263,7 +281,7 @@ class Chats:
                 prompt_tokens = s.context_tokens + len(ids)
             else:
                 if s.job_id is not None:
-                    await self._drop_job(s, "the prompt does not continue the session")
+                    await self.drop_job(s, "the prompt does not continue the session")
                 s.job_id = await self.client.start_job(category=JOB_CATEGORY)
                 ids = self.tokenizer.encode(prompt_text)
                 prompt_tokens = len(ids)
@@ -276,8 +294,11 @@ class Chats:
         except BaseException:
             s.busy = False
             raise
-        return Turn(self, req, s, messages, keys, prompt_text, ids, prompt_tokens, close,
+        turn = Turn(self, req, s, messages, keys, prompt_text, ids, prompt_tokens, close,
                     schema)
+        if req.astraea is not None and req.astraea.next_tool_category:
+            turn.next_tool_category = req.astraea.next_tool_category
+        return turn
 
     def _continuation(self, s: Session, messages: list[dict], tools, keys: list[str],
                       prompt_text: str) -> str | None:
@@ -294,7 +315,8 @@ class Chats:
             if rendered_reply.startswith(s.generated_text) else ""
         return rest + prompt_text[len(through_reply):]
 
-    async def _drop_job(self, s: Session, why: str) -> None:
+    async def drop_job(self, s: Session, why: str) -> None:
+        """End the session's job (if any); the session stays, with no turn to continue."""
         job_id = s.job_id
         self.sessions.forget_turn(s)
         if job_id is None:
@@ -307,7 +329,7 @@ class Chats:
         log.info("session job ended", session_id=s.session_id, job_id=job_id, why=why)
 
     async def end_session(self, s: Session, why: str) -> None:
-        await self._drop_job(s, why)
+        await self.drop_job(s, why)
         self.sessions.remove(s)
 
     async def reap_idle(self, now: float | None = None) -> int:

@@ -113,6 +113,13 @@ class NvExt(BaseModel):
     session_control: SessionControl | None = None
 
 
+class AstraeaHints(_Strict):
+    """The `astraea` extension object: what the client knows about the call its reply leads
+    to. The category names the API wait the scheduler and the predictor learn under (instead
+    of the called function's name, or "human")."""
+    next_tool_category: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+
+
 class ChatRequest(_Strict):
     model: str
     messages: Annotated[list[Message], Field(min_length=1)]
@@ -130,6 +137,7 @@ class ChatRequest(_Strict):
     response_format: ResponseFormat | None = None
     session_id: str | None = None
     nvext: NvExt | None = None
+    astraea: AstraeaHints | None = None
     # Accepted, and only at their neutral value.
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
@@ -209,8 +217,11 @@ def _param(loc: tuple) -> str:
     return out
 
 
-def validation_error(e: ValidationError | list[dict]) -> ApiError:
-    """The first problem pydantic found, as a 400 naming the field."""
+def validation_error(e: ValidationError | list[dict], fields: dict | None = None,
+                     not_fields: frozenset[str] = frozenset()) -> ApiError:
+    """The first problem pydantic found, as a 400 naming the field. `fields`: the request's
+    top-level fields (a check across fields names one in its message); `not_fields`: more
+    location parts that name no field (union tags)."""
     errors = e.errors() if isinstance(e, ValidationError) else e
     # A value that fits no member of a union fails once per member: the deepest failure (the
     # member that came closest) says best what is wrong; the later one on ties.
@@ -218,14 +229,15 @@ def validation_error(e: ValidationError | list[dict]) -> ApiError:
     loc = tuple(p for p in first.get("loc", ()) if p != "body")
     # Union members add their type name to the location; drop those.
     loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in (
-        "str", "list[TextPart]", "list[str]", "int", "float"))))
+        "str", "list[TextPart]", "list[str]", "int", "float") or p in not_fields)))
     param = _param(loc) or None
     if first.get("type") == "extra_forbidden":
         return bad_request(f"Unrecognized request argument supplied: {param}", param,
                            "unknown_parameter")
     msg = first.get("msg", "invalid value").removeprefix("Value error, ")
     field, sep, _ = msg.partition(":")
-    if param is None and sep and field in ChatRequest.model_fields:
+    if param is None and sep and field in (ChatRequest.model_fields if fields is None
+                                           else fields):
         param, msg = field, msg[len(field) + 1:].strip()  # a check across fields names it
     return bad_request(f"Invalid value for {param!r}: {msg}." if param else msg, param,
                        "invalid_value")

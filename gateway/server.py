@@ -1,4 +1,4 @@
-"""`astraea-gateway`: serve the OpenAI Chat Completions API in front of a control plane.
+"""`astraea-gateway`: serve the OpenAI API (chat, responses, completions) for a control plane.
 
 Without an API key the gateway serves loopback addresses only (anyone who can reach it could
 run the model); a non-loopback --listen then is refused at start with a message saying so.
@@ -49,7 +49,8 @@ def read_keys(keys: list[str], key_file: str | None) -> frozenset[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="astraea-gateway",
-                                description="OpenAI Chat Completions API for an Astraea stack")
+                                description="OpenAI API (chat completions, responses, "
+                                            "completions) for an Astraea stack")
     p.add_argument("--listen", default=DEFAULT_LISTEN, help="host:port to serve HTTP on")
     p.add_argument("--control-plane", default="127.0.0.1:50051", metavar="HOST:PORT",
                    help="the control plane's AgentService")

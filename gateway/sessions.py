@@ -103,6 +103,13 @@ class SessionTable:
         s.key, s.context_differs = key, False
         self._by_key[key] = s
 
+    def drop_key(self, s: Session) -> None:
+        """No chat request continues the session's last turn (a text completion ran on it);
+        its job and context stay."""
+        if s.key is not None and self._by_key.get(s.key) is s:
+            del self._by_key[s.key]
+        s.key = None
+
     def forget_turn(self, s: Session) -> None:
         """The session's job is gone: nothing can continue its last turn."""
         if s.key is not None and self._by_key.get(s.key) is s:

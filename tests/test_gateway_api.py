@@ -214,6 +214,10 @@ def test_an_unnamed_fork_of_a_busy_conversation_gets_a_session_of_its_own(client
     ({"max_tokens": "5"}, "max_tokens"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"tool_choice": "required"}, "tool_choice"),
+    ({"extra_body": {"astraea": {"next_tool_category": ""}}}, "astraea.next_tool_category"),
+    ({"extra_body": {"astraea": {"next_tool_category": "x" * 129}}},
+     "astraea.next_tool_category"),
+    ({"extra_body": {"astraea": {"guess": 1}}}, "astraea.guess"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}],
       "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
 ])
@@ -221,6 +225,19 @@ def test_bad_fields_get_a_400_naming_them(client, kw, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=HELLO, **kw)
     assert _error(e.value)["param"] == param
+
+
+def test_a_tool_category_hint_is_accepted_and_the_session_goes_on(client):
+    """`astraea.next_tool_category` names the API wait after the reply (the scheduler and the
+    predictor learn under it); the next request continues the same job."""
+    hint = {"astraea": {"next_tool_category": "web-search"}}
+    first, h1 = _create(client, messages=HELLO, max_tokens=4, extra_body=hint)
+    follow = [*HELLO, {"role": "assistant", "content": first.choices[0].message.content},
+              {"role": "user", "content": "And again."}]
+    second, h2 = _create(client, messages=follow, max_tokens=4)
+    assert h2["x-astraea-job-id"] == h1["x-astraea-job-id"]
+    assert second.usage.prompt_tokens_details.cached_tokens == \
+        first.usage.prompt_tokens + first.usage.completion_tokens
 
 
 def test_wrong_types_and_a_tool_message_that_answers_nothing(client):

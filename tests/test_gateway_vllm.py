@@ -143,3 +143,71 @@ def test_a_turn_the_model_stops_keeps_its_job_open_but_a_cut_text_is_not_reused(
         assert h2["x-astraea-job-id"] != h1["x-astraea-job-id"]
         assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
         assert state(h1["x-astraea-job-id"]) == common_pb2.JOB_STATE_FINISHED
+
+
+# The Responses API and text completions, on the same stack.
+
+WEATHER_TOOL = {"type": "function", **WEATHER["function"]}
+RULES = "You answer in short sentences."
+
+
+def _respond(client, **kw):
+    raw = client.responses.with_raw_response.create(model=MODEL, temperature=0,
+                                                    instructions=RULES, tools=[WEATHER_TOOL],
+                                                    **kw)
+    return raw.parse(), raw.headers
+
+
+def _call(response):
+    calls = [o for o in response.output if o.type == "function_call"]
+    assert len(calls) == 1, response.output
+    assert calls[0].name == "get_weather"
+    assert json.loads(calls[0].arguments)["city"] in ("Tokyo", "Paris")
+    return calls[0]
+
+
+def test_a_tool_calling_agent_over_the_responses_api_resumes_its_job(client):
+    # Turn 1: the model must call the tool (decoded under the call's schema).
+    first, h1 = _respond(client, input="What is the weather in Paris?", tool_choice="required",
+                         max_output_tokens=100)
+    assert first.status == "completed", first.output
+    call = _call(first)
+    assert first.usage.input_tokens_details.cached_tokens == 0
+    # Turn 2: only the tool's output is sent; the stored response holds the rest.
+    second, h2 = _respond(client, previous_response_id=first.id, max_output_tokens=8,
+                          input=[{"type": "function_call_output", "call_id": call.call_id,
+                                  "output": "Sunny, 21 C"}])
+    assert h2["x-astraea-job-id"] == h1["x-astraea-job-id"]
+    # The job's KV stayed over the tool call: all of turn 1 is cached but its last token,
+    # sampled and never fed back.
+    assert second.usage.input_tokens_details.cached_tokens == first.usage.total_tokens - 1
+    assert second.usage.input_tokens > first.usage.total_tokens
+    assert [o.type for o in second.output] == ["message"]
+    assert second.status in ("completed", "incomplete")
+    assert client.responses.retrieve(second.id).output_text == second.output_text
+    # Turn 3, streamed with the SDK's helper: another forced call, from where turn 2 ended.
+    with client.responses.stream(model=MODEL, temperature=0, instructions=RULES,
+                                 tools=[WEATHER_TOOL], tool_choice="required",
+                                 previous_response_id=second.id, max_output_tokens=100,
+                                 input="And in Tokyo?") as stream:
+        kinds = [e.type for e in stream]
+        third = stream.get_final_response()
+    assert "response.function_call_arguments.done" in kinds
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    _call(third)
+    assert third.usage.input_tokens_details.cached_tokens == second.usage.total_tokens - 1
+    # A function_call_output that answers no call of the conversation is refused.
+    with pytest.raises(openai.BadRequestError) as e:
+        _respond(client, previous_response_id=third.id, input=[
+            {"type": "function_call_output", "call_id": call.call_id + "x", "output": "?"}])
+    assert e.value.body["param"] == "input[0].call_id"
+
+
+def test_greedy_text_completion_is_the_same_streamed_and_not(client):
+    whole = client.completions.create(model=MODEL, prompt="The cache is cut into",
+                                      max_tokens=12, temperature=0)
+    chunks = list(client.completions.create(model=MODEL, prompt="The cache is cut into",
+                                            max_tokens=12, temperature=0, stream=True))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert whole.choices[0].text and text == whole.choices[0].text
+    assert whole.usage.completion_tokens <= 12
