@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from astraea.workloads.chat import generate_chat
 from astraea.workloads.generator import INFERCEPT_MIX, generate_mix, with_poisson_arrivals
+from astraea.workloads.heavy_tail import generate_heavy_tail
 from astraea.workloads.infercept_format import read_infercept
 from astraea.workloads.long_context import generate_long_context
 from astraea.workloads.native import read_native, write_native
@@ -12,7 +14,7 @@ from astraea.workloads.trace import JobTrace, Segment, ToolCall, TraceError
 
 __all__ = [
     "GENERATED", "INFERCEPT_MIX", "JobTrace", "Segment", "ToolCall", "TraceError", "generate_mix",
-    "generate_long_context",
+    "generate_long_context", "generate_heavy_tail", "generate_chat",
     "load_trace", "read_infercept", "read_native", "with_poisson_arrivals", "write_native",
     "take_jobs",
 ]
@@ -22,6 +24,8 @@ __all__ = [
 GENERATED = {
     "infercept": generate_mix,  # the InferCept agent mix (generator.py)
     "long-context": generate_long_context,  # coding-agent sessions (long_context.py)
+    "heavy-tail": generate_heavy_tail,  # 5 tool categories, log-normal σ 1.5 (heavy_tail.py)
+    "chat": generate_chat,  # conversations with minutes-long human replies (chat.py)
 }
 
 

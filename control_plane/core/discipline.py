@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator
 
+from astraea.plan import KvDecision, WorkerView
 from control_plane.core.config import PlasConfig
 from control_plane.core.job import Job
 from control_plane.core.queues import FcfsQueue
@@ -61,6 +62,16 @@ class Discipline:
     def admission_score(self, job: Job, now: float) -> float | None:
         """The score that ranked `job` within its queue, for traces; None if the discipline
         ranks by something other than a score (arrival order, attained service)."""
+        return None
+
+    def control(self, now: float, views: dict[int, WorkerView]) -> list[KvDecision]:
+        """A control loop run at the start of every plan, for disciplines that admit whole
+        programs (ThunderAgent, MARS): it may change which jobs `candidates` offers, and
+        returns KV evictions of jobs preserved in API waits. Default: nothing."""
+        return []
+
+    def next_deadline(self) -> float | None:
+        """When `control` wants a plan even if no event arrives (a periodic tick)."""
         return None
 
 

@@ -190,6 +190,11 @@ class Scheduler:
             if paused:
                 for d in self.kv_policy.revisit(now, list(paused.values()), view):
                     actions.append(self._evict(self.jobs[d.job_id], d, view, now))
+        for d in self.discipline.control(now, views):
+            job = self.jobs.get(d.job_id)
+            # Only KV that is preserved in an API wait can be evicted by a control loop.
+            if job is not None and d.job_id in self.paused.get(job.worker_id, {}):
+                actions.append(self._evict(job, d, views[job.worker_id], now))
         # Until room has been made on every worker, no candidate is filtered out for size:
         # the most important blocked job must reach `_make_room`.
         room = [NO_LIMIT]
@@ -229,7 +234,9 @@ class Scheduler:
 
     def next_timer(self) -> float | None:
         """When the core wants `build_plan` called even if no event arrives (e.g. a TTL)."""
-        return self.kv_policy.next_deadline()
+        due = [t for t in (self.kv_policy.next_deadline(), self.discipline.next_deadline())
+               if t is not None]
+        return min(due) if due else None
 
     def queue_lengths(self) -> list[int]:
         return self.discipline.queue_lengths()
