@@ -223,7 +223,7 @@ class Scheduler:
         """Whether `build_plan` may return an action now: a job waits for admission, or the KV
         policy may revisit a paused job. False means the plan is certainly empty, so a caller
         may skip it (the simulator does, after engine steps that changed nothing)."""
-        if any(self.discipline.queue_lengths()):
+        if any(self.discipline.queue_lengths()) or not self.discipline.control_idle(now):
             return True
         return any(self.paused.values()) and not self.kv_policy.revisit_idle(now)
 
