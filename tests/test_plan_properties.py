@@ -89,3 +89,43 @@ def test_every_plan_is_executable_and_every_job_finishes(policy, case):
     assert not unfinished, f"jobs {unfinished} never finished"
     for engine in sim.engines:  # nothing left behind: every block and host copy freed
         assert engine.pool.used == 0 and engine.host_used == 0
+
+
+def _outcome(sim: Simulation) -> tuple:
+    result = sim.run()
+    jobs = sorted((r.job_id, r.finish_s, tuple(r.ttft_s)) for r in result.records)
+    engines = [(e.step, e.tokens_decoded, e.tokens_prefilled, e.preemptions,
+                e.peak_used_blocks, e.last_step_s) for e in sim.engines]
+    return jobs, engines, result.decision_counts, result.engine_counters
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("policy", list(POLICIES))
+@settings(max_examples=12, deadline=None, derandomize=True, database=None,
+          phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=scenario())
+def test_skipping_idle_steps_changes_no_result(policy, case):
+    """The simulator's shortcut (no plan when the core cannot act, quiet decode steps run
+    back to back) gives every job the same finish time and first-token times, and every
+    engine the same counters, as stepping one event at a time."""
+    profile = dataclasses.replace(
+        PROFILE, host_swap_bytes=float(case["host_blocks"] * BLOCK * PROFILE.kv_bytes_per_token))
+    runs = [_outcome(Simulation(case["jobs"], profile, policy, num_workers=case["workers"],
+                                kv_blocks=case["kv_blocks"], skip_idle_steps=skip))
+            for skip in (False, True)]
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("policy", ["infercept", "astraea"])
+def test_skipping_idle_steps_changes_no_result_on_the_mix(policy):
+    """The same on the InferCept mix under load, where swaps land in the middle of long
+    decode stretches (a host copy finishing frees blocks: the stretch must stop there)."""
+    from astraea.workloads import generate_mix
+
+    profile = load_profile("gptj-6b-a100")
+    jobs = generate_mix(1000, 0, qps=2.0, context_window=profile.context_window)
+    runs = [_outcome(Simulation(jobs, profile, policy, skip_idle_steps=skip))
+            for skip in (False, True)]
+    assert runs[0] == runs[1]

@@ -74,6 +74,12 @@ class Discipline:
         """When `control` wants a plan even if no event arrives (a periodic tick)."""
         return None
 
+    def control_idle(self, now: float) -> bool:
+        """True when `control` would certainly do nothing at `now` (lets the simulator skip
+        plans that cannot act). A discipline that overrides `control` must override this
+        too, or it is never idle."""
+        return type(self).control is Discipline.control
+
 
 class Fcfs(Discipline):
     """First come, first served on a fixed key, blocking like vLLM's waiting queue.

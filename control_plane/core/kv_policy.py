@@ -102,6 +102,12 @@ class KvPolicy:
         """Change decisions for preserved jobs (budgeted swaps, expired TTLs). Default: none."""
         return []
 
+    def revisit_idle(self, now: float) -> bool:
+        """True when `revisit` would certainly return nothing at `now`, whatever the paused
+        jobs and the view (lets the simulator skip plans that cannot act). A policy that
+        overrides `revisit` must override this too, or it is never idle."""
+        return type(self).revisit is KvPolicy.revisit
+
     def reclaim(self, now: float, paused: list[Job], view: WorkerView,
                 blocks_needed: int) -> list[KvDecision]:
         """Evict paused jobs to make `blocks_needed` free for a ready job. Default: none."""
@@ -182,6 +188,9 @@ class MinWaste(KvPolicy):
                 out.append(d)
         return out
 
+    def revisit_idle(self, now: float) -> bool:
+        return not self._swap_wanted
+
     def forget(self, job: Job) -> None:
         self._swap_wanted.pop(job.job_id, None)
 
@@ -260,6 +269,10 @@ class TimeToLive(KvPolicy):
             out.append(KvDecision(job.job_id, KvAction.DISCARD, "unpinned under memory pressure"))
         return out
 
+    def revisit_idle(self, now: float) -> bool:
+        deadline = self.next_deadline()
+        return deadline is None or deadline > now
+
     def forget(self, job: Job) -> None:
         self._deadline_of.pop(job.job_id, None)
 
@@ -303,6 +316,9 @@ class PressureAdaptive(MinWaste):
 
     def revisit(self, now: float, paused: list[Job], view: WorkerView) -> list[KvDecision]:
         return []
+
+    def revisit_idle(self, now: float) -> bool:
+        return True
 
     def reclaim(self, now: float, paused: list[Job], view: WorkerView,
                 blocks_needed: int) -> list[KvDecision]:

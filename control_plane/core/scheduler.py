@@ -224,6 +224,14 @@ class Scheduler:
                 break  # nothing more can start in this build
         return actions
 
+    def may_act(self, now: float) -> bool:
+        """Whether `build_plan` may return an action now: a job waits for admission, or the KV
+        policy may revisit a paused job. False means the plan is certainly empty, so a caller
+        may skip it (the simulator does, after engine steps that changed nothing)."""
+        if any(self.discipline.queue_lengths()) or not self.discipline.control_idle(now):
+            return True
+        return any(self.paused.values()) and not self.kv_policy.revisit_idle(now)
+
     def _fits(self, view: WorkerView, need: int) -> bool:
         return need <= 0 or need <= self._admissible_blocks(view)
 

@@ -320,6 +320,38 @@ class SimulatedEngine:
         self._note_usage()
         return self.last_step_s, result
 
+    def run_decode_steps(self, now: float, until: float) -> float:
+        """Run, back to back from `now`, the steps that are pure decoding and change nothing
+        a caller could see: no sequence prefills, none finishes, no block runs out (which
+        would preempt), each step ending strictly before `until`. Returns the time the last
+        of them ended (`now` if none ran); the next step then starts as usual. Exactly what
+        `start_step` + `finish_step` would do for each: a simulator whose planner cannot act
+        between events skips the round trips through its event queue."""
+        if self.busy or self._prefilling or not self._n_decode:
+            return now
+        profile, pool, residue, bs, n = self.profile, self.pool, self._residue, self.bs, self._n_decode
+        finish = self._finish
+        s, t = self.step, now
+        while True:
+            if finish and finish[0][0] <= s:
+                break  # a sequence finishes at this step (or a stale entry: the slow path)
+            need = residue[(-s) % bs]
+            if need > pool.allocatable:
+                break  # the slow path preempts
+            duration = profile.step_time_s(n, self._sum_base + n * s)
+            if t + duration >= until:
+                break
+            pool.allocate(need)
+            t += duration
+            s += 1
+            self.tokens_decoded += n
+            self.last_step_tokens, self.last_step_context_read = n, self._sum_base + n * (s - 1)
+            self.last_step_s = duration
+        if s != self.step:
+            self.step = s
+            self._note_usage()  # allocation only grew: the last step's use is the peak
+        return t
+
     def finish_step(self, now: float) -> StepResult:
         if not self.busy or self._step_plan is None:
             raise EngineError("no step is running")

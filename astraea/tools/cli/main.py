@@ -13,6 +13,7 @@ import sys
 
 from astraea.tools.cli import (
     bench,
+    bench_gateway,
     bench_service,
     bench_vllm,
     profile,
@@ -24,7 +25,7 @@ from astraea.tools.cli import (
 
 DESCRIPTION = ("`astraea` command line: benchmarks, traces, profiles, and replays on the live "
                "stack.")
-COMMAND_MODULES = (bench, bench_service, bench_vllm, trace, replay, stack, traces, profile)
+COMMAND_MODULES = (bench, bench_service, bench_gateway, bench_vllm, trace, replay, stack, traces, profile)
 
 
 def build_parser() -> argparse.ArgumentParser:

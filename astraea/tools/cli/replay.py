@@ -20,6 +20,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     help="start a control plane and --workers workers in this process on a free "
                          "loopback port for the replay")
     rp.add_argument("--policy-label", default="live", help="the policy name in the table")
+    rp.add_argument("--http", nargs="?", const="", default=None, metavar="URL",
+                    help="drive the trace through the OpenAI Chat Completions API of the gateway "
+                         "at URL (e.g. http://127.0.0.1:8000/v1), one session per job; with "
+                         "--stack and no URL, the stack runs as processes with a gateway")
+    rp.add_argument("--model", default="astraea", help="with --http: the served model name")
+    rp.add_argument("--tokenizer", default=None, metavar="PATH",
+                    help="with --http: the gateway's tokenizer folder, to build prompts of the "
+                         "trace's lengths (default: the tiny model's, as `astraea up --http`)")
+    rp.add_argument("--api-key", default="none", help="with --http: the gateway's API key")
     rp.set_defaults(func=cmd_replay)
 
     cl = sub.add_parser("compare-live", help="the same jobs through the simulator and the live "
@@ -60,10 +69,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from astraea.tools.replay import run_row
 
     profile, jobs, qps = _replay_setup(args)
-    where = "an in-process stack" if args.stack else args.control_plane
+    if args.http is not None:
+        where = (args.http or "a stack of processes with a gateway") + " (OpenAI API)"
+    else:
+        where = "an in-process stack" if args.stack else args.control_plane
     print(f"astraea replay: {len(jobs)} jobs against {where}, time scale {args.time_scale:g}",
           file=sys.stderr)
-    result, counts = _replay_live(args, jobs, profile)
+    result, counts = (_replay_http(args, jobs, profile) if args.http is not None
+                      else _replay_live(args, jobs, profile))
     run = run_row(result, args.policy_label, qps, args.seed, len(jobs), counts)
     rows = aggregate([run])
     print(format_tables(rows))
@@ -76,6 +89,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 "policy_label": args.policy_label, "qps": qps, "jobs": len(jobs),
                 "seed": args.seed, "time_scale": args.time_scale,
                 "control_plane": None if args.stack else args.control_plane,
+                "http": args.http,
                 "stack": {"policy": args.policy, "workers": args.workers} if args.stack else None,
                 "concurrency": args.concurrency}
         write_json(args.out, spec, rows, [run])
@@ -188,6 +202,43 @@ def _replay_live(args: argparse.Namespace, jobs, profile):
         return asyncio.run(go())
     finally:
         structlog.configure(**saved)
+
+
+def _replay_http(args: argparse.Namespace, jobs, profile):
+    """Replay `jobs` through the gateway at `--http`, or through a stack of processes with
+    a gateway (`--stack --http`): the ReplayResult and no decision counts."""
+    import asyncio
+
+    from astraea.tools.replay_http import HttpTarget, replay_http
+
+    if args.concurrency is not None and args.concurrency < 1:
+        raise ValueError("--concurrency must be at least 1")
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        from worker.vllm.tiny_model import resolve_model
+
+        tokenizer = resolve_model(None)
+    if args.http:
+        if args.stack:
+            raise ValueError("--http URL drives a running gateway; give --stack --http (no "
+                             "URL) to start one")
+        target = HttpTarget(args.http, args.model, args.api_key)
+        return asyncio.run(replay_http(jobs, target, tokenizer, profile, args.time_scale,
+                                       args.concurrency)), None
+    if not args.stack:
+        raise ValueError("--http needs a URL (or --stack to start a stack with a gateway)")
+    from astraea.tools.stack import Stack, StackConfig
+
+    cfg = StackConfig(policy=args.policy, profile=args.profile, time_scale=args.time_scale,
+                      workers=args.workers, control_plane_listen="127.0.0.1:0",
+                      predictor_listen="127.0.0.1:0", http_listen="127.0.0.1:0",
+                      tokenizer=tokenizer)
+    with Stack(cfg) as st:
+        target = HttpTarget(f"{st.http_address}/v1", cfg.served_model)
+        print(f"astraea replay: stack with gateway at {st.http_address} ({args.policy}, "
+              f"{args.workers} workers)", file=sys.stderr)
+        return asyncio.run(replay_http(jobs, target, tokenizer, profile, args.time_scale,
+                                       args.concurrency)), None
 
 
 def _live_in_processes(args: argparse.Namespace, policy: str, jobs, profile):
