@@ -11,7 +11,8 @@ import pytest
 from astraea.tools.cli.main import main
 
 SUBCOMMANDS = ("bench", "report", "bench-overhead", "bench-service", "bench-gateway",
-               "bench-vllm", "trace", "replay", "compare-live", "up", "demo", "traces", "profile", "profiles")
+               "bench-vllm", "trace", "replay", "compare-live", "up", "demo", "traces",
+               "profile", "profiles")
 
 
 def _help(capsys, argv: list[str]) -> str:
