@@ -13,7 +13,7 @@ from astraea.profile import load_profile
 from astraea.tools.replay_http import HttpTarget, PromptText, replay_http
 from astraea.tools.stack import Stack, StackConfig
 from astraea.workloads import generate_mix
-from worker.vllm.tiny_model import resolve_model
+from worker.vllm.tiny_model import resolve_tokenizer
 
 TIME_SCALE = 0.02
 
@@ -28,7 +28,7 @@ def stack():
 
 @pytest.fixture(scope="module")
 def tokenizer() -> str:
-    return resolve_model(None)
+    return resolve_tokenizer(None)
 
 
 @pytest.mark.parametrize("n", [1, 30, 257])
@@ -69,3 +69,15 @@ def test_a_wrong_model_fails_each_job_with_the_gateways_message(stack, tokenizer
     result = asyncio.run(replay_http(jobs, target, tokenizer, profile, TIME_SCALE))
     assert set(result.errors) == {j.job_id for j in jobs}
     assert all("NotFoundError" in e and "no-such-model" in e for e in result.errors.values())
+
+
+def test_the_demos_agent_keeps_one_job_and_its_context(stack):
+    """The demo's agent (official SDK, no session key): every turn continues the same job and
+    reports the whole previous context as cached - nothing recomputed but the new messages."""
+    from astraea.tools.demo_openai import run_agent
+
+    turns = run_agent(f"{stack.http_address}/v1", stack.config.served_model, tool_s=0.05)
+    assert len(turns) == 4 and len({t["job"] for t in turns}) == 1
+    assert turns[0]["cached_tokens"] == 0
+    for before, after in zip(turns, turns[1:]):
+        assert after["cached_tokens"] == before["prompt_tokens"] + before["completion_tokens"]

@@ -181,6 +181,43 @@ def build_tiny_model(cache_dir: str | os.PathLike | None = None, size: str = "ti
     return out
 
 
+def build_tiny_tokenizer(cache_dir: str | os.PathLike | None = None,
+                         size: str = "tiny") -> Path:
+    """The folder of the tokenizer of the model of `size` alone (files identical to the
+    model's), for a gateway in front of simulated workers: built without torch, in seconds.
+    The full model's folder is returned instead when it is already built."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}: one of {', '.join(SIZES)}")
+    params = SIZES[size]
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    name = f"{size}-llama-{_recipe_hash(params)}"
+    if (root / name / ".complete").exists():
+        return root / name
+    out = root / f"{name}-tokenizer"
+    if (out / ".complete").exists():
+        return out
+    tmp = root / f".tmp-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _build_tokenizer(tmp, params)
+        (tmp / ".complete").write_text("ok\n")
+        tmp.rename(out)
+    except OSError:
+        if not (out / ".complete").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_tokenizer(name_or_folder: str | None) -> str:
+    """Like `resolve_model`, for what needs only the tokenizer and chat template."""
+    if name_or_folder is None or name_or_folder in SIZES:
+        return str(build_tiny_tokenizer(size=name_or_folder or "tiny"))
+    return name_or_folder
+
+
 def resolve_model(name_or_folder: str | None) -> str:
     """A model argument as a folder: None or a size name ("tiny", "small") builds that model
     (cached); anything else is taken as a local Hugging Face model folder."""
@@ -189,10 +226,11 @@ def resolve_model(name_or_folder: str | None) -> str:
     return name_or_folder
 
 
-def _build(folder: Path, params: dict) -> None:
-    import torch
+def _build_tokenizer(folder: Path, params: dict):
+    """Train and save the tokenizer (no torch: the gateway of a stack without a model needs
+    only this)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -201,7 +239,7 @@ def _build(folder: Path, params: dict) -> None:
         vocab_size=params["vocab_size"], special_tokens=["<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
-    bos_id, eos_id = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    bos_id = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
@@ -210,6 +248,15 @@ def _build(folder: Path, params: dict) -> None:
     fast.chat_template = CHAT_TEMPLATE
     # In tokenizer_config.json (not chat_template.jinja), where every loader looks.
     fast.save_pretrained(folder, save_jinja_files=False)
+    return fast
+
+
+def _build(folder: Path, params: dict) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fast = _build_tokenizer(folder, params)
+    bos_id, eos_id = fast.bos_token_id, fast.eos_token_id
 
     torch.manual_seed(params["seed"])
     config = LlamaConfig(

@@ -52,9 +52,9 @@ def _stack_config(cfg: GatewayBenchConfig, time_scale: float, kv_blocks: int | N
 
 
 def _tokenizer() -> str:
-    from worker.vllm.tiny_model import resolve_model
+    from worker.vllm.tiny_model import resolve_tokenizer
 
-    return resolve_model(None)  # what the stack's gateway renders with, given no model
+    return resolve_tokenizer(None)  # what the stack's gateway renders with, given no model
 
 
 def _jct(cfg: GatewayBenchConfig, log) -> dict:

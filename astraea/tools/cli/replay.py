@@ -215,9 +215,9 @@ def _replay_http(args: argparse.Namespace, jobs, profile):
         raise ValueError("--concurrency must be at least 1")
     tokenizer = args.tokenizer
     if tokenizer is None:
-        from worker.vllm.tiny_model import resolve_model
+        from worker.vllm.tiny_model import resolve_tokenizer
 
-        tokenizer = resolve_model(None)
+        tokenizer = resolve_tokenizer(None)
     if args.http:
         if args.stack:
             raise ValueError("--http URL drives a running gateway; give --stack --http (no "
