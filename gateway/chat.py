@@ -130,6 +130,7 @@ class ChatTokenizer:
         self.template = template or getattr(self.tok, "chat_template", None) \
             or FALLBACK_TEMPLATE
         self.vocab_size = len(self.tok)
+        self._backend = getattr(self.tok, "backend_tokenizer", None)
 
     def render(self, messages: list[dict], tools: list[dict] | None,
                add_generation_prompt: bool) -> str:
@@ -138,7 +139,11 @@ class ChatTokenizer:
             add_generation_prompt=add_generation_prompt)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=False)) if text else []
+        if not text:
+            return []
+        if self._backend is not None:  # the Rust tokenizer itself: the same ids, ~20x faster
+            return self._backend.encode(text, add_special_tokens=False).ids
+        return list(self.tok.encode(text, add_special_tokens=False))
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         """Text of `ids`. Ids outside the vocabulary (a simulated worker's placeholders) are

@@ -70,6 +70,16 @@ def tiny_folder():
     return resolve_model(None)
 
 
+@pytest.mark.parametrize("text", ["hello world", "<s><|user|>\n a a</s>\n<|assistant|>\n",
+                                  "naïve café 東京 🙂 <tool_call>{\"a\": 1}</tool_call>",
+                                  "     x", "</s></s>"])
+def test_encoding_gives_the_tokenizers_own_ids(tiny_folder, text):
+    """The gateway encodes through the Rust tokenizer directly: the ids must be exactly what
+    the transformers tokenizer gives (special-token text included)."""
+    tok = ChatTokenizer(tiny_folder)
+    assert tok.encode(text) == list(tok.tok.encode(text, add_special_tokens=False))
+
+
 def test_the_fallback_template_renders_every_role(tiny_folder):
     tok = ChatTokenizer(tiny_folder, FALLBACK_TEMPLATE)
     text = tok.render([{"role": "system", "content": "be brief", "tool_calls": None},
