@@ -1,4 +1,5 @@
-"""`astraea trace gen` and `trace stats`: write a generated agent trace, and summarize one."""
+"""`astraea trace gen`, `trace convert` and `trace stats`: write a generated agent trace,
+turn an agent's own logs into one, and summarize one."""
 
 from __future__ import annotations
 
@@ -28,6 +29,28 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--out", required=True)
     g.set_defaults(func=cmd_trace_gen)
 
+    c = tsub.add_parser("convert", help="turn agent logs into a native JSONL trace",
+                        description="Read Claude Code session logs, TraceLab round traces, an "
+                                    "InferCept JSON trace or a live run's span directory and "
+                                    "write native JSONL (one job per session); a summary goes "
+                                    "to stderr.")
+    c.add_argument("--from", dest="fmt", required=True,
+                   choices=("claude-code", "tracelab", "infercept", "spans"),
+                   help="'claude-code': ~/.claude/projects/<project>/<session>.jsonl files or "
+                        "folders of them; 'tracelab': TraceLab round JSONL (.gz too); "
+                        "'infercept': InferCept's JSON; 'spans': ASTRAEA_TELEMETRY_SPAN_DIR "
+                        "directories (control plane and worker files)")
+    c.add_argument("inputs", nargs="+", metavar="INPUT")
+    c.add_argument("-o", "--out", required=True, help="the native JSONL to write")
+    c.add_argument("--tokenizer-ratio", type=float, default=4.0, metavar="CHARS_PER_TOKEN",
+                   help="characters per token where a log has text but no token counts")
+    c.add_argument("--max-wait-s", type=float, default=None,
+                   help="cap each tool or human wait at this many seconds (a user who came "
+                        "back the next day)")
+    c.add_argument("--time-scale", type=float, default=1.0,
+                   help="spans: the run's time scale (wall seconds per trace second)")
+    c.set_defaults(func=cmd_trace_convert)
+
     st = tsub.add_parser("stats", help="per-category means of a trace file")
     st.add_argument("trace")
     st.set_defaults(func=cmd_trace_stats)
@@ -39,6 +62,20 @@ def cmd_trace_gen(args: argparse.Namespace) -> int:
     window = load_profile(args.profile).context_window
     jobs = GENERATED[args.shape](args.jobs, args.seed, qps=args.qps, context_window=window)
     n = write_native(jobs, args.out)
+    print(f"wrote {n} jobs to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_trace_convert(args: argparse.Namespace) -> int:
+    from astraea.workloads import write_native
+    from astraea.workloads.converters import Options, convert, summary
+
+    notes: list[str] = []
+    opts = Options(chars_per_token=args.tokenizer_ratio, max_wait_s=args.max_wait_s,
+                   time_scale=args.time_scale)
+    jobs = convert(args.fmt, args.inputs, opts, notes)
+    n = write_native(jobs, args.out)
+    print(summary(args.fmt, jobs, notes), file=sys.stderr)
     print(f"wrote {n} jobs to {args.out}", file=sys.stderr)
     return 0
 
