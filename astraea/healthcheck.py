@@ -1,6 +1,6 @@
 """A container health probe: exit 0 iff a gRPC health service answers SERVING.
 
-    python -m astraea.healthcheck HOST:PORT [--service NAME] [--timeout S]
+    python -m astraea.healthcheck HOST:PORT [--service NAME] [--timeout S] [--tls-ca FILE]
 
 It asks the standard health service (grpc.health.v1, which the control plane and the predictor
 serve) about NAME, by default "" (the whole server). Docker and docker compose read the exit
@@ -21,10 +21,17 @@ EXIT_HEALTHY, EXIT_UNHEALTHY = 0, 1
 DEFAULT_TIMEOUT_S = 2.0
 
 
-def check(address: str, service: str = "", timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[bool, str]:
-    """Ask `address` whether `service` is SERVING. Returns (serving, what was found)."""
+def check(address: str, service: str = "", timeout_s: float = DEFAULT_TIMEOUT_S,
+          tls_ca: str | None = None) -> tuple[bool, str]:
+    """Ask `address` whether `service` is SERVING (over TLS verified against `tls_ca`, if
+    given; the health service needs no key). Returns (serving, what was found)."""
     what = f"{address} service {service!r}" if service else address
-    with grpc.insecure_channel(address) as channel:
+    if tls_ca:
+        with open(tls_ca, "rb") as f:
+            channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(f.read()))
+    else:
+        channel = grpc.insecure_channel(address)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
@@ -43,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
                         help="seconds to wait for the answer; keep it below the health check's "
                              "own timeout, so a slow answer reads as unhealthy, not as killed")
+    parser.add_argument("--tls-ca", default=None, metavar="FILE",
+                        help="the server speaks TLS: verify it against this PEM CA")
     return parser
 
 
@@ -51,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.timeout > 0:
         parser.error("--timeout must be positive")
-    serving, found = check(args.address, args.service, args.timeout)
+    try:
+        serving, found = check(args.address, args.service, args.timeout, args.tls_ca)
+    except OSError as e:
+        serving, found = False, f"cannot read --tls-ca {args.tls_ca}: {e.strerror}"
     if serving:
         print(found)
         return EXIT_HEALTHY

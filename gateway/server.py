@@ -13,7 +13,8 @@ import signal
 import sys
 import time
 
-from astraea.telemetry import get_logger
+from astraea.auth import ClientCredentials, add_client_arguments, client_credentials_from_args
+from astraea.telemetry import get_logger, prometheus
 from astraea.telemetry.setup import add_log_level_argument, setup_service_telemetry
 from gateway.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_SESSION_IDLE_S, GatewayConfig
 
@@ -69,12 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-idle-s", type=float, default=DEFAULT_SESSION_IDLE_S,
                    help="end a session's job (freeing its KV) after this long without a "
                         "request")
+    # What the gateway presents to the control plane, itself a client of AgentService.
+    add_client_arguments(p, "--control-plane-key-file", tls_prefix="--control-plane-",
+                         title="the control plane's key and TLS",
+                         key_help="the key the gateway sends to the control plane (one of its "
+                                  "--api-key-file keys; the first entry of FILE)")
     add_log_level_argument(p)
+    prometheus.add_metrics_arguments(p)
     return p
 
 
-async def _serve(config: GatewayConfig, host: str, port: int, control_plane: str) -> int:
-    import grpc
+async def _serve(config: GatewayConfig, host: str, port: int, control_plane: str,
+                 credentials: ClientCredentials | None = None) -> int:
     import uvicorn
 
     from astraea.client import AsyncAgentClient
@@ -82,11 +89,13 @@ async def _serve(config: GatewayConfig, host: str, port: int, control_plane: str
     from gateway.chat import ChatTokenizer
 
     tokenizer = ChatTokenizer(config.tokenizer, config.chat_template)
-    channel = grpc.aio.insecure_channel(control_plane)
+    credentials = credentials or ClientCredentials()
+    channel = credentials.aio_channel(control_plane)
     try:
         # Short calls are bounded; a segment takes what it takes.
-        client = AsyncAgentClient(channel=channel, timeout=30.0, segment_timeout=None)
-        app = create_app(config, client, tokenizer)
+        client = AsyncAgentClient(channel=channel, timeout=30.0, segment_timeout=None,
+                                  api_key=credentials.key)
+        app = prometheus.instrument_asgi(create_app(config, client, tokenizer))  # /metrics
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                access_log=False, lifespan="on"))
         server.install_signal_handlers = lambda: None  # ours below: stop on SIGTERM too
@@ -111,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         host, port = split_address(args.listen)
         keys = read_keys(args.api_key, args.api_key_file)
+        credentials = client_credentials_from_args(args, "--control-plane-key-file",
+                                                   tls_prefix="--control-plane-")
     except (ValueError, OSError) as e:
         parser.error(str(e))
     if args.max_body_bytes < 1:
@@ -129,12 +140,12 @@ def main(argv: list[str] | None = None) -> int:
                            max_body_bytes=args.max_body_bytes,
                            session_idle_s=args.session_idle_s, chat_template=template,
                            created_unix_s=int(time.time()))
-    tel = setup_service_telemetry(parser, "astraea-gateway", args.log_level)
+    tel = setup_service_telemetry(parser, "astraea-gateway", args.log_level, args)
     if not keys:
         print(f"astraea-gateway: no API key set: serving loopback ({host}) only",
               file=sys.stderr, flush=True)
     try:
-        return asyncio.run(_serve(config, host, port, args.control_plane))
+        return asyncio.run(_serve(config, host, port, args.control_plane, credentials))
     finally:
         tel.shutdown()
 

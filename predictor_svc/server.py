@@ -31,11 +31,26 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Tracer
 
+from astraea.auth import (
+    AuthInterceptor,
+    AuthPolicy,
+    KeyRing,
+    ServerTLS,
+    add_port,
+    add_server_arguments,
+    open_warning,
+    server_tls_from_args,
+)
 from astraea.errors import InvalidRequest
 from astraea.estimators import OnlineEstimator
 from astraea.profile import HardwareProfile, ProfileError, load_profile
 from astraea.rpc_guard import RequestGuard
-from astraea.telemetry import add_log_level_argument, extract_context, setup_service_telemetry
+from astraea.telemetry import (
+    add_log_level_argument,
+    extract_context,
+    prometheus,
+    setup_service_telemetry,
+)
 from astraea.v1 import predictor_pb2, predictor_pb2_grpc
 from predictor_svc import limits as limits_mod
 from predictor_svc.limits import BurstClip, PredictorLimits
@@ -272,17 +287,22 @@ class RunningPredictor:
 
 def serve(address: str, profile_name: str, state_path: str | None = None,
           max_workers: int | None = None, tracer: Tracer | None = None,
-          limits: PredictorLimits = DEFAULT_LIMITS) -> RunningPredictor:
+          limits: PredictorLimits = DEFAULT_LIMITS, auth: AuthPolicy | None = None,
+          tls: ServerTLS | None = None) -> RunningPredictor:
     """Start a predictor on `address` (host:port; port 0 picks a free one) and return it
     running. A `state_path` that exists is loaded first; a bad one raises `StateError`.
-    SaveState/LoadState act on `state_path` only."""
+    SaveState/LoadState act on `state_path` only. `auth` checks callers' keys (the health
+    service stays open), `tls` serves TLS."""
     predictor = Predictor(load_profile(profile_name), limits)
     if state_path and os.path.exists(state_path):
         predictor.load(state_path)
         log.info("state loaded from %s", state_path)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers or limits.max_workers,
                                                     thread_name_prefix="predictor"),
-                         interceptors=[RequestGuard()], options=limits.server_options(),
+                         interceptors=[*prometheus.server_interceptors(),
+                                       *([RequestGuard()] if auth is None
+                                         else [AuthInterceptor(auth), RequestGuard()])],
+                         options=limits.server_options(),
                          maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
     predictor_pb2_grpc.add_PredictorServiceServicer_to_server(
         PredictorServicer(predictor, tracer, state_path), server)
@@ -290,7 +310,7 @@ def serve(address: str, profile_name: str, state_path: str | None = None,
     for name in ("", "astraea.v1.PredictorService"):
         hs.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-    port = server.add_insecure_port(address)
+    port = add_port(server, address, tls)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     server.start()
@@ -312,7 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grace", type=float, default=SHUTDOWN_GRACE_S,
                         help="seconds in-flight calls get to finish on shutdown")
     limits_mod.add_arguments(parser)
+    add_server_arguments(parser).add_argument(
+        "--token-file", default=None, metavar="FILE",
+        help="callers (the control plane) must send one of these tokens (one per line)")
     add_log_level_argument(parser)
+    prometheus.add_metrics_arguments(parser)
     return parser
 
 
@@ -322,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.save_interval > 0:
         parser.error("--save-interval must be positive")
     # structlog JSON lines on stderr (stdlib records of this module included), with trace ids.
-    tel = setup_service_telemetry(parser, "astraea-predictor", args.log_level)
+    tel = setup_service_telemetry(parser, "astraea-predictor", args.log_level, args)
     try:
         return _run(args)
     finally:
@@ -331,11 +355,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
+        auth = (AuthPolicy({"astraea.v1.PredictorService": KeyRing.from_file(args.token_file)})
+                if args.token_file else None)
+        tls = server_tls_from_args(args)
         running = serve(args.listen, args.profile, args.state,
-                        limits=limits_mod.from_args(args))
+                        limits=limits_mod.from_args(args), auth=auth, tls=tls)
     except (ProfileError, StateError, OSError, ValueError) as e:  # ValueError: a bad limit
         log.error("cannot start: %s", e)
         return 2
+    warning = open_warning("the predictor", [what for flag, what in (
+        (auth, "anyone can send observations and read estimates (--token-file)"),
+        (tls, "plaintext (--tls-cert, --tls-key)")) if not flag])
+    if warning:
+        log.warning(warning)
     log.info("predictor serving on %s:%d (profile %s)", args.listen.rsplit(":", 1)[0],
              running.port, args.profile)
     saver = _periodic_save(running, args)

@@ -38,6 +38,7 @@ SCRIPTS = PYPROJECT["project"]["scripts"]
 
 PREDICTOR, CONTROL_PLANE, WORKER, GPU_WORKER = "predictor", "control-plane", "worker", "gpu-worker"
 GATEWAY, COLLECTOR, JAEGER = "gateway", "collector", "jaeger"
+PROMETHEUS, PROMETHEUS_PORT = "prometheus", 9090  # its image's default --web.listen-address
 JAEGER_UI_PORT, JAEGER_OTLP_GRPC_PORT = 16686, 4317  # Jaeger v2's defaults
 SIM_WORKERS = (WORKER,)
 ALL_WORKERS = (WORKER, GPU_WORKER)
@@ -53,7 +54,8 @@ ENVIRONMENTS = [
      "ASTRAEA_MODEL": "/models/llama-3-8b-instruct", "ASTRAEA_GATEWAY_PORT": "18000",
      "ASTRAEA_SERVED_MODEL": "llama-3-8b", "ASTRAEA_TOKENIZER_DIR": "/srv/models/llama-3-8b",
      "ASTRAEA_TRACE_UI_PORT": "26686", "ASTRAEA_OTLP_PORT": "14317",
-     "ASTRAEA_GATEWAY_API_KEYS_FILE": "./secrets/keys-staging"},
+     "ASTRAEA_GATEWAY_API_KEYS_FILE": "./secrets/keys-staging",
+     "ASTRAEA_PROMETHEUS_PORT": "19090"},
 ]
 
 
@@ -84,7 +86,8 @@ def run_compose(env: dict[str, str], *args: str, env_file: Path | None = None):
 
 @functools.cache
 def _rendered(env_items: tuple, env_file: Path | None = None) -> str:
-    done = run_compose(dict(env_items), "--profile", "gpu", "config", "--format", "json",
+    done = run_compose(dict(env_items), "--profile", "gpu", "--profile", "metrics", "config",
+                       "--format", "json",
                        env_file=env_file)
     assert done.returncode == 0, f"docker compose config failed:\n{done.stderr}"
     return done.stdout
@@ -303,11 +306,13 @@ def test_published_ports_are_served_and_on_loopback_only(env) -> None:
     svc = services(env)
     served = {CONTROL_PLANE: host_port(parse(svc[CONTROL_PLANE]).listen)[1],
               GATEWAY: host_port(parse(svc[GATEWAY]).listen)[1],
-              JAEGER: JAEGER_UI_PORT, COLLECTOR: collector_otlp_ports()["grpc"]}
+              JAEGER: JAEGER_UI_PORT, COLLECTOR: collector_otlp_ports()["grpc"],
+              PROMETHEUS: PROMETHEUS_PORT}
     host_setting = {CONTROL_PLANE: ("ASTRAEA_PORT", "50051"),
                     GATEWAY: ("ASTRAEA_GATEWAY_PORT", "8000"),
                     JAEGER: ("ASTRAEA_TRACE_UI_PORT", "16686"),
-                    COLLECTOR: ("ASTRAEA_OTLP_PORT", "4317")}
+                    COLLECTOR: ("ASTRAEA_OTLP_PORT", "4317"),
+                    PROMETHEUS: ("ASTRAEA_PROMETHEUS_PORT", "9090")}
     for name, s in svc.items():
         if name not in served:
             assert not published(s), f"{name} publishes a port nobody needs from the host"
@@ -436,12 +441,12 @@ def test_gpu_worker_only_under_the_gpu_profile_with_one_gpu() -> None:
     svc = services()
     assert svc[GPU_WORKER]["profiles"] == ["gpu"]
     for name, s in svc.items():
-        if name != GPU_WORKER:
+        if name not in (GPU_WORKER, PROMETHEUS):  # Prometheus: `--profile metrics`
             assert "profiles" not in s, f"{name} must start with a plain `docker compose up`"
-    # And a plain `up` (no profile) starts everything else, without it.
+    # And a plain `up` (no profile) starts everything else, without them.
     plain = run_compose({}, "config", "--services")
     assert plain.returncode == 0, plain.stderr
-    assert set(plain.stdout.split()) == set(svc) - {GPU_WORKER}
+    assert set(plain.stdout.split()) == set(svc) - {GPU_WORKER, PROMETHEUS}
     devices = svc[GPU_WORKER]["deploy"]["resources"]["reservations"]["devices"]
     assert len(devices) == 1
     assert devices[0]["driver"] == "nvidia"
@@ -623,3 +628,24 @@ def test_console_scripts_named_in_compose_exist() -> None:
         assert script in SCRIPTS, f"{name}: {script} is not in [project.scripts]"
         module, _, func = SCRIPTS[script].partition(":")
         assert callable(getattr(importlib.import_module(module), func)), script
+
+
+def test_prometheus_scrapes_the_port_every_service_serves_its_metrics_on() -> None:
+    svc = services()
+    scrape = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    targets = {}
+    for job in scrape["scrape_configs"]:
+        for static in job.get("static_configs", []):
+            targets.update(host_port(t) for t in static["targets"])
+        for dns in job.get("dns_sd_configs", []):
+            targets.update({name: dns["port"] for name in dns["names"]})
+    assert set(targets) == set(astraea_services()), "every Astraea service, and only those"
+    for name, port in targets.items():
+        args = parse(svc[name])
+        # 0.0.0.0: Prometheus is another container; the port stays unpublished.
+        assert (args.metrics_host, args.metrics_port) == ("0.0.0.0", port), name
+    prom = svc[PROMETHEUS]
+    assert prom["profiles"] == ["metrics"]
+    (mount,) = prom["volumes"]
+    assert Path(mount["source"]) == DOCKER / "prometheus.yml" and mount["read_only"]
+    assert f"--config.file={mount['target']}" in command(prom)

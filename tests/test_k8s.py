@@ -380,3 +380,23 @@ def test_network_policies_allow_the_streams_the_stack_needs_and_nothing_more() -
     assert allowed(docs, stranger, pods["gateway"], gw)
     assert not allowed(docs, stranger, pods["gateway"], cp)
     assert allowed(docs, pods["control-plane"], pods["collector"], col)
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["base", "gpu"])
+def test_every_astraea_pod_serves_metrics_where_its_annotations_say(gpu) -> None:
+    docs = stack(gpu)
+    policy = objects(docs, "NetworkPolicy")["metrics"]["spec"]
+    for name, c, args in astraea_containers(docs):
+        dep = objects(docs, "Deployment")[name]
+        assert (args.metrics_host, args.metrics_port) == ("0.0.0.0", 9464), name
+        if "listen" in vars(args):  # a worker declares no port (see the test above)
+            named = {p["name"]: p["containerPort"] for p in c["ports"]}
+            assert named["metrics"] == args.metrics_port, name
+        notes = dep["spec"]["template"]["metadata"]["annotations"]
+        assert notes["prometheus.io/scrape"] == "true", name
+        assert int(notes["prometheus.io/port"]) == args.metrics_port, name
+        assert notes["prometheus.io/path"] == "/metrics", name
+        # The metrics policy selects the pod and opens that port (only that one).
+        assert selects(policy["podSelector"], pod_labels(dep)), name
+        (rule,) = policy["ingress"]
+        assert [p["port"] for p in rule["ports"]] == [args.metrics_port], name

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from astraea.client import AgentClient
+from astraea.client import AgentClient, AstraeaError
 from astraea.tools.cli.main import main
 from astraea.tools.stack import Stack, StackConfig, StackError
 
@@ -144,14 +144,22 @@ def test_astraea_up_serves_until_sigterm_then_stops_every_service(tmp_path):
         while not (wlog.exists() and '"event": "registered"' in wlog.read_text()):
             assert time.monotonic() < deadline and proc.poll() is None, "stack not up"
             time.sleep(0.1)
-        with AgentClient(f"127.0.0.1:{cport}") as client:
+        # Secure by default: TLS with the CA it wrote, and the client key it wrote.
+        sec = tmp_path / "logs" / "security"
+        ca, key = str(sec / "ca.pem"), (sec / "client.key").read_text().strip()
+        with AgentClient(f"127.0.0.1:{cport}", tls_ca=ca, api_key=key) as client:
             job = client.start_job(category="qa")
             assert len(client.run_segment(job, prompt_token_ids=[1] * 3, max_tokens=2).tokens) == 2
             client.end_job(job)
+        with AgentClient(f"127.0.0.1:{cport}", tls_ca=ca) as client, \
+                pytest.raises(AstraeaError, match="UNAUTHENTICATED"):
+            client.start_job(category="qa")
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
+    # It told the operator how clients connect.
+    assert f'AgentClient("127.0.0.1:{cport}", tls_ca="{ca}", api_key="{key}")' in err
     assert f"control plane  127.0.0.1:{cport}" in err
     assert str(tmp_path / "logs" / "control-plane.log") in err
     assert "stopped (all exited 0)" in err
@@ -172,10 +180,17 @@ def test_astraea_demo_prints_both_tables_and_where_each_job_can_be_seen(tmp_path
     assert "mean JCT, live: astraea" in out and "mean JCT, simulator on the same jobs" in out
     assert "[vllm-fcfs] 4/4 jobs done" in err and "[astraea] 4/4 jobs done" in err
     # Every service wrote its spans, and the example job's trace crosses the processes: the
-    # replaying client, the control plane and the worker (the predictor is off here).
-    for policy in ("vllm-fcfs", "astraea"):
+    # replaying client, the control plane and the worker (the predictor is off here); under
+    # astraea also the gateway the demo's OpenAI agent talks to.
+    for policy, extra in (("vllm-fcfs", []), ("astraea", ["astraea-gateway"])):
         files = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / policy / "traces").iterdir())
-        assert files == ["astraea-control-plane", "astraea-replay", "astraea-worker"], files
+        assert files == sorted(["astraea-control-plane", "astraea-replay", "astraea-worker",
+                                *extra]), files
+    # The OpenAI part: an agent on the official SDK, one job, its context kept between turns.
+    assert "4 requests, 1 job: the session was found by its prompt prefix" in out
+    cached = [int(line.split("cached ")[1].split()[0]) for line in out.splitlines()
+              if line.startswith("  turn ")]
+    assert len(cached) == 4 and cached[0] == 0 and all(c > 0 for c in cached[1:])
     tree = out.split("under astraea (start offset, duration, service):\n", 1)[1]
     for name, service in (("agent", "astraea-replay"), ("job", "astraea-control-plane"),
                           ("segment", "astraea-control-plane"), ("admission", "astraea-worker")):

@@ -44,8 +44,11 @@ def _count(path: Path, needle: str) -> int:
         return 0
 
 
-def _job(address: str, job_id: str) -> int:
-    with AgentClient(address, timeout=WAIT_S) as client:
+def _job(address: str, job_id: str, logs: Path) -> int:
+    # `astraea up` serves TLS and checks keys: its CA and client key are in the log dir.
+    sec = logs / "security"
+    with AgentClient(address, timeout=WAIT_S, tls_ca=str(sec / "ca.pem"),
+                     api_key=(sec / "client.key").read_text().strip()) as client:
         client.start_job(job_id, category="qa")
         tokens = len(client.run_segment(job_id, prompt_token_ids=[1] * 8, max_tokens=6).tokens)
         client.end_job(job_id)
@@ -72,7 +75,7 @@ def test_astraea_up_restarts_killed_services_and_keeps_serving(tmp_path):
         pids = {m[0]: int(m[1]) for m in re.findall(r"^\s+(\S+)\s+\S+\s+\(pid (\d+)\)$",
                                                      err_path.read_text(), re.MULTILINE)}
         assert set(pids) == {"predictor", "control-plane", "worker-w1", "worker-w2"}
-        assert _job(address, "before") == 6
+        assert _job(address, "before", logs) == 6
 
         # A worker is SIGKILLed: it is restarted, registers again, and the stack serves on.
         os.kill(pids["worker-w1"], signal.SIGKILL)
@@ -81,7 +84,7 @@ def test_astraea_up_restarts_killed_services_and_keeps_serving(tmp_path):
         err = err_path.read_text()
         assert (f"worker-w1 (pid {pids['worker-w1']}) exited with signal SIGKILL" in err
                 and "restart 1 in 0.5 s" in err), err
-        assert _job(address, "after-worker") == 6
+        assert _job(address, "after-worker", logs) == 6
 
         # The control plane is SIGKILLed: restarted on its port, and both workers (not
         # restarted themselves) reconnect and register with it.
@@ -90,7 +93,7 @@ def test_astraea_up_restarts_killed_services_and_keeps_serving(tmp_path):
         _wait(lambda: _count(w1, registered) == 3 and _count(w2, registered) == 2,
               "the workers to register with the new control plane", proc)
         assert "worker-w2 restarted" not in err_path.read_text()
-        assert _job(address, "after-control-plane") == 6
+        assert _job(address, "after-control-plane", logs) == 6
         assert proc.poll() is None
     finally:
         proc.send_signal(signal.SIGTERM)

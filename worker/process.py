@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import random
 import signal
 import socket
@@ -35,8 +36,15 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
 from astraea import wire
+from astraea.auth import ClientCredentials, add_client_arguments, client_credentials_from_args
 from astraea.plan import Admit
-from astraea.telemetry import add_log_level_argument, get_logger, setup_service_telemetry, spans
+from astraea.telemetry import (
+    add_log_level_argument,
+    get_logger,
+    prometheus,
+    setup_service_telemetry,
+    spans,
+)
 from astraea.v1 import worker_pb2
 from worker.backend import (
     Backend,
@@ -95,7 +103,8 @@ class WorkerProcess:
     def __init__(self, backend: Backend, name: str, tracer: Tracer | None = None,
                  heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
                  reconnect_timeout_s: float = 0.0,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 credentials: ClientCredentials | None = None) -> None:
         if not heartbeat_interval_s > 0:
             raise ValueError(f"heartbeat_interval_s must be positive, got {heartbeat_interval_s}")
         if reconnect_timeout_s < 0:
@@ -107,6 +116,8 @@ class WorkerProcess:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.reconnect_timeout_s = reconnect_timeout_s  # 0: keep trying for ever
         self.max_message_bytes = max_message_bytes
+        # The control plane's worker token and TLS (default: plaintext, no token).
+        self.credentials = credentials or ClientCredentials()
         self.channel_options = [("grpc.max_receive_message_length", 2 * max_message_bytes),
                                 ("grpc.max_send_message_length", max_message_bytes)]
         self.registrations = 0  # streams the control plane accepted, over the process's life
@@ -146,11 +157,12 @@ class WorkerProcess:
         while True:
             before = self.registrations
             try:
-                async with grpc.aio.insecure_channel(address,
-                                                     options=self.channel_options) as channel:
-                    return await self._session(channel.stream_stream(
+                async with self.credentials.aio_channel(address,
+                                                        options=self.channel_options) as channel:
+                    return await self._session(functools.partial(channel.stream_stream(
                         CONNECT, request_serializer=worker_pb2.WorkerMessage.SerializeToString,
-                        response_deserializer=self._parse))
+                        response_deserializer=self._parse),
+                        metadata=self.credentials.metadata or None))
             except grpc.aio.AioRpcError as e:
                 if self.registrations == before and e.code() in _REFUSED_FOR_GOOD:
                     log.error("control plane refused the registration", code=e.code().name,
@@ -419,11 +431,12 @@ async def run_worker(control_plane_address: str, backend: Backend, name: str,
                      tracer: Tracer | None = None,
                      heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
                      reconnect_timeout_s: float = 0.0,
-                     max_message_bytes: int = MAX_MESSAGE_BYTES) -> int:
+                     max_message_bytes: int = MAX_MESSAGE_BYTES,
+                     credentials: ClientCredentials | None = None) -> int:
     """Run a worker until the control plane shuts it down (0) or something fails (1); a lost
     control plane is reconnected to (for at most `reconnect_timeout_s`; 0: for ever)."""
     return await WorkerProcess(backend, name, tracer, heartbeat_interval_s, reconnect_timeout_s,
-                               max_message_bytes).run(control_plane_address)
+                               max_message_bytes, credentials).run(control_plane_address)
 
 
 def _make_backend(args: argparse.Namespace) -> Backend:
@@ -439,7 +452,10 @@ def _make_backend(args: argparse.Namespace) -> Backend:
             num_blocks=None if args.kv_blocks is None else args.kv_blocks + 1,
             max_model_len=args.max_model_len, dtype=args.dtype,
             gpu_memory_utilization=args.gpu_memory_utilization,
-            host_swap_blocks=args.host_swap_blocks))
+            host_swap_blocks=args.host_swap_blocks,
+            tensor_parallel_size=args.tensor_parallel_size,
+            pipeline_parallel_size=args.pipeline_parallel_size,
+            distributed_executor_backend=args.distributed_executor_backend))
     from astraea.profile import load_profile
     from worker.sim.backend import SimulatedBackend
 
@@ -450,12 +466,13 @@ def _make_backend(args: argparse.Namespace) -> Backend:
 
 
 async def _main_async(args: argparse.Namespace) -> int:
-    backend = _make_backend(args)
+    backend = prometheus.metered_backend(_make_backend(args))  # /metrics, when served
     name = args.name or f"{socket.gethostname()}:{args.backend}"
     task = asyncio.create_task(run_worker(args.control_plane, backend, name,
                                           heartbeat_interval_s=args.heartbeat_interval,
                                           reconnect_timeout_s=args.reconnect_timeout,
-                                          max_message_bytes=args.max_message_bytes))
+                                          max_message_bytes=args.max_message_bytes,
+                                          credentials=getattr(args, "credentials", None)))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
@@ -464,6 +481,16 @@ async def _main_async(args: argparse.Namespace) -> int:
     except asyncio.CancelledError:
         log.info("stopped by signal")
         return EXIT_OK
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -489,6 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="share of the GPU for weights and KV cache (vLLM's)")
     vllm.add_argument("--host-swap-blocks", type=int, default=256,
                       help="host memory for swapped-out KV, in blocks")
+    vllm.add_argument("--tensor-parallel-size", type=_positive_int, default=1, metavar="N",
+                      help="split each layer's heads over N ranks (GPUs)")
+    vllm.add_argument("--pipeline-parallel-size", type=_positive_int, default=1, metavar="M",
+                      help="split the layers into M stages (GPUs or nodes)")
+    vllm.add_argument("--distributed-executor-backend", choices=["mp", "ray"], default=None,
+                      help="how vLLM starts the ranks: mp = processes on this node (its default "
+                           "for more than one rank), ray = a Ray cluster across nodes")
     parser.add_argument("--name", default=None, help="default: <hostname>:<backend>")
     parser.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S,
                         metavar="SECONDS",
@@ -501,7 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="BYTES", help="largest gRPC message sent or received (default "
                                               "16 MiB); a larger one ends the stream, and the "
                                               "worker reconnects")
+    add_client_arguments(parser, "--token-file", title="security (the control plane's)",
+                         key_help="the control plane's worker token (its --worker-token-file): "
+                                  "the first line of FILE")
     add_log_level_argument(parser)
+    prometheus.add_metrics_arguments(parser)
     return parser
 
 
@@ -514,8 +552,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--reconnect-timeout must be >= 0")
     if args.max_message_bytes < 1024:
         parser.error("--max-message-bytes must be at least 1024")
+    try:
+        args.credentials = client_credentials_from_args(args, "--token-file")
+    except ValueError as e:
+        parser.error(str(e))
     # structlog JSON lines on stderr, with the current trace's ids.
-    tel = setup_service_telemetry(parser, "astraea-worker", args.log_level)
+    tel = setup_service_telemetry(parser, "astraea-worker", args.log_level, args)
     try:
         code = asyncio.run(_main_async(args))
     except (ValueError, OSError) as e:

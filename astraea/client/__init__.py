@@ -22,6 +22,10 @@ workers follow that hint); pass None on the segment that gives the final answer.
 `stream_segment` yields the tokens as they arrive instead of collecting them. Every gRPC
 error is raised as `AstraeaError` carrying the status code and the server's message.
 
+Set `client.retry = RetryPolicy(total_s=30)` to ride out a control-plane restart: calls that
+fail UNAVAILABLE are retried with backoff, and a segment stream that broke is resumed where it
+stopped (`resume_from_index`) on a control plane with durable state (see retry.py).
+
 Every call carries the current OpenTelemetry context (W3C ``traceparent``): start the job
 inside a span of your agent and the control plane's ``job`` trace continues it, so one trace
 holds your agent, the scheduling of its segments and their runs on the workers.
@@ -32,6 +36,7 @@ from astraea.client.client import (
     AstraeaError,
     AsyncAgentClient,
     FinishReason,
+    RetryPolicy,
     SegmentResult,
     StreamOrderError,
     Timings,
@@ -39,6 +44,7 @@ from astraea.client.client import (
 )
 
 __all__ = [
-    "AgentClient", "AstraeaError", "AsyncAgentClient", "FinishReason", "SegmentResult",
+    "AgentClient", "AstraeaError", "AsyncAgentClient", "FinishReason", "RetryPolicy",
+    "SegmentResult",
     "StreamOrderError", "Timings", "TokenChunk",
 ]

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
+import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import grpc
 
+from astraea.auth import ClientCredentials
+from astraea.client.retry import Backoff, RetryPolicy, resume_request, took_effect
 from astraea.telemetry.propagation import inject_metadata
 from astraea.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
@@ -159,17 +164,28 @@ class SegmentStream:
         self.result: SegmentResult | None = None
 
     def __iter__(self) -> Iterator[TokenChunk]:
-        call = self._client._stub.RunSegment(self._request, timeout=self._client.timeout,
-                                              metadata=inject_metadata())
-        try:
-            for ev in call:
-                chunk = self._collector.feed(ev)
-                if chunk is not None:
-                    yield chunk
-        except grpc.RpcError as e:
-            raise _wrap(e, "RunSegment") from None
-        finally:
-            call.cancel()  # no-op once the stream is complete; frees the job if abandoned
+        backoff = Backoff(self._client.retry)
+        while True:  # one attempt each; a retry resumes after the tokens received
+            request = resume_request(self._request, len(self._collector.result.tokens),
+                                     retry=backoff.retries > 0)
+            call = self._client._stub.RunSegment(request, timeout=self._client.timeout,
+                                                  metadata=self._client._metadata())
+            try:
+                for ev in call:
+                    chunk = self._collector.feed(ev)
+                    if chunk is not None:
+                        yield chunk
+                break
+            except grpc.RpcError as e:
+                if self._collector.finished:  # the done arrived, only the close was lost
+                    break
+                error = _wrap(e, "RunSegment")
+            finally:
+                call.cancel()  # no-op once the stream is complete; frees the job if abandoned
+            delay = backoff.next_delay(error.code)
+            if delay is None:
+                raise error
+            time.sleep(delay)
         self.result = self._collector.close()
 
 
@@ -186,29 +202,52 @@ class AsyncSegmentStream:
         self.result: SegmentResult | None = None
 
     async def __aiter__(self) -> AsyncIterator[TokenChunk]:
-        call = self._client._stub.RunSegment(self._request,
-                                              timeout=self._client.segment_timeout,
-                                              metadata=inject_metadata())
-        try:
-            async for ev in call:
-                chunk = self._collector.feed(ev)
-                if chunk is not None:
-                    yield chunk
-        except grpc.RpcError as e:
-            raise _wrap(e, "RunSegment") from None
-        finally:
-            call.cancel()
+        backoff = Backoff(self._client.retry)
+        while True:  # one attempt each; a retry resumes after the tokens received
+            request = resume_request(self._request, len(self._collector.result.tokens),
+                                     retry=backoff.retries > 0)
+            call = self._client._stub.RunSegment(request,
+                                                  timeout=self._client.segment_timeout,
+                                                  metadata=self._client._metadata())
+            try:
+                async for ev in call:
+                    chunk = self._collector.feed(ev)
+                    if chunk is not None:
+                        yield chunk
+                break
+            except grpc.RpcError as e:
+                if self._collector.finished:  # the done arrived, only the close was lost
+                    break
+                error = _wrap(e, "RunSegment")
+            finally:
+                call.cancel()
+            delay = backoff.next_delay(error.code)
+            if delay is None:
+                raise error
+            await asyncio.sleep(delay)
         self.result = self._collector.close()
 
 
 class AgentClient:
     """Blocking client over a `grpc` channel. `timeout` (seconds, None: none) applies to
-    each call. Use as a context manager, or call `close()`."""
+    each call. Use as a context manager, or call `close()`.
+
+    `api_key` is sent on every call (a control plane with --api-key-file requires one; the
+    jobs a key starts are visible to that key only). `tls_ca` (a PEM file) connects over TLS
+    and verifies the server against it; `tls_cert` and `tls_key` add a client certificate
+    (mutual TLS). Without them the channel is plaintext."""
+
+    # Set to a RetryPolicy to retry calls while the control plane is unavailable (a restart:
+    # retry.py says which calls and how); None (the default): an UNAVAILABLE is raised.
+    retry: RetryPolicy | None = None
 
     def __init__(self, address: str = "127.0.0.1:50051", *, channel: grpc.Channel | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, api_key: str | None = None,
+                 tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None) -> None:
+        self._credentials = ClientCredentials(api_key, tls_ca, tls_cert, tls_key)
         self._own = channel is None
-        self._channel = channel or grpc.insecure_channel(address)
+        self._channel = channel or self._credentials.channel(address)
         self._stub = agent_pb2_grpc.AgentServiceStub(self._channel)
         self.timeout = timeout
 
@@ -222,15 +261,39 @@ class AgentClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _metadata(self) -> list[tuple[str, str]]:
+        return inject_metadata(metadata=self._credentials.metadata)
+
     def _unary(self, method: str, request):
+        if self.retry is not None:
+            return self._unary_retried(method, request)
         try:
             return getattr(self._stub, method)(request, timeout=self.timeout,
-                                               metadata=inject_metadata())
+                                               metadata=self._metadata())
         except grpc.RpcError as e:
             raise _wrap(e, method) from None
 
+    def _unary_retried(self, method: str, request):
+        backoff = Backoff(self.retry)
+        while True:
+            try:
+                return getattr(self._stub, method)(request, timeout=self.timeout,
+                                                   metadata=self._metadata())
+            except grpc.RpcError as e:
+                error = _wrap(e, method)
+            done = took_effect(method, request, error.code, error.message) \
+                if backoff.retries else None
+            if done is not None:
+                return done
+            delay = backoff.next_delay(error.code)
+            if delay is None:
+                raise error
+            time.sleep(delay)
+
     def start_job(self, job_id: str | None = None, category: str | None = None) -> str:
-        """Register a job; returns its id (`job_id`, or one the server assigns)."""
+        """Register a job; returns its id (`job_id`, or one the server assigns; with `retry`
+        set, one the client picks, so a retried StartJob cannot start two jobs)."""
+        job_id = job_id or (uuid.uuid4().hex if self.retry is not None else None)
         return self._unary("StartJob", agent_pb2.StartJobRequest(
             job_id=job_id or "", category=category or "")).job_id
 
@@ -293,13 +356,19 @@ class AsyncAgentClient:
     """`AgentClient` over `grpc.aio`: the same methods, awaited (`stream_segment` is used with
     `async for`, `tool_call` with `async with`). `segment_timeout` bounds a RunSegment call
     (default: `timeout`, as for every call); a server such as the gateway bounds its short
-    calls but not a segment, which takes what it takes."""
+    calls but not a segment, which takes what it takes. `api_key` and the TLS files: as for
+    `AgentClient`."""
+
+    retry: RetryPolicy | None = None  # as for AgentClient
 
     def __init__(self, address: str = "127.0.0.1:50051", *,
                  channel: grpc.aio.Channel | None = None, timeout: float | None = None,
-                 segment_timeout: float | None | object = _AS_TIMEOUT) -> None:
+                 segment_timeout: float | None | object = _AS_TIMEOUT, api_key: str | None = None,
+                 tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None) -> None:
+        self._credentials = ClientCredentials(api_key, tls_ca, tls_cert, tls_key)
         self._own = channel is None
-        self._channel = channel or grpc.aio.insecure_channel(address)
+        self._channel = channel or self._credentials.aio_channel(address)
         self._stub = agent_pb2_grpc.AgentServiceStub(self._channel)
         self.timeout = timeout
         self.segment_timeout = timeout if segment_timeout is _AS_TIMEOUT else segment_timeout
@@ -314,14 +383,37 @@ class AsyncAgentClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
+    def _metadata(self) -> list[tuple[str, str]]:
+        return inject_metadata(metadata=self._credentials.metadata)
+
     async def _unary(self, method: str, request):
+        if self.retry is not None:
+            return await self._unary_retried(method, request)
         try:
             return await getattr(self._stub, method)(request, timeout=self.timeout,
-                                                     metadata=inject_metadata())
+                                                     metadata=self._metadata())
         except grpc.RpcError as e:
             raise _wrap(e, method) from None
 
+    async def _unary_retried(self, method: str, request):
+        backoff = Backoff(self.retry)
+        while True:
+            try:
+                return await getattr(self._stub, method)(request, timeout=self.timeout,
+                                                         metadata=self._metadata())
+            except grpc.RpcError as e:
+                error = _wrap(e, method)
+            done = took_effect(method, request, error.code, error.message) \
+                if backoff.retries else None
+            if done is not None:
+                return done
+            delay = backoff.next_delay(error.code)
+            if delay is None:
+                raise error
+            await asyncio.sleep(delay)
+
     async def start_job(self, job_id: str | None = None, category: str | None = None) -> str:
+        job_id = job_id or (uuid.uuid4().hex if self.retry is not None else None)
         return (await self._unary("StartJob", agent_pb2.StartJobRequest(
             job_id=job_id or "", category=category or ""))).job_id
 

@@ -149,6 +149,10 @@ class SqlStore(Store):
         self._on_close = on_close
         self._sql = {k: v.replace("?", dialect.placeholder) for k, v in _SQL.items()}
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # Wakes the writer in an open batch: set by reads, flushes, close and a full batch,
+        # not by every write (one wake-up per batch: the writer's GIL hand-offs cost the
+        # caller's thread more than the writes themselves).
+        self._urgent = threading.Event()
         self._lock = threading.Lock()  # orders enqueueing against failure and close
         self._failed: StoreError | None = None
         self._closed = False
@@ -201,6 +205,8 @@ class SqlStore(Store):
             if kind == _CLOSE:
                 self._closed = True
             self._queue.put((kind, payload, fut))
+        if kind != _WRITE or self._queue.qsize() >= self._max_ops:
+            self._urgent.set()
         return fut
 
     def _run(self) -> None:
@@ -209,11 +215,12 @@ class SqlStore(Store):
         ops: list = []
         try:
             while True:
-                try:
-                    timeout = max(0.0, deadline - time.monotonic()) if in_txn else None
-                    ops = [self._queue.get(timeout=timeout)]
-                except queue.Empty:
+                if in_txn:  # until the batch's deadline, or something urgent
+                    self._urgent.wait(max(0.0, deadline - time.monotonic()))
+                    self._urgent.clear()
                     ops = []
+                else:
+                    ops = [self._queue.get()]
                 while len(ops) < 4 * self._max_ops:  # bounded: a flood still gets commits
                     try:
                         ops.append(self._queue.get_nowait())

@@ -7,9 +7,11 @@
 | `astraea.job.jct` | histogram | s | `policy`, `category` |
 | `astraea.decision.latency` | histogram | ms | `kind`: `build_plan` or `kv_decision` |
 | `astraea.predictor.fallbacks` | counter | {call} | `reason` (e.g. `timeout`, `unavailable`) |
+| `astraea.jobs.in_flight` | observable gauge (callback) | {job} | none |
 
 The gauges read whatever source the owning service registers (`set_queue_length_source`,
-`set_kv_utilization_source`); until then they report nothing.
+`set_kv_utilization_source`, `set_jobs_in_flight_source`); until then they report nothing.
+`export_prometheus` also records every instrument into a Prometheus registry (prometheus.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ DECISION_BUCKETS_MS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 25, 50, 100, 250, 1000
 
 QueueLengthSource = Callable[[], Mapping[int, int]]
 KvUtilizationSource = Callable[[], Mapping[int | str, float]]
+CountSource = Callable[[], int]
 
 
 class Metrics:
@@ -36,6 +39,8 @@ class Metrics:
     def __init__(self, meter: Meter) -> None:
         self._queue_source: QueueLengthSource | None = None
         self._kv_source: KvUtilizationSource | None = None
+        self._jobs_in_flight_source: CountSource | None = None
+        self._prom = None  # SchedulerFamilies, once export_prometheus is called
         self.jct = meter.create_histogram(
             "astraea.job.jct", unit="s", description="Job completion time, arrival to finish",
             explicit_bucket_boundaries_advisory=list(JCT_BUCKETS_S))
@@ -52,6 +57,18 @@ class Metrics:
         self.kv_utilization = meter.create_observable_gauge(
             "astraea.kv.utilization", callbacks=[self._observe_kv], unit="1",
             description="Fraction of a worker's GPU KV blocks in use")
+        self.jobs_in_flight = meter.create_observable_gauge(
+            "astraea.jobs.in_flight", callbacks=[self._observe_jobs], unit="{job}",
+            description="Jobs started and not finished")
+
+    def export_prometheus(self, registry) -> None:
+        """Also record into `registry` (a prometheus_client `CollectorRegistry`), under the
+        names prometheus.py lists; the gauges read the same sources."""
+        from astraea.telemetry.prometheus import SchedulerFamilies
+
+        if self._prom is not None:
+            raise RuntimeError("these metrics are exported to a Prometheus registry already")
+        self._prom = SchedulerFamilies(registry, self)
 
     # -- sources for the observable gauges ---------------------------------------------------
 
@@ -62,6 +79,15 @@ class Metrics:
     def set_kv_utilization_source(self, source: KvUtilizationSource | None) -> None:
         """`source()` returns {worker id: utilisation in [0, 1]}; called at each collection."""
         self._kv_source = source
+
+    def set_jobs_in_flight_source(self, source: CountSource | None) -> None:
+        """`source()` returns the number of jobs started and not finished."""
+        self._jobs_in_flight_source = source
+
+    def _observe_jobs(self, _options: CallbackOptions) -> list[Observation]:
+        if self._jobs_in_flight_source is None:
+            return []
+        return [Observation(int(self._jobs_in_flight_source()))]
 
     def _observe_queues(self, _options: CallbackOptions) -> list[Observation]:
         if self._queue_source is None:
@@ -79,11 +105,15 @@ class Metrics:
 
     def record_jct(self, seconds: float, *, policy: str, category: str) -> None:
         self.jct.record(seconds, {"policy": policy, "category": category})
+        if self._prom is not None:
+            self._prom.jct.labels(policy, category).observe(seconds)
 
     def record_decision_latency(self, ms: float, *, kind: str) -> None:
         if kind not in DECISION_KINDS:
             raise ValueError(f"decision kind {kind!r}: must be one of {DECISION_KINDS}")
         self.decision_latency.record(ms, {"kind": kind})
+        if self._prom is not None:
+            self._prom.decision_latency.labels(kind).observe(ms / 1000)
 
     @contextmanager
     def time_decision(self, kind: str) -> Iterator[None]:
@@ -94,7 +124,9 @@ class Metrics:
         try:
             yield
         finally:
-            self.decision_latency.record(1000 * (time.perf_counter() - t0), {"kind": kind})
+            self.record_decision_latency(1000 * (time.perf_counter() - t0), kind=kind)
 
     def predictor_fallback(self, reason: str = "unavailable", n: int = 1) -> None:
         self.predictor_fallbacks.add(n, {"reason": reason})
+        if self._prom is not None:
+            self._prom.predictor_fallbacks.labels(reason).inc(n)

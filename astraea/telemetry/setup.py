@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
 )
 
+from astraea.telemetry import prometheus
 from astraea.telemetry.metrics import Metrics
 
 INSTRUMENTATION_SCOPE = "astraea"
@@ -107,6 +108,7 @@ class Telemetry:
     meter: otel_metrics.Meter
     span_processors: list[SpanProcessor] = field(default_factory=list)  # every one added
     metric_readers: tuple[MetricReader, ...] = ()
+    exposition: prometheus.Exposition | None = None  # GET /metrics, when a port was given
     _shut_down: bool = field(default=False, repr=False)
 
     def add_span_processor(self, processor: SpanProcessor) -> None:
@@ -129,6 +131,10 @@ class Telemetry:
         if self._shut_down:
             return
         self._shut_down = True
+        if self.exposition is not None:
+            self.exposition.close()
+            if prometheus.active() is self.exposition:
+                prometheus.install(None)
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown(timeout_millis=1000 * self.config.export_timeout_s)
 
@@ -208,14 +214,29 @@ def add_log_level_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_service_telemetry(parser: argparse.ArgumentParser, service_name: str,
-                            log_level: str | None) -> Telemetry:
+                            log_level: str | None,
+                            args: argparse.Namespace | None = None) -> Telemetry:
     """What every service's main() does first: telemetry from the environment, made global
-    (structlog JSON logs with trace ids), `--log-level` overriding $ASTRAEA_LOG_LEVEL. A bad
-    setting ends the program through `parser.error`, like any other bad flag."""
+    (structlog JSON logs with trace ids), `--log-level` overriding $ASTRAEA_LOG_LEVEL. With
+    `args` carrying `--metrics-port` (prometheus.add_metrics_arguments) or
+    $ASTRAEA_METRICS_PORT, also `GET /metrics` on that port, from now until `shutdown()`
+    (prometheus.py). A bad setting, or a port already taken, ends the program through
+    `parser.error`, like any other bad flag."""
     overrides = {"log_level": log_level} if log_level else {}
     try:
-        return setup_telemetry(TelemetryConfig.from_env(service_name, **overrides),
-                               install_global=True)
-    except TelemetryConfigError as e:
+        endpoint = prometheus.endpoint_from_args(args if args is not None else argparse.Namespace())
+        tel = setup_telemetry(TelemetryConfig.from_env(service_name, **overrides),
+                              install_global=True)
+    except (TelemetryConfigError, prometheus.MetricsConfigError) as e:
         parser.error(str(e))
         raise  # parser.error exits; this keeps type checkers honest
+    if endpoint is not None:
+        exposition = prometheus.Exposition()
+        try:
+            exposition.serve(endpoint.host, endpoint.port)
+        except OSError as e:
+            tel.shutdown()
+            parser.error(str(e))
+        tel.exposition = exposition
+        prometheus.install(exposition)
+    return tel

@@ -20,6 +20,14 @@ stops the stack (`restart_max = 0`: any exit does). The others ride the restart 
 reconnect to a restarted control plane, the control plane falls back to local estimates while
 the predictor is away (and the predictor reloads `predictor_state`, saved periodically).
 
+With `secure` (what `astraea up` does unless told --insecure), `Stack.start` first writes a
+development CA, a server certificate and fresh keys to ``LOG_DIR/security/`` (see
+`astraea.tools.devcerts`) and starts every service with TLS and keys: clients need the CA and
+the client key (`Stack.client_options()`; `astraea up` prints both), workers a worker token,
+the control plane a predictor token, the gateway its own control-plane key. Without it (the
+default of `StackConfig`, for the benchmarks and tests that drive a loopback stack from the
+same process) every service is plaintext and open, as each warns in its log.
+
 `Stack.stop` sends SIGTERM to the workers, then the control plane, then the predictor, waits
 up to `shutdown_timeout_s` for each group and SIGKILLs what is left. `Stack` is a context
 manager: ``with Stack(cfg) as st: ... st.control_plane_address``.
@@ -49,6 +57,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from astraea.tools.devcerts import StackSecurity
 
 PREDICTOR, CONTROL_PLANE, GATEWAY = "predictor", "control-plane", "gateway"
 BACKENDS = ("sim", "vllm")
@@ -97,6 +107,11 @@ class StackConfig:
     # The predictor's state file (--state): loaded when it starts or restarts, saved
     # periodically and on shutdown. None: it learns from scratch each time.
     predictor_state: str | None = None
+    # The control plane's --state-dir: jobs survive its restarts. A relative path is inside
+    # the log dir; None or "": in memory only (a restart loses every job).
+    state_dir: str | None = None
+    # TLS and keys on every service (see the module docstring). Off here, on in `astraea up`.
+    secure: bool = False
     # Supervision (see the module docstring).
     restart_max: int = 5
     restart_window_s: float = 60.0
@@ -131,6 +146,10 @@ class StackConfig:
             if host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
                 raise StackError(f"http_listen {self.http_listen} is not a loopback address "
                                  "and no API key is set: give api_keys (--api-key)")
+        if self.secure and self.connect_control_plane:
+            raise StackError("connect_control_plane attaches workers to a control plane this "
+                             "stack did not start, whose CA and worker token it cannot know: "
+                             "set secure = false (astraea up --insecure)")
         if self.restart_max < 0:
             raise StackError(f"restart_max must be at least 0, got {self.restart_max}")
         for name in ("restart_window_s", "restart_backoff_s", "restart_stable_s"):
@@ -145,8 +164,10 @@ class StackConfig:
                 raise StackError(f"{name} must be host:port, got {value!r}")
 
     @classmethod
-    def from_toml(cls, path: str | os.PathLike, **overrides) -> StackConfig:
-        """The config in the TOML file at `path`; `overrides` (not None) win over it."""
+    def from_toml(cls, path: str | os.PathLike, defaults: dict | None = None,
+                  **overrides) -> StackConfig:
+        """The config in the TOML file at `path`; `overrides` (not None) win over it, and it
+        wins over `defaults`."""
         try:
             import tomllib
         except ModuleNotFoundError:  # Python 3.10: the tomli backport, if installed
@@ -162,16 +183,18 @@ class StackConfig:
             raise StackError(f"{path}: no such config file") from None
         except tomllib.TOMLDecodeError as e:
             raise StackError(f"{path}: not valid TOML: {e}") from None
-        return cls.from_dict(data, source=str(path), **overrides)
+        return cls.from_dict(data, source=str(path), defaults=defaults, **overrides)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "config", **overrides) -> StackConfig:
+    def from_dict(cls, data: dict, source: str = "config", defaults: dict | None = None,
+                  **overrides) -> StackConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise StackError(f"{source}: unknown keys {', '.join(unknown)} "
                              f"(known: {', '.join(known)})")
-        values = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        values = {**(defaults or {}), **data,
+                  **{k: v for k, v in overrides.items() if v is not None}}
         for key, value in values.items():
             kind = known[key].type
             ok = {"str": isinstance(value, str), "bool": isinstance(value, bool),
@@ -250,6 +273,7 @@ class Stack:
     log_dir: Path = field(default_factory=Path)
     procs: list[_Proc] = field(default_factory=list)
     exit_codes: dict[str, int] = field(default_factory=dict)
+    security: StackSecurity | None = None  # with `secure`: the certificates and keys
 
     # -- introspection --------------------------------------------------------------------
     @property
@@ -259,6 +283,12 @@ class Stack:
     @property
     def log_files(self) -> dict[str, Path]:
         return {p.name: p.log for p in self.procs}
+
+    def client_options(self) -> dict[str, str]:
+        """What a client of this stack's control plane passes to `AgentClient` (or
+        `AsyncAgentClient`) beside the address: {} when the stack is not `secure`."""
+        sec = self.security
+        return {} if sec is None else {"api_key": sec.client_key, "tls_ca": str(sec.certs.ca)}
 
     def dead(self) -> list[tuple[str, int]]:
         """(name, exit code) of every process that has exited."""
@@ -278,6 +308,10 @@ class Stack:
             tempfile.mkdtemp(prefix="astraea-stack-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + cfg.startup_timeout_s
+        if cfg.secure:
+            hosts = [_split(a)[0] for a in (cfg.control_plane_listen, cfg.predictor_listen) if a]
+            self.security = StackSecurity.create(self.log_dir / "security", hosts)
+        sec = self.security
         common = ["--profile", cfg.profile]
         if cfg.log_level:
             common += ["--log-level", cfg.log_level]
@@ -290,7 +324,8 @@ class Stack:
                     self.predictor_address = _connect_address(listen)
                     state = ["--state", cfg.predictor_state] if cfg.predictor_state else []
                     pred = self._spawn(PREDICTOR, "predictor_svc.server", "--listen", listen,
-                                       "--grace", str(cfg.grace_s), *state, *common)
+                                       "--grace", str(cfg.grace_s), *state, *common,
+                                       *(sec.predictor_args() if sec else ()))
                     self._wait_serving(pred, self.predictor_address, deadline)
                 listen = _resolve(cfg.control_plane_listen)
                 self.control_plane_address = _connect_address(listen)
@@ -298,6 +333,10 @@ class Stack:
                         repr(cfg.time_scale), "--grace", str(cfg.grace_s), *common]
                 if self.predictor_address:
                     args += ["--predictor", self.predictor_address]
+                if sec:
+                    args += sec.control_plane_args()
+                if cfg.state_dir:
+                    args += ["--state-dir", str(self.log_dir / cfg.state_dir)]
                 cp = self._spawn(CONTROL_PLANE, "control_plane.service.server", *args)
                 self._wait_serving(cp, self.control_plane_address, deadline)
             workers = []
@@ -309,6 +348,8 @@ class Stack:
                     args += ["--model", cfg.model]
                 if cfg.kv_blocks is not None:
                     args += ["--kv-blocks", str(cfg.kv_blocks)]
+                if sec:
+                    args += sec.worker_args()
                 workers.append(self._spawn(f"worker-w{i}", "worker.process", *args))
             self._wait_registered(workers, deadline)
             if cfg.http_listen is not None:
@@ -323,9 +364,11 @@ class Stack:
         listen = _resolve(cfg.http_listen)
         tokenizer = cfg.tokenizer
         if tokenizer is None:
-            from worker.vllm.tiny_model import resolve_model
+            from worker.vllm.tiny_model import resolve_model, resolve_tokenizer
 
-            tokenizer = resolve_model(cfg.model if cfg.backend == "vllm" else None)
+            # Simulated workers need only the tiny model's tokenizer (built without torch).
+            tokenizer = (resolve_model(cfg.model) if cfg.backend == "vllm"
+                         else resolve_tokenizer(None))
         # Its own start-up time: building the tiny model above may have taken a while.
         deadline = time.monotonic() + cfg.startup_timeout_s
         args = ["--listen", listen, "--control-plane", self.control_plane_address,
@@ -334,6 +377,8 @@ class Stack:
             args += ["--api-key", key]
         if cfg.log_level:
             args += ["--log-level", cfg.log_level]
+        if self.security:
+            args += self.security.gateway_args()
         proc = self._spawn(GATEWAY, "gateway.server", *args)
         self.http_address = f"http://{_connect_address(listen)}"
         self._wait_http(proc, f"{self.http_address}/health", deadline)
@@ -419,7 +464,12 @@ class Stack:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         serving = health_pb2.HealthCheckResponse.SERVING
-        with grpc.insecure_channel(address) as ch:
+        if self.security is None:
+            channel = grpc.insecure_channel(address)
+        else:  # the health service checks no key, but the port speaks TLS
+            channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(
+                self.security.certs.ca.read_bytes()))
+        with channel as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while True:
                 self._check_alive(proc.name)

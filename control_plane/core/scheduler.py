@@ -75,6 +75,24 @@ class Scheduler:
         self.jobs[job_id] = job
         return job
 
+    def job_restored(self, job_id: str, arrival_s: float, category: str, segment_index: int,
+                     context_tokens: int, api_wait: bool, now: float) -> Job:
+        """A job recovered from durable state after a restart: its KV died with the old
+        process (DISCARDED: the next admission recomputes `context_tokens`), it is on no
+        worker and in no queue. `api_wait`: it waits for its tool (the wait counts from
+        `now`); otherwise it waits, like a new job, for its client's next segment."""
+        if job_id in self.jobs:
+            raise SchedulerError(f"duplicate job id {job_id!r}")
+        if segment_index < 0 or context_tokens < 0:
+            raise SchedulerError(f"job {job_id}: negative segment index or context")
+        job = Job(job_id=job_id, arrival_s=arrival_s, category=category,
+                  segment_index=segment_index, context_tokens=context_tokens,
+                  kv_state=KvState.DISCARDED if context_tokens else KvState.NONE)
+        if api_wait:
+            job.state, job.api_start_s = JobState.API_WAIT, now
+        self.jobs[job_id] = job
+        return job
+
     def segment_submitted(self, job_id: str, now: float, new_tokens: int,
                           next_tool_category: str | None = None) -> Job:
         """A segment is ready: the job's first, or the one after its tool returned."""

@@ -11,6 +11,9 @@ host) StartJob fails with RESOURCE_EXHAUSTED and trailing metadata `retry-after-
 job is answered by GetJob (state FINISHED, kv_state KV_STATE_NONE: its KV is freed) for
 `finished_retention_s`, then forgotten: NOT_FOUND, and its id may be used again. A job left in
 its API wait with no call from its client for `api_wait_timeout_s` is ended (its KV freed).
+
+With keys (the server's --api-key-file), a job belongs to the key that started it: calls
+about it with another key are answered NOT_FOUND, exactly as for a job that does not exist.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from typing import NoReturn
 import grpc
 from opentelemetry import trace
 
+from astraea.auth import caller
 from astraea.errors import InvalidRequest
 from astraea.plan import JobState
+from astraea.store import StoreError
 from astraea.telemetry import extract_context, get_logger
 from astraea.v1 import agent_pb2, agent_pb2_grpc
 from control_plane.service import validation
@@ -41,6 +46,12 @@ def client_host(context) -> str:
     return peer.rsplit(":", 1)[0] if peer.count(":") > 1 else peer
 
 
+def owned_by_caller(entry: JobEntry) -> bool:
+    """Whether the current call's key (its owner id, set by the auth interceptor) started the
+    job. Without keys every caller and every job has the owner "": one owner for all."""
+    return entry.owner == caller()
+
+
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, cp: ControlPlane) -> None:
         self.cp = cp
@@ -53,7 +64,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         entry = self.cp.registry.jobs.get(job_id)
-        if entry is None:
+        if entry is None and self.cp.durable is not None:  # finished before a restart?
+            entry = self.cp.durable.finished_entry(self.cp, job_id)
+        if entry is None or not owned_by_caller(entry):  # another key's job: as if missing
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
                 f"unknown job id {job_id!r}: never started here, or finished more than "
@@ -92,18 +105,49 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 context, f"client {client} has {registry.unfinished_by_client[client]} "
                 f"unfinished jobs, its limit (max_jobs_per_client {cfg.max_jobs_per_client})")
         job = self.cp.scheduler.job_arrived(job_id, self.cp.now(), request.category or "unknown")
-        registry.jobs[job_id] = JobEntry(job=job, arrival_unix_s=time.time(), client=client)
+        registry.jobs[job_id] = JobEntry(job=job, arrival_unix_s=time.time(), client=client,
+                                        owner=caller())
         registry.unfinished_by_client[client] += 1
         # The job's trace continues the caller's, when it sent one.
         self.cp.tracing.job_started(job, extract_context(context))
         log.info("job started", job_id=job_id, category=job.category,
                  trace_id=self.cp.tracing.trace_id(job_id))
+        await self._durable_start(registry.jobs[job_id], context)
         return agent_pb2.StartJobResponse(job_id=job_id)
+
+    async def _durable_start(self, entry: JobEntry, context) -> None:
+        """An accepted job is durable before StartJob answers; if the store fails, the job
+        is dropped and the call fails UNAVAILABLE."""
+        durable = self.cp.durable
+        if durable is None:
+            return
+        try:
+            durable.job_started(entry)
+            await durable.flush()
+        except StoreError as e:
+            self.cp.finish_job(entry, "its durable state could not be written", cancel=True,
+                               error=True)
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"job {entry.job.job_id!r} could not be made durable: {e}")
+
+    async def _durable_flush(self, context) -> None:
+        """What was written so far is durable (EndJob, CancelJob answer after it)."""
+        if self.cp.durable is None:
+            return
+        try:
+            await self.cp.durable.flush()
+        except StoreError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"durable state failed: {e}")
 
     # --- RunSegment -------------------------------------------------------------------------
     async def RunSegment(self, request, context):
         self.cp.stats.events["run_segment"] += 1
         entry = await self._entry(request.job_id, context)
+        replay = await self._replay_ended(entry, request, context)
+        if replay is not None:  # a resume of a segment that ended: its done was lost
+            for event in replay:
+                yield event
+            return
         seg = await self._submit(entry, request, context)
         try:
             while True:
@@ -134,9 +178,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             sampling = validation.sampling(request.sampling, cfg,
                                            self.cp.scheduler.profile.context_window,
                                            job.context_tokens, new_tokens)
+            stored = self._resume_point(entry, request)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"job {job.job_id!r}: {e}")
+        new_tokens += stored  # a resumed segment's stored output is recomputed as input
         hint = request.next_tool_category or None
         now = self.cp.now()
         wait_before = job.waiting_s
@@ -156,8 +202,27 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                           calls_tool=hint is not None, tool_category=hint, submitted_s=now,
                           wait_before=wait_before)
         entry.segment = seg
+        if self.cp.durable is not None:
+            self.cp.durable.resumed(entry, seg, request)
+            self.cp.durable.segment_accepted(entry, seg)
         self.cp.mark_dirty()
         return seg
+
+    async def _replay_ended(self, entry: JobEntry, request, context):
+        if self.cp.durable is None:
+            return None
+        try:
+            return self.cp.durable.replay_ended(entry, request)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"job {entry.job.job_id!r}: {e}")
+
+    def _resume_point(self, entry: JobEntry, request) -> int:
+        if self.cp.durable is not None:
+            return self.cp.durable.resume_point(entry, request)
+        if request.resume_from_index:  # 0 is a plain (re)send: nothing to resume
+            raise InvalidRequest("resume_from_index is set but this control plane keeps no "
+                                 "durable state: there is nothing to resume")
+        return 0
 
     # --- tool calls, end, cancel, status --------------------------------------------------
     async def ReportToolCall(self, request, context):
@@ -193,12 +258,16 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             if request.category:
                 # The API wait is learned under the tool actually called (observed at resume).
                 job.next_tool_category = request.category
+            if self.cp.durable is not None:
+                self.cp.durable.tool_reported(entry, request.category)
             return agent_pb2.ReportToolCallResponse()
         if entry.tool_started_s is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"job {job.job_id!r}: tool call END without START")
         observed = now - entry.tool_started_s
         entry.tool_started_s = None
+        if self.cp.durable is not None:
+            self.cp.durable.tool_reported(entry, request.category)
         return agent_pb2.ReportToolCallResponse(observed_duration_s=observed)
 
     async def EndJob(self, request, context):
@@ -211,6 +280,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                                 "CancelJob")
         if entry.finished_unix_s is None:
             self.cp.finish_job(entry, "EndJob", cancel=True)
+        await self._durable_flush(context)
         return agent_pb2.EndJobResponse(status=self.cp.job_status(entry))
 
     async def CancelJob(self, request, context):
@@ -222,6 +292,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         if entry.finished_unix_s is None:
             self.cp.finish_job(entry, f"cancelled: {request.reason or 'no reason given'}",
                                cancel=True)
+        await self._durable_flush(context)
         return agent_pb2.CancelJobResponse()
 
     async def GetJob(self, request, context):

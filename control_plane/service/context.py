@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from opentelemetry import metrics as otel_metrics
@@ -23,10 +23,13 @@ from astraea.v1 import agent_pb2, common_pb2, worker_pb2
 from control_plane.core.job import Job
 from control_plane.core.scheduler import Scheduler
 from control_plane.service.limits import Limits
-from control_plane.service.registry import JobEntry, Registry, SegmentClosed
+from control_plane.service.registry import JobEntry, Registry, SegmentCall, SegmentClosed
 from control_plane.service.reservations import Reservation
 from control_plane.service.stats import ServiceStats
 from control_plane.service.tracing import JobTracing
+
+if TYPE_CHECKING:
+    from control_plane.service.durable import Durability
 
 log = get_logger("astraea.control_plane")
 
@@ -82,6 +85,8 @@ class ControlPlane:
         self._origin = time.monotonic()
         self.step_observer = step_observer
         self._on_change: Callable[[], None] | None = None  # see set_on_change
+        # Durable state (durable.py); None: in memory only, a restart loses every job.
+        self.durable: Durability | None = None
 
     # --- clock ----------------------------------------------------------------------------
     def now(self) -> float:
@@ -108,6 +113,14 @@ class ControlPlane:
         """Something the plan depends on changed: the planner will run."""
         if self._on_change is not None:
             self._on_change()
+
+    def emit(self, seg: SegmentCall, event: object) -> None:
+        """Queue a RunSegment event for the segment's client: at once in memory, after the
+        writes before it are durable otherwise (durable.py's event gate)."""
+        if self.durable is None:
+            seg.events.put_nowait(event)
+        else:
+            self.durable.emit(seg.events, event)
 
     # --- to workers -----------------------------------------------------------------------
     def send(self, worker_id: int, actions: Iterable[worker_pb2.PlanAction],
@@ -187,6 +200,8 @@ class ControlPlane:
             seg.done = True
             seg.events.put_nowait(SegmentClosed(code, f"job {job.job_id} ended: {reason}"))
         entry.finished_unix_s = time.time()
+        if self.durable is not None:
+            self.durable.job_finished(entry, reason, error)
         self.registry.finished[job.job_id] = time.monotonic()
         self.registry.unfinished_by_client[entry.client] -= 1
         if self.registry.unfinished_by_client[entry.client] <= 0:

@@ -42,6 +42,7 @@ from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext, SpanKind, Tracer
 
+from astraea.auth import ClientCredentials
 from astraea.telemetry import Metrics, get_logger, inject_metadata
 from astraea.v1 import common_pb2, predictor_pb2, predictor_pb2_grpc
 from control_plane.core.estimates import OnlineJobEstimator
@@ -87,10 +88,12 @@ class PredictorLink:
                  metrics: Metrics | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                  flush_interval_s: float = 0.1, refresh_interval_s: float = 1.0,
                  retry_interval_s: float = 0.5, max_pending: int = 100_000,
-                 stale_after_s: float | None = None, tracer: Tracer | None = None) -> None:
+                 stale_after_s: float | None = None, tracer: Tracer | None = None,
+                 credentials: ClientCredentials | None = None) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         self.address = address
+        self.credentials = credentials or ClientCredentials()  # the predictor's key and TLS
         self.local = local or OnlineJobEstimator()
         self.metrics = metrics or Metrics(otel_metrics.get_meter("astraea"))
         self.timeout_s = timeout_s
@@ -127,7 +130,7 @@ class PredictorLink:
         if self._task is not None:
             return
         self._wake = asyncio.Event()
-        self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+        self._channel = self.credentials.aio_channel(self.address, options=_CHANNEL_OPTIONS)
         self._stub = predictor_pb2_grpc.PredictorServiceStub(self._channel)
         self._task = asyncio.create_task(self._run(), name="predictor-link")
 
@@ -249,7 +252,8 @@ class PredictorLink:
         try:
             # Inside the caller's span: the predictor's server span becomes its child.
             response = await asyncio.wait_for(
-                method(request, timeout=self.timeout_s, metadata=inject_metadata()),
+                method(request, timeout=self.timeout_s, metadata=inject_metadata(
+                    metadata=self.credentials.metadata)),
                 self.timeout_s * 1.5)
         except asyncio.CancelledError:
             raise

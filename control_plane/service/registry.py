@@ -92,6 +92,7 @@ class JobEntry:
     job: Job  # the core's object; kept after Scheduler.forget_finished for GetJob
     arrival_unix_s: float
     client: str = ""  # the client's host (peer address without the port): per-client bounds
+    owner: str = ""  # the owner id of the key that started it ("": no keys configured)
     # When a call about the job last came from its client (time.monotonic()); a job in its
     # API wait whose client stays away longer than the API-wait timeout is ended.
     last_call_s: float = field(default_factory=time.monotonic)

@@ -24,12 +24,25 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from opentelemetry.trace import Tracer
 
+from astraea.auth import (
+    AioAuthInterceptor,
+    AuthPolicy,
+    ClientCredentials,
+    KeyRing,
+    ServerTLS,
+    add_port,
+    add_server_arguments,
+    open_warning,
+    server_tls_from_args,
+)
 from astraea.profile import ProfileError, load_profile
 from astraea.rpc_guard import AioRequestGuard
+from astraea.store import StoreError, open_store
 from astraea.telemetry import (
     Metrics,
     add_log_level_argument,
     get_logger,
+    prometheus,
     setup_service_telemetry,
 )
 from astraea.v1 import agent_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -39,6 +52,7 @@ from control_plane.core.policies import POLICIES, build_scheduler
 from control_plane.service import limits
 from control_plane.service.agent_service import AgentServicer
 from control_plane.service.context import ControlPlane, ServiceConfig
+from control_plane.service.durable import Durability
 from control_plane.service.planner import Planner
 from control_plane.service.predictor_link import DEFAULT_TIMEOUT_S, PredictorLink
 from control_plane.service.worker_stream import WorkerStreamServicer
@@ -71,6 +85,8 @@ class RunningControlPlane:
         # NOT_SERVING first, so load balancers and `astraea up` stop sending work during the
         # drain.
         await self.health.enter_graceful_shutdown()
+        if cp.durable is not None:
+            cp.durable.stopping = True
         for entry in list(cp.registry.workers.values()):
             entry.outbound.put_nowait(worker_pb2.ControlMessage(
                 shutdown=worker_pb2.Shutdown(reason="control plane stopping", drain=drain)))
@@ -82,6 +98,8 @@ class RunningControlPlane:
                 await task
         if self.predictor_link is not None:
             await self.predictor_link.close()
+        if self.control_plane.durable is not None:  # commits what is queued
+            await asyncio.to_thread(self.control_plane.durable.store.close)
 
 
 async def serve(listen: str = DEFAULT_LISTEN, policy: str = "astraea",
@@ -89,12 +107,19 @@ async def serve(listen: str = DEFAULT_LISTEN, policy: str = "astraea",
                 scheduler_config: SchedulerConfig | None = None, *,
                 predictor: str | None = None, metrics: Metrics | None = None,
                 predictor_timeout_s: float = DEFAULT_TIMEOUT_S,
-                tracer: Tracer | None = None) -> RunningControlPlane:
+                tracer: Tracer | None = None, auth: AuthPolicy | None = None,
+                tls: ServerTLS | None = None,
+                predictor_credentials: ClientCredentials | None = None,
+                # A state directory (SQLite) or a postgresql:// URL: jobs are durable and the
+                # unfinished ones restored at start (durable.py); None: in memory only.
+                state: str | None = None) -> RunningControlPlane:
     """Start a control plane on `listen` (port 0 picks one) and return it running.
 
     `predictor` (host:port) consults a remote predictor through a `PredictorLink`; None uses
     in-process estimates only. `metrics` records JCT, plan latency, queue lengths, KV use and
-    predictor fallbacks, `tracer` the jobs' spans (default: the global providers')."""
+    predictor fallbacks, `tracer` the jobs' spans (default: the global providers'). `auth`
+    checks the callers' keys per service, `tls` serves TLS, `predictor_credentials` is what
+    the link presents to the predictor (None of them: plaintext, no keys)."""
     prof = load_profile(profile)
     config = config or ServiceConfig()
     link = None
@@ -103,21 +128,27 @@ async def serve(listen: str = DEFAULT_LISTEN, policy: str = "astraea",
         # time, its calls cost the control plane more than fresher estimates gained (measured
         # with compare-live at 10x real time: live/sim 1.13-1.16 against 1.08).
         link = PredictorLink(predictor, metrics=metrics, timeout_s=predictor_timeout_s,
-                             tracer=tracer)
+                             tracer=tracer, credentials=predictor_credentials)
     estimator = link if link is not None else OnlineJobEstimator()
     scheduler = build_scheduler(policy, prof, estimator, scheduler_config)
     cp = ControlPlane(scheduler, config, policy=policy, tracer=tracer,
                       metrics=metrics, step_observer=link)
+    cp.metrics.set_jobs_in_flight_source(lambda: sum(cp.registry.unfinished_by_client.values()))
+    prometheus.export_scheduler(cp.metrics)  # /metrics, when the process serves it
     planner = Planner(cp)
     cp.set_on_change(planner.mark_dirty)
-    server = grpc.aio.server(interceptors=[AioRequestGuard()],
+    gate = _open_state(cp, state) if state else None
+    # Keys are checked first: an unauthenticated caller learns nothing, not even a parse error.
+    interceptors = [AioRequestGuard()] if auth is None else [AioAuthInterceptor(auth),
+                                                             AioRequestGuard()]
+    server = grpc.aio.server(interceptors=[*prometheus.aio_server_interceptors(), *interceptors],
                              options=config.server_options(),
                              maximum_concurrent_rpcs=config.concurrent_rpcs)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(cp), server)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerStreamServicer(cp), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(listen)
+    port = add_port(server, listen, tls)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()
@@ -127,10 +158,25 @@ async def serve(listen: str = DEFAULT_LISTEN, policy: str = "astraea",
         await link.start()
     tasks = (asyncio.create_task(planner.run(), name="planner"),
              asyncio.create_task(_watch_workers(cp), name="worker-watchdog"),
-             asyncio.create_task(_housekeeping(cp), name="housekeeping"))
+             asyncio.create_task(_housekeeping(cp), name="housekeeping"),
+             *([asyncio.create_task(gate(), name="durable-gate")] if gate else []))
     log.info("control plane serving", port=port, policy=policy, profile=profile,
              predictor=predictor or "local")
     return RunningControlPlane(server, port, cp, planner, health, link, tasks)
+
+
+def _open_state(cp: ControlPlane, state: str):
+    """Open the store, restore its unfinished jobs into `cp`; returns the event gate's loop
+    to run (durable.py). StoreError if the store cannot be opened."""
+    store = open_store(state)
+    try:
+        cp.durable = Durability(store)
+        restored = cp.durable.restore(cp)
+    except BaseException:
+        store.close()
+        raise
+    log.info("durable state opened", store=store.url, restored_jobs=restored)
+    return cp.durable.run_gate
 
 
 async def _watch_workers(cp: ControlPlane) -> None:
@@ -152,17 +198,46 @@ async def _housekeeping(cp: ControlPlane) -> None:
     while True:
         await asyncio.sleep(interval)
         cp.expire(time.monotonic())
+        if cp.durable is not None:
+            cp.durable.prune(cfg.finished_retention_s)
+            cp.durable.expire_cut(cp, time.monotonic())
+
+
+def _security(args: argparse.Namespace) -> tuple[AuthPolicy | None, ServerTLS | None,
+                                                 ClientCredentials]:
+    """The keys, TLS and predictor credentials the flags ask for; one warning line for what is
+    left open. Raises ValueError (AuthConfigError) for a file that cannot be used."""
+    rings = {}
+    if args.api_key_file:
+        rings[SERVICE_NAMES[0]] = KeyRing.from_file(args.api_key_file)
+    if args.worker_token_file:
+        rings[SERVICE_NAMES[1]] = KeyRing.from_file(args.worker_token_file)
+    tls = server_tls_from_args(args)
+    predictor = ClientCredentials.from_files(
+        args.predictor_token_file, args.tls_ca, args.tls_cert if args.tls_ca else None,
+        args.tls_key if args.tls_ca else None)
+    warning = open_warning("the control plane", [what for flag, what in (
+        (args.api_key_file, "any client can start, read and cancel any job (--api-key-file)"),
+        (args.worker_token_file, "any process can register as a worker and receive prompts "
+                                 "(--worker-token-file)"),
+        (tls, "plaintext (--tls-cert, --tls-key)")) if not flag])
+    if warning:
+        log.warning(warning)
+    return (AuthPolicy(rings) if rings else None), tls, predictor
 
 
 async def _main_async(args: argparse.Namespace, metrics: Metrics | None = None) -> int:
     try:
+        auth, tls, predictor_credentials = _security(args)
         running = await serve(args.listen, args.policy, args.profile,
                               ServiceConfig(time_scale=args.time_scale,
                                             worker_timeout_s=args.worker_timeout,
                                             **limits.from_args(args)),
                               predictor=args.predictor, metrics=metrics,
-                              predictor_timeout_s=args.predictor_timeout)
-    except (ProfileError, OSError, ValueError) as e:
+                              predictor_timeout_s=args.predictor_timeout, auth=auth, tls=tls,
+                              predictor_credentials=predictor_credentials,
+                              state=args.database or args.state_dir)
+    except (ProfileError, OSError, ValueError, StoreError) as e:
         log.error("cannot start", error=str(e))
         return 2
     freeze_startup_objects()
@@ -212,8 +287,24 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="SECONDS",
                         help="drop a worker that sent nothing (not even a heartbeat) for this "
                              "long and re-queue its jobs; 0 never drops one")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--state-dir", default=None, metavar="DIR",
+                       help="keep jobs durable in SQLite in DIR and restore the unfinished "
+                            "ones on restart (default: none: state in memory only, a restart "
+                            "loses every job)")
+    where.add_argument("--database", default=None, metavar="URL",
+                       help="the same in PostgreSQL: postgresql://user@host/db")
     limits.add_arguments(parser)
+    security = add_server_arguments(parser)
+    security.add_argument("--api-key-file", default=None, metavar="FILE",
+                          help="AgentService callers must send one of these keys (one per line, "
+                               "optionally name:key; the name owns the jobs its key starts)")
+    security.add_argument("--worker-token-file", default=None, metavar="FILE",
+                          help="workers must send one of these tokens to register")
+    security.add_argument("--predictor-token-file", default=None, metavar="FILE",
+                          help="the token to send to the predictor (its --token-file)")
     add_log_level_argument(parser)
+    prometheus.add_metrics_arguments(parser)
     return parser
 
 
@@ -228,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         limits.Limits(**limits.from_args(args))
     except ValueError as e:
         parser.error(str(e))
-    tel = setup_service_telemetry(parser, "astraea-control-plane", args.log_level)
+    tel = setup_service_telemetry(parser, "astraea-control-plane", args.log_level, args)
     try:
         return asyncio.run(_main_async(args, tel.metrics))
     finally:

@@ -206,8 +206,8 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
             return
         if seg.first_token_s is None:
             seg.first_token_s = self.cp.now()
-        seg.events.put_nowait(agent_pb2.RunSegmentEvent(tokens=agent_pb2.TokenEvent(
-            first_index=seg.next_index, token_ids=ids, text=jt.text if skip == 0 else "")))
+        event = agent_pb2.RunSegmentEvent(tokens=agent_pb2.TokenEvent(
+            first_index=seg.next_index, token_ids=ids, text=jt.text if skip == 0 else ""))
         seg.next_index += len(ids)
         entry.generated_total += len(ids)
         out = entry.output
@@ -215,6 +215,9 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
             out = entry.output = []
             entry.transcript.append(out)
         out.extend(ids)
+        if self.cp.durable is not None:
+            self.cp.durable.tokens(entry, seg, ids)
+        self.cp.emit(seg, event)  # after the tokens' writes: durable before the client sees
 
     def _segment_ended(self, worker: WorkerEntry, m: worker_pb2.SegmentEnded) -> None:
         held = self._held(worker, m.job_id, "segment_ended")
@@ -244,7 +247,9 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
                         reported=seg.generated, streamed=seg.next_index)
         seg.done = True
         first = seg.first_token_s if seg.first_token_s is not None else now
-        seg.events.put_nowait(agent_pb2.RunSegmentEvent(done=agent_pb2.SegmentDone(
+        if self.cp.durable is not None:
+            self.cp.durable.segment_ended(entry, seg, reason)
+        self.cp.emit(seg, agent_pb2.RunSegmentEvent(done=agent_pb2.SegmentDone(
             finish_reason=reason, segment_index=seg.index,
             timings=common_pb2.Timings(
                 queue_wait_s=job.waiting_s - seg.wait_before, ttft_s=first - seg.submitted_s,

@@ -48,15 +48,16 @@ from astraea.plan import (
 )
 from worker.backend import EngineError, EngineSegmentEnded, Sampling  # noqa: E402
 from worker.vllm import sampling as to_vllm  # noqa: E402
+from worker.vllm.config import (  # noqa: E402
+    EXTENSION,  # noqa: F401  (re-exported: what vLLM loads by name)
+    SCHEDULER,  # noqa: F401
+    EngineConfig,
+    engine_args,
+)
 from worker.vllm.swap import HostSwap  # noqa: E402
 
 if TYPE_CHECKING:
     from worker.vllm.scheduler import StepSchedule
-
-# What vLLM loads by name (tests/test_vllm_engine.py checks they resolve).
-EXTENSION = "worker.vllm.ext.KvSwapExtension"
-SCHEDULER = "worker.vllm.scheduler.RecordingScheduler"
-
 
 class JobKv(enum.Enum):
     """Where a job's KV is, as far as this engine is concerned."""
@@ -66,23 +67,6 @@ class JobKv(enum.Enum):
     SWAPPED = "swapped"  # blocks copied to host memory and freed
     DISCARDED = "discarded"  # nothing kept; the next admission recomputes the context
     HELD = "held"  # admitted, waiting in this engine for room to swap in (or behind one)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model: str  # a local Hugging Face model folder
-    # KV pool size, including vLLM's null block (block 0). None: vLLM sizes it from memory
-    # (gpu_memory_utilization of the GPU; VLLM_CPU_KVCACHE_SPACE GiB on CPU).
-    num_blocks: int | None = 64
-    block_size: int = 32  # the CPU attention backend needs a multiple of 32
-    # Default: with num_blocks, what the pool can hold, at most 2048; without, the model's.
-    max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.9  # share of the GPU for weights and KV (vLLM's)
-    max_num_seqs: int = 64  # counts paused (preserved) sessions too, scheduler.py:920
-    max_num_batched_tokens: int = 2048
-    host_swap_blocks: int = 256  # host memory for swapped blocks, in blocks
-    dtype: str = "float32"
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -160,29 +144,11 @@ class VllmEngine:
     _open = 0  # engines open in this process
 
     def __init__(self, config: EngineConfig) -> None:
-        from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.core import EngineCore
         from vllm.v1.executor import Executor
 
         self.config = config
-        # Block 0 is vLLM's null block, so a request can use num_blocks - 1 blocks at most;
-        # a larger max_model_len fails at start-up.
-        max_len = config.max_model_len
-        if max_len is None and config.num_blocks is not None:
-            max_len = min(2048, (config.num_blocks - 1) * config.block_size)
-        args = EngineArgs(
-            model=config.model, dtype=config.dtype, seed=config.seed,
-            max_model_len=max_len, block_size=config.block_size, enforce_eager=True,
-            num_gpu_blocks_override=config.num_blocks, enable_prefix_caching=True,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            scheduling_policy="priority", max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            # No step in flight while we move blocks between steps (the CPU build forces
-            # this anyway, platforms/cpu.py:331).
-            async_scheduling=False,
-            worker_extension_cls=EXTENSION,
-            scheduler_cls=SCHEDULER, structured_outputs_config=dict(to_vllm.STRUCTURED_OUTPUTS))
-        self.vllm_config = args.create_engine_config()
+        self.vllm_config = engine_args(config).create_engine_config()
         # What InprocClient does (v1/engine/core_client.py:353), minus the front end.
         self.core = EngineCore(self.vllm_config, Executor.get_class(self.vllm_config),
                                log_stats=False)
@@ -191,8 +157,10 @@ class VllmEngine:
         self._kvm = self._sched.kv_cache_manager
         self._pool = self._kvm.block_pool
         self._block_size = self.vllm_config.cache_config.block_size
-        self.block_bytes = self.core.collective_rpc("kv_block_bytes")[0]
+        if config.pipeline_parallel_size > 1:
+            self.core.collective_rpc("pp_stage_buffers")  # a no-op where vLLM did it
         self._swap = HostSwap(self.core, self._block_size, config.host_swap_blocks)
+        self.block_bytes = self._swap.block_bytes  # of every rank's shard together
         self._generation_config, self._eos_id = to_vllm.eos_settings(self.vllm_config.model_config)
         self._jobs: dict[str, _Job] = {}
         self._by_rid: dict[str, _Job] = {}

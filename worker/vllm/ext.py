@@ -8,6 +8,10 @@ side of a swap: `worker/vllm/swap.py`).
 
 The host copies stay inside the worker, keyed by job: only block and byte counts cross the
 `collective_rpc` boundary, never tensors (which a multi-process executor would pickle).
+With tensor or pipeline parallelism vLLM runs one Worker per rank and `collective_rpc`
+calls each of them, so every rank copies its own shard (TP: its KV heads of each layer; PP:
+its stage's layers) to its own host tensors. Nothing here depends on the rank: the block
+ids come from the one scheduler, and every rank's caches are indexed by them.
 
 KV layout in 0.32: `model_runner.kv_caches` holds one tensor per layer, each the logical
 view [block, kv_heads, block_size, C] indexed on dim 0 by the *scheduler's* block ids
@@ -108,6 +112,20 @@ class KvSwapExtension:
         return float(sum(t.index_select(0, idx).double().abs().sum()
                          for t in self._caches()))
 
+    def pp_stage_buffers(self) -> bool:
+        """Allocate the buffer a later pipeline stage receives its input into, if vLLM has not;
+        whether this did. vLLM allocates it in a dummy forward pass at start-up, which its CPU
+        runner skips in eager mode (`warming_up_model`, v1/worker/cpu_model_runner.py:85), so
+        the first step of a later stage would fail (v1/worker/gpu_model_runner.py:3174)."""
+        from vllm.distributed.parallel_state import get_pp_group
+
+        runner = self.model_runner
+        if get_pp_group().is_first_rank or runner.intermediate_tensors is not None:
+            return False
+        runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+            batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype,
+            device=runner.device)
+        return True
 
     def session_seed(self, req_id: str, seed: int | None) -> bool:
         """Give a session's next segment the generator vLLM gives a new request with `seed`

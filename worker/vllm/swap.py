@@ -4,8 +4,14 @@ back, and how much host room the copies leave.
 `VllmEngine` keeps one `HostSwap`. A swap-out copies the blocks that hold the job's computed
 tokens, after which the engine frees them; a swap-in gives a new request fresh blocks from
 vLLM's `allocate_slots`, copies the host copy into them and marks their tokens computed, so
-the scheduler prefills only the rest. The tensor copies run inside vLLM's worker
+the scheduler prefills only the rest. The tensor copies run inside vLLM's workers
 (`worker/vllm/ext.py`), called over `collective_rpc` with block ids, never tensors.
+
+With tensor or pipeline parallelism there is one worker per rank, each holding its shard of
+every block (TP: its heads of each layer; PP: its stage's layers). `collective_rpc` runs a
+method on every rank, so each copies its own shard to its own host memory and back; the
+block ids are the same on every rank, because there is one scheduler and one block table
+(in this process). Every call here checks that all ranks answered alike.
 
 Runs on the engine's thread, like every `VllmEngine` call.
 """
@@ -28,6 +34,12 @@ class HostSwap:
         self._block_size = block_size
         self.capacity_blocks = capacity_blocks
         self._copies: dict[str, tuple[int, int]] = {}
+        # Bytes one block takes over all layers of all ranks: what a swapped block costs.
+        self.block_bytes: int = sum(self._on_ranks("kv_block_bytes"))
+
+    def _on_ranks(self, method: str, *args) -> list:
+        """Run the extension's `method` on every rank; their answers, in rank order."""
+        return self._core.collective_rpc(method, args=args)
 
     def blocks_of(self, job_id: str) -> int:
         """Host blocks the job's copy takes (0: no copy); a swap-in needs as many free."""
@@ -38,8 +50,12 @@ class HostSwap:
         return sum(blocks for _, blocks in self._copies.values())
 
     def held_by_worker(self) -> int:
-        """Host blocks as vLLM's worker counts its copies (a check on `used_blocks`)."""
-        return sum(self._core.collective_rpc("kv_swap_held")[0].values())
+        """Host blocks as vLLM's workers count their copies (a check on `used_blocks`);
+        raises `EngineError` if the ranks hold different copies."""
+        held = self._on_ranks("kv_swap_held")
+        if any(h != held[0] for h in held[1:]):
+            raise EngineError(f"ranks hold different host copies: {held}")
+        return sum(held[0].values())
 
     def copy_out(self, job_id: str, rid: str, computed_tokens: int) -> None:
         """Copy the blocks of request `rid` that hold its `computed_tokens` to the host. The
@@ -50,7 +66,13 @@ class HostSwap:
             raise EngineError(f"swap {job_id}: {n_blocks} blocks, {room} free on the host")
         # Only the blocks holding computed tokens: vLLM may have allocated one more ahead.
         block_ids = list(self._kvm.get_block_ids(rid)[0][:n_blocks])
-        self._core.collective_rpc("kv_swap_out", args=(job_id, block_ids))
+        try:
+            self._on_ranks("kv_swap_out", job_id, block_ids)
+        except Exception:
+            # Some ranks may have their shard copied already: no half-copies stay behind.
+            if job_id not in self._copies:
+                self._on_ranks("kv_swap_drop", job_id)
+            raise
         self._copies[job_id] = (computed_tokens, n_blocks)
 
     def copy_in(self, job_id: str, request) -> None:
@@ -67,7 +89,9 @@ class HostSwap:
             self._kvm.take_new_block_ids()
         block_ids = list(self._kvm.get_block_ids(request.request_id)[0])
         try:
-            self._core.collective_rpc("kv_swap_in", args=(job_id, block_ids))
+            # Each rank checks the block count before it copies anything, so a refusal
+            # comes from every rank alike and leaves every copy in place.
+            self._on_ranks("kv_swap_in", job_id, block_ids)
         except Exception:
             self._kvm.free(request)
             raise
@@ -78,5 +102,5 @@ class HostSwap:
 
     def drop(self, job_id: str) -> None:
         """Forget the job's host copy (a Discard of it, or the job aborted)."""
-        self._core.collective_rpc("kv_swap_drop", args=(job_id,))
+        self._on_ranks("kv_swap_drop", job_id)
         self._copies.pop(job_id, None)

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default=None)
     p.add_argument("--cprofile", default=None)
     p.add_argument("--grpc-floor", action="store_true")
+    p.add_argument("--state-dir", default=None, help="the control plane's durable state")
     args = p.parse_args(argv)
     from astraea.telemetry import setup_service_telemetry
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             running = await cp_server.serve(args.listen, args.policy, args.profile,
                                             ServiceConfig(time_scale=args.time_scale),
-                                            metrics=tel.metrics)
+                                            metrics=tel.metrics, state=args.state_dir)
             port, stats = running.port, running.control_plane.stats
         cp_server.freeze_startup_objects()  # as astraea-control-plane's main does
         gc_time = _GcTimer()

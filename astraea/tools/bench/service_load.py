@@ -85,6 +85,7 @@ class ServiceBenchConfig:
     log_dir: str | None = None
     cprofile: str | None = None  # write a cProfile of the control plane's window here
     grpc_floor: bool = False  # an empty AgentService instead of the control plane, no workers
+    state_dir: str | None = None  # the control plane's --state-dir (None: in memory)
 
     def check(self) -> None:
         if self.jobs < 1 or self.workers < 1 or self.segments_per_job < 1:
@@ -108,6 +109,8 @@ class _Host:
             args += ["--cprofile", str(Path(cfg.cprofile).resolve())]
         if cfg.grpc_floor:
             args.append("--grpc-floor")
+        if cfg.state_dir:
+            args += ["--state-dir", str(Path(cfg.state_dir).resolve())]
         self.log = log_dir / "control-plane.log"
         with open(self.log, "wb") as err:
             self.popen = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

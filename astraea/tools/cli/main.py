@@ -16,6 +16,7 @@ from astraea.tools.cli import (
     bench_gateway,
     bench_service,
     bench_vllm,
+    certs,
     profile,
     replay,
     stack,
@@ -25,7 +26,8 @@ from astraea.tools.cli import (
 
 DESCRIPTION = ("`astraea` command line: benchmarks, traces, profiles, and replays on the live "
                "stack.")
-COMMAND_MODULES = (bench, bench_service, bench_gateway, bench_vllm, trace, replay, stack, traces, profile)
+COMMAND_MODULES = (bench, bench_service, bench_gateway, bench_vllm, trace, replay, stack, traces, profile,
+                   certs)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,12 +39,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--predictor-state", default=None, metavar="FILE",
                     help="the predictor's state file: loaded at (re)start, saved periodically "
                          "and on shutdown")
+    up.add_argument("--state-dir", type=lambda d: str(Path(d).resolve()), default=None,
+                    metavar="DIR", help="the control plane's durable state: accepted jobs "
+                                        "survive its restarts (default: state/ in the log dir)")
+    up.add_argument("--no-state", dest="state_dir", action="store_const", const="",
+                    help="keep the control plane's state in memory: a restart loses every job")
     up.add_argument("--max-restarts", dest="restart_max", type=int, default=None, metavar="N",
                     help="a service that exits is restarted (backoff 0.5 s doubling to 10 s); "
                          "more than N restarts of one within --restart-window stop the stack "
                          "(default 5; 0: any exit stops it)")
     up.add_argument("--restart-window", dest="restart_window_s", type=float, default=None,
                     metavar="SECONDS", help="the window of --max-restarts (default 60)")
+    up.add_argument("--insecure", dest="secure", action="store_false", default=None,
+                    help="plaintext and no keys on every service (default: TLS with a "
+                         "development CA, and keys, written to the log dir's security/)")
     up.set_defaults(func=cmd_up)
 
     dm = sub.add_parser("demo", help="bring the stack up under vllm-fcfs and under astraea, "
@@ -80,7 +88,8 @@ def _stack_args(p: argparse.ArgumentParser, time_scale_default, workers_default,
 def cmd_up(args: argparse.Namespace) -> int:
     from astraea.tools.stack import Stack, StackError
 
-    cfg = _stack_config(args)
+    # Secure unless --insecure (or `secure = false` in the config file).
+    cfg = _stack_config(args, defaults={"secure": True, "state_dir": "state"})
     stop = threading.Event()
     received: list[int] = []
 
@@ -99,6 +108,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             _print_stack(st)
             print(f"astraea up: clients connect to {st.control_plane_address}; Ctrl-C or "
                   "SIGTERM stops the stack", file=sys.stderr, flush=True)
+            _print_client_security(st)
             code = 0
             while not stop.wait(0.5):
                 try:
@@ -149,11 +159,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"worker(s) with {kv}, time scale {args.time_scale:g}; logs and traces in {base}",
           file=sys.stderr, flush=True)
     rows, results, stacks = {}, {}, {}
+    from astraea.tools import demo_openai
+
+    openai_missing = demo_openai.available()
+    agent_turns: list[dict] = []
     for policy in DEMO_POLICIES:
         span_dir = base / policy / "traces"
+        # astraea's stack also runs the OpenAI gateway, for the agent after the replay.
+        http = "127.0.0.1:0" if policy == "astraea" and openai_missing is None else None
         cfg = _stack_config(args, policy=policy, log_dir=str(base / policy),
                             control_plane_listen="127.0.0.1:0", predictor_listen="127.0.0.1:0",
-                            span_dir=str(span_dir))
+                            span_dir=str(span_dir), http_listen=http)
         # The replaying client's spans (the root of each job's trace) go beside the services'.
         client_tel = setup_telemetry(TelemetryConfig("astraea-replay", span_dir=str(span_dir)),
                                      configure_logs=False)
@@ -168,8 +184,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                          cfg.time_scale, log=sys.stderr,
                                          tracer=client_tel.tracer))
                 print(f"[{policy}] {len(jobs) - len(res.errors)}/{len(jobs)} jobs done in "
-                      f"{res.wall_s:.1f} s wall ({res.makespan_s:.1f} virtual s); stopping ...",
+                      f"{res.wall_s:.1f} s wall ({res.makespan_s:.1f} virtual s)",
                       file=sys.stderr, flush=True)
+                if st.http_address:
+                    print(f"[{policy}] an agent on the official openai SDK against "
+                          f"{st.http_address}/v1 (no session key sent):", file=sys.stderr,
+                          flush=True)
+                    agent_turns = demo_openai.run_agent(f"{st.http_address}/v1",
+                                                        cfg.served_model)
+                print(f"[{policy}] stopping ...", file=sys.stderr, flush=True)
         finally:
             client_tel.shutdown()
         codes = st.exit_codes
@@ -195,6 +218,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{sim['vllm-fcfs']:.1f} s; astraea / vllm-fcfs = "
           f"{sim['astraea'] / sim['vllm-fcfs']:.3f}")
 
+    print("\n== the OpenAI API: an agent using the official openai SDK, unchanged, on the "
+          "astraea stack")
+    if agent_turns:
+        for t in agent_turns:
+            print(f"  turn {t['turn']}: prompt {t['prompt_tokens']} tokens, cached "
+                  f"{t['cached_tokens']} (kept through the tool call, not recomputed), "
+                  f"generated {t['completion_tokens']}; job {t['job']}")
+        jobs_seen = {t["job"] for t in agent_turns}
+        print(f"  {len(agent_turns)} requests, {len(jobs_seen)} job: the session was found by "
+              "its prompt prefix")
+    else:
+        print(f"  skipped: {openai_missing}")
     print("\nWhere each job can be seen:")
     example = next(iter(j.job_id for j in jobs if len(j.segments) > 1), jobs[0].job_id)
     for policy in DEMO_POLICIES:
@@ -216,9 +251,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if not failed else 1
 
 
-def _stack_config(args: argparse.Namespace, **fixed):
-    """The `StackConfig` of `astraea up`/`demo`: `--config FILE` (if any), overridden by the
-    flags given and then by `fixed`."""
+def _stack_config(args: argparse.Namespace, defaults: dict | None = None, **fixed):
+    """The `StackConfig` of `astraea up`/`demo`: `defaults`, overridden by `--config FILE` (if
+    any), then by the flags given and then by `fixed`."""
     from astraea.tools.stack import StackConfig
 
     flags = {"policy": args.policy, "profile": args.profile, "time_scale": args.time_scale,
@@ -229,13 +264,13 @@ def _stack_config(args: argparse.Namespace, **fixed):
     if getattr(args, "no_predictor", False):
         flags["predictor"] = False
     for name in ("http_listen", "api_keys", "predictor_state", "restart_max",
-                 "restart_window_s"):
+                 "restart_window_s", "secure", "state_dir"):
         if getattr(args, name, None) is not None:
             flags[name] = getattr(args, name)
     flags.update(fixed)
     if getattr(args, "config", None):
-        return StackConfig.from_toml(args.config, **flags)
-    return StackConfig.from_dict({}, **flags)
+        return StackConfig.from_toml(args.config, defaults=defaults, **flags)
+    return StackConfig.from_dict({}, defaults=defaults, **flags)
 
 
 def _print_stack(st, out=None) -> None:
@@ -252,6 +287,20 @@ def _print_stack(st, out=None) -> None:
     print(f"  logs in {st.log_dir}:", file=out)
     for name, path in st.log_files.items():
         print(f"    {name:<14} {path}  (pid {st.pids[name]})", file=out)
+
+
+def _print_client_security(st, out=None) -> None:
+    """How a client connects to a secure stack: the CA to verify it with and the key to send."""
+    out = out if out is not None else sys.stderr
+    sec = st.security
+    if sec is None:
+        print("astraea up: plaintext, no keys (--insecure): anyone who reaches these ports can "
+              "use them", file=out, flush=True)
+        return
+    print(f"astraea up: TLS (CA {sec.certs.ca}); client key {sec.client_key} (also in "
+          f"{sec.client_key_file}), sent as 'authorization: Bearer KEY'. In Python:\n"
+          f"  AgentClient(\"{st.control_plane_address}\", tls_ca=\"{sec.certs.ca}\", "
+          f"api_key=\"{sec.client_key}\")", file=out, flush=True)
 
 
 def _demo_simulated(jobs, profile, kv_blocks: int | None, workers: int) -> dict[str, float]:
