@@ -86,11 +86,6 @@ def paused(context: int) -> Job:
     return j
 
 
-# The thresholds of the waste rule alone: astraea's swap_before_discard (on by default, tested
-# in test_tail.py) would swap instead of discarding where the host has room.
-WASTE_RULE = KvPolicyConfig(swap_before_discard=False)
-
-
 def test_the_default_thresholds():
     assert (KvPolicyConfig().low_pressure, KvPolicyConfig().high_pressure) == (0.9, 0.99)
 
@@ -114,7 +109,7 @@ def test_a_long_call_is_preserved_up_to_the_low_threshold_and_discarded_just_pas
     # weight above zero tips it to discard (no swap budget: a zero step time).
     assert memory_waste(gptj, 2000, 1000.0, 0).preserve > 1000 * \
         memory_waste(gptj, 2000, 0.0, 0).discard
-    p = PressureAdaptive(gptj, Remaining(1000.0), WASTE_RULE)
+    p = PressureAdaptive(gptj, Remaining(1000.0), KvPolicyConfig())
     d = p.on_api_yield(paused(2000), 1.0, view(free))
     assert (d.action, d.reason) == (action, reason)
 
