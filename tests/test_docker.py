@@ -517,6 +517,16 @@ def test_shutdown_grace_fits_in_dockers_stop_timeout() -> None:
         assert parse(s).grace < limit, name
 
 
+def test_control_plane_jobs_are_on_a_named_volume() -> None:
+    cp = services()[CONTROL_PLANE]
+    state_dir = parse(cp).state_dir
+    assert state_dir, "without --state-dir a control plane restart loses every job"
+    mounts = {v["target"].rstrip("/"): v for v in cp["volumes"]}
+    assert state_dir.rstrip("/") in mounts, f"{state_dir} is not on a volume"
+    assert mounts[state_dir.rstrip("/")]["type"] == "volume"
+    assert mounts[state_dir.rstrip("/")]["source"] in raw_compose()["volumes"]
+
+
 def test_predictor_state_is_on_a_named_volume() -> None:
     pred = services()[PREDICTOR]
     state = parse(pred).state
