@@ -130,7 +130,7 @@ class Turn:
         """Run the segment, yielding its text as it arrives (nothing while `buffered`)."""
         chats, s, r = self.chats, self.session, self.req
         s.turn_started = True
-        sampling = {"top_p": r.top_p, "seed": r.seed, "stop": r.stops()}
+        sampling = {"top_p": r.top_p, "seed": r.seed, "stop": r.stops(), **_hints(r)}
         if self.json_schema is not None:
             sampling["json_schema"] = self.json_schema
         stream = chats.client.stream_segment(
@@ -375,6 +375,19 @@ def template_message_dict(reply: dict) -> dict:
                             "function": {"name": c["function"]["name"],
                                          "arguments": c["function"]["arguments"]}}
                            for c in calls] if calls else None}
+
+
+def _hints(req) -> dict:
+    """The request's hints for the scheduler: Dynamo's nvext.agent_hints.osl (expected output
+    tokens) and the astraea object's expected_tool_s, where given."""
+    out = {}
+    nvext = getattr(req, "nvext", None)
+    if nvext is not None and nvext.agent_hints is not None and nvext.agent_hints.osl:
+        out["expected_output_tokens"] = nvext.agent_hints.osl
+    ours = getattr(req, "astraea", None)
+    if ours is not None and ours.expected_tool_s is not None:
+        out["expected_tool_s"] = ours.expected_tool_s
+    return out
 
 
 def _tools(req: ChatRequest) -> list[dict] | None:

@@ -107,10 +107,16 @@ class SessionControl(_Strict):
     action: Literal["close", "keep"]
 
 
+class AgentHints(BaseModel):
+    model_config = ConfigDict(extra="allow")  # Dynamo's other hints: harmless, not used
+    osl: Annotated[int, Field(ge=1)] | None = None  # expected output length, in tokens
+
+
 class NvExt(BaseModel):
     model_config = ConfigDict(extra="allow")  # other hints: read by later steps, ignored now
     agent_context: AgentContext | None = None
     session_control: SessionControl | None = None
+    agent_hints: AgentHints | None = None
 
 
 class AstraeaHints(_Strict):
@@ -118,6 +124,8 @@ class AstraeaHints(_Strict):
     to. The category names the API wait the scheduler and the predictor learn under (instead
     of the called function's name, or "human")."""
     next_tool_category: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    # How long the client expects that call to take: replaces the predictor's estimate.
+    expected_tool_s: Annotated[float, Field(ge=0, le=86400, allow_inf_nan=False)] | None = None
 
 
 class ChatRequest(_Strict):

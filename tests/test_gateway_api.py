@@ -218,6 +218,8 @@ def test_an_unnamed_fork_of_a_busy_conversation_gets_a_session_of_its_own(client
     ({"extra_body": {"astraea": {"next_tool_category": "x" * 129}}},
      "astraea.next_tool_category"),
     ({"extra_body": {"astraea": {"guess": 1}}}, "astraea.guess"),
+    ({"extra_body": {"astraea": {"expected_tool_s": -1}}}, "astraea.expected_tool_s"),
+    ({"extra_body": {"nvext": {"agent_hints": {"osl": 0}}}}, "nvext.agent_hints.osl"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}],
       "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
 ])
@@ -238,6 +240,19 @@ def test_a_tool_category_hint_is_accepted_and_the_session_goes_on(client):
     assert h2["x-astraea-job-id"] == h1["x-astraea-job-id"]
     assert second.usage.prompt_tokens_details.cached_tokens == \
         first.usage.prompt_tokens + first.usage.completion_tokens
+
+
+def test_output_and_tool_time_hints_are_accepted_and_checked(client):
+    """nvext.agent_hints.osl and astraea.expected_tool_s reach the control plane, which
+    checks them too: an output longer than the model's window is a 400 with its message."""
+    hints = {"nvext": {"agent_hints": {"osl": 4}},
+             "astraea": {"next_tool_category": "search", "expected_tool_s": 2.5}}
+    done, _ = _create(client, messages=HELLO, max_tokens=4, extra_body=hints)
+    assert done.usage.completion_tokens == 4
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4,
+                                       extra_body={"nvext": {"agent_hints": {"osl": 10 ** 7}}})
+    assert "expected_output_tokens" in _error(e.value)["message"]
 
 
 def test_wrong_types_and_a_tool_message_that_answers_nothing(client):

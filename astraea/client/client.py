@@ -129,14 +129,19 @@ class _Collector:
 
 def _segment_request(job_id: str, prompt_text: str | None, prompt_token_ids, max_tokens,
                      temperature, next_tool_category, top_p=None, seed=None,
-                     stop=None, json_schema=None) -> agent_pb2.RunSegmentRequest:
+                     stop=None, json_schema=None, expected_output_tokens=None,
+                     expected_tool_s=None) -> agent_pb2.RunSegmentRequest:
+    """The request; `expected_output_tokens` and `expected_tool_s` are the client's hints
+    (they replace the control plane's estimates for this segment and its API wait)."""
     if (prompt_text is None) == (prompt_token_ids is None):
         raise ValueError("give exactly one of prompt_text and prompt_token_ids")
     sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature,
                                          top_p=top_p, seed=seed, stop=stop or [],
                                          json_schema=json_schema or "")
     req = agent_pb2.RunSegmentRequest(job_id=job_id, sampling=sampling,
-                                      next_tool_category=next_tool_category or "")
+                                      next_tool_category=next_tool_category or "",
+                                      expected_output_tokens=expected_output_tokens,
+                                      expected_tool_s=expected_tool_s)
     if prompt_text is not None:
         req.prompt_text = prompt_text
     else:
@@ -310,7 +315,8 @@ class AgentClient:
                     max_tokens: int | None = None, temperature: float | None = None,
                     next_tool_category: str | None = None, **sampling) -> SegmentResult:
         """Run the job's next segment to its end and return every token, the finish reason
-        and the timings. `sampling` may add top_p, seed, stop and json_schema."""
+        and the timings. `sampling` may add top_p, seed, stop and json_schema, and the hints
+        expected_output_tokens and expected_tool_s."""
         stream = self.stream_segment(job_id, prompt_text, prompt_token_ids, max_tokens,
                                      temperature, next_tool_category, **sampling)
         for _ in stream:

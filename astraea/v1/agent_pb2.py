@@ -25,43 +25,43 @@ _sym_db = _symbol_database.Default()
 from astraea.v1 import common_pb2 as astraea_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61straea/v1/agent.proto\x12\nastraea.v1\x1a\x17\x61straea/v1/common.proto\"3\n\x0fStartJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\"\"\n\x10StartJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xf5\x01\n\x11RunSegmentRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\x0bprompt_text\x18\x02 \x01(\tH\x00\x12\x30\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x14.astraea.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.astraea.v1.SamplingParams\x12\x1a\n\x12next_tool_category\x18\x05 \x01(\t\x12\x1e\n\x11resume_from_index\x18\x06 \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05inputB\x14\n\x12_resume_from_index\"m\n\x0fRunSegmentEvent\x12(\n\x06tokens\x18\x01 \x01(\x0b\x32\x16.astraea.v1.TokenEventH\x00\x12\'\n\x04\x64one\x18\x02 \x01(\x0b\x32\x17.astraea.v1.SegmentDoneH\x00\x42\x07\n\x05\x65vent\"B\n\nTokenEvent\x12\x13\n\x0b\x66irst_index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\"{\n\x0bSegmentDone\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.astraea.v1.FinishReason\x12$\n\x07timings\x18\x02 \x01(\x0b\x32\x13.astraea.v1.Timings\x12\x15\n\rsegment_index\x18\x03 \x01(\r\"c\n\x15ReportToolCallRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x05phase\x18\x02 \x01(\x0e\x32\x19.astraea.v1.ToolCallPhase\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\"5\n\x16ReportToolCallResponse\x12\x1b\n\x13observed_duration_s\x18\x01 \x01(\x01\"\x1f\n\rEndJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"7\n\x0e\x45ndJobResponse\x12%\n\x06status\x18\x01 \x01(\x0b\x32\x15.astraea.v1.JobStatus\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x13\n\x11\x43\x61ncelJobResponse\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xec\x02\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.astraea.v1.JobState\x12\r\n\x05level\x18\x04 \x01(\r\x12%\n\x08kv_state\x18\x05 \x01(\x0e\x32\x13.astraea.v1.KvState\x12\x16\n\tworker_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x15\n\rsegment_index\x18\x07 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x08 \x01(\x04\x12\x16\n\x0epending_tokens\x18\t \x01(\x04\x12\x18\n\x10generated_tokens\x18\n \x01(\x04\x12\x16\n\x0e\x61rrival_unix_s\x18\x0b \x01(\x01\x12\x11\n\twaiting_s\x18\x0c \x01(\x01\x12\x1c\n\x0f\x66inished_unix_s\x18\r \x01(\x01H\x01\x88\x01\x01\x42\x0c\n\n_worker_idB\x12\n\x10_finished_unix_s*d\n\rToolCallPhase\x12\x1f\n\x1bTOOL_CALL_PHASE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CALL_PHASE_START\x10\x01\x12\x17\n\x13TOOL_CALL_PHASE_END\x10\x02\x32\xc1\x03\n\x0c\x41gentService\x12\x45\n\x08StartJob\x12\x1b.astraea.v1.StartJobRequest\x1a\x1c.astraea.v1.StartJobResponse\x12J\n\nRunSegment\x12\x1d.astraea.v1.RunSegmentRequest\x1a\x1b.astraea.v1.RunSegmentEvent0\x01\x12W\n\x0eReportToolCall\x12!.astraea.v1.ReportToolCallRequest\x1a\".astraea.v1.ReportToolCallResponse\x12?\n\x06\x45ndJob\x12\x19.astraea.v1.EndJobRequest\x1a\x1a.astraea.v1.EndJobResponse\x12H\n\tCancelJob\x12\x1c.astraea.v1.CancelJobRequest\x1a\x1d.astraea.v1.CancelJobResponse\x12:\n\x06GetJob\x12\x19.astraea.v1.GetJobRequest\x1a\x15.astraea.v1.JobStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61straea/v1/agent.proto\x12\nastraea.v1\x1a\x17\x61straea/v1/common.proto\"3\n\x0fStartJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\"\"\n\x10StartJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xe7\x02\n\x11RunSegmentRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\x0bprompt_text\x18\x02 \x01(\tH\x00\x12\x30\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x14.astraea.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.astraea.v1.SamplingParams\x12\x1a\n\x12next_tool_category\x18\x05 \x01(\t\x12\x1e\n\x11resume_from_index\x18\x06 \x01(\rH\x01\x88\x01\x01\x12#\n\x16\x65xpected_output_tokens\x18\x07 \x01(\rH\x02\x88\x01\x01\x12\x1c\n\x0f\x65xpected_tool_s\x18\x08 \x01(\x01H\x03\x88\x01\x01\x42\x07\n\x05inputB\x14\n\x12_resume_from_indexB\x19\n\x17_expected_output_tokensB\x12\n\x10_expected_tool_s\"m\n\x0fRunSegmentEvent\x12(\n\x06tokens\x18\x01 \x01(\x0b\x32\x16.astraea.v1.TokenEventH\x00\x12\'\n\x04\x64one\x18\x02 \x01(\x0b\x32\x17.astraea.v1.SegmentDoneH\x00\x42\x07\n\x05\x65vent\"B\n\nTokenEvent\x12\x13\n\x0b\x66irst_index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\"{\n\x0bSegmentDone\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.astraea.v1.FinishReason\x12$\n\x07timings\x18\x02 \x01(\x0b\x32\x13.astraea.v1.Timings\x12\x15\n\rsegment_index\x18\x03 \x01(\r\"c\n\x15ReportToolCallRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x05phase\x18\x02 \x01(\x0e\x32\x19.astraea.v1.ToolCallPhase\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\"5\n\x16ReportToolCallResponse\x12\x1b\n\x13observed_duration_s\x18\x01 \x01(\x01\"\x1f\n\rEndJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"7\n\x0e\x45ndJobResponse\x12%\n\x06status\x18\x01 \x01(\x0b\x32\x15.astraea.v1.JobStatus\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x13\n\x11\x43\x61ncelJobResponse\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xec\x02\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.astraea.v1.JobState\x12\r\n\x05level\x18\x04 \x01(\r\x12%\n\x08kv_state\x18\x05 \x01(\x0e\x32\x13.astraea.v1.KvState\x12\x16\n\tworker_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x15\n\rsegment_index\x18\x07 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x08 \x01(\x04\x12\x16\n\x0epending_tokens\x18\t \x01(\x04\x12\x18\n\x10generated_tokens\x18\n \x01(\x04\x12\x16\n\x0e\x61rrival_unix_s\x18\x0b \x01(\x01\x12\x11\n\twaiting_s\x18\x0c \x01(\x01\x12\x1c\n\x0f\x66inished_unix_s\x18\r \x01(\x01H\x01\x88\x01\x01\x42\x0c\n\n_worker_idB\x12\n\x10_finished_unix_s*d\n\rToolCallPhase\x12\x1f\n\x1bTOOL_CALL_PHASE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CALL_PHASE_START\x10\x01\x12\x17\n\x13TOOL_CALL_PHASE_END\x10\x02\x32\xc1\x03\n\x0c\x41gentService\x12\x45\n\x08StartJob\x12\x1b.astraea.v1.StartJobRequest\x1a\x1c.astraea.v1.StartJobResponse\x12J\n\nRunSegment\x12\x1d.astraea.v1.RunSegmentRequest\x1a\x1b.astraea.v1.RunSegmentEvent0\x01\x12W\n\x0eReportToolCall\x12!.astraea.v1.ReportToolCallRequest\x1a\".astraea.v1.ReportToolCallResponse\x12?\n\x06\x45ndJob\x12\x19.astraea.v1.EndJobRequest\x1a\x1a.astraea.v1.EndJobResponse\x12H\n\tCancelJob\x12\x1c.astraea.v1.CancelJobRequest\x1a\x1d.astraea.v1.CancelJobResponse\x12:\n\x06GetJob\x12\x19.astraea.v1.GetJobRequest\x1a\x15.astraea.v1.JobStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'astraea.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOOLCALLPHASE']._serialized_start=1423
-  _globals['_TOOLCALLPHASE']._serialized_end=1523
+  _globals['_TOOLCALLPHASE']._serialized_start=1537
+  _globals['_TOOLCALLPHASE']._serialized_end=1637
   _globals['_STARTJOBREQUEST']._serialized_start=63
   _globals['_STARTJOBREQUEST']._serialized_end=114
   _globals['_STARTJOBRESPONSE']._serialized_start=116
   _globals['_STARTJOBRESPONSE']._serialized_end=150
   _globals['_RUNSEGMENTREQUEST']._serialized_start=153
-  _globals['_RUNSEGMENTREQUEST']._serialized_end=398
-  _globals['_RUNSEGMENTEVENT']._serialized_start=400
-  _globals['_RUNSEGMENTEVENT']._serialized_end=509
-  _globals['_TOKENEVENT']._serialized_start=511
-  _globals['_TOKENEVENT']._serialized_end=577
-  _globals['_SEGMENTDONE']._serialized_start=579
-  _globals['_SEGMENTDONE']._serialized_end=702
-  _globals['_REPORTTOOLCALLREQUEST']._serialized_start=704
-  _globals['_REPORTTOOLCALLREQUEST']._serialized_end=803
-  _globals['_REPORTTOOLCALLRESPONSE']._serialized_start=805
-  _globals['_REPORTTOOLCALLRESPONSE']._serialized_end=858
-  _globals['_ENDJOBREQUEST']._serialized_start=860
-  _globals['_ENDJOBREQUEST']._serialized_end=891
-  _globals['_ENDJOBRESPONSE']._serialized_start=893
-  _globals['_ENDJOBRESPONSE']._serialized_end=948
-  _globals['_CANCELJOBREQUEST']._serialized_start=950
-  _globals['_CANCELJOBREQUEST']._serialized_end=1000
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1002
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1021
-  _globals['_GETJOBREQUEST']._serialized_start=1023
-  _globals['_GETJOBREQUEST']._serialized_end=1054
-  _globals['_JOBSTATUS']._serialized_start=1057
-  _globals['_JOBSTATUS']._serialized_end=1421
-  _globals['_AGENTSERVICE']._serialized_start=1526
-  _globals['_AGENTSERVICE']._serialized_end=1975
+  _globals['_RUNSEGMENTREQUEST']._serialized_end=512
+  _globals['_RUNSEGMENTEVENT']._serialized_start=514
+  _globals['_RUNSEGMENTEVENT']._serialized_end=623
+  _globals['_TOKENEVENT']._serialized_start=625
+  _globals['_TOKENEVENT']._serialized_end=691
+  _globals['_SEGMENTDONE']._serialized_start=693
+  _globals['_SEGMENTDONE']._serialized_end=816
+  _globals['_REPORTTOOLCALLREQUEST']._serialized_start=818
+  _globals['_REPORTTOOLCALLREQUEST']._serialized_end=917
+  _globals['_REPORTTOOLCALLRESPONSE']._serialized_start=919
+  _globals['_REPORTTOOLCALLRESPONSE']._serialized_end=972
+  _globals['_ENDJOBREQUEST']._serialized_start=974
+  _globals['_ENDJOBREQUEST']._serialized_end=1005
+  _globals['_ENDJOBRESPONSE']._serialized_start=1007
+  _globals['_ENDJOBRESPONSE']._serialized_end=1062
+  _globals['_CANCELJOBREQUEST']._serialized_start=1064
+  _globals['_CANCELJOBREQUEST']._serialized_end=1114
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1116
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1135
+  _globals['_GETJOBREQUEST']._serialized_start=1137
+  _globals['_GETJOBREQUEST']._serialized_end=1168
+  _globals['_JOBSTATUS']._serialized_start=1171
+  _globals['_JOBSTATUS']._serialized_end=1535
+  _globals['_AGENTSERVICE']._serialized_start=1640
+  _globals['_AGENTSERVICE']._serialized_end=2089
 # @@protoc_insertion_point(module_scope)

@@ -32,20 +32,24 @@ class StartJobResponse(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class RunSegmentRequest(_message.Message):
-    __slots__ = ("job_id", "prompt_text", "prompt_token_ids", "sampling", "next_tool_category", "resume_from_index")
+    __slots__ = ("job_id", "prompt_text", "prompt_token_ids", "sampling", "next_tool_category", "resume_from_index", "expected_output_tokens", "expected_tool_s")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOOL_CATEGORY_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_INDEX_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_TOOL_S_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     prompt_text: str
     prompt_token_ids: _common_pb2.TokenIds
     sampling: _common_pb2.SamplingParams
     next_tool_category: str
     resume_from_index: int
-    def __init__(self, job_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., next_tool_category: _Optional[str] = ..., resume_from_index: _Optional[int] = ...) -> None: ...
+    expected_output_tokens: int
+    expected_tool_s: float
+    def __init__(self, job_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., next_tool_category: _Optional[str] = ..., resume_from_index: _Optional[int] = ..., expected_output_tokens: _Optional[int] = ..., expected_tool_s: _Optional[float] = ...) -> None: ...
 
 class RunSegmentEvent(_message.Message):
     __slots__ = ("tokens", "done")

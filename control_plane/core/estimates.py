@@ -55,3 +55,43 @@ class OnlineJobEstimator(OnlineEstimator):
     def observe_output(self, job: Job, tokens: int) -> None:
         # Called before the job's segment index advances, so the key names this segment.
         self.observe_output_for(job.category, job.segment_index, tokens)
+
+
+class HintedEstimator:
+    """A `ServiceTimeEstimator` that answers from the job's own hints where its client gave
+    them (`Job.hinted_output_tokens`, `Job.hinted_api_s`) and asks `inner` otherwise. The
+    observations still go to `inner`, so it keeps learning for the jobs that give none."""
+
+    def __init__(self, inner: ServiceTimeEstimator) -> None:
+        self.inner = inner
+        self.name = f"hinted-{inner.name}"
+
+    def output_tokens(self, job: Job) -> float:
+        if job.hinted_output_tokens is not None:
+            return float(job.hinted_output_tokens)
+        return self.inner.output_tokens(job)
+
+    def api_duration_s(self, job: Job) -> float:
+        if job.hinted_api_s is not None:
+            return job.hinted_api_s
+        return self.inner.api_duration_s(job)
+
+    def remaining_api_s(self, job: Job, now: float) -> float:
+        if job.hinted_api_s is None:
+            return self.inner.remaining_api_s(job, now)
+        if job.state is not JobState.API_WAIT:
+            return 0.0
+        # A hint is a point estimate: once it has passed, the wait is about to end.
+        return max(job.hinted_api_s - (now - job.api_start_s), 0.0)
+
+    def api_duration_samples(self, category: str) -> Sequence[float]:
+        return self.inner.api_duration_samples(category)
+
+    def observe_output(self, job: Job, tokens: int) -> None:
+        self.inner.observe_output(job, tokens)
+
+    def observe_api(self, category: str, duration_s: float) -> None:
+        self.inner.observe_api(category, duration_s)
+
+    def __getattr__(self, name: str):  # the inner estimator's extras (e.g. a link's state)
+        return getattr(self.inner, name)

@@ -46,6 +46,10 @@ class Job:
     preempting: bool = False  # a Preempt was planned and the worker has not answered yet
     api_start_s: float = 0.0
     next_tool_category: str | None = None
+    # The client's own estimates for the current segment's output and the API wait after it
+    # (None: predicted); set with each segment, kept through its API wait.
+    hinted_output_tokens: int | None = None
+    hinted_api_s: float | None = None
     finished_s: float | None = None
 
     # --- transitions -------------------------------------------------------------------

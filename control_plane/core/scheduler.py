@@ -94,8 +94,11 @@ class Scheduler:
         return job
 
     def segment_submitted(self, job_id: str, now: float, new_tokens: int,
-                          next_tool_category: str | None = None) -> Job:
-        """A segment is ready: the job's first, or the one after its tool returned."""
+                          next_tool_category: str | None = None,
+                          expected_output_tokens: int | None = None,
+                          expected_api_s: float | None = None) -> Job:
+        """A segment is ready: the job's first, or the one after its tool returned. The
+        client's expectations, if any, replace the estimates of a `HintedEstimator`."""
         job = self._job(job_id)
         if new_tokens < 0:
             raise SchedulerError(f"job {job_id}: negative token count {new_tokens}")
@@ -111,6 +114,7 @@ class Scheduler:
                 f"job {job_id}: cannot submit a segment while {job.state.value}")
         job.mark_ready(now, new_tokens)
         job.next_tool_category = next_tool_category
+        job.hinted_output_tokens, job.hinted_api_s = expected_output_tokens, expected_api_s
         self._enqueue(job, now)
         return job
 

@@ -178,6 +178,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             sampling = validation.sampling(request.sampling, cfg,
                                            self.cp.scheduler.profile.context_window,
                                            job.context_tokens, new_tokens)
+            expected_tokens, expected_tool_s = validation.hints(
+                request, cfg, self.cp.scheduler.profile.context_window)
             stored = self._resume_point(entry, request)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -192,9 +194,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             # Current while the core learns the API duration: the predictor link ties the
             # observation it forwards to this span.
             with trace.use_span(api_span, end_on_exit=False):
-                self.cp.scheduler.segment_submitted(job.job_id, now, new_tokens, hint)
+                self.cp.scheduler.segment_submitted(job.job_id, now, new_tokens, hint,
+                                                    expected_tokens, expected_tool_s)
         else:
-            self.cp.scheduler.segment_submitted(job.job_id, now, new_tokens, hint)
+            self.cp.scheduler.segment_submitted(job.job_id, now, new_tokens, hint,
+                                                expected_tokens, expected_tool_s)
         self.cp.tracing.segment_submitted(job, job.segment_index, observed_api)
         entry.tool_started_s = None
         seg = SegmentCall(index=job.segment_index, new_tokens=new_tokens,

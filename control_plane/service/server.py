@@ -47,7 +47,7 @@ from astraea.telemetry import (
 )
 from astraea.v1 import agent_pb2_grpc, worker_pb2, worker_pb2_grpc
 from control_plane.core.config import SchedulerConfig
-from control_plane.core.estimates import OnlineJobEstimator
+from control_plane.core.estimates import HintedEstimator, OnlineJobEstimator
 from control_plane.core.policies import POLICIES, build_scheduler
 from control_plane.service import limits
 from control_plane.service.agent_service import AgentServicer
@@ -129,7 +129,8 @@ async def serve(listen: str = DEFAULT_LISTEN, policy: str = "astraea",
         # with compare-live at 10x real time: live/sim 1.13-1.16 against 1.08).
         link = PredictorLink(predictor, metrics=metrics, timeout_s=predictor_timeout_s,
                              tracer=tracer, credentials=predictor_credentials)
-    estimator = link if link is not None else OnlineJobEstimator()
+    # Clients' own hints (expected output, expected tool time) win over every prediction.
+    estimator = HintedEstimator(link if link is not None else OnlineJobEstimator())
     scheduler = build_scheduler(policy, prof, estimator, scheduler_config)
     cp = ControlPlane(scheduler, config, policy=policy, tracer=tracer,
                       metrics=metrics, step_observer=link)

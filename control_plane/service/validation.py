@@ -42,6 +42,23 @@ def prompt_tokens(req: agent_pb2.RunSegmentRequest, cfg: ServiceConfig) -> int:
     return n
 
 
+def hints(req: agent_pb2.RunSegmentRequest, cfg: ServiceConfig,
+          max_context: int) -> tuple[int | None, float | None]:
+    """The client's expected output tokens and tool seconds (None where unset). An output
+    beyond the context window, or a tool longer than the API-wait timeout (after which the
+    job is ended anyway), is refused rather than clipped: it says the client is confused."""
+    tokens = req.expected_output_tokens if req.HasField("expected_output_tokens") else None
+    if tokens is not None and not 1 <= tokens <= max_context:
+        raise InvalidRequest(f"expected_output_tokens is {tokens}: from 1 to the context "
+                             f"window, {max_context}")
+    tool_s = req.expected_tool_s if req.HasField("expected_tool_s") else None
+    if tool_s is not None and not (math.isfinite(tool_s)
+                                   and 0 <= tool_s <= cfg.api_wait_timeout_s):
+        raise InvalidRequest(f"expected_tool_s is {tool_s}: from 0 to the API-wait timeout, "
+                             f"{cfg.api_wait_timeout_s:g} s")
+    return tokens, tool_s
+
+
 def sampling(req: common_pb2.SamplingParams, cfg: ServiceConfig, max_context: int,
              context_tokens: int, new_tokens: int) -> common_pb2.SamplingParams:
     """The request's sampling with defaults filled in; rejects values out of range, and a
