@@ -282,7 +282,8 @@ class Chats:
             else:
                 if s.job_id is not None:
                     await self.drop_job(s, "the prompt does not continue the session")
-                s.job_id = await self.client.start_job(category=JOB_CATEGORY)
+                hint = req.astraea.job_category if req.astraea is not None else None
+                s.job_id = await self.client.start_job(category=hint or JOB_CATEGORY)
                 ids = self.tokenizer.encode(prompt_text)
                 prompt_tokens = len(ids)
             if not ids:

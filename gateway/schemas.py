@@ -124,6 +124,9 @@ class AstraeaHints(_Strict):
     to. The category names the API wait the scheduler and the predictor learn under (instead
     of the called function's name, or "human")."""
     next_tool_category: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    # The kind of agent (the job's category: output lengths are learned per category); read
+    # when the request starts a job. None: "chat".
+    job_category: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     # How long the client expects that call to take: replaces the predictor's estimate.
     expected_tool_s: Annotated[float, Field(ge=0, le=86400, allow_inf_nan=False)] | None = None
 

@@ -242,6 +242,14 @@ def test_a_tool_category_hint_is_accepted_and_the_session_goes_on(client):
         first.usage.prompt_tokens + first.usage.completion_tokens
 
 
+def test_the_job_category_hint_names_the_sessions_job(client, jobs):
+    done, headers = _create(client, messages=HELLO, max_tokens=2,
+                            extra_body={"astraea": {"job_category": "coder"}})
+    assert jobs(headers["x-astraea-job-id"]).category == "coder"
+    _, plain = _create(client, messages=[{"role": "user", "content": "Other."}], max_tokens=2)
+    assert jobs(plain["x-astraea-job-id"]).category == "chat"
+
+
 def test_output_and_tool_time_hints_are_accepted_and_checked(client):
     """nvext.agent_hints.osl and astraea.expected_tool_s reach the control plane, which
     checks them too: an output longer than the model's window is a 400 with its message."""

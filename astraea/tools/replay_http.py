@@ -3,9 +3,10 @@
 Each job is one chat session (its id sent as `X-Session-ID`), each segment one request made
 with the official `openai` SDK: the first carries a user message of the segment's prompt
 tokens, each later one the assistant's reply as returned plus a user message of the tool's
-result tokens. `max_tokens` is the segment's output, `temperature` 0, and the segment's tool
-category travels in the `astraea` extension object (`next_tool_category`), so the API wait
-that follows is learned under the trace's category, as the gRPC replay's hint does. Tools are
+result tokens. `max_tokens` is the segment's output, `temperature` 0, and the job's and the
+segment's tool categories travel in the `astraea` extension object (`job_category`,
+`next_tool_category`), so output lengths and the API wait that follows are learned under the
+trace's categories, as in the gRPC replay. Tools are
 simulated by sleeping their duration × `time_scale`; the last request asks the gateway to
 close the session (`nvext.session_control`), which ends the job.
 
@@ -79,9 +80,12 @@ async def _run_job(client, target: HttpTarget, job: JobTrace, text: PromptText,
     for i, seg in enumerate(job.segments):
         new = max(job.new_tokens_before(i), 1)
         messages.append({"role": "user", "content": text.message(new, first=i == 0)})
-        body: dict = {}
+        # The job's category (output lengths are learned per category), as the gRPC replay
+        # starts its jobs, and the tool's category for the API wait to come.
+        hints = {"job_category": job.category}
         if seg.tool is not None:
-            body["astraea"] = {"next_tool_category": seg.tool.category}
+            hints["next_tool_category"] = seg.tool.category
+        body: dict = {"astraea": hints}
         if i == last or seg.tool is None:
             body["nvext"] = {"session_control": {"action": "close"}}
         done = await client.chat.completions.create(
@@ -121,8 +125,10 @@ async def replay_http(jobs: list[JobTrace], target: HttpTarget, tokenizer: str,
     limits = httpx.Limits(max_connections=max(len(jobs), 1), max_keepalive_connections=
                           max(len(jobs), 1))
     http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None, connect=10.0))
+    # The SDK's own retries (2, on connection errors, 429 and 5xx), as agents run it: a
+    # keep-alive connection the server closed during a long tool wait is retried, not fatal.
     async with openai.AsyncOpenAI(base_url=target.base_url, api_key=target.api_key,
-                                  max_retries=0, http_client=http) as client:
+                                  http_client=http) as client:
         start = time.monotonic()
 
         async def one(job: JobTrace) -> None:
