@@ -156,7 +156,9 @@ def test_pressure_adaptive_preserves_below_low_pressure_even_for_a_long_call(gpt
 
 
 def test_pressure_adaptive_under_full_pressure_discards_a_long_call_without_budget(gptj):
-    p = PressureAdaptive(gptj, FixedEstimator(remaining=30.0), KvPolicyConfig())
+    # The waste rule alone (swap_before_discard, on by default, is tested in test_tail.py).
+    p = PressureAdaptive(gptj, FixedEstimator(remaining=30.0),
+                         KvPolicyConfig(swap_before_discard=False))
     v = view(gptj, free=50, total=10_000, step_time_s=0.0)  # utilisation 0.995, no budget
     w = memory_waste(gptj, 2000, 30.0, 0)
     assert w.discard < w.preserve
@@ -177,7 +179,9 @@ def test_pressure_adaptive_weighs_preserve_waste_by_pressure(gptj):
     c = 2000
     d_waste = memory_waste(gptj, c, 0.0, 0).discard
     t_int = 1.5 * d_waste / (c * gptj.kv_bytes_per_token)  # preserve = 1.5 × discard
-    p = PressureAdaptive(gptj, FixedEstimator(remaining=t_int), KvPolicyConfig(low_pressure=0.5, high_pressure=0.9))
+    p = PressureAdaptive(gptj, FixedEstimator(remaining=t_int),
+                         KvPolicyConfig(low_pressure=0.5, high_pressure=0.9,
+                                        swap_before_discard=False))
     half = view(gptj, free=3000, total=10_000, step_time_s=0.0)  # u = 0.7 → weight 0.5
     full = view(gptj, free=500, total=10_000, step_time_s=0.0)  # u = 0.95 → weight 1
     assert p.on_api_yield(paused_job("a", c), 1.0, half).action is KvAction.PRESERVE

@@ -11,7 +11,10 @@ from control_plane.core.job import Job
 from control_plane.core.mlfq import StatefulMlfq
 from control_plane.core.policies import build_scheduler
 
-CFG = MlfqConfig(num_levels=4, quota_base=1000.0, quota_growth=4.0, aging_ratio=8.0)
+# HRRN as the paper states it (W = ready-but-waiting time, T as predicted); astraea's default
+# age share and T exponent are tested in test_tail.py.
+CFG = MlfqConfig(num_levels=4, quota_base=1000.0, quota_growth=4.0, aging_ratio=8.0,
+                 age_weight=0.0, t_exponent=1.0)
 
 
 def ready(name: str, ready_since: float = 0.0, level: int = 0) -> Job:

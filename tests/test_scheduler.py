@@ -269,7 +269,8 @@ def test_admission_decision_carries_the_hrrn_score_it_won_with(gptj):
     s.segment_submitted("a", 0.0, 100, "qa")
     s.build_plan(3.0, {0: view()})  # waited 3 s: the score is (W + T) / T > 1
     (decision, waited), = seen
-    predicted = s.predicted_compute_s(s.jobs["a"])
+    # HRRN ranks by T^t_exponent (W is the job's age here: it has waited since it arrived).
+    predicted = s.predicted_compute_s(s.jobs["a"]) ** s.config.mlfq.t_exponent
     assert (decision.job_id, decision.worker_id, decision.queue_level) == ("a", 0, 0)
     assert decision.score == pytest.approx((waited + predicted) / predicted)
 

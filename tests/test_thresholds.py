@@ -86,6 +86,11 @@ def paused(context: int) -> Job:
     return j
 
 
+# The thresholds of the waste rule alone: astraea's swap_before_discard (on by default, tested
+# in test_tail.py) would swap instead of discarding where the host has room.
+WASTE_RULE = KvPolicyConfig(swap_before_discard=False)
+
+
 def test_the_default_thresholds():
     assert (KvPolicyConfig().low_pressure, KvPolicyConfig().high_pressure) == (0.9, 0.99)
 
@@ -109,7 +114,7 @@ def test_a_long_call_is_preserved_up_to_the_low_threshold_and_discarded_just_pas
     # weight above zero tips it to discard (no swap budget: a zero step time).
     assert memory_waste(gptj, 2000, 1000.0, 0).preserve > 1000 * \
         memory_waste(gptj, 2000, 0.0, 0).discard
-    p = PressureAdaptive(gptj, Remaining(1000.0), KvPolicyConfig())
+    p = PressureAdaptive(gptj, Remaining(1000.0), WASTE_RULE)
     d = p.on_api_yield(paused(2000), 1.0, view(free))
     assert (d.action, d.reason) == (action, reason)
 
@@ -123,5 +128,5 @@ def test_the_preserve_waste_counts_in_full_from_the_high_threshold_on(gptj, free
     c = 2000
     discard = memory_waste(gptj, c, 0.0, 0).discard
     t_int = 1.03 * discard / (c * gptj.kv_bytes_per_token)  # preserve = 1.03 × discard
-    p = PressureAdaptive(gptj, Remaining(t_int), KvPolicyConfig())
+    p = PressureAdaptive(gptj, Remaining(t_int), WASTE_RULE)
     assert p.on_api_yield(paused(c), 1.0, view(free)).action is action

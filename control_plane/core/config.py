@@ -18,7 +18,8 @@ class MlfqConfig:
     # gets quota_base · quota_growth**k. A segment that exceeds its level's quota is demoted.
     quota_base: float = 8000.0
     quota_growth: float = 4.0
-    # A job in the lowest level whose response ratio (W + T) / T exceeds this moves to level 0.
+    # A job in the lowest level whose response ratio (W + T) / T exceeds this moves to level 0
+    # (W and T as HRRN ranks them: see age_weight and t_exponent).
     aging_ratio: float = 8.0
     # True: fill the batch from every level in order (work-conserving, the default).
     # False: the paper's text — only the first non-empty level is considered.
@@ -28,6 +29,31 @@ class MlfqConfig:
     # Tell the worker to prefill admitted segments in MLFQ order (level, then predicted
     # compute time) instead of admission order.
     prioritize_prefill: bool = True
+    # With `prioritize_prefill`, how fast a segment's place in the worker's prefill order ages:
+    # a later-admitted segment of the same level goes first only if its predicted compute is
+    # shorter by more than (admission gap / this). 0: no aging, shortest first for ever. It
+    # cut the InferCept mix's p99 at QPS 4 without the running-segment cap below, and is
+    # neutral with it (docs/results/tail-tuning.md), so it is off.
+    prefill_aging_ratio: float = 0.0
+    # Reserve memory for a starving job: when a candidate whose response ratio is at least
+    # this cannot be admitted (it does not fit), the fill stops there instead of handing the
+    # memory that frees up to smaller jobs behind it. 0: never (a large context can then be
+    # passed over for as long as smaller segments keep arriving).
+    reserve_ratio: float = 0.0
+    # HRRN's W also credits the job's progress: W_eff = W + age_weight·(age − W), age − W
+    # being the time it spent running or in API calls. 0: the paper's W (ready-but-waiting
+    # time only); 1: W is the job's age. Jobs under way then outrank new ones sooner: they
+    # finish, and give back the memory their context holds through API waits, earlier.
+    age_weight: float = 3.0
+    # Admit at most this share of the worker's step token budget (max_num_batched_tokens) as
+    # running segments: each decoding segment takes one token of every step, so 1/8 leaves
+    # 7/8 of the budget for prefill, keeps steps short, and keeps the queue in the MLFQ, where
+    # W grows, rather than in the worker's prefill queue, where it does not. 0: no cap beyond
+    # the engine's max_num_seqs (and `max_running_per_worker`). Astraea's policy only.
+    running_budget_share: float = 0.125
+    # HRRN ranks by W / T^t_exponent (T in seconds): below 1 a wrong output-length estimate
+    # moves a job's rank less (a 10x overestimate costs 10^t_exponent, not 10x). 1: HRRN.
+    t_exponent: float = 0.5
 
     def quota(self, level: int) -> float:
         return self.quota_base * self.quota_growth**level
@@ -51,6 +77,10 @@ class KvPolicyConfig:
     # Reclaim may also discard (recompute later) when swapping is impossible. Off by default:
     # under overload the GPU is the bottleneck, and recompute spends it.
     reclaim_discards: bool = False
+    # When the weighted waste rule would discard at an API yield, swap instead if the host
+    # has room and the predicted wait outlasts the round trip, even past the per-step swap
+    # budget: the copy costs the PCIe link, a recompute costs the GPU, the bottleneck.
+    swap_before_discard: bool = True
     # Keep at least this share of blocks free when admitting (vLLM's watermark, 1 %).
     watermark: float = 0.01
 

@@ -311,6 +311,9 @@ class PressureAdaptive(MinWaste):
             self.budget.spend(view, job.context_tokens)
             return KvDecision(job.job_id, KvAction.SWAP, "pressure: swap hidden by budget", inputs)
         if w.discard < preserve:
+            if swap_worth and self.config.swap_before_discard:
+                return KvDecision(job.job_id, KvAction.SWAP,
+                                  "pressure: swap rather than discard (host has room)", inputs)
             return KvDecision(job.job_id, KvAction.DISCARD, "pressure: discard < weighted preserve", inputs)
         return KvDecision(job.job_id, KvAction.PRESERVE, "pressure: weighted preserve <= discard", inputs)
 

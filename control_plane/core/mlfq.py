@@ -4,7 +4,9 @@
 * A new job enters Q0. At a segment end: cost above the level's quota → compute-intensive,
   demoted one level; an API yield within the quota → I/O-intensive, promoted one level.
 * Inside a level, highest response ratio (W + T) / T first, W = accumulated ready-but-waiting
-  time, T = predicted compute time of the current segment.
+  time, T = predicted compute time of the current segment. Astraea's defaults also credit
+  the job's progress in W (`age_weight`) and use T**`t_exponent` (docs/results/
+  tail-tuning.md); age_weight 0 and t_exponent 1 are the paper's rule.
 * Aging: a job in the lowest level whose response ratio exceeds `aging_ratio` moves to Q0.
 * Work-conserving fill across levels by default; `work_conserving=False` is the paper's
   "first non-empty queue only" reading.
@@ -22,6 +24,9 @@ from control_plane.core.queues import HrrnQueue
 # Aging is a starvation guard over waits of seconds; checking it every 10 ms is plenty and
 # keeps it off most batch builds.
 AGING_PERIOD_S = 0.01
+# Gap between levels in the worker's prefill priority: larger than any aged term can grow
+# (the aged term is seconds since the discipline started / the aging ratio).
+LEVEL_PRIORITY_GAP = 1e9
 
 
 class StatefulMlfq(Discipline):
@@ -34,10 +39,28 @@ class StatefulMlfq(Discipline):
         self._levels = [HrrnQueue() for _ in range(config.num_levels)]
         self._predicted: dict[str, tuple[float, int]] = {}
         self._last_aging_s = float("-inf")
+        self._epoch_s: float | None = None  # first `now` seen by engine_priority
+        self._last_ratio = 0.0  # response ratio of the candidate offered last
+
+    @property
+    def blocking(self) -> bool:
+        """The scheduler asks after a candidate could not be admitted: stop the fill when
+        that candidate is starving (`reserve_ratio`), so freed memory waits for it."""
+        reserve = self.config.reserve_ratio
+        return reserve > 0 and self._last_ratio >= reserve
 
     def add(self, job: Job, now: float, predicted_s: float, need_blocks: int) -> None:
         self._predicted[job.job_id] = (predicted_s, need_blocks)
-        self._levels[job.level].push(job, predicted_s, need_blocks)
+        self._push(self._levels[job.level], job, predicted_s, need_blocks)
+
+    def _push(self, level: HrrnQueue, job: Job, predicted_s: float, need_blocks: int) -> None:
+        # W_eff(now) = W(now) + a·(now − arrival − W(now)): the queue stores W as an offset
+        # from `now`, so the age share is a constant offset too.
+        a = self.config.age_weight
+        offset = -a * (job.waiting_s - job.ready_since_s + job.arrival_s) if a else 0.0
+        gamma = self.config.t_exponent
+        t = predicted_s if gamma == 1.0 else max(predicted_s, 1e-6) ** gamma
+        level.push(job, t, need_blocks, offset)
 
     def remove(self, job: Job) -> None:
         self._levels[job.level].remove(job)
@@ -52,13 +75,17 @@ class StatefulMlfq(Discipline):
             lowest.remove(job)
             job.level = 0
             predicted, need = self._predicted[job.job_id]
-            self._levels[0].push(job, predicted, need)
+            self._push(self._levels[0], job, predicted, need)
 
     def candidates(self, now: float, room: list[int]) -> Iterator[Job]:
         self._age(now)
+        reserve = self.config.reserve_ratio > 0
         for level in self._levels:
             if len(level):
-                yield from level.ranked(now, room)
+                for job in level.ranked(now, room):
+                    if reserve:
+                        self._last_ratio = level.score_of(job, now)
+                    yield job
                 if not self.config.work_conserving:
                     return
 
@@ -77,8 +104,18 @@ class StatefulMlfq(Discipline):
     def engine_priority(self, job: Job, now: float, predicted_s: float) -> float:
         """Inside the worker too, higher levels first and, within a level, the shorter
         predicted segment first: a 25-token tool result should not wait for the budget
-        behind a 1,500-token first prompt admitted a moment earlier."""
-        return job.level * 1e6 + predicted_s if self.config.prioritize_prefill else 0.0
+        behind a 1,500-token first prompt admitted a moment earlier. With
+        `prefill_aging_ratio` R > 0 the admission time counts too (key = T + t_admit / R),
+        so that prompt is overtaken only by segments admitted within R·ΔT after it."""
+        if not self.config.prioritize_prefill:
+            return 0.0
+        key = predicted_s
+        ratio = self.config.prefill_aging_ratio
+        if ratio > 0:
+            if self._epoch_s is None:
+                self._epoch_s = now
+            key += (now - self._epoch_s) / ratio
+        return job.level * LEVEL_PRIORITY_GAP + key
 
     def queue_lengths(self) -> list[int]:
         return [len(q) for q in self._levels]

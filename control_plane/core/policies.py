@@ -65,14 +65,30 @@ def _continuum(profile, estimator, config):
     return holder[0]
 
 
+def _running_cap(config: SchedulerConfig, profile: HardwareProfile) -> SchedulerConfig:
+    """Stateful-MLFQ's cap on running segments (`mlfq.running_budget_share` of the step
+    token budget), applied through the scheduler's per-worker cap; the smaller cap wins."""
+    share = config.mlfq.running_budget_share
+    if share <= 0:
+        return config
+    cap = max(1, int(share * profile.max_num_batched_tokens))
+    if config.max_running_per_worker:
+        cap = min(cap, config.max_running_per_worker)
+    return replace(config, max_running_per_worker=cap)
+
+
 def _astraea(profile, estimator, config):
+    config = _running_cap(config, profile)
     return Scheduler(StatefulMlfq(config.mlfq), PressureAdaptive(profile, estimator, config.kv),
                       profile, estimator, config)
 
 
 def _astraea_paper(profile, estimator, config):
-    mlfq = replace(config.mlfq, work_conserving=False, prioritize_prefill=False)
-    kv = replace(config.kv, reclaim_for_ready_jobs=False)
+    # The paper's behaviour, stated explicitly so that no default of `astraea` leaks in.
+    mlfq = replace(config.mlfq, work_conserving=False, prioritize_prefill=False,
+                   prefill_aging_ratio=0.0, reserve_ratio=0.0, age_weight=0.0,
+                   t_exponent=1.0, running_budget_share=0.0)
+    kv = replace(config.kv, reclaim_for_ready_jobs=False, swap_before_discard=False)
     config = replace(config, mlfq=mlfq, kv=kv)
     return Scheduler(StatefulMlfq(mlfq), PressureAdaptive(profile, estimator, kv),
                       profile, estimator, config)
@@ -139,7 +155,11 @@ POLICIES: dict[str, PolicySpec] = {
             "Stateful-MLFQ (token-cost quotas, demote on quota, promote on API yield, HRRN "
             "inside levels, aging) with a work-conserving fill, and the pressure-adaptive KV "
             "policy, which swaps paused jobs out when a ready job needs their memory "
-            "(kv.reclaim_for_ready_jobs); the worker prefills admitted segments in MLFQ order.",
+            "(kv.reclaim_for_ready_jobs) and swaps rather than discards when the host has room "
+            "(kv.swap_before_discard); the worker prefills admitted segments in MLFQ order; "
+            "HRRN counts a share of the job's age in W and ranks by W / T^0.5 "
+            "(mlfq.age_weight, mlfq.t_exponent); running segments are capped at 1/8 of the "
+            "step token budget (mlfq.running_budget_share).",
             "Astraea (arXiv 2512.14142) and this project's improvements (docs/design.md).",
             _astraea,
         ),

@@ -74,7 +74,9 @@ class HrrnQueue:
         self._jobs: list[Job] = []
         self._row: dict[str, int] = {}
 
-    def push(self, job: Job, predicted_s: float, need_blocks: int) -> None:
+    def push(self, job: Job, predicted_s: float, need_blocks: int,
+             wait_offset_s: float = 0.0) -> None:
+        """`wait_offset_s` is added to the job's W (a caller's credit for other time)."""
         if job.job_id in self._row:
             raise KeyError(f"job {job.job_id} already queued")
         n = len(self._jobs)
@@ -82,7 +84,7 @@ class HrrnQueue:
             self._b = np.resize(self._b, 2 * n)
             self._t = np.resize(self._t, 2 * n)
             self._need = np.resize(self._need, 2 * n)
-        self._b[n] = job.waiting_s - job.ready_since_s
+        self._b[n] = job.waiting_s - job.ready_since_s + wait_offset_s
         self._t[n] = max(predicted_s, 1e-6)
         self._need[n] = need_blocks
         self._jobs.append(job)

@@ -241,6 +241,58 @@ def replica_check(rows: list[dict], policy: str = "astraea", baseline: str = "vl
     return lines
 
 
+def goal_check(rows: list[dict], policy: str = "astraea", baseline: str = "vllm-fcfs",
+               loaded: float = 1.3, cliff: float = 10.0, excess_target: float = 0.5) -> list[str]:
+    """One line per load: `policy`'s mean JCT over the best peer's, its p99 over the lowest
+    peer p99 and, past the cliff, its excess JCT (mean - idle) over the best peer's. The goal
+    applies where the baseline's mean slowdown is at least `loaded`: mean <= the best peer's,
+    p99 <= the lowest peer p99, and past the cliff (slowdown > `cliff`) excess <=
+    `excess_target` x the best peer's. Each line says plainly which part is not met."""
+    lines = []
+    show_sigma = _shows_sigma(rows)
+    for qps, sigma in dict.fromkeys((r["qps"], _sigma(r)) for r in rows):
+        group = {r["policy"]: r for r in rows if r["qps"] == qps and _sigma(r) == sigma}
+        peers = [r for p, r in group.items() if p != policy and not p.startswith(policy)]
+        if policy not in group or not peers:
+            continue
+        mine = group[policy]
+        label = ("trace" if qps is None else f"QPS {qps:g}") + (
+            f" sigma {sigma:g}" if show_sigma else "")
+        best = min(peers, key=lambda r: r["mean_jct_s"])
+        low99 = min(peers, key=lambda r: r["p99_jct_s"])
+        mean_ratio = mine["mean_jct_s"] / best["mean_jct_s"]
+        p99_ratio = mine["p99_jct_s"] / low99["p99_jct_s"]
+        parts = [f"mean x{mean_ratio:.3f} of best peer ({best['policy']} "
+                 f"{best['mean_jct_s']:.1f} s)",
+                 f"p99 x{p99_ratio:.3f} of lowest peer p99 ({low99['policy']} "
+                 f"{low99['p99_jct_s']:.1f} s)"]
+        base = group.get(baseline)
+        slowdown = base["mean_slowdown"] if base else float("nan")
+        missed = []
+        past_cliff = slowdown > cliff
+        if past_cliff:
+            excess = mine["mean_jct_s"] - mine["mean_idle_jct_s"]
+            best_excess = min(r["mean_jct_s"] - r["mean_idle_jct_s"] for r in peers)
+            excess_ratio = excess / best_excess if best_excess > 0 else float("inf")
+            parts.append(f"excess x{excess_ratio:.3f} of best peer's (target <= "
+                         f"{excess_target:g})")
+            if not excess_ratio <= excess_target:
+                missed.append("excess")
+        where = (f"{baseline} slowdown {slowdown:.2f}"
+                 + (" (past the cliff)" if past_cliff else ""))
+        if not slowdown >= loaded:
+            verdict = f"light load (goal applies from slowdown {loaded:g})"
+        else:
+            if mean_ratio > 1:
+                missed.insert(0, "mean")
+            if p99_ratio > 1:
+                missed.insert(1 if "mean" in missed else 0, "p99")
+            verdict = ("goal met" if not missed
+                       else "goal NOT met: " + ", ".join(missed))
+        lines.append(f"{label}: {where} -> {policy} " + "; ".join(parts) + f": {verdict}")
+    return lines
+
+
 def markdown_summary(rows: list[dict], baseline: str = "vllm-fcfs") -> str:
     """Mean JCT per policy and QPS as a Markdown table, with each policy's ratio to the
     baseline and the baseline's mean slowdown (to see where it is overloaded)."""

@@ -62,6 +62,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         aggregate,
         format_degradation,
         format_tables,
+        goal_check,
         plot,
         replica_check,
         write_json,
@@ -103,6 +104,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if check:
         print("\nastraea against vllm-fcfs and the peers (the paper-replica criteria):")
         print("\n".join("  " + line for line in check))
+    goal = goal_check(rows)
+    if goal:
+        print("\nastraea against the best peer, per load (the tail goal):")
+        print("\n".join("  " + line for line in goal))
     print(f"\n{len(runs)} simulations in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if args.out:
         write_json(args.out, spec.to_dict(), rows, runs)
@@ -117,6 +122,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from astraea.tools.bench.report import (
         format_degradation,
         format_tables,
+        goal_check,
         markdown_summary,
         replica_check,
     )
@@ -134,6 +140,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if degradation and not args.markdown:
         print(degradation)
     print("\n".join(replica_check(rows)))
+    if not args.markdown:
+        print("\n".join(goal_check(rows)))
     return 0
 
 
