@@ -156,21 +156,25 @@ def _recipe_hash(params: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def build_tiny_model(cache_dir: str | os.PathLike | None = None, size: str = "tiny") -> Path:
-    """The folder of the model of `size` (see SIZES), built on the first call for this recipe
-    and cache."""
+def _cached(size: str, cache_dir) -> tuple[dict, Path]:
+    """(the recipe's parameters, the model's folder in the cache)."""
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}: one of {', '.join(SIZES)}")
     params = SIZES[size]
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    out = root / f"{size}-llama-{_recipe_hash(params)}"
+    return params, root / f"{size}-llama-{_recipe_hash(params)}"
+
+
+def _build_once(out: Path, build, params: dict) -> Path:
+    """`out`, built by `build(folder, params)` in a temp folder renamed into place, so a
+    reader never sees half of it; a concurrent builder that wins the race is fine."""
     if (out / ".complete").exists():
         return out
-    tmp = root / f".tmp-{out.name}-{os.getpid()}"
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _build(tmp, params)
+        build(tmp, params)
         (tmp / ".complete").write_text("ok\n")
         tmp.rename(out)  # atomic on one file system
     except OSError:
@@ -181,34 +185,22 @@ def build_tiny_model(cache_dir: str | os.PathLike | None = None, size: str = "ti
     return out
 
 
+def build_tiny_model(cache_dir: str | os.PathLike | None = None, size: str = "tiny") -> Path:
+    """The folder of the model of `size` (see SIZES), built on the first call for this recipe
+    and cache."""
+    params, out = _cached(size, cache_dir)
+    return _build_once(out, _build, params)
+
+
 def build_tiny_tokenizer(cache_dir: str | os.PathLike | None = None,
                          size: str = "tiny") -> Path:
     """The folder of the tokenizer of the model of `size` alone (files identical to the
     model's), for a gateway in front of simulated workers: built without torch, in seconds.
     The full model's folder is returned instead when it is already built."""
-    if size not in SIZES:
-        raise ValueError(f"unknown model size {size!r}: one of {', '.join(SIZES)}")
-    params = SIZES[size]
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    name = f"{size}-llama-{_recipe_hash(params)}"
-    if (root / name / ".complete").exists():
-        return root / name
-    out = root / f"{name}-tokenizer"
-    if (out / ".complete").exists():
-        return out
-    tmp = root / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _build_tokenizer(tmp, params)
-        (tmp / ".complete").write_text("ok\n")
-        tmp.rename(out)
-    except OSError:
-        if not (out / ".complete").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    params, model = _cached(size, cache_dir)
+    if (model / ".complete").exists():
+        return model
+    return _build_once(model.with_name(model.name + "-tokenizer"), _build_tokenizer, params)
 
 
 def resolve_tokenizer(name_or_folder: str | None) -> str:
