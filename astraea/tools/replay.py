@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -157,51 +157,65 @@ async def replay(jobs: list[JobTrace], address: str, profile: HardwareProfile,
     a real model may emit EOS: with `stop_ends_job` such a job ends there (its remaining tool
     calls and segments skipped; `ReplayResult.stopped_early` lists it), otherwise it fails."""
     prompt_ids = prompt_ids or _placeholder_ids
+    tracer = tracer or trace.get_tracer("astraea.replay")
+    async with AsyncAgentClient(address) as client:
+        async def run(job: JobTrace) -> bool:
+            try:
+                return await _run_job(client, job, time_scale, tracer, prompt_ids,
+                                      stop_ends_job)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    await client.cancel_job(job.job_id, "replay error")
+                raise
+
+        return await drive(jobs, profile, run, time_scale, concurrency, log)
+
+
+# One job's run: whether the model ended it early; an exception fails the job (its message
+# is reported), not the replay.
+JobRunner = Callable[[JobTrace], Awaitable[bool]]
+
+
+async def drive(jobs: list[JobTrace], profile: HardwareProfile, run: JobRunner,
+                time_scale: float = 1.0, concurrency: int | None = None,
+                log=None) -> ReplayResult:
+    """Start each job at its arrival (relative to the first, times `time_scale`) with `run`,
+    at most `concurrency` at once, and time it: the replay loop of every client path (gRPC
+    here, the OpenAI API in replay_http.py)."""
     if any(j.arrival_s is None for j in jobs):
         raise ValueError("every job needs an arrival time (give --qps for traces without)")
     if not time_scale > 0:
         raise ValueError(f"--time-scale must be positive, got {time_scale}")
     log = log if log is not None else sys.stderr
-    tracer = tracer or trace.get_tracer("astraea.replay")
     t0_trace = min(j.arrival_s for j in jobs) if jobs else 0.0
     records = {j.job_id: JobRecord(j.job_id, j.category, j.arrival_s - t0_trace,
                                    idle_jct_s=idle_jct_s(j, profile), api_s=j.api_time_s,
                                    output_tokens=j.output_tokens) for j in jobs}
     errors: dict[str, str] = {}
     stopped_early: list[str] = []
-    sem = asyncio.Semaphore(concurrency) if concurrency else None
+    sem = asyncio.Semaphore(concurrency) if concurrency else contextlib.nullcontext()
     done = 0
+    start = time.monotonic()
 
-    async with AsyncAgentClient(address) as client:
-        start = time.monotonic()
+    async def one(job: JobTrace) -> None:
+        nonlocal done
+        rec = records[job.job_id]
+        await asyncio.sleep(max(0.0, start + rec.arrival_s * time_scale - time.monotonic()))
+        try:
+            async with sem:
+                ended = await run(job)
+        except Exception as e:  # noqa: BLE001 — one failed job is reported, not fatal
+            errors[job.job_id] = str(e) or type(e).__name__
+            return
+        rec.finish_s = (time.monotonic() - start) / time_scale
+        if ended:
+            stopped_early.append(job.job_id)
+        done += 1
+        if done % 100 == 0:
+            print(f"  replay: {done}/{len(jobs)} jobs done", file=log, flush=True)
 
-        async def one(job: JobTrace) -> None:
-            nonlocal done
-            rec = records[job.job_id]
-            due = start + rec.arrival_s * time_scale
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            try:
-                if sem is not None:
-                    async with sem:
-                        ended = await _run_job(client, job, time_scale, tracer, prompt_ids,
-                                               stop_ends_job)
-                else:
-                    ended = await _run_job(client, job, time_scale, tracer, prompt_ids,
-                                           stop_ends_job)
-            except Exception as e:  # noqa: BLE001 — one failed job is reported, not fatal
-                errors[job.job_id] = str(e)
-                with contextlib.suppress(Exception):
-                    await client.cancel_job(job.job_id, "replay error")
-                return
-            rec.finish_s = (time.monotonic() - start) / time_scale
-            if ended:
-                stopped_early.append(job.job_id)
-            done += 1
-            if done % 100 == 0:
-                print(f"  replay: {done}/{len(jobs)} jobs done", file=log, flush=True)
-
-        await asyncio.gather(*(one(j) for j in jobs))
-        wall = time.monotonic() - start
+    await asyncio.gather(*(one(j) for j in jobs))
+    wall = time.monotonic() - start
     finished = [r.finish_s for r in records.values() if r.finish_s == r.finish_s]
     return ReplayResult(list(records.values()), max(finished, default=0.0), wall, errors,
                         sorted(stopped_early))

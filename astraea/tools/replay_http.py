@@ -19,14 +19,11 @@ replay measures it: from the job's scheduled arrival to its last response, in vi
 from __future__ import annotations
 
 import asyncio
-import sys
-import time
 import uuid
 from dataclasses import dataclass
 
 from astraea.profile import HardwareProfile
-from astraea.tools.replay import ReplayResult
-from astraea.tools.sim.metrics import JobRecord, idle_jct_s
+from astraea.tools.replay import ReplayResult, drive
 from astraea.workloads.trace import JobTrace
 
 SESSION_HEADER = "X-Session-ID"
@@ -108,48 +105,20 @@ async def replay_http(jobs: list[JobTrace], target: HttpTarget, tokenizer: str,
     import httpx
     import openai
 
-    if any(j.arrival_s is None for j in jobs):
-        raise ValueError("every job needs an arrival time (give --qps for traces without)")
-    if not time_scale > 0:
-        raise ValueError(f"--time-scale must be positive, got {time_scale}")
-    log = log if log is not None else sys.stderr
     text = PromptText(tokenizer)
-    t0 = min(j.arrival_s for j in jobs) if jobs else 0.0
-    records = {j.job_id: JobRecord(j.job_id, j.category, j.arrival_s - t0,
-                                   idle_jct_s=idle_jct_s(j, profile), api_s=j.api_time_s,
-                                   output_tokens=j.output_tokens) for j in jobs}
-    errors: dict[str, str] = {}
-    sem = asyncio.Semaphore(concurrency) if concurrency else None
-    done = 0
     # One connection per job in flight: the SDK's default pool keeps only 100 alive.
-    limits = httpx.Limits(max_connections=max(len(jobs), 1), max_keepalive_connections=
-                          max(len(jobs), 1))
+    limits = httpx.Limits(max_connections=max(len(jobs), 1),
+                          max_keepalive_connections=max(len(jobs), 1))
     http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None, connect=10.0))
     # The SDK's own retries (2, on connection errors, 429 and 5xx), as agents run it: a
     # keep-alive connection the server closed during a long tool wait is retried, not fatal.
     async with openai.AsyncOpenAI(base_url=target.base_url, api_key=target.api_key,
                                   http_client=http) as client:
-        start = time.monotonic()
-
-        async def one(job: JobTrace) -> None:
-            nonlocal done
-            rec = records[job.job_id]
-            await asyncio.sleep(max(0.0, start + rec.arrival_s * time_scale - time.monotonic()))
+        async def run(job: JobTrace) -> bool:
             try:
-                if sem is not None:
-                    async with sem:
-                        await _run_job(client, target, job, text, time_scale)
-                else:
-                    await _run_job(client, target, job, text, time_scale)
-            except Exception as e:  # noqa: BLE001 — one failed job is reported, not fatal
-                errors[job.job_id] = f"{type(e).__name__}: {e}"
-                return
-            rec.finish_s = (time.monotonic() - start) / time_scale
-            done += 1
-            if done % 100 == 0:
-                print(f"  replay: {done}/{len(jobs)} jobs done", file=log, flush=True)
+                await _run_job(client, target, job, text, time_scale)
+            except Exception as e:
+                raise RuntimeError(f"{type(e).__name__}: {e}") from e
+            return False
 
-        await asyncio.gather(*(one(j) for j in jobs))
-        wall = time.monotonic() - start
-    finished = [r.finish_s for r in records.values() if r.finish_s == r.finish_s]
-    return ReplayResult(list(records.values()), max(finished, default=0.0), wall, errors)
+        return await drive(jobs, profile, run, time_scale, concurrency, log)
