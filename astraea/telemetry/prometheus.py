@@ -233,7 +233,12 @@ def _failed_code(context, exc: BaseException) -> str:
     code = context.code()
     if code is not None and code != grpc.StatusCode.OK:
         return _code_name(code)
-    return "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "UNKNOWN"
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return "CANCELLED"
+    # A thread-pool server's streaming handler may raise when its client went away (the
+    # health service's Watch does): that is the client's cancellation, not a crash.
+    gone = context.cancelled() if hasattr(context, "cancelled") else not context.is_active()
+    return "CANCELLED" if gone else "UNKNOWN"
 
 
 class AioRpcInterceptor(grpc.aio.ServerInterceptor):
