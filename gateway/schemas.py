@@ -131,7 +131,28 @@ class AstraeaHints(_Strict):
     expected_tool_s: Annotated[float, Field(ge=0, le=86400, allow_inf_nan=False)] | None = None
 
 
-class ChatRequest(_Strict):
+class NeutralPenalties(_Strict):
+    """Sampling penalties both completion APIs accept only at their neutral value."""
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, v):
+        if v not in (None, 0, 0.0):
+            raise ValueError("penalties are not supported: send 0 or leave it out")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, v):
+        if v:
+            raise ValueError("logit_bias is not supported")
+        return v
+
+
+class ChatRequest(NeutralPenalties):
     model: str
     messages: Annotated[list[Message], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -150,10 +171,7 @@ class ChatRequest(_Strict):
     nvext: NvExt | None = None
     astraea: AstraeaHints | None = None
     # Accepted, and only at their neutral value.
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
     logprobs: bool | None = None
-    logit_bias: dict[str, float] | None = None
     # Accepted and ignored: they change nothing a client can observe here.
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -168,25 +186,11 @@ class ChatRequest(_Strict):
             raise ValueError("only n=1 is supported: each request is one segment of a session")
         return v
 
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, v):
-        if v not in (None, 0, 0.0):
-            raise ValueError("penalties are not supported: send 0 or leave it out")
-        return v
-
     @field_validator("logprobs")
     @classmethod
     def _no_logprobs(cls, v):
         if v:
             raise ValueError("logprobs are not supported")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not supported")
         return v
 
     @model_validator(mode="after")

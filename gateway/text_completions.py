@@ -23,13 +23,13 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, ClassVar
 
 import grpc
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from astraea.client import AstraeaError
 from astraea.telemetry import get_logger
 from gateway import errors
 from gateway.completions import HUMAN, Chats, Turn, session_id_of
-from gateway.schemas import NvExt, StreamOptions, validation_error
+from gateway.schemas import NeutralPenalties, NvExt, StreamOptions, validation_error
 from gateway.sessions import Session
 
 log = get_logger("astraea.gateway")
@@ -38,9 +38,7 @@ JOB_CATEGORY = "completion"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class CompletionRequest(NeutralPenalties):
     model: str
     prompt: str | Annotated[list[str], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = DEFAULT_MAX_TOKENS
@@ -58,9 +56,6 @@ class CompletionRequest(BaseModel):
     best_of: int | None = None
     logprobs: int | None = None
     suffix: str | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
     # Accepted and ignored.
     user: str | None = None
 
@@ -102,20 +97,6 @@ class CompletionRequest(BaseModel):
     def _no_suffix(cls, v):
         if v:
             raise ValueError("suffix is not supported")
-        return v
-
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, v):
-        if v not in (None, 0, 0.0):
-            raise ValueError("penalties are not supported: send 0 or leave it out")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not supported")
         return v
 
     def text(self) -> str:
