@@ -1,4 +1,4 @@
-"""Every bound the predictor puts on its callers, in one place (the README's "Limits" table).
+"""Every bound the predictor puts on its callers, in one place (docs/operations.md's "Limits" table).
 
 Requests are untrusted: a value beyond a bound is refused with INVALID_ARGUMENT naming the
 field; the burst clip (`BurstClip`) bounds how far valid-looking observations can move one

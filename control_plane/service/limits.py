@@ -2,7 +2,7 @@
 
 `Limits` is the base of `ServiceConfig`: `ServiceConfig(max_unfinished_jobs=100)` sets one,
 and `astraea-control-plane` exposes those an operator tunes as flags (see `add_arguments`).
-The defaults are safe for one host; the README's "Limits" table lists them.
+The defaults are safe for one host; docs/operations.md's "Limits" table lists them.
 
 How a limit answers when crossed:
 * a string or list too long: INVALID_ARGUMENT naming the field and the limit;
