@@ -266,16 +266,8 @@ class Chats:
         s.last_used = time.monotonic()
         try:
             suffix = self._continuation(s, messages, tools, keys, prompt_text)
-            if suffix is not None and s.tool_started:
-                s.tool_started = False
-                try:
-                    await self.client.report_tool_end(s.job_id)
-                except AstraeaError as e:
-                    if e.code is not grpc.StatusCode.NOT_FOUND:
-                        raise
-                    # The control plane lost the job (restarted): start over, whole prompt.
-                    self.sessions.forget_turn(s)
-                    suffix = None
+            if suffix is not None and not await self.end_tool_wait(s):
+                suffix = None
             if suffix is not None:
                 ids = self.tokenizer.encode(suffix)
                 prompt_tokens = s.context_tokens + len(ids)
@@ -300,6 +292,22 @@ class Chats:
         if req.astraea is not None and req.astraea.next_tool_category:
             turn.next_tool_category = req.astraea.next_tool_category
         return turn
+
+    async def end_tool_wait(self, s: Session) -> bool:
+        """A request continuing the session ends the API wait its last reply began
+        (ReportToolCall END). False when the control plane no longer knows the job (it
+        restarted): the session then starts over with the whole prompt."""
+        if not s.tool_started:
+            return True
+        s.tool_started = False
+        try:
+            await self.client.report_tool_end(s.job_id)
+        except AstraeaError as e:
+            if e.code is not grpc.StatusCode.NOT_FOUND:
+                raise
+            self.sessions.forget_turn(s)
+            return False
+        return True
 
     def _continuation(self, s: Session, messages: list[dict], tools, keys: list[str],
                       prompt_text: str) -> str | None:

@@ -22,7 +22,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, ClassVar
 
-import grpc
 from pydantic import Field, ValidationError, field_validator
 
 from astraea.client import AstraeaError
@@ -166,14 +165,7 @@ class TextCompletions:
         before = s.prompt_text + s.generated_text
         if in_session and s.job_id is not None and before and \
                 not s.context_differs and prompt.startswith(before) and len(prompt) > len(before):
-            if s.tool_started:
-                s.tool_started = False
-                try:
-                    await chats.client.report_tool_end(s.job_id)
-                except AstraeaError as e:
-                    if e.code is not grpc.StatusCode.NOT_FOUND:
-                        raise
-                    chats.sessions.forget_turn(s)  # the job is gone: whole prompt, below
+            await chats.end_tool_wait(s)  # a job gone meanwhile: whole prompt, below
             if s.job_id is not None:
                 ids = chats.tokenizer.encode(prompt[len(before):])
                 return ids, s.context_tokens + len(ids)
