@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import time
 
-import grpc
 import httpx
 import openai
 import pytest
+from gateway_stack import job_lookup, openai_client, sim_gateway_stack
 
-from astraea.tools.stack import Stack, StackConfig, StackError
-from astraea.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from astraea.tools.stack import StackConfig, StackError
+from astraea.v1 import common_pb2
 
 KEY = "sk-test-key"
 MODEL = "astraea"
@@ -22,25 +22,20 @@ HELLO = [{"role": "user", "content": "Say hello."}]
 
 @pytest.fixture(scope="module")
 def stack():
-    cfg = StackConfig(workers=1, time_scale=0.1, control_plane_listen="127.0.0.1:0",
-                      predictor=False, http_listen="127.0.0.1:0", api_keys=[KEY],
-                      served_model=MODEL)
-    with Stack(cfg) as st:
+    with sim_gateway_stack(KEY, MODEL) as st:
         yield st
 
 
 @pytest.fixture(scope="module")
 def client(stack):
-    with openai.OpenAI(base_url=f"{stack.http_address}/v1", api_key=KEY, max_retries=0,
-                       timeout=60) as c:
+    with openai_client(stack, KEY) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def jobs(stack):
-    with grpc.insecure_channel(stack.control_plane_address) as ch:
-        stub = agent_pb2_grpc.AgentServiceStub(ch)
-        yield lambda job_id: stub.GetJob(agent_pb2.GetJobRequest(job_id=job_id), timeout=5)
+    with job_lookup(stack) as get:
+        yield get
 
 
 def _create(client, **kw):
