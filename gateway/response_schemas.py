@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from gateway.errors import bad_request
-from gateway.schemas import validation_error
+from gateway.schemas import check_tool_choice, validation_error
 
 
 class _Strict(BaseModel):
@@ -164,11 +164,8 @@ class ResponsesRequest(_Strict):
         choice = self.tool_choice
         if choice is None or choice in ("none", "auto"):
             return self
-        names = [t.name for t in self.tools or []]
-        if not names:
-            raise ValueError("tool_choice: 'required' or a named function needs tools")
-        if isinstance(choice, NamedFunction) and choice.name not in names:
-            raise ValueError(f"tool_choice: no tool named {choice.name!r} in tools")
+        check_tool_choice([t.name for t in self.tools or []],
+                          choice.name if isinstance(choice, NamedFunction) else None)
         return self
 
     def items(self) -> list:

@@ -131,6 +131,15 @@ class AstraeaHints(_Strict):
     expected_tool_s: Annotated[float, Field(ge=0, le=86400, allow_inf_nan=False)] | None = None
 
 
+def check_tool_choice(tool_names: list[str], named: str | None) -> None:
+    """A tool_choice that forces a call ('required', or `named`) needs tools, and the named
+    one among them; raises the ValueError pydantic reports as a 400 on tool_choice."""
+    if not tool_names:
+        raise ValueError("tool_choice: 'required' or a named function needs tools")
+    if named is not None and named not in tool_names:
+        raise ValueError(f"tool_choice: no tool named {named!r} in tools")
+
+
 class NeutralPenalties(_Strict):
     """Sampling penalties both completion APIs accept only at their neutral value."""
     frequency_penalty: float | None = None
@@ -198,11 +207,8 @@ class ChatRequest(NeutralPenalties):
         choice = self.tool_choice
         if choice is None or choice in ("none", "auto"):
             return self
-        names = [t.function.name for t in self.tools or []]
-        if not names:
-            raise ValueError("tool_choice: 'required' or a named function needs tools")
-        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise ValueError(f"tool_choice: no tool named {choice.function.name!r} in tools")
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        check_tool_choice([t.function.name for t in self.tools or []], named)
         if self.response_format is not None and self.response_format.type != "text":
             raise ValueError("tool_choice: a forced tool call and response_format cannot be "
                              "combined (both constrain the output)")
