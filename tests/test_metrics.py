@@ -117,7 +117,8 @@ def test_every_service_serves_its_metrics_while_a_job_runs_through(tiny_folder):
         # The worker registered: its Connect stream is open, its gauges report.
         wait_scrape(m["worker"], lambda f: "vllm:num_requests_running" in f)
         wait_scrape(m["cp"], lambda f: value(f, "astraea_kv_utilization") >= 0
-                    and any(s.labels.get("worker_id") for s in f["astraea_kv_utilization"]))
+                    and any(s.labels.get("worker_id")
+                            for s in f.get("astraea_kv_utilization", [])))
         wait_scrape(m["gateway"], lambda f: "astraea_http_requests" in f)
         with openai.OpenAI(base_url=f"http://127.0.0.1:{gw_port}/v1", api_key="none",
                            max_retries=3, timeout=60) as client:
