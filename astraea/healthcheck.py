@@ -1,6 +1,7 @@
 """A container health probe: exit 0 iff a gRPC health service answers SERVING.
 
     python -m astraea.healthcheck HOST:PORT [--service NAME] [--timeout S] [--tls-ca FILE]
+                                  [--tls-cert FILE --tls-key FILE]
 
 It asks the standard health service (grpc.health.v1, which the control plane and the predictor
 serve) about NAME, by default "" (the whole server). Docker and docker compose read the exit
@@ -21,14 +22,23 @@ EXIT_HEALTHY, EXIT_UNHEALTHY = 0, 1
 DEFAULT_TIMEOUT_S = 2.0
 
 
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def check(address: str, service: str = "", timeout_s: float = DEFAULT_TIMEOUT_S,
-          tls_ca: str | None = None) -> tuple[bool, str]:
+          tls_ca: str | None = None, tls_cert: str | None = None,
+          tls_key: str | None = None) -> tuple[bool, str]:
     """Ask `address` whether `service` is SERVING (over TLS verified against `tls_ca`, if
-    given; the health service needs no key). Returns (serving, what was found)."""
+    given, presenting `tls_cert` to a server that wants mutual TLS; the health service needs
+    no key). Returns (serving, what was found)."""
     what = f"{address} service {service!r}" if service else address
     if tls_ca:
-        with open(tls_ca, "rb") as f:
-            channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(f.read()))
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(
+            _read(tls_ca), private_key=_read(tls_key), certificate_chain=_read(tls_cert)))
     else:
         channel = grpc.insecure_channel(address)
     with channel:
@@ -52,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "own timeout, so a slow answer reads as unhealthy, not as killed")
     parser.add_argument("--tls-ca", default=None, metavar="FILE",
                         help="the server speaks TLS: verify it against this PEM CA")
+    parser.add_argument("--tls-cert", default=None, metavar="FILE",
+                        help="with --tls-ca: a client certificate, for a server that requires "
+                             "one (--tls-client-auth); the service's own certificate will do")
+    parser.add_argument("--tls-key", default=None, metavar="FILE", help="its PEM private key")
     return parser
 
 
@@ -60,10 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.timeout > 0:
         parser.error("--timeout must be positive")
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_cert and not args.tls_ca):
+        parser.error("--tls-cert and --tls-key go together, and with --tls-ca")
     try:
-        serving, found = check(args.address, args.service, args.timeout, args.tls_ca)
+        serving, found = check(args.address, args.service, args.timeout, args.tls_ca,
+                               args.tls_cert, args.tls_key)
     except OSError as e:
-        serving, found = False, f"cannot read --tls-ca {args.tls_ca}: {e.strerror}"
+        serving, found = False, f"cannot read {e.filename}: {e.strerror}"
     if serving:
         print(found)
         return EXIT_HEALTHY

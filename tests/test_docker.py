@@ -336,6 +336,12 @@ def test_health_check_probes_the_port_the_service_serves(name) -> None:
     # The probe gives up before Docker kills it, so a slow answer reads "unhealthy: …".
     assert probe.timeout < duration_s(check["timeout"])
     assert check["retries"] >= 1
+    # The port speaks TLS: the probe trusts the service's CA and, where the service requires
+    # a client certificate, presents the service's own (tests/test_docker_secrets.py runs it).
+    args = parse(svc)
+    assert args.tls_cert and probe.tls_ca == args.tls_ca
+    if args.tls_client_auth:
+        assert (probe.tls_cert, probe.tls_key) == (args.tls_cert, args.tls_key)
 
 
 def _gateway_probe() -> tuple[list[str], str, float]:
@@ -392,9 +398,9 @@ def test_gateway_keys_come_from_a_secret_file_never_the_image_or_environment() -
     args = parse(gw)
     assert args.api_key == [], "keys on the command line show in `docker inspect` and ps"
     assert args.api_key_file, "listening on 0.0.0.0 the gateway refuses to start without a key"
-    (secret,) = gw["secrets"]
-    assert args.api_key_file == f"/run/secrets/{secret['source']}"
-    source = Path(rendered_file["secrets"][secret["source"]]["file"])
+    mounted = {m["target"]: m["source"] for m in gw["secrets"]}
+    assert args.api_key_file in mounted, f"{args.api_key_file} is not a secret the gateway mounts"
+    source = Path(rendered_file["secrets"][mounted[args.api_key_file]]["file"])
     rel = source.relative_to(ROOT).as_posix()
     assert not in_context(rel), f"{rel} would reach the image build"
     ignored = subprocess.run(["git", "check-ignore", "-q", rel], cwd=ROOT)

@@ -9,6 +9,7 @@ exactly the intended connections through."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from test_docker import (
     telemetry_variables_read,
 )
 
+from astraea import healthcheck
 from astraea.profile import load_profile
 from astraea.telemetry import TelemetryConfig
 
@@ -137,25 +139,128 @@ def test_gpu_overlay_builds_on_the_base() -> None:
     assert "../../base" in kustomization(GPU)["resources"]
 
 
-def test_gateway_keys_are_a_generated_secret_from_a_file_kept_out_of_git() -> None:
-    (gen,) = kustomization(BASE)["secretGenerator"]
-    (entry,) = gen["files"]
-    key, _, path = entry.partition("=")
-    rel = (BASE / path).relative_to(ROOT).as_posix()
-    ignored = subprocess.run(["git", "check-ignore", "-q", rel], cwd=ROOT)
-    assert ignored.returncode == 0, f"{rel} holds API keys and is not ignored by git"
+SECRETS_DIR = "/etc/astraea/secrets/"
+
+
+def generated() -> dict[str, dict[str, str]]:
+    """Secret name -> {key: file, relative to base/}, from the base's secretGenerator."""
+    return {g["name"]: dict(f.split("=", 1) for f in g["files"])
+            for g in kustomization(BASE)["secretGenerator"]}
+
+
+def mounted_secrets(dep: dict, container: dict) -> dict[str, tuple[str, str]]:
+    """Path in the container -> (Secret name, key), for every Secret item it mounts."""
+    volumes = {v["name"]: v for v in pod_spec(dep)["volumes"]}
+    out = {}
+    for m in container.get("volumeMounts", []):
+        v = volumes[m["name"]]
+        sources = [src["secret"] for src in v.get("projected", {}).get("sources", [])
+                   if "secret" in src]
+        if "secret" in v:
+            sources.append({"name": v["secret"]["secretName"], **v["secret"]})
+        for src in sources:
+            assert m.get("readOnly") is True, f"{m['name']}: mount Secrets read-only"
+            assert src.get("items"), f"{src['name']}: name the keys mounted (items)"
+            for item in src["items"]:
+                out[f"{m['mountPath'].rstrip('/')}/{item['path']}"] = (src["name"], item["key"])
+    return out
+
+
+def probe_commands(container: dict) -> list[list[str]]:
+    return [container[k]["exec"]["command"] for k in ("readinessProbe", "livenessProbe")
+            if "exec" in container.get(k, {})]
+
+
+def test_credentials_are_generated_secrets_from_files_kept_out_of_git() -> None:
+    for name, files in generated().items():
+        for path in files.values():
+            rel = (BASE / path).relative_to(ROOT).as_posix()
+            ignored = subprocess.run(["git", "check-ignore", "-q", rel], cwd=ROOT)
+            assert ignored.returncode == 0, f"{rel} ({name}) is not ignored by git"
     # No Secret with data is committed.
     assert not objects(stack(gpu=True), "Secret")
+    for name, c, _args in astraea_containers(stack(gpu=True)):
+        assert not any(re.search("KEY|TOKEN|SECRET|PASSWORD", e["name"].upper())
+                       for e in c.get("env", [])), name
     gw = objects(stack(), "Deployment")["gateway"]
-    (c,) = pod_spec(gw)["containers"]
-    args = parse({"command": c["command"]})
-    assert args.api_key == [], "keys on the command line show in the pod spec"
-    assert not any("KEY" in e["name"].upper() for e in c.get("env", []))
-    key_dir, key_file = os.path.split(args.api_key_file)
-    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == key_dir]
-    (volume,) = [v for v in pod_spec(gw)["volumes"] if v["name"] == mount["name"]]
-    assert volume["secret"]["secretName"] == gen["name"]
-    assert {"key": key, "path": key_file} in volume["secret"]["items"]
+    assert parse({"command": pod_spec(gw)["containers"][0]["command"]}).api_key == [], \
+        "keys on the command line show in the pod spec"
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["base", "gpu"])
+def test_every_secret_file_a_flag_or_probe_names_is_a_generated_key_mounted_there(gpu) -> None:
+    gen = generated()
+    for name, dep in objects(stack(gpu), "Deployment").items():
+        for c in pod_spec(dep)["containers"]:
+            files = mounted_secrets(dep, c)
+            for secret, key in files.values():
+                assert key in gen.get(secret, {}), f"{name}: {secret}/{key} is not generated"
+            named = [a for argv in (c.get("command", []), *probe_commands(c)) for a in argv
+                     if a.startswith(SECRETS_DIR)]
+            missing = set(named) - set(files)
+            assert not missing, f"{name} reads {sorted(missing)}, which it does not mount"
+            unused = set(files) - set(c.get("command", []))
+            assert not unused, f"{name} mounts {sorted(unused)} and no flag reads it"
+
+
+def _credentials(args) -> dict:
+    """The security flags of a parsed command, secret files by their file name."""
+    return {k: os.path.basename(v) if isinstance(v, str) else v for k, v in vars(args).items()
+            if "tls" in k or k.endswith(("key_file", "token_file")) or k == "api_key"}
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["base", "gpu"])
+def test_credentials_are_wired_as_in_compose_from_the_same_files(gpu) -> None:
+    from test_docker import rendered
+
+    compose = rendered()
+    compose_files = {n: os.path.basename(s["file"]) for n, s in compose["secrets"].items()}
+    gen = generated()
+    seen = set()
+    for name, dep in objects(stack(gpu), "Deployment").items():
+        if name not in compose["services"]:
+            continue
+        (c,) = pod_spec(dep)["containers"]
+        if not c["image"].startswith("astraea:"):
+            continue
+        seen.add(name)
+        k8s_args = parse({"command": c["command"]})
+        assert _credentials(k8s_args) == _credentials(parse(compose["services"][name])), name
+        # The file behind each is the one compose mounts (one `astraea certs` layout for both).
+        for path, (secret, key) in mounted_secrets(dep, c).items():
+            assert os.path.basename(gen[secret][key]) == compose_files[os.path.basename(path)], \
+                (name, path)
+    assert seen >= {"predictor", "control-plane", "worker", "gateway"}
+
+
+def test_the_documented_command_writes_every_file_the_secrets_are_made_from(tmp_path) -> None:
+    import contextlib
+
+    from cryptography import x509
+
+    from astraea.tools.cli.main import main
+
+    (line,) = re.findall(r"^astraea certs docker/k8s/base/secrets\b[^\n]*$",
+                         (K8S / "README.md").read_text(), re.M)
+    argv = [str(tmp_path) if a == "docker/k8s/base/secrets" else a for a in line.split()[1:]]
+    with contextlib.redirect_stdout(open(os.devnull, "w")):
+        assert main(argv) == 0
+    for name, files in generated().items():
+        for path in files.values():
+            assert (tmp_path / os.path.basename(path)).is_file(), f"{name}: {path} not written"
+    # The server certificates name every Service a container dials, and the probes' 127.0.0.1.
+    dialled = {"127.0.0.1"}
+    for _name, _c, args in astraea_containers(stack(gpu=True)):
+        for flag in ("predictor", "control_plane"):
+            if getattr(args, flag, None):
+                dialled.add(host_port(getattr(args, flag))[0])
+    for secret in ("control-plane-tls", "predictor-tls"):
+        pem = (tmp_path / os.path.basename(generated()[secret]["tls.crt"])).read_bytes()
+        sans = x509.load_pem_x509_certificate(pem).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value
+        names = set(sans.get_values_for_type(x509.DNSName)) | {
+            str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+        assert dialled <= names, secret
 
 
 # --- commands, ports, probes, variables --------------------------------------------------------
@@ -203,6 +308,17 @@ def test_probes_ask_the_port_and_path_served() -> None:
             port = host_port(args.listen)[1]
             if "grpc" in probe:  # the standard gRPC health service the server runs
                 assert probe["grpc"]["port"] == port, name
+                assert not getattr(args, "tls_cert", None), f"{name}: the kubelet's gRPC " \
+                                                            "probe speaks no TLS"
+            elif "exec" in probe:  # the same health service, asked over (mutual) TLS
+                cmd = probe["exec"]["command"]
+                assert cmd[:3] == ["python", "-m", "astraea.healthcheck"], name
+                p = healthcheck.build_parser().parse_args(cmd[3:])
+                assert host_port(p.address) == ("127.0.0.1", port), name
+                assert p.timeout < probe["timeoutSeconds"], name
+                assert p.tls_ca == args.tls_ca, name
+                if args.tls_client_auth:
+                    assert (p.tls_cert, p.tls_key) == (args.tls_cert, args.tls_key), name
             else:
                 named = {p["name"]: p["containerPort"] for p in c["ports"]}
                 probe_port = probe["httpGet"]["port"]

@@ -4,7 +4,9 @@ client certificate, all signed by that CA, as PEM files in one directory.
 For development and tests only: the CA's private key sits beside the certificates it signs.
 In production, certificates come from the operator's own CA. Keys are ECDSA P-256 (fast to
 make, accepted by every gRPC TLS stack); each key file is readable by its owner only.
-`StackSecurity` adds the keys of a secure `astraea up` and the flags each service gets.
+`StackSecurity` adds the keys of a secure `astraea up` and the flags each service gets;
+`write_deploy_secrets` writes the same files, plus the gateway's API keys, for the compose file
+and the Kubernetes manifests under docker/ (`astraea certs DIR --deploy compose|k8s`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,16 @@ from pathlib import Path
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 VALID_DAYS = 365
+# The names the services dial each other by (the server certificate's SANs) where docker/
+# deploys them: compose service names; Kubernetes Service names, short and qualified in the
+# `astraea` namespace of docker/k8s/base.
+_K8S_SERVICES = ("control-plane", "predictor")
+DEPLOY_HOSTS = {
+    "compose": _K8S_SERVICES,
+    "k8s": tuple(f"{s}{suffix}" for s in _K8S_SERVICES
+                 for suffix in ("", ".astraea", ".astraea.svc", ".astraea.svc.cluster.local")),
+}
+GATEWAY_API_KEYS = "gateway-api-keys"  # the gateway's own HTTP keys (its --api-key-file)
 
 
 @dataclass(frozen=True)
@@ -176,3 +188,29 @@ class StackSecurity:
     def gateway_args(self) -> list[str]:
         return ["--control-plane-tls-ca", str(self.certs.ca), "--control-plane-key-file",
                 str(self.gateway_key_file)]
+
+
+def write_deploy_secrets(directory: str | os.PathLike, deploy: str,
+                         hosts: tuple[str, ...] = ()) -> StackSecurity:
+    """Every file docker/compose.yaml (`deploy` "compose") or docker/k8s/base ("k8s") mounts:
+    the `StackSecurity` files, with the deployment's service names in the server certificate,
+    and the gateway's API keys. Existing files are replaced.
+
+    For compose the directory is made owner-only and the files a container mounts readable
+    by all: compose bind-mounts a secret file with its host owner and mode (it cannot change
+    them outside swarm), and the containers run as their own user (10001). kustomize reads the
+    files as the user who runs it, so for k8s the private ones stay owner-only."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    if deploy == "compose":
+        out.chmod(0o700)  # before a key is written: nobody else reaches the files
+    sec = StackSecurity.create(out, [*DEPLOY_HOSTS[deploy], *hosts])
+    write_key_file(out / GATEWAY_API_KEYS, [new_key()])
+    if deploy == "compose":
+        # Only what a container mounts; the CA's key and the agent clients' key stay private.
+        c = sec.certs
+        for path in (c.ca, c.server_cert, c.server_key, c.client_cert, c.client_key,
+                     sec.api_key_file, sec.gateway_key_file, sec.worker_token_file,
+                     sec.predictor_token_file, out / GATEWAY_API_KEYS):
+            path.chmod(0o644)
+    return sec

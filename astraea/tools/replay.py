@@ -146,7 +146,8 @@ async def replay(jobs: list[JobTrace], address: str, profile: HardwareProfile,
                  time_scale: float = 1.0, concurrency: int | None = None,
                  log=None, tracer: trace.Tracer | None = None,
                  prompt_ids: PromptIds | None = None,
-                 stop_ends_job: bool = False) -> ReplayResult:
+                 stop_ends_job: bool = False,
+                 credentials: dict | None = None) -> ReplayResult:
     """Replay `jobs` (each with an arrival time) against the control plane at `address`.
 
     JCT runs from the job's scheduled arrival to its EndJob answer (so a job held back by
@@ -158,7 +159,7 @@ async def replay(jobs: list[JobTrace], address: str, profile: HardwareProfile,
     calls and segments skipped; `ReplayResult.stopped_early` lists it), otherwise it fails."""
     prompt_ids = prompt_ids or _placeholder_ids
     tracer = tracer or trace.get_tracer("astraea.replay")
-    async with AsyncAgentClient(address) as client:
+    async with AsyncAgentClient(address, **(credentials or {})) as client:
         async def run(job: JobTrace) -> bool:
             try:
                 return await _run_job(client, job, time_scale, tracer, prompt_ids,

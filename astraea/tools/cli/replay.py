@@ -28,7 +28,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     rp.add_argument("--tokenizer", default=None, metavar="PATH",
                     help="with --http: the gateway's tokenizer folder, to build prompts of the "
                          "trace's lengths (default: the tiny model's, as `astraea up --http`)")
-    rp.add_argument("--api-key", default="none", help="with --http: the gateway's API key")
+    rp.add_argument("--api-key", default=None,
+                    help="the API key sent on every call: the control plane's (a stack started "
+                         "by `astraea up` prints it) or, with --http, the gateway's")
+    rp.add_argument("--tls-ca", default=None, metavar="FILE",
+                    help="connect to --control-plane over TLS, trusting this CA (PEM)")
+    rp.add_argument("--tls-cert", default=None, metavar="FILE",
+                    help="with --tls-ca: a client certificate, for a control plane that asks "
+                         "for one (--tls-client-auth)")
+    rp.add_argument("--tls-key", default=None, metavar="FILE", help="its PEM private key")
     rp.set_defaults(func=cmd_replay)
 
     cl = sub.add_parser("compare-live", help="the same jobs through the simulator and the live "
@@ -187,8 +195,12 @@ def _replay_live(args: argparse.Namespace, jobs, profile):
                       f"{args.workers} workers, time scale {args.time_scale:g})", file=sys.stderr)
                 res = await replay(jobs, st.address, profile, args.time_scale, args.concurrency)
                 return res, st.decision_counts
+        credentials = {"api_key": getattr(args, "api_key", None),
+                       "tls_ca": getattr(args, "tls_ca", None),
+                       "tls_cert": getattr(args, "tls_cert", None),
+                       "tls_key": getattr(args, "tls_key", None)}
         return await replay(jobs, args.control_plane, profile, args.time_scale,
-                            args.concurrency), None
+                            args.concurrency, credentials=credentials), None
 
     if not args.stack:
         return asyncio.run(go())
@@ -222,7 +234,7 @@ def _replay_http(args: argparse.Namespace, jobs, profile):
         if args.stack:
             raise ValueError("--http URL drives a running gateway; give --stack --http (no "
                              "URL) to start one")
-        target = HttpTarget(args.http, args.model, args.api_key)
+        target = HttpTarget(args.http, args.model, args.api_key or "none")
         return asyncio.run(replay_http(jobs, target, tokenizer, profile, args.time_scale,
                                        args.concurrency)), None
     if not args.stack:
