@@ -18,11 +18,13 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from astraea.plan import Admit, KvAction, WorkerView
 from astraea.profile import load_profile
 from astraea.tools.sim.simulator import Simulation
 from astraea.workloads.trace import JobTrace, Segment, ToolCall
 from control_plane.core.config import SchedulerConfig
-from control_plane.core.policies import POLICIES
+from control_plane.core.estimates import OnlineJobEstimator
+from control_plane.core.policies import POLICIES, build_scheduler
 
 PROFILE = load_profile("llama3-8b-h100")
 WINDOW = PROFILE.context_window
@@ -117,11 +119,12 @@ def test_skipping_idle_steps_changes_no_result(policy, case):
     assert runs[0] == runs[1]
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("policy", ["infercept", "astraea"])
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("policy", ["vllm-fcfs", "infercept", "astraea", "thunderagent", "mars"])
 def test_skipping_idle_steps_changes_no_result_on_the_mix(policy):
     """The same on the InferCept mix under load, where swaps land in the middle of long
-    decode stretches (a host copy finishing frees blocks: the stretch must stop there)."""
+    decode stretches (a host copy finishing frees blocks: the stretch must stop there), and
+    FCFS heads, ThunderAgent's and MARS's ready jobs wait for memory between their ticks."""
     from astraea.workloads import generate_mix
 
     profile = load_profile("gptj-6b-a100")
@@ -129,3 +132,77 @@ def test_skipping_idle_steps_changes_no_result_on_the_mix(policy):
     runs = [_outcome(Simulation(jobs, profile, policy, skip_idle_steps=skip))
             for skip in (False, True)]
     assert runs[0] == runs[1]
+
+
+def _view(free: int, total: int = 1000, running: int = 1, swapping_out: int = 0,
+          host: int = 10_000) -> dict:
+    return {0: WorkerView(worker_id=0, total_blocks=total, free_blocks=free, block_size=BLOCK,
+                          host_free_blocks=host, running_seqs=running, max_seqs=256,
+                          running_context_tokens=0, step_time_s=0.02, step_index=0,
+                          swapping_out_blocks=swapping_out)}
+
+
+def test_a_blocked_fcfs_head_skips_plans_until_memory_grows_or_an_event_comes():
+    """`may_act` with views: after an empty plan of a static-order discipline, shrinking
+    memory and passing time keep it empty; more memory, another worker state or any event
+    make it plan again."""
+    sched = build_scheduler("vllm-fcfs", PROFILE, OnlineJobEstimator())
+    sched.job_arrived("big", 0.0)
+    sched.segment_submitted("big", 0.0, 600 * BLOCK)  # 600 blocks, 500 free
+    assert sched.may_act(0.0, _view(500))  # no plan yet: nothing is known
+    assert sched.build_plan(0.0, _view(500)) == []
+    assert not sched.may_act(1.0, _view(500)) and not sched.may_act(9.0, _view(300))
+    assert sched.blocked_floor(0) == 0  # nothing to reclaim: any shrinking keeps it blocked
+    assert sched.may_act(1.0, _view(501))  # memory came back: it may fit
+    assert sched.may_act(1.0, _view(400, running=2))
+    assert sched.may_act(1.0, _view(400, swapping_out=5))
+    assert sched.may_act(1.0)  # without views nothing is assumed
+    sched.job_arrived("small", 2.0)  # an event: plan again
+    assert sched.may_act(2.0, _view(500))
+    sched.segment_submitted("small", 2.0, BLOCK)
+    assert len(sched.build_plan(2.0, _view(700))) == 2
+    assert sched.blocked_floor(0) is None  # a plan that acted says nothing about the next
+
+
+def test_a_blocked_plan_with_paused_kv_stays_skipped_only_above_the_reclaim_floor():
+    """A paused job's KV may be reclaimed once the blocked job's shortfall turns positive:
+    the floor is where that happens, and below it the plan is not skipped."""
+    sched = build_scheduler("mars", PROFILE, OnlineJobEstimator())
+    sched.job_arrived("a", 0.0)
+    sched.segment_submitted("a", 0.0, 100 * BLOCK)
+    assert [type(x) for x in sched.build_plan(0.0, _view(1000, running=0, host=0))] == [Admit]
+    # No host room: recomputing costs more than the memory the wait holds, so it is kept.
+    pause = sched.segment_ended("a", 1.0, 8, 100 * BLOCK, True, "t", _view(899, host=0)[0])
+    assert pause.action is KvAction.PRESERVE
+    sched.job_arrived("b", 1.0)
+    sched.segment_submitted("b", 1.0, 950 * BLOCK)
+    reserve = int(WATERMARK * 1000)
+    # "b" does not fit only because 200 blocks are being copied out: no shortfall yet.
+    assert sched.build_plan(1.0, _view(899, swapping_out=200, host=0)) == []
+    floor = sched.blocked_floor(0)
+    assert floor == 950 + reserve - 200
+    assert not sched.may_act(1.5, _view(floor, swapping_out=200, host=0))
+    assert sched.may_act(1.5, _view(floor - 1, swapping_out=200, host=0))
+    # Below the floor the plan does act: the paused KV is reclaimed for "b".
+    assert sched.build_plan(1.5, _view(floor - 1, swapping_out=200, host=0))
+
+
+def test_quiet_decode_steps_stop_before_memory_drops_below_the_floor():
+    """`run_decode_steps(min_free=...)` runs the steps that leave that many blocks free and
+    stops before the one that would take the last of them; without a floor it runs on."""
+    from worker.sim.engine import SimulatedEngine
+
+    def decoding_engine() -> SimulatedEngine:
+        engine = SimulatedEngine(PROFILE, 0, kv_blocks=100)
+        engine.admit("j", 10 * BLOCK - 3, 0, 200, False, 0.0)  # 3 positions left in block 10
+        duration, _ = engine.start_step(0.0)
+        engine.finish_step(duration)
+        return engine
+
+    floored = decoding_engine()
+    free = floored.pool.allocatable
+    t = floored.run_decode_steps(0.0, float("inf"), min_free=free)
+    assert floored.pool.allocatable == free and 0 < floored.step <= BLOCK and t > 0
+    unfloored = decoding_engine()
+    unfloored.run_decode_steps(0.0, float("inf"))
+    assert unfloored.pool.allocatable < free and unfloored.step > floored.step

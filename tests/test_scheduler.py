@@ -260,6 +260,25 @@ def test_a_lost_worker_requeues_its_running_and_kept_jobs_with_their_kv_discarde
     assert [admit_fields(a) for a in actions] == [("run", 1, 0, 325, False)]
 
 
+def test_a_draining_worker_keeps_its_running_segments_and_loses_its_kept_kv(sched):
+    running = running_job(sched, "run", tokens=320)
+    paused = running_job(sched, "paused", tokens=160)
+    sched.segment_ended("paused", 1.0, 8, 160, True, "qa", view())
+    assert paused.kv_state is KvState.RESIDENT
+    assert sched.drop_kept_kv(0, 2.0) == ["paused"]
+    # The running segment goes on there; the paused job's KV no longer counts as kept.
+    assert running.state is JobState.RUNNING and running.worker_id == 0
+    assert paused.state is JobState.API_WAIT and paused.kv_state is KvState.DISCARDED
+    assert not sched.paused[0] and sched.drop_kept_kv(0, 2.0) == []
+    # Back from its tool, it is admitted on another worker and recomputes its context (the
+    # draining worker is not among the views planned with).
+    sched.segment_submitted("paused", 3.0, 20, None)
+    actions = sched.build_plan(3.0, {1: view(worker=1)})
+    assert [admit_fields(a) for a in actions] == [("paused", 1, 20, 168, False)]
+    sched.segment_ended("run", 4.0, 8, 320, False, None, view())
+    assert running.state is JobState.FINISHED
+
+
 # --- admission decisions (what traces record) ------------------------------------------------
 def test_admission_decision_carries_the_hrrn_score_it_won_with(gptj):
     s = build_scheduler("astraea", gptj, OnlineJobEstimator())

@@ -10,8 +10,14 @@ job's tokens ahead of its SegmentEnded/Preempted.
 
 A stream that fails (the control plane died or restarted, dropped this worker as silent, sent
 a message over the size limit) is retried with exponential backoff and jitter, and the worker
-registers again. It exits on the control plane's `Shutdown` (a graceful stop), SIGTERM/SIGINT,
-an engine failure, a registration refused for good, or `reconnect_timeout_s` without one.
+registers again. It exits on the control plane's `Shutdown` (a graceful stop), an engine
+failure, a registration refused for good, or `reconnect_timeout_s` without one.
+
+SIGTERM or SIGINT (a scale-down, a rolling update, `astraea up` stopping) starts a drain: the
+worker sends `Drain`, the control plane places nothing new on it, moves the jobs whose KV waits
+there elsewhere and answers `Shutdown(drain)`; the worker finishes its running segments, then
+exits 0. After `--drain-timeout`, or on a second signal, it stops at once: the control plane
+queues the segments cut short again, on another worker.
 
 A plan action the engine refuses (`BackendError`) is logged and skipped. A refused Admit
 would leave the job "running" in the control plane forever, so the worker frees the job's KV
@@ -32,8 +38,8 @@ import time
 
 import grpc
 from google.protobuf.message import DecodeError
-from opentelemetry import propagate, trace
-from opentelemetry.trace import Span, Status, StatusCode, Tracer
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
 
 from astraea import wire
 from astraea.auth import ClientCredentials, add_client_arguments, client_credentials_from_args
@@ -43,18 +49,10 @@ from astraea.telemetry import (
     get_logger,
     prometheus,
     setup_service_telemetry,
-    spans,
 )
 from astraea.v1 import worker_pb2
-from worker.backend import (
-    Backend,
-    BackendError,
-    BackendFailed,
-    MemoryChanged,
-    SegmentEnded,
-    SegmentInput,
-    SegmentPreempted,
-)
+from worker.admission_spans import ADMISSION_SPAN, AdmissionSpans  # noqa: F401 (re-exported)
+from worker.backend import Backend, BackendError, BackendFailed, MemoryChanged
 from worker.messages import AdmitRefused, segment_input, to_messages
 
 log = get_logger("astraea.worker")
@@ -77,15 +75,10 @@ _REFUSED_FOR_GOOD = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PR
                      grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
                      grpc.StatusCode.UNIMPLEMENTED)
 
-# The worker's span of one admission of a segment: Admit applied → segment ended, preempted
-# or aborted. A child of the control plane's ``segment`` span (Admit.trace_context).
-ADMISSION_SPAN = "admission"
-PREFILL_TOKENS, MAX_TOKENS = "astraea.prefill_tokens", "astraea.max_tokens"
-SWAP_IN = "astraea.swap_in"
-END_REASON = "astraea.end_reason"
-
 
 _HEARTBEAT = object()  # queued by the heartbeat task; sent only if nothing else is
+_DRAIN = object()  # queued by start_drain: the stream's Drain message
+DRAIN_TIMEOUT_S = 25.0  # under Kubernetes' default grace period (30 s) before its SIGKILL
 
 
 class _Failed:
@@ -124,12 +117,32 @@ class WorkerProcess:
         self._jobs: set[str] = set()  # jobs admitted on the current stream and not aborted
         self._last_write = 0.0
         self.tracer = tracer or trace.get_tracer("astraea.worker")
-        self._spans: dict[str, Span] = {}  # job id → its open admission span
+        self._spans = AdmissionSpans(self.tracer)
         self.worker_id = -1
         self._out: asyncio.Queue = asyncio.Queue()  # backend events, and _Failed
         self._applied_seq = 0  # Plan.seq of the last plan applied in full
         self._shutdown: worker_pb2.Shutdown | None = None
         self._write_ended = False  # this stream refused a write: it has ended
+        self.draining: str | None = None  # why, once start_drain was called
+        self._drain_started = 0.0
+        self._drain_wakeup = asyncio.Event()  # cuts a reconnection backoff short
+        self._stream_up = False  # registered on the current stream
+        self._leave = asyncio.Event()  # Shutdown(drain) received: leave once nothing runs
+
+    def start_drain(self, reason: str, timeout_s: float | None = None) -> bool:
+        """Stop gracefully: ask the control plane to place nothing new here, finish what
+        runs, then exit 0. False if a drain has started already. `timeout_s` is only logged
+        (the caller enforces it)."""
+        if self.draining is not None:
+            return False
+        self.draining = reason
+        self._drain_started = time.monotonic()
+        log.info("draining", reason=reason, running_segments=self.backend.view().running_seqs,
+                 jobs_held=len(self._jobs), connected=self._stream_up, timeout_s=timeout_s)
+        if self._stream_up:
+            self._out.put_nowait(_DRAIN)
+        self._drain_wakeup.set()
+        return True
 
     async def run(self, address: str) -> int:
         try:
@@ -145,8 +158,7 @@ class WorkerProcess:
             forward.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await forward
-            for job_id in list(self._spans):
-                self._end_span(job_id, "worker stopped", error=True)
+            self._spans.end_all("worker stopped")
             await self.backend.stop()
 
     async def _connect_loop(self, address: str) -> int:
@@ -155,6 +167,9 @@ class WorkerProcess:
         attempt = 0
         lost_since: float | None = None
         while True:
+            if self.draining is not None:  # between streams: nothing runs here
+                log.info("drained", connected=False)
+                return EXIT_OK
             before = self.registrations
             try:
                 async with self.credentials.aio_channel(address,
@@ -171,6 +186,9 @@ class WorkerProcess:
                 why = f"{e.code().name}: {e.details()}"
             except _StreamLost as e:
                 why = str(e)
+            if self.draining is not None:  # not back to a control plane while leaving
+                log.warning("control plane lost while draining, stopping", error=why)
+                return EXIT_OK if await self._drop_engine_state() else EXIT_FAILED
             now = loop.time()
             if self.registrations != before:  # that stream was up: a new outage starts
                 attempt, lost_since = 0, now
@@ -188,7 +206,8 @@ class WorkerProcess:
             # At once, not at the next registration: the engine stops spending on those jobs.
             if not await self._drop_engine_state():
                 return EXIT_FAILED
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):  # a drain ends the wait
+                await asyncio.wait_for(self._drain_wakeup.wait(), delay)
 
     async def _drop_engine_state(self) -> bool:
         """When a stream is lost: abort every job it admitted. Whoever answers next (a
@@ -197,7 +216,7 @@ class WorkerProcess:
         and would only shrink the free pool it is told about. False if the engine failed."""
         try:
             for job_id in sorted(self._jobs):
-                self._end_span(job_id, "control plane lost", error=True)
+                self._spans.end(job_id, "control plane lost", error=True)
                 with contextlib.suppress(BackendError):  # not held: nothing to free
                     await self.backend.apply(wire.Abort(job_id, self.worker_id, "lost"))
         except BackendFailed as e:
@@ -262,13 +281,18 @@ class WorkerProcess:
         self.worker_id = first.registered.worker_id
         self.registrations += 1
         self._applied_seq, self._shutdown, self._write_ended = 0, None, False
+        self._leave = asyncio.Event()
         log.info("registered", worker_id=self.worker_id, worker_name=self.name,
                  registration=self.registrations)
         # The memory as it is now, first: the registration says only what the engine holds.
         self._out.put_nowait(MemoryChanged(self.backend.view()))
+        self._stream_up = True
+        if self.draining is not None:  # a signal came while registering
+            self._out.put_nowait(_DRAIN)
         tasks = [asyncio.create_task(self._receive(call), name="receive"),
                  asyncio.create_task(self._send(call), name="send"),
-                 asyncio.create_task(self._heartbeat(), name="heartbeat")]
+                 asyncio.create_task(self._heartbeat(), name="heartbeat"),
+                 asyncio.create_task(self._leave_when_idle(call), name="leave")]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
@@ -279,6 +303,7 @@ class WorkerProcess:
                     return code
             return EXIT_OK
         finally:
+            self._stream_up = False
             for t in tasks:
                 t.cancel()
             for t in tasks:
@@ -295,6 +320,8 @@ class WorkerProcess:
             if msg is grpc.aio.EOF:
                 if self._shutdown is None:
                     raise _StreamLost("control plane closed the stream without a shutdown")
+                if self._shutdown.drain:  # closed after asking for a drain: still finish
+                    await self._until_idle()
                 return EXIT_OK
             kind = msg.WhichOneof("msg")
             if kind == "plan":
@@ -306,14 +333,33 @@ class WorkerProcess:
                 log.info("shutdown requested", reason=msg.shutdown.reason,
                          drain=msg.shutdown.drain)
                 if msg.shutdown.drain:
-                    while self.backend.view().running_seqs:
-                        await asyncio.sleep(0.05)
-                    await asyncio.sleep(0)  # let the last reports reach the sender
+                    # _leave_when_idle ends the stream; until then plans still come (a Pause
+                    # for a segment that ended, an Abort for a job cancelled or moved off).
+                    self._leave.set()
+                    continue
                 await self._flush()
                 await call.done_writing()
                 return EXIT_OK
             else:
                 log.warning("unexpected control message ignored", kind=kind)
+
+    async def _until_idle(self) -> None:
+        while self.backend.view().running_seqs:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # let the last reports reach the sender
+
+    async def _leave_when_idle(self, call) -> int:
+        """After a Shutdown(drain): once no segment runs, send what is queued and close the
+        stream: the control plane takes that as the end of the drain."""
+        await self._leave.wait()
+        await self._until_idle()
+        await self._flush()
+        await call.done_writing()
+        if self.draining is not None:
+            log.info("drained", seconds=round(time.monotonic() - self._drain_started, 2))
+        else:
+            log.info("drained", reason=self._shutdown.reason if self._shutdown else "")
+        return EXIT_OK
 
     async def _apply(self, pa: worker_pb2.PlanAction) -> None:
         try:
@@ -325,54 +371,24 @@ class WorkerProcess:
         if isinstance(action, Admit):
             self._jobs.add(action.job_id)
             segment = segment_input(pa.admit)
-            self._start_span(action, segment, pa.admit.trace_context)
+            self._spans.start(action, segment, pa.admit.trace_context, self.worker_id)
         elif isinstance(action, wire.Abort):
             self._jobs.discard(action.job_id)
-            self._end_span(action.job_id, f"aborted: {action.reason}")
+            self._spans.end(action.job_id, f"aborted: {action.reason}")
         try:
             await self.backend.apply(action, segment)
         except BackendError as e:
             log.warning("plan action refused", action=type(action).__name__,
                         job_id=action.job_id, error=str(e))
             if isinstance(action, Admit):
-                self._end_span(action.job_id, f"admit refused: {e}", error=True)
+                self._spans.end(action.job_id, f"admit refused: {e}", error=True)
                 await self.backend.release(action.job_id)
                 self._out.put_nowait(AdmitRefused(action.job_id, str(e), e.retryable))
-
-    # --- admission spans -----------------------------------------------------------------
-    def _start_span(self, action: Admit, segment: SegmentInput, trace_context) -> None:
-        self._end_span(action.job_id, "admitted again")  # never leak one
-        parent = propagate.extract(dict(trace_context)) if trace_context else None
-        self._spans[action.job_id] = self.tracer.start_span(
-            ADMISSION_SPAN, context=parent, attributes={
-                spans.JOB_ID: action.job_id, spans.WORKER_ID: self.worker_id,
-                SWAP_IN: action.swap_in, MAX_TOKENS: segment.max_tokens,
-                "astraea.new_tokens": action.new_tokens,
-                "astraea.context_tokens": action.context_tokens})
-
-    def _end_span(self, job_id: str, reason: str, error: bool = False, **attrs) -> None:
-        span = self._spans.pop(job_id, None)
-        if span is None:
-            return
-        span.set_attributes({END_REASON: reason, **attrs})
-        if error:
-            span.set_status(Status(StatusCode.ERROR, reason))
-        span.end()
-
-    def _event_ends_span(self, ev) -> None:
-        if isinstance(ev, SegmentEnded):
-            self._end_span(ev.job_id, "segment ended", **{
-                spans.TOKENS: ev.generated_tokens, PREFILL_TOKENS: ev.prefill_tokens,
-                spans.TTFT_S: ev.ttft_s})
-        elif isinstance(ev, SegmentPreempted):
-            self._end_span(ev.job_id, "preempted", **{
-                spans.TOKENS: ev.generated_tokens, spans.KV_ACTION: ev.action.value})
 
     async def _forward(self) -> None:
         try:
             async for ev in self.backend.events():
-                if isinstance(ev, SegmentEnded | SegmentPreempted):
-                    self._event_ends_span(ev)
+                self._spans.on_event(ev)
                 self._out.put_nowait(ev)
         except BackendFailed as e:
             self._out.put_nowait(_Failed(e))
@@ -392,8 +408,11 @@ class WorkerProcess:
             if any(isinstance(e, MemoryChanged) for e in events):
                 memory = wire.worker_view_to_proto(self.backend.view())
                 memory.applied_plan_seq = self._applied_seq
-            msgs = to_messages([e for e in events if e is not _HEARTBEAT], self.worker_id,
-                                memory)
+            msgs = to_messages([e for e in events if e is not _HEARTBEAT and e is not _DRAIN],
+                               self.worker_id, memory)
+            if _DRAIN in events:  # after the reports queued with it
+                msgs.append(worker_pb2.WorkerMessage(drain=worker_pb2.Drain(
+                    reason=self.draining or "", running_segments=self.backend.view().running_seqs)))
             if not msgs and _HEARTBEAT in events:
                 msgs = [worker_pb2.WorkerMessage(
                     heartbeat=worker_pb2.Heartbeat(sent_unix_s=time.time()))]
@@ -468,14 +487,32 @@ def _make_backend(args: argparse.Namespace) -> Backend:
 async def _main_async(args: argparse.Namespace) -> int:
     backend = prometheus.metered_backend(_make_backend(args))  # /metrics, when served
     name = args.name or f"{socket.gethostname()}:{args.backend}"
-    task = asyncio.create_task(run_worker(args.control_plane, backend, name,
-                                          heartbeat_interval_s=args.heartbeat_interval,
-                                          reconnect_timeout_s=args.reconnect_timeout,
-                                          max_message_bytes=args.max_message_bytes,
-                                          credentials=getattr(args, "credentials", None)))
+    worker = WorkerProcess(backend, name, heartbeat_interval_s=args.heartbeat_interval,
+                           reconnect_timeout_s=args.reconnect_timeout,
+                           max_message_bytes=args.max_message_bytes,
+                           credentials=getattr(args, "credentials", None))
+    task = asyncio.create_task(worker.run(args.control_plane))
     loop = asyncio.get_running_loop()
+    timeout = args.drain_timeout
+
+    def drain_expired() -> None:
+        if not task.done():
+            # Cancelling closes the stream: the control plane queues what still runs again.
+            log.warning("drain timed out, stopping now", timeout_s=timeout,
+                        running_segments=worker.backend.view().running_seqs)
+            task.cancel()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if task.done():
+            return
+        if timeout > 0 and worker.start_drain(f"{sig.name} received", timeout):
+            loop.call_later(timeout, drain_expired)
+        else:  # a second signal, or draining turned off
+            log.warning("stopping now", signal=sig.name)
+            task.cancel()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         return await task
     except asyncio.CancelledError:
@@ -531,6 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reconnect-timeout", type=float, default=0.0, metavar="SECONDS",
                         help="exit (code 1) after this long without a control plane; retries "
                              "back off from 0.5 s to 10 s (default 0: keep retrying)")
+    parser.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S,
+                        metavar="SECONDS",
+                        help="on SIGTERM/SIGINT, finish the running segments for at most this "
+                             "long while the control plane places nothing new here, then exit; "
+                             "a second signal stops at once (default 25; 0: stop at once)")
     parser.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES,
                         metavar="BYTES", help="largest gRPC message sent or received (default "
                                               "16 MiB); a larger one ends the stream, and the "
@@ -550,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--heartbeat-interval must be positive")
     if not args.reconnect_timeout >= 0:
         parser.error("--reconnect-timeout must be >= 0")
+    if not args.drain_timeout >= 0:
+        parser.error("--drain-timeout must be >= 0")
     if args.max_message_bytes < 1024:
         parser.error("--max-message-bytes must be at least 1024")
     try:

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("register", "step_report", "segment_ended", "preempted", "memory", "tokens", "heartbeat", "admit_refused")
+    __slots__ = ("register", "step_report", "segment_ended", "preempted", "memory", "tokens", "heartbeat", "admit_refused", "drain")
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     STEP_REPORT_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_ENDED_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class WorkerMessage(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     ADMIT_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
     register: Register
     step_report: StepReport
     segment_ended: SegmentEnded
@@ -25,7 +26,8 @@ class WorkerMessage(_message.Message):
     tokens: TokenBatch
     heartbeat: Heartbeat
     admit_refused: AdmitRefused
-    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., step_report: _Optional[_Union[StepReport, _Mapping]] = ..., segment_ended: _Optional[_Union[SegmentEnded, _Mapping]] = ..., preempted: _Optional[_Union[Preempted, _Mapping]] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ..., tokens: _Optional[_Union[TokenBatch, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., admit_refused: _Optional[_Union[AdmitRefused, _Mapping]] = ...) -> None: ...
+    drain: Drain
+    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., step_report: _Optional[_Union[StepReport, _Mapping]] = ..., segment_ended: _Optional[_Union[SegmentEnded, _Mapping]] = ..., preempted: _Optional[_Union[Preempted, _Mapping]] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ..., tokens: _Optional[_Union[TokenBatch, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., admit_refused: _Optional[_Union[AdmitRefused, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ...) -> None: ...
 
 class Register(_message.Message):
     __slots__ = ("worker_name", "model", "backend", "kv_capacity_blocks", "block_size", "host_swap_blocks", "max_num_seqs", "max_num_batched_tokens", "profile_name", "needs_history")
@@ -138,6 +140,14 @@ class JobTokens(_message.Message):
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     def __init__(self, job_id: _Optional[str] = ..., first_index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
+
+class Drain(_message.Message):
+    __slots__ = ("reason", "running_segments")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    running_segments: int
+    def __init__(self, reason: _Optional[str] = ..., running_segments: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("sent_unix_s",)

@@ -24,6 +24,9 @@ class Discipline:
     name = "base"
     blocking = False  # stop at the first candidate that does not fit
     preemptive = False  # may preempt running segments of lower priority
+    # `candidates` has no side effects and its order and filter do not depend on `now`: an
+    # empty plan then stays empty until an event, a control tick or more free memory.
+    static_order = False
 
     def add(self, job: Job, now: float, predicted_s: float, need_blocks: int) -> None:
         raise NotImplementedError
@@ -90,6 +93,7 @@ class Fcfs(Discipline):
     """
 
     blocking = True
+    static_order = True
 
     def __init__(self, by: str) -> None:
         if by not in ("segment", "job"):

@@ -42,6 +42,7 @@ class AgentAdmission(Discipline):
     """MARS's control plane (AIMD admission window) and agent-centric ready queues."""
 
     name = "mars"
+    static_order = True
 
     def __init__(self, config: MarsConfig) -> None:
         self.config = config
@@ -113,6 +114,12 @@ class AgentAdmission(Discipline):
 
     def next_deadline(self) -> float | None:
         return self._next_period if len(self._waiting) else None
+
+    def control_idle(self, now: float) -> bool:
+        # `control` acts only on a first call, at a period's end or with room in the window,
+        # and each of those needs agents waiting.
+        return self._next_period is not None and not (
+            len(self._waiting) and (now >= self._next_period or len(self._admitted) < int(self.window)))
 
     def control(self, now: float, views: dict[int, WorkerView]) -> list[KvDecision]:
         c = self.config

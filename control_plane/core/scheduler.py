@@ -66,11 +66,15 @@ class Scheduler:
         self.on_decision = on_decision  # every KV decision, with its inputs (for traces)
         self.on_admit = on_admit  # every admission, with the queue and score it won with
         self.recent_queueing_delay_s = 0.0  # EWMA of the wait before admission
+        # After an empty plan that only memory could unblock: per worker (free blocks, the
+        # fewest free blocks it stays empty with, the rest of the view). None: unknown.
+        self._blocked: dict[int, tuple] | None = None
 
     # --- events -------------------------------------------------------------------------
     def job_arrived(self, job_id: str, now: float, category: str = "unknown") -> Job:
         if job_id in self.jobs:
             raise SchedulerError(f"duplicate job id {job_id!r}")
+        self._blocked = None
         job = Job(job_id=job_id, arrival_s=now, category=category)
         self.jobs[job_id] = job
         return job
@@ -85,6 +89,7 @@ class Scheduler:
             raise SchedulerError(f"duplicate job id {job_id!r}")
         if segment_index < 0 or context_tokens < 0:
             raise SchedulerError(f"job {job_id}: negative segment index or context")
+        self._blocked = None
         job = Job(job_id=job_id, arrival_s=arrival_s, category=category,
                   segment_index=segment_index, context_tokens=context_tokens,
                   kv_state=KvState.DISCARDED if context_tokens else KvState.NONE)
@@ -175,23 +180,35 @@ class Scheduler:
         re-queued as preempted with their KV discarded (`generated[job_id]` tokens they had
         produced are kept in the history); jobs whose KV it kept, paused or ready, become
         discarded so they may be placed anywhere. Returns the affected job ids."""
+        self._blocked = None
         affected = []
         for job in list(self.running.get(worker_id, {}).values()):
             self.segment_preempted(job.job_id, now, generated.get(job.job_id, 0), KvAction.DISCARD)
             affected.append(job.job_id)
+        affected += [j for j in self.drop_kept_kv(worker_id, now) if j not in affected]
+        for table in (self.running, self.paused, self.resident_ready):
+            table.pop(worker_id, None)
+        return affected
+
+    def drop_kept_kv(self, worker_id: int, now: float) -> list[str]:
+        """Jobs whose KV the worker keeps while they do not run (paused in an API wait, or
+        ready; resident or swapped) lose it: they become discarded, so their next admission
+        may go to any worker. For a worker that is going away (lost, or draining: its running
+        segments go on). Returns those job ids; the caller frees their KV on the worker."""
+        self._blocked = None  # queued jobs' needs change
+        moved = []
         for job in self.jobs.values():
             if (job.worker_id == worker_id and job.state in (JobState.API_WAIT, JobState.READY)
                     and job.kv_state in (KvState.RESIDENT, KvState.SWAPPED)):
                 self.kv_policy.forget(job)
                 job.kv_state = KvState.DISCARDED
+                self.paused.get(worker_id, {}).pop(job.job_id, None)
+                self.resident_ready.get(worker_id, {}).pop(job.job_id, None)
                 if job.state is JobState.READY:  # its needs changed: queue it again
                     self.discipline.remove(job)
                     self._enqueue(job, now)
-                if job.job_id not in affected:
-                    affected.append(job.job_id)
-        for table in (self.running, self.paused, self.resident_ready):
-            table.pop(worker_id, None)
-        return affected
+                moved.append(job.job_id)
+        return moved
 
     def forget_finished(self, job_id: str) -> None:
         job = self.jobs.get(job_id)
@@ -222,12 +239,18 @@ class Scheduler:
         room = [NO_LIMIT]
         room_tried: set[int] = set()
         misses = 0
+        # Whether an empty plan stays empty while only time passes and memory shrinks, and
+        # per worker the free blocks below which making room would reclaim (see `may_act`).
+        static = self.discipline.static_order and not self.discipline.preemptive
+        floors: dict[int, int] = {}
         for job in self.discipline.candidates(now, room):
             view, need = self._place(job, views)
             if view is not None and view.running_seqs < view.max_seqs:
                 if not self._fits(view, need) and view.worker_id not in room_tried:
                     # Room is made for the most important blocked job of each worker only.
                     room_tried.add(view.worker_id)
+                    if static:
+                        static = self._note_floor(view, need, floors)
                     actions.extend(self._make_room(job, now, view, need))
                     if len(room_tried) == len(views):
                         room[0] = self._most_room(views)
@@ -244,15 +267,65 @@ class Scheduler:
                     or (room[0] != NO_LIMIT and room[0] <= 0)
                     or all(v.running_seqs >= v.max_seqs for v in views.values())):
                 break  # nothing more can start in this build
+        self._blocked = None
+        if static and not actions:
+            one = len(views) == 1  # with several workers, placement follows their memory
+            self._blocked = {w: (v.free_blocks, floors.get(w, 0) if one else v.free_blocks,
+                                 (v.running_seqs, v.host_free_blocks, v.swapping_out_blocks))
+                             for w, v in views.items()}
         return actions
 
-    def may_act(self, now: float) -> bool:
+    def _note_floor(self, view: WorkerView, need: int, floors: dict[int, int]) -> bool:
+        """Before room is made for a blocked job: note the free blocks below which the KV
+        policy would be asked to reclaim from paused jobs (`_make_room`'s shortfall turns
+        positive). False if making room may act now (reclaim, deadlock breaker)."""
+        if view.running_seqs == 0 and not view.swapping_out_blocks:
+            return False
+        if self.paused.get(view.worker_id):
+            floor = need + int(self.config.kv.watermark * view.total_blocks) - view.swapping_out_blocks
+            if view.free_blocks < floor:
+                return False
+            floors[view.worker_id] = floor
+        return True
+
+    def may_act(self, now: float, views: dict[int, WorkerView] | None = None) -> bool:
         """Whether `build_plan` may return an action now: a job waits for admission, or the KV
         policy may revisit a paused job. False means the plan is certainly empty, so a caller
-        may skip it (the simulator does, after engine steps that changed nothing)."""
-        if any(self.discipline.queue_lengths()) or not self.discipline.control_idle(now):
+        may skip it (the simulator does, after engine steps that changed nothing).
+
+        With the workers' `views`, also False while the last plan was empty and nothing has
+        happened since but time passing and memory shrinking within `blocked_floor` (engine
+        steps that only decode): for a discipline with a static order no waiting job can
+        fit then, and making room does nothing."""
+        if not self.discipline.control_idle(now):
             return True
-        return any(self.paused.values()) and not self.kv_policy.revisit_idle(now)
+        if any(self.paused.values()) and not self.kv_policy.revisit_idle(now):
+            return True
+        if not any(self.discipline.queue_lengths()):
+            return False
+        return views is None or not self._still_blocked(views)
+
+    @property
+    def blocked(self) -> bool:
+        """The last plan was empty and waits for memory (`may_act` needs views to tell)."""
+        return self._blocked is not None
+
+    def _still_blocked(self, views: dict[int, WorkerView]) -> bool:
+        blocked = self._blocked
+        if blocked is None or blocked.keys() != views.keys():
+            return False
+        for w, v in views.items():
+            free, floor, rest = blocked[w]
+            if not floor <= v.free_blocks <= free or rest != (
+                    v.running_seqs, v.host_free_blocks, v.swapping_out_blocks):
+                return False
+        return True
+
+    def blocked_floor(self, worker_id: int) -> int | None:
+        """While the last plan stays empty (`may_act`): the fewest free blocks the worker may
+        get down to with the plan still empty. None when no plan is known to be empty."""
+        entry = self._blocked.get(worker_id) if self._blocked is not None else None
+        return entry[1] if entry is not None else None
 
     def _fits(self, view: WorkerView, need: int) -> bool:
         return need <= 0 or need <= self._admissible_blocks(view)
@@ -273,9 +346,11 @@ class Scheduler:
 
     # --- internals ----------------------------------------------------------------------
     def _job(self, job_id: str) -> Job:
+        """The job an event is about; every event may unblock a plan."""
         job = self.jobs.get(job_id)
         if job is None:
             raise SchedulerError(f"unknown job id {job_id!r}")
+        self._blocked = None
         return job
 
     def _record(self, decision: KvDecision, job: Job) -> None:

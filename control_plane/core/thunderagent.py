@@ -40,6 +40,7 @@ class ProgramPauseResume(Discipline):
     """ThunderAgent's program scheduler: which programs are ACTIVE, and their request order."""
 
     name = "thunderagent"
+    static_order = True
 
     def __init__(self, config: ThunderAgentConfig) -> None:
         self.config = config
@@ -135,6 +136,11 @@ class ProgramPauseResume(Discipline):
         if self._next_tick is None or not (self._active or self._paused):
             return None
         return self._next_tick
+
+    def control_idle(self, now: float) -> bool:
+        # Between ticks only new programs make `control` act. (Its sweep of finished
+        # programs may wait for the next call: nothing else reads them.)
+        return not self._fresh and self._next_tick is not None and now < self._next_tick
 
     def control(self, now: float, views: dict[int, WorkerView]) -> list[KvDecision]:
         for job_id in [j for j, job in self._active.items() if job.state is JobState.FINISHED]:

@@ -277,6 +277,35 @@ class ControlPlane:
         return silent
 
 
+    def worker_draining(self, worker_id: int, reason: str) -> None:
+        """The worker asked to leave (its Drain message): from now on the planner leaves it
+        out, the jobs whose KV waits there are moved off it, and it is answered with
+        Shutdown(drain): it finishes its running segments (their tokens still stream) and
+        closes the stream. Its plans sent before stay ahead of the Shutdown on the stream."""
+        entry = self.registry.workers.get(worker_id)
+        if entry is None or entry.draining is not None:
+            return
+        entry.draining = reason or "no reason given"
+        moved = self.drop_kept_kv(worker_id)
+        log.info("worker draining", worker_id=worker_id, worker_name=entry.name,
+                 reason=entry.draining,
+                 running_segments=len(self.scheduler.running.get(worker_id, {})),
+                 jobs_moved_off=len(moved), workers_taking_work=len(self.registry.views()),
+                 workers_draining=len(self.registry.draining()))
+        entry.outbound.put_nowait(worker_pb2.ControlMessage(shutdown=worker_pb2.Shutdown(
+            reason=f"draining: {entry.draining}", drain=True)))
+        self.mark_dirty()
+
+    def drop_kept_kv(self, worker_id: int) -> list[str]:
+        """Jobs whose KV waits on a draining worker (paused in an API wait, or preempted
+        there) lose it there: their next admission goes to another worker, which recomputes
+        the context. The planner calls it before each plan, since segments that end on the
+        worker while it drains leave KV behind again."""
+        moved = self.scheduler.drop_kept_kv(worker_id, self.now())
+        for job_id in moved:
+            self.abort_on_worker(self.scheduler.jobs[job_id], "worker draining")
+        return moved
+
     def worker_lost(self, worker_id: int, expected: bool = False) -> None:
         """The worker's stream closed: all KV it held is gone. Running segments are re-queued
         as preempted with a discard (the tokens already streamed count as generated), kept
@@ -286,7 +315,9 @@ class ControlPlane:
             return
         entry.outbound.put_nowait(None)
         generated = {}
-        for job_id in self.scheduler.running.get(worker_id, {}):
+        running = self.scheduler.running.get(worker_id, {})
+        cut = len(running)  # segments it was running: queued again
+        for job_id in running:
             seg = self.registry.jobs[job_id].segment
             if seg:  # tokens already streamed count as generated: nothing is sent twice
                 generated[job_id] = seg.next_index - seg.admission_base
@@ -295,7 +326,14 @@ class ControlPlane:
         for job_entry in self.registry.jobs.values():  # its histories are gone with it
             if job_entry.history_worker == worker_id:
                 job_entry.history_worker = None
-        (log.info if expected else log.warning)(
-            "worker disconnected" if expected else "worker lost",
-            worker_id=worker_id, worker_name=entry.name)
+        if entry.draining is not None and not cut:
+            log.info("worker drained", worker_id=worker_id, worker_name=entry.name,
+                     workers_taking_work=len(self.registry.views()))
+        elif entry.draining is not None:  # its drain timed out, or it died meanwhile
+            log.warning("worker left before its drain finished, segments queued again",
+                        worker_id=worker_id, worker_name=entry.name, segments=cut)
+        else:
+            (log.info if expected else log.warning)(
+                "worker disconnected" if expected else "worker lost",
+                worker_id=worker_id, worker_name=entry.name)
         self.mark_dirty()

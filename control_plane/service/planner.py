@@ -68,7 +68,9 @@ class Planner:
         """Build a plan and queue each worker's part on its stream (synchronous: atomic)."""
         cp = self.cp
         self.last_build_s = None
-        views = cp.registry.views()
+        for entry in cp.registry.draining():  # KV left behind by segments that ended there
+            cp.drop_kept_kv(entry.worker_id)
+        views = cp.registry.views()  # without the draining workers: nothing new goes there
         if not views:
             return
         before = {w: ViewCounters.of(v) for w, v in views.items()}

@@ -34,6 +34,9 @@ class WorkerEntry:
     plan_seq: int = 0  # Plan.seq of the last plan sent
     last_seen: float = field(default_factory=time.monotonic)  # when its last message came
     drop_reason: str | None = None  # why the control plane dropped it (silent too long)
+    # Why it drains (its Drain message): nothing new is placed on it, its running segments
+    # finish, then it leaves. None: it takes work.
+    draining: str | None = None
     # What plans sent to it changed on `view` and its reports do not show yet.
     reservations: Reservations = field(default_factory=Reservations)
 
@@ -139,5 +142,9 @@ class Registry:
 
     def views(self) -> dict[int, WorkerView]:
         """The views the planner passes to build_plan (the same objects: planned changes stick
-        until the worker's next report replaces them)."""
-        return {w: e.view for w, e in self.workers.items()}
+        until the worker's next report replaces them). A draining worker is left out: the core
+        then places no admission, swap-in, eviction or preemption on it."""
+        return {w: e.view for w, e in self.workers.items() if e.draining is None}
+
+    def draining(self) -> list[WorkerEntry]:
+        return [e for e in self.workers.values() if e.draining is not None]

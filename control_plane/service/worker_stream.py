@@ -15,6 +15,10 @@ ignored: they come from races with cancellations and must not take the worker do
 report that contradicts the worker's registration (more free blocks than it has, ...) or a
 message that does not parse ends the stream with INVALID_ARGUMENT: the planner trusts those
 numbers, so a worker sending them must not stay.
+
+A worker told to stop (SIGTERM) sends Drain: it is answered with Shutdown(drain), the planner
+places nothing more on it, and when it closes its side after its last segment it leaves as
+"worker drained", not "worker lost" (`ControlPlane.worker_draining`).
 """
 
 from __future__ import annotations
@@ -155,6 +159,8 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
                     self._admit_refused(worker, msg.admit_refused)
                 elif kind == "step_report":
                     self.cp.observe_steps(msg.step_report.steps)
+                elif kind == "drain":
+                    self.cp.worker_draining(worker.worker_id, msg.drain.reason)
                 elif kind == "heartbeat":
                     pass
                 else:

@@ -320,34 +320,48 @@ class SimulatedEngine:
         self._note_usage()
         return self.last_step_s, result
 
-    def run_decode_steps(self, now: float, until: float) -> float:
+    @property
+    def decode_only(self) -> bool:
+        """Idle, with sequences decoding and none prefilling: `run_decode_steps` may run."""
+        return not self.busy and not self._prefilling and self._n_decode > 0
+
+    def run_decode_steps(self, now: float, until: float, min_free: int | None = None) -> float:
         """Run, back to back from `now`, the steps that are pure decoding and change nothing
         a caller could see: no sequence prefills, none finishes, no block runs out (which
-        would preempt), each step ending strictly before `until`. Returns the time the last
+        would preempt), each step ending strictly before `until` and, with `min_free`,
+        leaving at least that many blocks allocatable. Returns the time the last
         of them ended (`now` if none ran); the next step then starts as usual. Exactly what
         `start_step` + `finish_step` would do for each: a simulator whose planner cannot act
         between events skips the round trips through its event queue."""
-        if self.busy or self._prefilling or not self._n_decode:
+        if not self.decode_only:
             return now
-        profile, pool, residue, bs, n = self.profile, self.pool, self._residue, self.bs, self._n_decode
-        finish = self._finish
-        s, t = self.step, now
-        while True:
-            if finish and finish[0][0] <= s:
-                break  # a sequence finishes at this step (or a stale entry: the slow path)
+        pool, residue, bs, n = self.pool, self._residue, self.bs, self._n_decode
+        # The loop repeats `start_step`'s arithmetic in the same order (the same floats); the
+        # blocks are taken from the pool once at the end (the same blocks, in the same order).
+        stop = self._finish[0][0] if self._finish else None
+        non_attention = self.profile.non_attention_ms(n)
+        k = self.profile.k_ms_per_context_token
+        sum_base = self._sum_base
+        avail, lowest = pool.allocatable, max(min_free or 0, 0)
+        s0 = s = self.step
+        t, taken, last = now, 0, self.last_step_s
+        while stop is None or s < stop:  # else a sequence finishes (or a stale entry): slow path
             need = residue[(-s) % bs]
-            if need > pool.allocatable:
-                break  # the slow path preempts
-            duration = profile.step_time_s(n, self._sum_base + n * s)
+            if avail - need < lowest:
+                break  # the slow path preempts, or the caller's plan may act after this step
+            duration = (non_attention + k * (sum_base + n * s)) / 1e3
             if t + duration >= until:
                 break
-            pool.allocate(need)
+            avail -= need
+            taken += need
             t += duration
+            last = duration
             s += 1
-            self.tokens_decoded += n
-            self.last_step_tokens, self.last_step_context_read = n, self._sum_base + n * (s - 1)
-            self.last_step_s = duration
-        if s != self.step:
+        if s != s0:
+            pool.allocate(taken)
+            self.tokens_decoded += n * (s - s0)
+            self.last_step_tokens, self.last_step_context_read = n, sum_base + n * (s - 1)
+            self.last_step_s = last
             self.step = s
             self._note_usage()  # allocation only grew: the last step's use is the peak
         return t

@@ -145,15 +145,24 @@ class Simulation:
 
     # --- planning -----------------------------------------------------------------------
     def _plan(self) -> None:
-        if not self.skip_idle_steps or self.sched.may_act(self.now):
+        if not self.skip_idle_steps or self._may_act(self.now):
             self._apply_plan()
         timer = self.sched.next_timer()
         if timer is not None and timer > self.now and timer not in self._pending_wakes:
             self._pending_wakes.add(timer)
             self._push(timer, WAKE, None)
 
+    def _views(self) -> dict:
+        return {e.worker_id: e.view() for e in self.engines}
+
+    def _may_act(self, now: float) -> bool:
+        # The workers' views are built only when the core needs them to tell.
+        if not self.sched.may_act(now):
+            return False
+        return not self.sched.blocked or self.sched.may_act(now, self._views())
+
     def _apply_plan(self) -> None:
-        views = {e.worker_id: e.view() for e in self.engines}
+        views = self._views()
         for action in self.sched.build_plan(self.now, views):
             engine = self.engines[action.worker_id]
             if isinstance(action, Admit):
@@ -175,10 +184,12 @@ class Simulation:
                 continue
             if engine.has_work(self.now):
                 start = self.now
-                if self.skip_idle_steps and not self.sched.may_act(start):
+                if self.skip_idle_steps and engine.decode_only and not self._may_act(start):
                     # Nothing the planner could do before the next event: run the steps
-                    # that change nothing visible without queueing their ends.
-                    start = engine.run_decode_steps(start, self._quiet_until())
+                    # that change nothing visible without queueing their ends (and, while
+                    # a blocked plan waits for memory, none that shrinks it past its floor).
+                    start = engine.run_decode_steps(start, self._quiet_until(),
+                                                    self.sched.blocked_floor(engine.worker_id))
                 duration, result = engine.start_step(start)
                 for job_id, generated in result.preempted:
                     self._generated[job_id] += generated
