@@ -8,34 +8,44 @@ import asyncio
 import contextlib
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from astraea.client import AstraeaError, AsyncAgentClient
+from astraea.store import Store
 from astraea.telemetry import get_logger
 from gateway import errors, response_schemas, schemas, text_completions
 from gateway.chat import ChatTokenizer
 from gateway.completions import Chats, Turn
 from gateway.config import GatewayConfig
-from gateway.response_store import MemoryResponseStore, ResponseStore
+from gateway.response_store import MemoryResponseStore, ResponseStore, StoreResponseStore
 from gateway.responses import Responses, stream_events
+from gateway.shared_sessions import SharedSessions
 
 log = get_logger("astraea.gateway")
 
 
-def _authorized(config: GatewayConfig, request: Request) -> None:
+def _authorized(config: GatewayConfig, request: Request) -> str:
+    """The owner id of the request's key ("" when the gateway needs none); 401 without an
+    accepted key."""
     if not config.api_keys:
-        return
+        return ""
     auth = request.headers.get("authorization", "")
     scheme, _, key = auth.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise errors.unauthorized("Missing API key: send it as 'Authorization: Bearer KEY'.")
-    if not any(secrets.compare_digest(key.strip(), k) for k in config.api_keys):
+    found = None
+    for k, owner in config.api_keys.items():  # every key compared: timing tells nothing
+        if secrets.compare_digest(key.strip().encode(), k.encode()):
+            found = owner
+    if found is None:
         raise errors.unauthorized("Incorrect API key provided.")
+    return found
 
 
 async def _body(config: GatewayConfig, request: Request) -> object:
@@ -65,11 +75,32 @@ def _chunk(turn: Turn, delta: dict, finish_reason: str | None = None) -> dict:
                          "logprobs": None}]}
 
 
+class TurnStream(StreamingResponse):
+    """A streamed turn whose session is settled however the response ends: sent whole, or
+    the client gone mid-way (the ASGI server then cancels the send, leaving the body where
+    it was: it is closed here at once, then `settle` wraps the turn up or frees it)."""
+
+    def __init__(self, content: AsyncIterator[bytes], settle: Callable[[], None],
+                 headers: dict[str, str]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={**headers, "Cache-Control": "no-cache"})
+        self._settle = settle
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.CancelScope(shield=True):  # closing awaits nothing slow
+                await self.body_iterator.aclose()  # type: ignore[union-attr]
+            self._settle()
+
+
 async def _stream(turn: Turn) -> AsyncIterator[bytes]:
     yield _sse(_chunk(turn, {"role": "assistant", "content": ""}))
     try:
-        async for delta in turn.run():
-            yield _sse(_chunk(turn, {"content": delta}))
+        async with contextlib.aclosing(turn.run()) as deltas:
+            async for delta in deltas:
+                yield _sse(_chunk(turn, {"content": delta}))
     except AstraeaError as e:
         yield _sse(errors.from_grpc(e.code, e.message).body())
         return
@@ -79,7 +110,7 @@ async def _stream(turn: Turn) -> AsyncIterator[bytes]:
         if turn.tool_calls:
             yield _sse(_chunk(turn, {"tool_calls": [
                 {"index": i, **c.as_openai()} for i, c in enumerate(turn.tool_calls)]}))
-    await turn.finish()
+    await turn.chats.wrap_up(turn, turn.finish)  # done even if the client leaves now
     yield _sse(_chunk(turn, {}, turn.finish_reason))
     opts = turn.req.stream_options
     if opts is not None and opts.include_usage:
@@ -90,11 +121,17 @@ async def _stream(turn: Turn) -> AsyncIterator[bytes]:
 
 def create_app(config: GatewayConfig, client: AsyncAgentClient,
                tokenizer: ChatTokenizer, reap: bool = True,
-               store: ResponseStore | None = None) -> FastAPI:
+               store: ResponseStore | None = None, state: Store | None = None) -> FastAPI:
     """The gateway's app over `client` (its channel is the caller's to close); Responses API
-    responses are kept in `store` (default: the newest ones in memory)."""
-    chats = Chats(config, client, tokenizer)
-    responses = Responses(chats, store if store is not None else MemoryResponseStore())
+    responses are kept in `store` (default: in `state`, the durable store, when given, else
+    the newest ones in memory). With `state`, named sessions live there too (shared with
+    every gateway on it); the store is the caller's to close."""
+    shared = SharedSessions(state) if state is not None else None
+    chats = Chats(config, client, tokenizer, shared)
+    if store is None:
+        store = StoreResponseStore(state, config.response_retention_s) \
+            if state is not None else MemoryResponseStore()
+    responses = Responses(chats, store)
     texts = text_completions.TextCompletions(chats)
 
     @contextlib.asynccontextmanager
@@ -141,14 +178,13 @@ def create_app(config: GatewayConfig, client: AsyncAgentClient,
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        _authorized(config, request)
+        owner = _authorized(config, request)
         req = schemas.parse(await _body(config, request))
-        turn = await chats.prepare(req, request.headers)
+        turn = await chats.prepare(req, request.headers, owner)
         headers = {"X-Session-ID": turn.session.session_id,
                    "X-Astraea-Job-ID": turn.session.job_id or ""}
         if req.stream:
-            return StreamingResponse(_stream(turn), media_type="text/event-stream",
-                                     headers={**headers, "Cache-Control": "no-cache"})
+            return TurnStream(_stream(turn), lambda: chats.settle(turn, turn.finish), headers)
         try:
             async for _ in turn.run():
                 pass
@@ -164,32 +200,30 @@ def create_app(config: GatewayConfig, client: AsyncAgentClient,
 
     @app.post("/v1/responses")
     async def create_response(request: Request):
-        _authorized(config, request)
+        owner = _authorized(config, request)
         req = response_schemas.parse(await _body(config, request))
-        rt = await responses.prepare(req, request.headers)
+        rt = await responses.prepare(req, request.headers, owner)
         if req.stream:
-            return StreamingResponse(stream_events(rt), media_type="text/event-stream",
-                                     headers={**rt.headers(), "Cache-Control": "no-cache"})
+            return TurnStream(stream_events(rt), lambda: chats.settle(rt.turn, rt.finish),
+                              rt.headers())
         body = await responses.run(rt)
         return JSONResponse(body, headers=rt.headers())
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str, request: Request) -> dict:
-        _authorized(config, request)
-        return responses.get(response_id)
+        return await responses.get(response_id, _authorized(config, request))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        _authorized(config, request)
+        owner = _authorized(config, request)
         req = text_completions.parse(await _body(config, request))
-        turn = await texts.prepare(req, request.headers)
+        turn = await texts.prepare(req, request.headers, owner)
         headers = {"X-Astraea-Job-ID": turn.session.job_id or ""}
-        if turn.session.session_id in chats.sessions.by_id:  # else a one-segment job
+        if chats.sessions.holds(turn.session):  # else a one-segment job
             headers["X-Session-ID"] = turn.session.session_id
         if req.stream:
-            return StreamingResponse(text_completions.stream_chunks(texts, turn),
-                                     media_type="text/event-stream",
-                                     headers={**headers, "Cache-Control": "no-cache"})
+            return TurnStream(text_completions.stream_chunks(texts, turn),
+                              lambda: chats.settle(turn, texts.wrap_up(turn)), headers)
         try:
             async for _ in texts.run(turn):
                 pass

@@ -138,12 +138,14 @@ class ChatTokenizer:
             messages, tools=tools, chat_template=self.template, tokenize=False,
             add_generation_prompt=add_generation_prompt)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        """The ids of `text`; with `special`, plus what the tokenizer adds around a whole
+        prompt (e.g. BOS), as vLLM tokenizes a text completion's prompt."""
         if not text:
             return []
         if self._backend is not None:  # the Rust tokenizer itself: the same ids, ~20x faster
-            return self._backend.encode(text, add_special_tokens=False).ids
-        return list(self.tok.encode(text, add_special_tokens=False))
+            return self._backend.encode(text, add_special_tokens=special).ids
+        return list(self.tok.encode(text, add_special_tokens=special))
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         """Text of `ids`. Ids outside the vocabulary (a simulated worker's placeholders) are

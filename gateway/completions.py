@@ -19,10 +19,11 @@ ended first, so nothing is answered from a context that differs from the prompt.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -40,6 +41,7 @@ from gateway.chat import (
 from gateway.config import GatewayConfig
 from gateway.schemas import ChatRequest, check_tool_messages
 from gateway.sessions import SESSION_HEADERS, Session, SessionTable, prefix_keys
+from gateway.shared_sessions import SharedSessions
 
 log = get_logger("astraea.gateway")
 
@@ -88,6 +90,11 @@ class Turn:
     tool_calls: list[ParsedToolCall] = field(default_factory=list)
     prefill_tokens: int | None = None
     _placeholders: bool = False
+    # The turn holds its session until `_release` (exactly once: after that the session may
+    # be another turn's); `_ran`: the segment ended; `_finishing`: the wrap-up has begun.
+    _held: bool = True
+    _ran: bool = False
+    _finishing: bool = False
     # Whether the reply's text is all its tokens say: not when a stop string cut the text but
     # not the tokens (the job's context then holds text the next request will not).
     _text_is_tokens: bool = True
@@ -105,9 +112,12 @@ class Turn:
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
     def generated_text(self) -> str:
-        """The reply's tokens as text, special tokens kept: what the job's context holds."""
-        return self.chats.tokenizer.decode(self.generated, skip_special=False) \
-            if not self._placeholders else self.text
+        """The reply's tokens as text, special tokens kept: what the job's context holds
+        (less the bytes of a character the budget cut, left out of the text too)."""
+        if self._placeholders:
+            return self.text
+        return _incomplete_end(self.chats.tokenizer.decode(self.generated,
+                                                           skip_special=False))[0]
 
     @property
     def text_is_tokens(self) -> bool:
@@ -136,33 +146,52 @@ class Turn:
         stream = chats.client.stream_segment(
             s.job_id, prompt_token_ids=self.input_ids, max_tokens=r.output_limit(),
             temperature=r.temperature, next_tool_category=self.next_tool_category, **sampling)
+        # A reply never ends in an incomplete character, as in vLLM's detokenizer: a trailing
+        # U+FFFD (bytes of a character the budget cut) waits for text after it, and is
+        # dropped when none comes.
+        tail = ""
         try:
-            async for chunk in stream:
-                self.generated.extend(chunk.token_ids)
-                delta = self._delta(list(chunk.token_ids), chunk.text)
-                if delta:
-                    self.text += delta
-                    if not self.buffered:
-                        yield delta
+            # Closed with us (aclosing): the RunSegment call is cancelled at once, not when
+            # the garbage collector gets to it.
+            async with contextlib.aclosing(stream.__aiter__()) as chunks:
+                async for chunk in chunks:
+                    self.generated.extend(chunk.token_ids)
+                    delta = self._delta(list(chunk.token_ids), chunk.text)
+                    if delta:
+                        delta, tail = _incomplete_end(tail + delta)
+                        if delta:
+                            self.text += delta
+                            if not self.buffered:
+                                yield delta
         except BaseException:
             # Cancelled (the HTTP client went away) or failed: the control plane ends the job
             # when its RunSegment call goes, which frees the worker's KV.
-            chats.sessions.forget_turn(s)
-            s.busy = False
+            if self._held:
+                chats.sessions.forget_turn(s)
+                self._release()
             raise
-        if not self.text and self.generated:
+        self._ran = True
+        if not self.text and not tail and self.generated:
             # No text came for any token: placeholders all inside the vocabulary by chance.
             self._placeholders = True
         if self._placeholders:  # what an incomplete character held back, as it decodes
+            # (all of it: a simulated worker's placeholders are no model's bytes, and a stack
+            # without a model still answers with text)
             full = self.chats.tokenizer.decode(self.generated)
             if full.startswith(self.text) and len(full) > len(self.text):
                 rest = full[len(self.text):]
                 self.text = full
                 if not self.buffered:
                     yield rest
-        if not self._placeholders and self.chats.tokenizer.decode(self.generated) != self.text:
-            self._text_is_tokens = False
         result = stream.result
+        if not self._placeholders:
+            full = self.chats.tokenizer.decode(self.generated)
+            # Still the tokens' text when the budget only cut a last character: the job's
+            # context then goes on from those bytes, as it did before they were left out.
+            cut = result.finish_reason is not FinishReason.STOP and \
+                full.startswith(self.text) and not _incomplete_end(full[len(self.text):])[0]
+            if full != self.text and not cut:
+                self._text_is_tokens = False
         self.prefill_tokens = result.timings.prefill_tokens if result.timings else None
         if r.forced_tools():
             # Decoding followed the call's schema: the whole text is the call.
@@ -181,15 +210,23 @@ class Turn:
             self.finish_reason = "length"
 
     def reply(self) -> dict:
-        msg: dict = {"role": "assistant", "content": self.text or None}
+        # As OpenAI and vLLM: null only beside tool calls; an empty reply is "".
+        msg: dict = {"role": "assistant",
+                     "content": self.text if self.text or not self.tool_calls else None}
         if self.tool_calls:
             msg["tool_calls"] = [c.as_openai() for c in self.tool_calls]
         return msg
+
+    def _release(self) -> None:
+        if self._held:
+            self._held = False
+            self.chats.release(self.session)
 
     async def finish(self) -> None:
         """The reply is sent: record it in the session and start its API wait (or end the
         session when asked to)."""
         chats, s = self.chats, self.session
+        self._finishing = True
         try:
             if self.close:
                 await chats.end_session(s, "closed by the client")
@@ -212,8 +249,8 @@ class Turn:
                             session_id=s.session_id)
                 chats.sessions.forget_turn(s)
         finally:
-            s.busy = False
-            s.last_used = time.monotonic()
+            self._release()
+        await chats.flush_shared()  # the next turn may come to another gateway at once
 
     def req_tools(self) -> list[dict] | None:
         return _tools(self.req)
@@ -231,14 +268,18 @@ class Chats:
     """The gateway's sessions and the calls that run them."""
 
     def __init__(self, config: GatewayConfig, client: AsyncAgentClient,
-                 tokenizer: ChatTokenizer) -> None:
+                 tokenizer: ChatTokenizer, shared: SharedSessions | None = None) -> None:
         self.config = config
         self.client = client
         self.tokenizer = tokenizer
         self.sessions = SessionTable()
+        # Named sessions in the durable store (None: in this process only).
+        self.shared = shared
+        self._wrapping_up: set[asyncio.Task] = set()  # wrap-ups no request waits for
 
-    async def prepare(self, req: ChatRequest, headers) -> Turn:
-        """The request's turn on its session (found, continued or opened), its job ready."""
+    async def prepare(self, req: ChatRequest, headers, owner: str = "") -> Turn:
+        """The request's turn on its session (found, continued or opened), its job ready.
+        `owner`: the API key's owner id; another owner's sessions are never found."""
         if req.model != self.config.model:
             raise errors.model_not_found(req.model, self.config.model)
         check_tool_messages(req.messages)
@@ -254,17 +295,18 @@ class Chats:
         named = session_id_of(req, headers)
         close = bool(req.nvext and req.nvext.session_control
                      and req.nvext.session_control.action == "close")
-        s = self.sessions.find(named, keys)
+        s = self.sessions.find(named, keys, owner)
         if s is not None and s.busy:
             if named is not None:
                 raise errors.session_busy(s.session_id)
             s = None  # an unnamed fork of a conversation being answered: a session of its own
         if s is None:
-            s = self.sessions.new(named)
+            s = self.sessions.new(named, owner)
         s.busy = True  # no await between the lookup and here: one request per session
         s.turn_started = False
         s.last_used = time.monotonic()
         try:
+            await self.claim(s)
             suffix = self._continuation(s, messages, tools, keys, prompt_text)
             if suffix is not None and not await self.end_tool_wait(s):
                 suffix = None
@@ -282,16 +324,72 @@ class Chats:
                 raise errors.bad_request("the rendered prompt is empty", "messages")
         except AstraeaError as e:
             self.sessions.forget_turn(s)
-            s.busy = False
+            self.release(s)
             raise errors.from_grpc(e.code, e.message) from None
         except BaseException:
-            s.busy = False
+            self.release(s)
             raise
         turn = Turn(self, req, s, messages, keys, prompt_text, ids, prompt_tokens, close,
                     schema)
         if req.astraea is not None and req.astraea.next_tool_category:
             turn.next_tool_category = req.astraea.next_tool_category
         return turn
+
+    async def claim(self, s: Session) -> None:
+        """A named session's turn starts: with a shared store, hold it there and load what
+        its job holds (409 when a request on any gateway holds it)."""
+        if self.shared is not None and s.explicit:
+            s.shared = True
+            await self.shared.claim(s, self.sessions)
+
+    def settle(self, turn: Turn, wrap_up: Callable[[], Awaitable[None]]) -> None:
+        """A streamed turn's response is over, however it ended (the client may have left at
+        any point): the session is never left held. A turn whose segment ended but whose
+        wrap-up never ran gets `wrap_up` in the background (the reply is known: it is
+        recorded, and stored, as if sent); one whose segment never ran frees the session as
+        it was. A no-op once the turn has released it or begun its wrap-up."""
+        if not turn._held or turn._finishing:
+            return
+        if turn._ran:
+            turn._finishing = True
+            task = asyncio.get_running_loop().create_task(self._wrap_up(turn, wrap_up))
+            self._wrapping_up.add(task)
+            task.add_done_callback(self._wrapping_up.discard)
+            return
+        if turn.session.turn_started:  # stopped mid-segment: what the job holds is unknown
+            self.sessions.forget_turn(turn.session)
+        turn._release()
+
+    async def wrap_up(self, turn: Turn, wrap_up: Callable[[], Awaitable[None]]) -> None:
+        """Run a turn's wrap-up (its segment has ended) to its end even when the client leaves
+        meanwhile: the cancellation stops this wait, not the wrap-up, which goes on as a task
+        of its own (else the reply would be lost to the session, the response never stored)."""
+        turn._finishing = True  # before the task runs: `settle` must not start another
+        task = asyncio.get_running_loop().create_task(wrap_up())
+        self._wrapping_up.add(task)
+        task.add_done_callback(self._wrapping_up.discard)
+        task.add_done_callback(_retrieved)
+        await asyncio.shield(task)
+
+    async def _wrap_up(self, turn: Turn, wrap_up: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await wrap_up()
+        except Exception as e:  # nobody to answer: logged; the turn released its session
+            log.warning("a turn whose client left was not wrapped up", error=str(e),
+                        session_id=turn.session.session_id)
+        finally:
+            turn._release()
+
+    def release(self, s: Session) -> None:
+        """The session's turn is over (or never ran): free it, here and in the store."""
+        s.busy = False
+        s.last_used = time.monotonic()
+        if self.shared is not None:
+            self.shared.release(s)
+
+    async def flush_shared(self) -> None:
+        if self.shared is not None:
+            await self.shared.flush()
 
     async def end_tool_wait(self, s: Session) -> bool:
         """A request continuing the session ends the API wait its last reply began
@@ -340,30 +438,58 @@ class Chats:
     async def end_session(self, s: Session, why: str) -> None:
         await self.drop_job(s, why)
         self.sessions.remove(s)
+        if self.shared is not None:
+            await self.shared.delete(s)
 
     async def reap_idle(self, now: float | None = None) -> int:
         """End the sessions idle for longer than the configured timeout; how many. A session
         busy with a turn whose segment never started (a streamed response whose client left
         before its body began) counts as idle too."""
         idle = self.sessions.idle(self.config.session_idle_s, now)
+        ended = 0
         for s in idle:
+            if s.shared and not s.busy:
+                self.sessions.remove(s)  # only the copy here: idle is decided in the store
+                continue
             await self.end_session(s, "idle")
-        return len(idle)
+            ended += 1
+        if self.shared is not None:
+            # Idle on every gateway (or held by a gateway that died): whoever claims it first
+            # ends its job.
+            for s in await self.shared.take_stale(self.config.session_idle_s):
+                local = self.sessions.get(s.owner, s.session_id)
+                if local is not None and not local.busy:
+                    self.sessions.remove(local)
+                await self.end_session(s, "idle")
+                ended += 1
+        return ended
 
     async def reap_forever(self) -> None:
         period = max(0.05, min(5.0, self.config.session_idle_s / 4))
         while True:
             await asyncio.sleep(period)
             try:
+                if self.shared is not None:
+                    self.shared.renew([s for s in self.sessions.by_id.values() if s.busy])
                 await self.reap_idle()
-            except Exception as e:  # a control-plane hiccup must not stop the reaper
+            except Exception as e:  # a control-plane (or store) hiccup must not stop it
                 log.warning("idle sessions not reaped", error=str(e))
 
     async def close(self) -> None:
-        """End every session (the gateway is stopping): their jobs' KV is freed now."""
+        """End every session (the gateway is stopping): their jobs' KV is freed now. Shared
+        sessions stay, with their jobs: another gateway, or this one restarted, goes on."""
+        # No retrying now: a control plane that is away (stopping with us, say) would hold
+        # the gateway's exit for the whole retry window; its job timeout ends these jobs.
+        self.client.retry = None
         for s in list(self.sessions.by_id.values()):
-            if not s.busy:
+            if not s.busy and not s.shared:
                 await self.end_session(s, "gateway stopping")
+
+
+def _retrieved(task: asyncio.Task) -> None:
+    # A wrap-up whose waiter was cancelled: its error has no one to go to but the log.
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a turn's wrap-up failed", error=str(task.exception()))
 
 
 def tool_call_schema(tools) -> dict:
@@ -384,6 +510,12 @@ def template_message_dict(reply: dict) -> dict:
                             "function": {"name": c["function"]["name"],
                                          "arguments": c["function"]["arguments"]}}
                            for c in calls] if calls else None}
+
+
+def _incomplete_end(text: str) -> tuple[str, str]:
+    """(`text` less its trailing U+FFFD characters, those characters)."""
+    kept = text.rstrip("\ufffd")
+    return kept, text[len(kept):]
 
 
 def _hints(req) -> dict:

@@ -2,18 +2,26 @@
 request's `previous_response_id` continues.
 
 `ResponseStore` is the narrow interface (get, put); `MemoryResponseStore` keeps the newest
-`capacity` responses in this process. A record is plain JSON-able data so that a durable
-store can keep it as it is.
+`capacity` responses in this process; `StoreResponseStore` keeps them in the durable store
+(`--state-dir` / `--database`), where every gateway on it and a restarted one find them, for
+`retention_s` after their creation (bounded by age, not by count).
 """
 
 from __future__ import annotations
 
 import abc
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from astraea.store import Store
+from astraea.store import StoredResponse as StoreRecord
+from gateway.config import DEFAULT_RESPONSE_RETENTION_S
+
 DEFAULT_CAPACITY = 10_000  # responses kept in memory; the oldest go first
+DEFAULT_RETENTION_S = DEFAULT_RESPONSE_RETENTION_S  # OpenAI's own default, 30 days
+PRUNE_EVERY_S = 60.0  # how often a putting gateway deletes the expired ones
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,7 @@ class StoredResponse:
     messages: list[dict]
     session_id: str | None  # the gateway session whose job holds the context
     session_key: str | None  # the session's prefix key right after this response
+    owner: str = ""  # the owner id of the API key that created it ("" without keys)
 
 
 class ResponseStore(abc.ABC):
@@ -34,12 +43,17 @@ class ResponseStore(abc.ABC):
     (fast, or offloaded by the caller) and keep records unchanged."""
 
     @abc.abstractmethod
-    def get(self, response_id: str) -> StoredResponse | None:
-        """The response with this id, or None when it is unknown (never stored, or dropped)."""
+    def get(self, response_id: str, owner: str = "") -> StoredResponse | None:
+        """`owner`'s response with this id, or None when it is unknown (never stored, dropped,
+        or another owner's: indistinguishable, so ids tell nothing across keys)."""
 
     @abc.abstractmethod
     def put(self, response: StoredResponse) -> None:
         """Keep `response` (replacing one with the same id)."""
+
+    async def flush(self) -> None:
+        """Every put so far is durable and visible to other gateways (a no-op in memory)."""
+        return None
 
 
 class MemoryResponseStore(ResponseStore):
@@ -52,9 +66,10 @@ class MemoryResponseStore(ResponseStore):
         self._items: OrderedDict[str, StoredResponse] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, response_id: str) -> StoredResponse | None:
+    def get(self, response_id: str, owner: str = "") -> StoredResponse | None:
         with self._lock:
-            return self._items.get(response_id)
+            r = self._items.get(response_id)
+        return r if r is not None and r.owner == owner else None
 
     def put(self, response: StoredResponse) -> None:
         with self._lock:
@@ -65,3 +80,42 @@ class MemoryResponseStore(ResponseStore):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class StoreResponseStore(ResponseStore):
+    """Responses in the durable store: kept across restarts and shared by the gateways on one
+    database, each for `retention_s` after it was created. `get` waits for the database:
+    callers on the event loop offload it (`asyncio.to_thread`); `put` is a queued write."""
+
+    def __init__(self, store: Store, retention_s: float = DEFAULT_RETENTION_S) -> None:
+        if not retention_s > 0:
+            raise ValueError("retention_s must be positive")
+        self.store = store
+        self.retention_s = retention_s
+        self._next_prune = 0.0
+
+    def get(self, response_id: str, owner: str = "") -> StoredResponse | None:
+        try:
+            rec = self.store.get_response(response_id)
+        except ValueError:  # an id the store could never hold (too long, NUL): unknown
+            return None
+        if rec is None or rec.created_unix_s < time.time() - self.retention_s:
+            return None  # expired, not yet pruned
+        if rec.owner != owner:
+            return None
+        p = rec.payload
+        return StoredResponse(rec.response_id, p["body"], p["messages"], rec.session_id,
+                              p.get("session_key"), rec.owner)
+
+    def put(self, response: StoredResponse) -> None:
+        now = time.time()
+        self.store.put_response(StoreRecord(
+            response.id, response.owner, response.session_id, now,
+            {"body": response.body, "messages": response.messages,
+             "session_key": response.session_key}))
+        if now >= self._next_prune:
+            self._next_prune = now + PRUNE_EVERY_S
+            self.store.prune_responses(now - self.retention_s)
+
+    async def flush(self) -> None:
+        await self.store.flush_async()

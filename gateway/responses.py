@@ -8,12 +8,18 @@ is still that response, so the job's context is resumed and only the new items a
 prefilled; otherwise (the session moved on: a fork, or its job is gone) the session is found
 by its messages like any chat request, or a new one is opened.
 
+With a durable store (`--state-dir` / `--database`) responses are kept there and every turn
+runs in a named session (one the client names, else a new one): the store keeps it, so a
+chain goes on in its job on any gateway on the same store (gateway/shared_sessions.py).
+
 As at OpenAI, `instructions` are not carried over from the previous response: each request
 sends its own (the same instructions on every turn keep the prompt a continuation).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -22,10 +28,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from astraea.client import AstraeaError
+from astraea.store import StoreError
 from gateway import errors, response_schemas, schemas
 from gateway.completions import Chats, Turn
 from gateway.response_schemas import NamedFunction, ResponsesRequest
-from gateway.response_store import ResponseStore, StoredResponse
+from gateway.response_store import MemoryResponseStore, ResponseStore, StoredResponse
 
 __all__ = ["Responses", "ResponseTurn", "stream_events"]
 
@@ -48,6 +55,7 @@ class ResponseTurn:
     req: ResponsesRequest
     turn: Turn
     history: list[dict]  # the conversation before the reply, without instructions
+    owner: str = ""  # the API key's owner id: the only one who finds it stored
     id: str = field(default_factory=lambda: f"resp_{uuid.uuid4().hex}")
     created_at: int = field(default_factory=lambda: int(time.time()))
     message_id: str = field(default_factory=lambda: f"msg_{uuid.uuid4().hex}")
@@ -124,8 +132,11 @@ class ResponseTurn:
         await t.finish()
         if self.req.store:
             s = t.session
-            self.responses.store.put(StoredResponse(
-                self.id, self.body(), [*self.history, t.reply()], s.session_id, s.key))
+            store = self.responses.store
+            store.put(StoredResponse(
+                self.id, self.body(), [*self.history, t.reply()], s.session_id, s.key,
+                self.owner))
+            await store.flush()  # durable before the client learns the id
 
 
 def _text_part(text: str) -> dict:
@@ -139,32 +150,53 @@ class Responses:
         self.chats = chats
         self.store = store
 
-    def get(self, response_id: str) -> dict:
-        stored = self.store.get(response_id)
+    async def get(self, response_id: str, owner: str = "") -> dict:
+        """The stored response; another owner's is unknown (404 word for word)."""
+        stored = await self._stored(response_id, owner)
         if stored is None:
             raise response_not_found(response_id)
         return stored.body
 
-    async def prepare(self, req: ResponsesRequest, headers) -> ResponseTurn:
-        """The request's turn, its session found (or opened) and its job ready."""
+    async def prepare(self, req: ResponsesRequest, headers, owner: str = "") -> ResponseTurn:
+        """The request's turn, its session found (or opened) and its job ready; `owner`'s
+        (the API key's) responses and sessions only."""
         chats = self.chats
         if req.model != chats.config.model:
             raise errors.model_not_found(req.model, chats.config.model)
         history: list[dict] = []
         session_id = req.session_id
         if req.previous_response_id is not None:
-            prev = self.store.get(req.previous_response_id)
+            prev = await self._stored(req.previous_response_id, owner)
             if prev is None:
                 raise previous_not_found(req.previous_response_id)
             history = prev.messages
-            s = chats.sessions.by_id.get(prev.session_id or "")
-            if session_id is None and s is not None and not s.busy and \
-                    s.key is not None and s.key == prev.session_key:
-                session_id = prev.session_id
+            if chats.shared is not None:
+                if session_id is None and prev.session_id is not None and \
+                        await chats.shared.continues(owner, prev.session_id, prev.session_key):
+                    session_id = prev.session_id
+            else:
+                s = chats.sessions.get(owner, prev.session_id or "")
+                if session_id is None and s is not None and not s.busy and \
+                        s.key is not None and s.key == prev.session_key:
+                    session_id = prev.session_id
+        if session_id is None and chats.shared is not None:
+            # A named (so shared) session, that the next response may continue on any gateway.
+            session_id = f"sess-{uuid.uuid4().hex}"
         messages = [*history, *response_schemas.input_messages(req, history)]
         chat_req = schemas.parse(response_schemas.chat_body(req, messages, session_id))
-        turn = await chats.prepare(chat_req, headers)
-        return ResponseTurn(self, req, turn, messages)
+        turn = await chats.prepare(chat_req, headers, owner)
+        return ResponseTurn(self, req, turn, messages, owner)
+
+    async def _stored(self, response_id: str, owner: str) -> StoredResponse | None:
+        """The owner's stored response; a durable store is read off the event loop."""
+        if isinstance(self.store, MemoryResponseStore):
+            return self.store.get(response_id, owner)
+        try:
+            return await asyncio.to_thread(self.store.get, response_id, owner)
+        except StoreError as e:
+            raise errors.ApiError(503, f"the gateway's response store failed: {e}",
+                                  "service_unavailable",
+                                  code="state_store_unavailable") from None
 
     async def run(self, rt: ResponseTurn) -> dict:
         """Run the turn to its end; the finished response object."""
@@ -194,14 +226,15 @@ async def stream_events(rt: ResponseTurn) -> AsyncIterator[bytes]:
     t, opened, text = rt.turn, False, ""
     ids = {"item_id": rt.message_id, "output_index": 0}
     try:
-        async for delta in t.run():
-            if not opened:
-                opened = True
-                for ev in _open_message(seq, rt):
-                    yield ev
-            text += delta
-            yield _event(seq, "response.output_text.delta", **ids, content_index=0,
-                         delta=delta, logprobs=[])
+        async with contextlib.aclosing(t.run()) as deltas:
+            async for delta in deltas:
+                if not opened:
+                    opened = True
+                    for ev in _open_message(seq, rt):
+                        yield ev
+                text += delta
+                yield _event(seq, "response.output_text.delta", **ids, content_index=0,
+                             delta=delta, logprobs=[])
     except AstraeaError as e:
         err = errors.from_grpc(e.code, e.message)
         rt.status = "failed"
@@ -235,7 +268,7 @@ async def stream_events(rt: ResponseTurn) -> AsyncIterator[bytes]:
                      output_index=index + i, name=c.name, arguments=c.arguments)
         yield _event(seq, "response.output_item.done", output_index=index + i,
                      item=rt.call_item(i, "completed"))
-    await rt.finish()
+    await t.chats.wrap_up(t, rt.finish)  # done (stored) even if the client leaves now
     yield _event(seq, f"response.{rt.status}", response=rt.body())
 
 

@@ -13,10 +13,21 @@ import signal
 import sys
 import time
 
-from astraea.auth import ClientCredentials, add_client_arguments, client_credentials_from_args
+from astraea.auth import (
+    ClientCredentials,
+    KeyRing,
+    add_client_arguments,
+    client_credentials_from_args,
+)
+from astraea.store import Store, StoreError, open_store
 from astraea.telemetry import get_logger, prometheus
 from astraea.telemetry.setup import add_log_level_argument, setup_service_telemetry
-from gateway.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_SESSION_IDLE_S, GatewayConfig
+from gateway.config import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_RESPONSE_RETENTION_S,
+    DEFAULT_SESSION_IDLE_S,
+    GatewayConfig,
+)
 
 log = get_logger("astraea.gateway")
 
@@ -39,13 +50,28 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def read_keys(keys: list[str], key_file: str | None) -> frozenset[str]:
-    """The keys given, plus one per non-blank, non-# line of `key_file`."""
-    out = {k for k in keys if k}
+def read_keys(keys: list[str], key_file: str | None) -> dict[str, str]:
+    """Each accepted key and its owner id: the keys given, plus one per non-blank, non-#
+    line of `key_file`. As the control plane's key files: `name:key` names the owner, a bare
+    key's owner is an id derived from it. ValueError for a malformed entry."""
+    sources = [("--api-key", [k for k in keys if k])]
     if key_file:
         with open(key_file) as f:
-            out |= {line.strip() for line in f if line.strip() and not line.startswith("#")}
-    return frozenset(out)
+            sources.append((key_file, f.read().splitlines()))
+    owners: dict[str, str] = {}
+    for source, lines in sources:
+        if any(line.strip() and not line.strip().startswith("#") for line in lines):
+            owners.update(KeyRing.parse(lines, source).owners)
+    return owners
+
+
+def read_url(path: str) -> str:
+    """The database URL in `path`: its first non-blank line."""
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                return line.strip()
+    raise ValueError(f"--database-file {path}: the file is empty")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default=DEFAULT_LISTEN, help="host:port to serve HTTP on")
     p.add_argument("--control-plane", default="127.0.0.1:50051", metavar="HOST:PORT",
                    help="the control plane's AgentService")
+    p.add_argument("--control-plane-retry-s", type=float, default=30.0, metavar="S",
+                   help="retry calls the control plane cannot take (UNAVAILABLE: restarting) "
+                        "for up to S seconds, resuming cut token streams, so a turn in flight "
+                        "goes on in its job; 0: answer 503 at once (default: 30)")
     p.add_argument("--model", required=True,
                    help="the model name clients send (listed by /v1/models)")
     p.add_argument("--tokenizer", required=True, metavar="PATH",
@@ -63,13 +93,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template to use instead of the tokenizer's")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                   help="a key clients must send as 'Authorization: Bearer KEY' (repeatable)")
+                   help="a key clients must send as 'Authorization: Bearer KEY' (repeatable); "
+                        "NAME:KEY names its owner. Stored Responses and sessions belong to "
+                        "the owner of the key that made them")
     p.add_argument("--api-key-file", default=None, metavar="FILE",
-                   help="more keys, one per line")
+                   help="more keys, one per line (NAME:KEY names the owner, as the control "
+                        "plane's key files)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     p.add_argument("--session-idle-s", type=float, default=DEFAULT_SESSION_IDLE_S,
                    help="end a session's job (freeing its KV) after this long without a "
                         "request")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--state-dir", default=None, metavar="DIR",
+                       help="keep stored Responses and named sessions in SQLite in DIR: they "
+                            "survive a restart, and gateways on the same state share them "
+                            "(default: none: in memory, a restart loses them)")
+    where.add_argument("--database", default=None, metavar="URL",
+                       help="the same in PostgreSQL: postgresql://user@host/db (what several "
+                            "gateways on several hosts share)")
+    where.add_argument("--database-file", default=None, metavar="FILE",
+                       help="--database with the URL read from FILE (a mounted secret: a URL "
+                            "with a password stays off the command line)")
+    p.add_argument("--response-retention-s", type=float, default=DEFAULT_RESPONSE_RETENTION_S,
+                   metavar="SECONDS",
+                   help="with --state-dir/--database: delete a stored Response this long "
+                        "after its creation (in memory the newest 10,000 are kept)")
     # What the gateway presents to the control plane, itself a client of AgentService.
     add_client_arguments(p, "--control-plane-key-file", tls_prefix="--control-plane-",
                          title="the control plane's key and TLS",
@@ -81,10 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _serve(config: GatewayConfig, host: str, port: int, control_plane: str,
-                 credentials: ClientCredentials | None = None) -> int:
+                 credentials: ClientCredentials | None = None, state: Store | None = None,
+                 retry_s: float = 0.0) -> int:
     import uvicorn
 
-    from astraea.client import AsyncAgentClient
+    from astraea.client import AsyncAgentClient, RetryPolicy
     from gateway.app import create_app
     from gateway.chat import ChatTokenizer
 
@@ -95,7 +144,10 @@ async def _serve(config: GatewayConfig, host: str, port: int, control_plane: str
         # Short calls are bounded; a segment takes what it takes.
         client = AsyncAgentClient(channel=channel, timeout=30.0, segment_timeout=None,
                                   api_key=credentials.key)
-        app = prometheus.instrument_asgi(create_app(config, client, tokenizer))  # /metrics
+        if retry_s > 0:
+            client.retry = RetryPolicy(total_s=retry_s)
+        app = prometheus.instrument_asgi(  # /metrics
+            create_app(config, client, tokenizer, state=state))
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                access_log=False, lifespan="on"))
         server.install_signal_handlers = lambda: None  # ours below: stop on SIGTERM too
@@ -112,6 +164,8 @@ async def _serve(config: GatewayConfig, host: str, port: int, control_plane: str
         return 0 if server.started else 1
     finally:
         await channel.close()
+        if state is not None:
+            state.close()  # commits what is queued
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,12 +176,18 @@ def main(argv: list[str] | None = None) -> int:
         keys = read_keys(args.api_key, args.api_key_file)
         credentials = client_credentials_from_args(args, "--control-plane-key-file",
                                                    tls_prefix="--control-plane-")
+        if args.database_file:
+            args.database = read_url(args.database_file)
     except (ValueError, OSError) as e:
         parser.error(str(e))
     if args.max_body_bytes < 1:
         parser.error("--max-body-bytes must be positive")
+    if not args.control_plane_retry_s >= 0:
+        parser.error("--control-plane-retry-s must be 0 or more")
     if not args.session_idle_s > 0:
         parser.error("--session-idle-s must be positive")
+    if not args.response_retention_s > 0:
+        parser.error("--response-retention-s must be positive")
     if not keys and not is_loopback(host):
         parser.error(f"--listen {args.listen} is not a loopback address and no --api-key is "
                      "set: anyone who can reach it could use the model. Give --api-key (or "
@@ -139,13 +199,23 @@ def main(argv: list[str] | None = None) -> int:
     config = GatewayConfig(model=args.model, tokenizer=args.tokenizer, api_keys=keys,
                            max_body_bytes=args.max_body_bytes,
                            session_idle_s=args.session_idle_s, chat_template=template,
-                           created_unix_s=int(time.time()))
+                           created_unix_s=int(time.time()),
+                           response_retention_s=args.response_retention_s)
+    state = None
+    if args.database or args.state_dir:
+        try:
+            state = open_store(args.database or args.state_dir)
+        except (StoreError, OSError) as e:
+            print(f"astraea-gateway: cannot open the state store: {e}", file=sys.stderr,
+                  flush=True)
+            return 2
     tel = setup_service_telemetry(parser, "astraea-gateway", args.log_level, args)
     if not keys:
         print(f"astraea-gateway: no API key set: serving loopback ({host}) only",
               file=sys.stderr, flush=True)
     try:
-        return asyncio.run(_serve(config, host, port, args.control_plane, credentials))
+        return asyncio.run(_serve(config, host, port, args.control_plane, credentials, state,
+                                  args.control_plane_retry_s))
     finally:
         tel.shutdown()
 

@@ -128,7 +128,7 @@ class TextCompletions:
     def __init__(self, chats: Chats) -> None:
         self.chats = chats
 
-    async def prepare(self, req: CompletionRequest, headers) -> Turn:
+    async def prepare(self, req: CompletionRequest, headers, owner: str = "") -> Turn:
         chats = self.chats
         if req.model != chats.config.model:
             raise errors.model_not_found(req.model, chats.config.model)
@@ -137,22 +137,23 @@ class TextCompletions:
         if named is None:
             s = Session(f"cmpl-{uuid.uuid4().hex}", explicit=False)  # in no table: one turn
         else:
-            s = chats.sessions.find(named, [])
+            s = chats.sessions.find(named, [], owner)
             if s is not None and s.busy:
                 raise errors.session_busy(s.session_id)
             if s is None:
-                s = chats.sessions.new(named)
+                s = chats.sessions.new(named, owner)
         s.busy, s.turn_started, s.last_used = True, False, time.monotonic()
         try:
+            await chats.claim(s)
             ids, prompt_tokens = await self._input(s, prompt, named is not None)
             if not ids:
                 raise errors.bad_request("the prompt is empty", "prompt")
         except AstraeaError as e:
             chats.sessions.forget_turn(s)
-            s.busy = False
+            chats.release(s)
             raise errors.from_grpc(e.code, e.message) from None
         except BaseException:
-            s.busy = False
+            chats.release(s)
             raise
         turn = Turn(chats, req, s, [], [], prompt, ids, prompt_tokens, False,  # type: ignore[arg-type]
                     next_tool_category=HUMAN if named is not None else None)
@@ -172,23 +173,31 @@ class TextCompletions:
         if s.job_id is not None:
             await chats.drop_job(s, "the prompt does not continue the session")
         s.job_id = await chats.client.start_job(category=JOB_CATEGORY)
-        ids = chats.tokenizer.encode(prompt)
+        # As vLLM's /v1/completions (add_special_tokens defaults to true there): the
+        # tokenizer's own special tokens, a BOS for most models, start the prompt.
+        ids = chats.tokenizer.encode(prompt, special=True)
         return ids, len(ids)
 
     async def run(self, turn: Turn) -> AsyncIterator[str]:
         """The segment's text as it streams; the turn is finished when the stream is."""
         try:
-            async for delta in turn.run():
-                yield delta
+            async with contextlib.aclosing(turn.run()) as deltas:
+                async for delta in deltas:
+                    yield delta
         except BaseException:
             await self._end(turn, failed=True)
             raise
-        await self._end(turn, failed=False)
+        await self.chats.wrap_up(turn, self.wrap_up(turn))  # done even if the client leaves now
+
+    def wrap_up(self, turn: Turn):
+        """What ends `turn` after a streamed segment whose client left (`Chats.settle`)."""
+        return lambda: self._end(turn, failed=False)
 
     async def _end(self, turn: Turn, failed: bool) -> None:
         chats, s = self.chats, turn.session
+        turn._finishing = True
         try:
-            if s.session_id not in chats.sessions.by_id:  # a one-segment job: done
+            if not chats.sessions.holds(s):  # a one-segment job: done
                 if s.job_id is not None:
                     with contextlib.suppress(AstraeaError):
                         await chats.client.end_job(s.job_id)
@@ -208,8 +217,8 @@ class TextCompletions:
                             session_id=s.session_id)
                 chats.sessions.forget_turn(s)
         finally:
-            s.busy = False
-            s.last_used = time.monotonic()
+            turn._release()
+        await chats.flush_shared()
 
 
 def completion_body(turn: Turn, text: str, finish_reason: str | None, usage: bool) -> dict:
@@ -227,8 +236,9 @@ async def stream_chunks(completions: TextCompletions, turn: Turn) -> AsyncIterat
     """The completion as server-sent `text_completion` chunks, a last one with the finish
     reason, usage when asked for, then `[DONE]`."""
     try:
-        async for delta in completions.run(turn):
-            yield _sse(completion_body(turn, delta, None, False))
+        async with contextlib.aclosing(completions.run(turn)) as deltas:
+            async for delta in deltas:
+                yield _sse(completion_body(turn, delta, None, False))
     except AstraeaError as e:
         yield _sse(errors.from_grpc(e.code, e.message).body())
         return

@@ -16,6 +16,9 @@ GRPC_DEFAULT_MAX_RECEIVE = 4 << 20
 # nothing logged), so both are raised to this, far above any concurrent-call bound: calls are
 # then taken and answered (OK, or RESOURCE_EXHAUSTED past the concurrent-call bound).
 PENDING_CALLS = 65_536
+# gRPC core also cancels a call untaken after 30 s (CANCELLED, nothing logged): an overloaded
+# predictor answers late instead (the control plane's calls carry their own deadlines).
+UNTAKEN_CALL_TIMEOUT_S = 3600
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,8 @@ class PredictorLimits:
         return [("grpc.max_receive_message_length", self.max_receive_message_bytes),
                 ("grpc.max_send_message_length", self.max_send_message_bytes),
                 ("grpc.server.max_pending_requests", pending),
-                ("grpc.server.max_pending_requests_hard_limit", pending)]
+                ("grpc.server.max_pending_requests_hard_limit", pending),
+                ("grpc.server_max_unrequested_time_in_server", UNTAKEN_CALL_TIMEOUT_S)]
 
 
 class BurstClip:

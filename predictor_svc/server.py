@@ -376,7 +376,9 @@ def _run(args: argparse.Namespace) -> int:
 
     def _on_signal(signum, _frame) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
-        stop.set()
+        # Not stop.set() here: the handler runs in the main thread, which may hold the
+        # event's lock inside stop.wait() at that instant (a plain Lock: deadlock).
+        threading.Thread(target=stop.set, daemon=True).start()
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)

@@ -65,3 +65,16 @@ def write_json(tmp_path):
 # file". Importing it here binds pytest's session-wide stream instead (see
 # test_cli.py::test_bench_reports_progress_on_the_current_stderr for the behaviour itself).
 import astraea.tools.bench.run  # noqa: E402,F401
+
+
+@pytest.fixture(scope="module")
+def pg_server():
+    """A real PostgreSQL server in a temporary directory, one per test module (the durable
+    store's tests run the same cases on SQLite and on it)."""
+    from postgres_server import PostgresServer, find_bin_dir
+
+    if find_bin_dir() is None:
+        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl) on this machine")
+    server = PostgresServer.start()
+    yield server
+    server.stop()

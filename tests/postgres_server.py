@@ -2,6 +2,7 @@
 
     with PostgresServer.start() as pg:      # initdb + pg_ctl start (a few seconds)
         url = pg.create_database("t1")      # postgresql://astraea@127.0.0.1:PORT/t1
+        pg.pause(); pg.resume()             # a server restart, its data kept
 
 initdb refuses to run as root, so as root the data directory belongs to the `postgres` user
 and every server command runs as that user (runuser); as anyone else they run directly.
@@ -45,6 +46,7 @@ class PostgresServer:
     def __init__(self, bin_dir: Path, root: Path, port: int, as_user: str | None) -> None:
         self.bin_dir, self.root, self.port, self.as_user = bin_dir, root, port, as_user
         self.data = root / "data"
+        self.fsync = False  # see start()
 
     def _run(self, *args: str, timeout: float = 120) -> str:
         cmd = [str(self.bin_dir / args[0]), *args[1:]]
@@ -79,17 +81,26 @@ class PostgresServer:
             pw = pwd.getpwnam(as_user)  # KeyError: no such user, a setup problem worth seeing
             os.chown(root, pw.pw_uid, pw.pw_gid)
         server = cls(bin_dir, root, _free_port(), as_user)
+        server.fsync = fsync
         try:
             server._run("initdb", "-D", str(server.data), "-A", "trust", "-U", USER,
                         "--no-sync", "-E", "UTF8")
-            options = f"-p {server.port} -k {root} -c listen_addresses=127.0.0.1"
-            server._run("pg_ctl", "-D", str(server.data), "-l", str(root / "server.log"),
-                        "-o", options + ("" if fsync else " -c fsync=off"),
-                        "-w", "-t", "120", "start")
+            server.resume()
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)
             raise
         return server
+
+    def pause(self) -> None:
+        """Stop the server, keeping its data (its clients' connections are cut)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        """Start the server (again) on the same port and data."""
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"),
+                  "-o", options + ("" if self.fsync else " -c fsync=off"),
+                  "-w", "-t", "120", "start")
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"

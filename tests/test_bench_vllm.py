@@ -32,7 +32,7 @@ def test_tiny_trace_is_seeded_and_small() -> None:
 
 
 def test_stack_config_backend() -> None:
-    assert StackConfig().startup_timeout_s == 30.0
+    assert StackConfig().startup_timeout_s == 60.0
     cfg = StackConfig(backend="vllm", model="/m")
     assert cfg.startup_timeout_s == 120.0
     with pytest.raises(StackError, match="backend"):

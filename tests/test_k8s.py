@@ -516,3 +516,52 @@ def test_every_astraea_pod_serves_metrics_where_its_annotations_say(gpu) -> None
         assert selects(policy["podSelector"], pod_labels(dep)), name
         (rule,) = policy["ingress"]
         assert [p["port"] for p in rule["ports"]] == [args.metrics_port], name
+
+
+SHARED = K8S / "overlays" / "shared-sessions"
+
+
+def _json_patch(doc: dict, ops: list[dict]) -> dict:
+    """The JSON-patch ops the overlay uses (replace; add, `-` appending) applied to `doc`."""
+    import copy
+
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = op["path"].strip("/").split("/")
+        node = doc
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        if op["op"] == "add" and last == "-":
+            node.append(op["value"])
+        else:
+            assert op["op"] in ("add", "replace"), op
+            node[int(last) if isinstance(node, list) else last] = op["value"]
+    return doc
+
+
+def test_gateways_share_state_only_through_a_database() -> None:
+    """In memory, replicas share no stored Response or session: the base runs one. The
+    overlay gives every replica the same PostgreSQL, its URL from a generated Secret file."""
+    base = stack()
+    gw, hpa = objects(base, "Deployment")["gateway"], objects(base, "HorizontalPodAutoscaler")
+    (c,) = pod_spec(gw)["containers"]
+    args = parse({"command": c["command"]})
+    assert not (args.database or args.database_file or args.state_dir)
+    assert gw["spec"]["replicas"] == 1
+    assert (hpa["gateway"]["spec"]["minReplicas"], hpa["gateway"]["spec"]["maxReplicas"]) == (1, 1)
+
+    k = kustomization(SHARED)
+    assert "../../base" in k["resources"]
+    patches = {p["target"]["kind"]: yaml.safe_load(p["patch"]) for p in k["patches"]}
+    gw = _json_patch(gw, patches["Deployment"])
+    (c,) = pod_spec(gw)["containers"]
+    args = parse({"command": c["command"]})
+    assert args.database_file and args.database_file.startswith(SECRETS_DIR)
+    secret, key = mounted_secrets(gw, c)[args.database_file]
+    (gen,) = [g for g in k["secretGenerator"] if g["name"] == secret]
+    (path,) = [f.split("=", 1)[1] for f in gen["files"] if f.startswith(f"{key}=")]
+    rel = (SHARED / path).relative_to(ROOT).as_posix()
+    assert subprocess.run(["git", "check-ignore", "-q", rel], cwd=ROOT).returncode == 0, \
+        f"{rel} (the database URL, a password) is not ignored by git"
+    scaled = _json_patch(hpa["gateway"], patches["HorizontalPodAutoscaler"])
+    assert scaled["spec"]["minReplicas"] >= 2 and gw["spec"]["replicas"] >= 2

@@ -33,14 +33,6 @@ from astraea.store import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def pg_server():
-    if find_bin_dir() is None:
-        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl) on this machine")
-    server = PostgresServer.start()
-    yield server
-    server.stop()
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def target(request, tmp_path) -> str:
@@ -109,13 +101,14 @@ def test_segments_and_transcript_round_trip(target):
     with open_store(target) as store:
         store.put_job(job("j"))
         store.put_prompt("j", 0, "first prompt ✓")
-        store.append_output("j", 0, [5, 6])
-        store.append_output("j", 0, [7])
-        store.append_output("j", 0, [])  # nothing to add
+        store.append_output("j", 0, [5, 6], at=0)
+        store.append_output("j", 0, [7], at=2)
+        store.append_output("j", 0, [], at=3)  # nothing to add
         store.segment_progress("j", 0, 3, "tool_call")
         store.put_prompt("j", 1, [101, 102, 2**31 - 1])
         store.put_prompt("j", 1, [101, 103])  # a prompt sent again replaces the first
-        store.append_output("j", 1, [0])
+        store.append_output("j", 1, [9], at=0)
+        store.append_output("j", 1, [0], at=0)  # written again (a batch run twice): replaced
         store.segment_progress("j", 1, 1)
         assert store.get_transcript("j") == [
             TranscriptPiece(0, "prompt", text="first prompt ✓"),
@@ -157,16 +150,25 @@ def test_responses_and_blobs_round_trip(target):
 
 
 # --- batching and durability -------------------------------------------------------------------
-def test_reads_see_own_writes_before_the_batch_commits(target):
-    # An hour-long batch: nothing commits until flush, yet the store's own reads see it all,
-    # and another connection sees it exactly when flush returns.
+def test_writes_commit_when_someone_waits_and_reads_see_them(target):
+    # An hour-long batch: nothing commits until someone waits (a flush or a read); the
+    # store's own reads see every write queued before them, and another connection sees them
+    # once the flush (or the read) returns.
     with open_store(target, batch_interval_s=3600, batch_max_ops=10**6) as store:
         store.put_job(job("j"))
         store.update_job("j", state="ready")
-        assert store.get_job("j").state == "ready"
+        time.sleep(0.2)
         assert raw_query(target, "SELECT COUNT(*) FROM astraea_jobs")[0][0] == 0
-        store.flush()
+        assert store.get_job("j").state == "ready"
+        store.update_job("j", state="running")
+        commits = store.commits
+        time.sleep(0.2)
         assert raw_query(target, "SELECT state FROM astraea_jobs")[0][0] == "ready"
+        store.flush()
+        assert raw_query(target, "SELECT state FROM astraea_jobs")[0][0] == "running"
+        assert store.commits == commits + 1
+        store.flush()  # nothing written since: no transaction at all
+        assert store.commits == commits + 1
 
 
 def test_writes_land_in_the_order_made(target):
@@ -178,8 +180,8 @@ def test_writes_land_in_the_order_made(target):
             store.update_job("j", context_tokens=i)
             if i == 500:
                 store.update_job("j", state="running", generated_tokens=7)
-                store.append_output("j", 0, [i])
-            store.append_output("j", 0, [i])
+                store.append_output("j", 0, [i], at=i)
+            store.append_output("j", 0, [i], at=i + (i >= 500))
         store.flush()
     with open_store(target) as store:
         got = store.get_job("j")
@@ -225,7 +227,7 @@ _CRASHING_WRITER = textwrap.dedent("""
     for i in range(50):
         store.put_job(JobRecord(f"job-{i}", "key-1", "coding", 1000.0 + i))
         store.put_prompt(f"job-{i}", 0, f"prompt {i}")
-        store.append_output(f"job-{i}", 0, list(range(i)))
+        store.append_output(f"job-{i}", 0, list(range(i)), at=0)
         store.segment_progress(f"job-{i}", 0, i)
     store.finish_job("job-0", finished_unix_s=2000.0, reason="EndJob")
     store.put_response(StoredResponse("resp-1", "key-1", "s", 1.0, {"ok": True}))
@@ -273,7 +275,7 @@ def test_concurrent_writers_from_threads(target):
                     jid = f"t{t}-j{i}"
                     store.put_job(job(jid))
                     for chunk in range(5):
-                        store.append_output(jid, 0, [t, i, chunk])
+                        store.append_output(jid, 0, [t, i, chunk], at=3 * chunk)
                         store.segment_progress(jid, 0, 3 * (chunk + 1))
                     store.update_job(jid, generated_tokens=15)
                     if i % 10 == 0:
@@ -305,8 +307,8 @@ def test_large_transcripts_are_stored_as_4_bytes_per_token(target):
     with open_store(target) as store:
         store.put_job(job("big"))
         store.put_prompt("big", 0, ids)
-        store.append_output("big", 0, ids[:60_000])
-        store.append_output("big", 0, ids[60_000:])
+        store.append_output("big", 0, ids[:60_000], at=0)
+        store.append_output("big", 0, ids[60_000:], at=60_000)
         store.flush()
         pieces = store.get_transcript("big")
     assert pieces[0].token_ids == tuple(ids) and pieces[1].token_ids == tuple(ids)
@@ -335,7 +337,9 @@ def test_bad_input_is_refused_before_anything_is_queued(target):
         with pytest.raises(ValueError, match="at least one field"):
             store.update_job("j")
         with pytest.raises(ValueError, match="int32"):
-            store.append_output("j", 0, [2**31])
+            store.append_output("j", 0, [2**31], at=0)
+        with pytest.raises(ValueError, match="at must be a non-negative integer"):
+            store.append_output("j", 0, [1], at=-1)
         with pytest.raises(ValueError, match="sequence of integers"):
             store.put_prompt("j", 0, [1, "two"])
         with pytest.raises(ValueError, match="meta is not JSON"):
@@ -397,18 +401,125 @@ def test_two_stores_on_one_state_directory_are_refused(tmp_path):
     open_store(tmp_path).close()  # released on close
 
 
-def test_a_lost_database_connection_fails_loudly(pg_server):
+def test_every_write_can_be_committed_twice(target, monkeypatch):
+    # After a lost connection the writer runs its round again, though it may have committed
+    # before the acknowledgement was lost: every write must land the same done twice.
+    from astraea.store.writer import BatchWriter
+
+    original = BatchWriter._round
+
+    def twice(self, ops):
+        original(self, [op for op in ops if op[0] == 0])  # the writes alone, committed
+        return original(self, ops)
+
+    monkeypatch.setattr(BatchWriter, "_round", twice)
+    with open_store(target) as store:
+        store.put_job(job("j", meta={"a": 1}))
+        store.put_prompt("j", 0, [1, 2])
+        store.append_output("j", 0, [5, 6], at=0)
+        store.append_output("j", 0, [7], at=2)
+        store.update_job("j", state="api_wait", segment_index=1, generated_tokens=3)
+        store.segment_progress("j", 0, 3, "tool_call")
+        store.put_job(job("k"))
+        store.finish_job("k", finished_unix_s=5.0, reason="EndJob", generated_tokens=4)
+        store.put_response(StoredResponse("r", "key-1", None, 1.0, {"x": 1}))
+        store.put_response(StoredResponse("gone", "key-1", None, 1.0, {}))
+        store.delete_response("gone")
+        store.put_blob("b", b"1")
+        store.flush()
+        assert store.get_transcript("j") == [TranscriptPiece(0, "prompt", token_ids=(1, 2)),
+                                             TranscriptPiece(0, "output",
+                                                             token_ids=(5, 6, 7))]
+        got = store.get_job("j")
+        assert (got.state, got.segment_index, got.generated_tokens) == ("api_wait", 1, 3)
+        assert store.get_segments("j") == [SegmentProgress(0, 3, "tool_call")]
+        k = store.get_job("k")
+        assert (k.state, k.finish_reason, k.generated_tokens) == ("finished", "EndJob", 4)
+        assert store.get_response("gone") is None and store.get_blob("b") == b"1"
+        assert [j.job_id for j in store.load_unfinished()] == ["j"]
+
+
+def test_a_lost_connection_reconnects_and_commits_the_cut_batch(pg_server):
     url = pg_server.create_database(f"t_{uuid.uuid4().hex[:12]}")
     store = open_store(url, batch_interval_s=3600, batch_max_ops=10**6)
     try:
         store.put_job(job("j"))
         store.flush()
+        store.put_job(job("k"))
+        store.append_output("k", 0, [1, 2], at=0)
+        # Cut the store's connection while its batch is open (not yet committed).
         pg_server.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                           f"WHERE datname = '{url.rsplit('/', 1)[1]}'")
+        store.append_output("k", 0, [3], at=2)
+        store.flush(timeout=30)  # reconnected, and the whole batch committed
+        assert store.outage is None
+        assert raw_query(url, "SELECT job_id FROM astraea_jobs ORDER BY job_id") == \
+            [("j",), ("k",)]
+        assert store.get_transcript("k") == [TranscriptPiece(0, "output", token_ids=(1, 2, 3))]
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def own_pg_server():
+    """A server of the test's own, to stop and start again."""
+    if find_bin_dir() is None:
+        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl) on this machine")
+    server = PostgresServer.start()
+    yield server
+    server.stop()
+
+
+def test_a_restarted_server_loses_no_write_and_reads_fail_fast_meanwhile(own_pg_server):
+    pg = own_pg_server
+    url = pg.create_database("restart")
+    store = open_store(url, batch_interval_s=3600, batch_max_ops=10**6)
+    try:
+        store.put_job(job("before"))
+        store.flush()
+        pg.pause()
+        store.put_job(job("during"))
+        store.append_output("during", 0, [7, 8], at=0)
+        flushed = threading.Thread(target=store.flush, kwargs={"timeout": 120})
+        flushed.start()  # finds the connection gone: the store reconnects, the flush waits
+        deadline = time.monotonic() + 30
+        while store.outage is None:
+            assert time.monotonic() < deadline, "the lost connection was never noticed"
+            time.sleep(0.02)
+        assert "the database is unreachable" in store.outage and "reconnecting" in store.outage
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="the database is unreachable"):
+            store.get_job("before")  # a read does not wait for the database
+        assert time.monotonic() - started < 5
+        store.update_job("during", state="running")  # writes still queue
+        assert flushed.is_alive()  # the flush waits: nothing it covers is committed yet
+        pg.resume()
+        flushed.join(120)
+        assert not flushed.is_alive()
+        store.flush(timeout=60)
+        assert store.outage is None
+        assert store.get_job("during").state == "running"
+        assert store.get_transcript("during") == [TranscriptPiece(0, "output",
+                                                                  token_ids=(7, 8))]
+        assert raw_query(url, "SELECT COUNT(*) FROM astraea_jobs")[0][0] == 2
+    finally:
+        store.close()
+
+
+def test_a_database_that_stays_away_fails_the_store_after_the_bound(own_pg_server):
+    pg = own_pg_server
+    url = pg.create_database("gone")
+    store = open_store(url, batch_interval_s=3600, batch_max_ops=10**6,
+                       reconnect_timeout_s=1.0)
+    try:
+        store.put_job(job("j"))
+        store.flush()
+        pg.pause()
         store.put_job(job("k"))
-        with pytest.raises(StoreError, match="the store failed"):
-            store.flush(timeout=30)
-        with pytest.raises(StoreError, match="the store failed"):
+        with pytest.raises(StoreError, match="the database stayed unreachable for"):
+            store.flush(timeout=60)
+        with pytest.raises(StoreError, match="stayed unreachable"):
             store.get_job("j")  # and it stays failed: no silent half-working store
     finally:
         store.close()
+        pg.resume()  # for the fixture's stop

@@ -1,5 +1,5 @@
 """Durable state: what must survive a control-plane crash (jobs, their segments' progress and
-transcripts), the gateway's stored Responses, and named blobs (the predictor's state).
+transcripts), the gateway's stored Responses and shared sessions, and named blobs (the predictor's state).
 
     store = open_store("/var/lib/astraea")             # SQLite (WAL) in a state directory
     store = open_store("postgresql://astraea@db/astraea")  # or a PostgreSQL database
@@ -16,6 +16,7 @@ from pathlib import Path
 from astraea.store.interface import Store
 from astraea.store.records import (
     UPDATABLE_FIELDS,
+    GatewaySession,
     JobRecord,
     SchemaVersionError,
     SegmentProgress,
@@ -25,13 +26,13 @@ from astraea.store.records import (
 )
 from astraea.store.sql import SCHEMA_VERSION
 
-__all__ = ["SCHEMA_VERSION", "UPDATABLE_FIELDS", "JobRecord", "SchemaVersionError",
+__all__ = ["SCHEMA_VERSION", "UPDATABLE_FIELDS", "GatewaySession", "JobRecord", "SchemaVersionError",
            "SegmentProgress", "Store", "StoreError", "StoredResponse", "TranscriptPiece",
            "open_store"]
 
 
 def open_store(target: str | os.PathLike, *, batch_interval_s: float = 0.01,
-               batch_max_ops: int = 512) -> Store:
+               batch_max_ops: int = 512, reconnect_timeout_s: float = 60.0) -> Store:
     """Open (creating if needed) the store `target` names:
 
     * a directory path (created if missing): SQLite in `<dir>/astraea.db`;
@@ -40,8 +41,9 @@ def open_store(target: str | os.PathLike, *, batch_interval_s: float = 0.01,
     * `postgresql://...` or `postgres://...`: that PostgreSQL database (a libpq URL).
 
     Writes are committed every `batch_interval_s` seconds or `batch_max_ops` writes,
-    whichever first (see interface.py for what that means for durability). Anything else
-    raises `StoreError` saying what is accepted.
+    whichever first (see interface.py for what that means for durability). A PostgreSQL
+    connection lost later is reopened for up to `reconnect_timeout_s`. Anything else raises
+    `StoreError` saying what is accepted.
     """
     from astraea.store.postgres import open_postgres, redact
     from astraea.store.sqlite import DB_FILE, open_sqlite
@@ -53,7 +55,7 @@ def open_store(target: str | os.PathLike, *, batch_interval_s: float = 0.01,
                          "postgresql://user@host/db")
     scheme = text.split("://", 1)[0].lower() if "://" in text else ""
     if scheme in ("postgresql", "postgres"):
-        return open_postgres(text, **batching)
+        return open_postgres(text, reconnect_timeout_s=reconnect_timeout_s, **batching)
     if scheme == "sqlite":
         path = Path(text.split("://", 1)[1])
         if not str(path) or str(path) == ".":

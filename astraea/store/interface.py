@@ -7,14 +7,19 @@ milliseconds or every few hundred writes, whichever comes first). So:
   it returns. A process killed before that (SIGKILL, OOM) loses at most the writes of the
   batch still open: the last `batch_interval_s` or `batch_max_ops` writes, never part of one
   (a batch commits whole or not at all). On SQLite with `synchronous=NORMAL` a committed batch
-  also survives the process but not a power loss of the machine; on PostgreSQL with its
-  default `synchronous_commit=on` it survives both.
+  survives the process (it is in the WAL file, in the kernel's page cache); a power loss of
+  the machine may undo the batches committed since the WAL was last synced (at a checkpoint),
+  never corrupting the file. On PostgreSQL with its default `synchronous_commit=on` a
+  committed batch survives both.
 * **Read your writes.** Reads go through the same writer, after every write queued before
-  them, inside the batch not yet committed: a caller always sees its own writes, committed or
-  not.
+  them (a read commits the batch before it): a caller always sees its own writes.
 * **Bad input** raises `ValueError`/`TypeError` in the caller, before anything is queued. A
-  failure of the database itself (disk full, connection lost) makes the store unusable: that
+  failure of the database itself (disk full, a corrupt file) makes the store unusable: that
   call and every later one raise `StoreError` saying what happened.
+* **A lost connection** (PostgreSQL: the server restarted) is not a failure: the store
+  reconnects with backoff and commits the batch that was cut, for a bounded time. Meanwhile
+  writes and flushes wait, reads raise `StoreError` at once, and `outage` says why; past the
+  bound the store fails as above.
 * Any thread may call any method; writes from one thread are applied in the order made.
 """
 
@@ -25,6 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 from astraea.store.records import (
+    GatewaySession,
     JobRecord,
     SegmentProgress,
     StoredResponse,
@@ -85,8 +91,11 @@ class Store(ABC):
         it again replaces it."""
 
     @abstractmethod
-    def append_output(self, job_id: str, segment: int, token_ids: Sequence[int]) -> None:
-        """Token ids segment `segment` generated, appended after those appended before."""
+    def append_output(self, job_id: str, segment: int, token_ids: Sequence[int], *,
+                      at: int) -> None:
+        """Token ids segment `segment` generated, the first at offset `at` of its output.
+        Chunks join in offset order; a chunk at an offset already stored replaces it (so a
+        batch written twice after a lost connection stores it once)."""
 
     @abstractmethod
     def get_transcript(self, job_id: str) -> list[TranscriptPiece]:
@@ -104,6 +113,34 @@ class Store(ABC):
 
     @abstractmethod
     def delete_response(self, response_id: str) -> None: ...
+
+    @abstractmethod
+    def prune_responses(self, created_before_unix_s: float) -> None:
+        """Delete the Responses created before this time (their retention)."""
+
+    # --- the gateway's shared sessions ----------------------------------------------------------
+    @abstractmethod
+    def get_session(self, session_id: str) -> GatewaySession | None: ...
+
+    @abstractmethod
+    def put_session(self, session: GatewaySession, expected_version: int | None) -> bool:
+        """Write `session` if the stored one has `expected_version` (None: if none is stored);
+        whether it was written. Committed with the current batch; visible to other processes
+        once that commits (`flush`)."""
+
+    @abstractmethod
+    def put_session_nowait(self, session: GatewaySession, expected_version: int) -> None:
+        """`put_session` queued like any write: the caller does not learn whether it won."""
+
+    @abstractmethod
+    def delete_session(self, session_id: str, expected_version: int) -> bool:
+        """Delete the session if it still has `expected_version`; whether it did."""
+
+    @abstractmethod
+    def stale_sessions(self, used_before_unix_s: float, now_unix_s: float,
+                       limit: int = 100) -> list[GatewaySession]:
+        """Sessions nobody holds and last used before `used_before_unix_s`, and sessions whose
+        holder's lease ended before `now_unix_s`; the least recently used first."""
 
     # --- blobs --------------------------------------------------------------------------------
     @abstractmethod
@@ -126,6 +163,12 @@ class Store(ABC):
     @abstractmethod
     def close(self) -> None:
         """Commit what is queued and release the database. Idempotent."""
+
+    @property
+    def outage(self) -> str | None:
+        """Why the database is unreachable while the store reconnects to it (a message for
+        the callers it turns away); None when it is reachable."""
+        return None
 
     @property
     @abstractmethod

@@ -82,6 +82,19 @@ class StoredResponse:
     payload: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class GatewaySession:
+    """A gateway chat session shared by every gateway on the store: who runs a turn on it
+    now, and what its job's context holds (gateway/shared_sessions.py's state)."""
+
+    session_id: str
+    version: int  # bumped by every change: writes are compare-and-set on it
+    holder: str  # the gateway running a turn on it; "" when none
+    lease_until_unix_s: float  # a holder that stops renewing loses the session after this
+    last_used_unix_s: float
+    state: dict[str, Any]  # JSON: the job id and the last turn's prompt, reply and keys
+
+
 # --- checks ---------------------------------------------------------------------------------
 def check_id(value: object, what: str, *, empty_ok: bool = False) -> str:
     if not isinstance(value, str):
@@ -175,6 +188,19 @@ def check_response(response: StoredResponse) -> StoredResponse:
     if not isinstance(response.payload, dict):
         raise ValueError(f"payload must be a dict, got {type(response.payload).__name__}")
     return response
+
+
+def check_session(session: GatewaySession) -> GatewaySession:
+    if not isinstance(session, GatewaySession):
+        raise TypeError(f"put_session takes a GatewaySession, got {type(session).__name__}")
+    check_id(session.session_id, "session_id")
+    check_count(session.version, "version")
+    check_id(session.holder, "holder", empty_ok=True)
+    check_time(session.lease_until_unix_s, "lease_until_unix_s")
+    check_time(session.last_used_unix_s, "last_used_unix_s")
+    if not isinstance(session.state, dict):
+        raise ValueError(f"state must be a dict, got {type(session.state).__name__}")
+    return session
 
 
 # --- token ids ------------------------------------------------------------------------------

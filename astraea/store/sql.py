@@ -1,24 +1,21 @@
 """`SqlStore`: the `Store` contract on any DB-API database, with batched commits.
 
 One schema in portable SQL (only the column types differ, per `Dialect`), one connection, one
-writer thread that owns it. Callers queue writes and return; the writer applies them in order
-inside an open transaction and commits it when `batch_interval_s` has passed since its first
-write, when it holds `batch_max_ops` writes, or at once when someone waits in `flush()`
-(every flush queued meanwhile shares that one commit). Reads are queued the same way and run
-on that connection inside the open transaction, so they see every write queued before them.
-The backends (sqlite.py, postgres.py) only open the connection and name the dialect.
+writer thread that owns it (writer.py). Callers queue writes and return; the writer runs
+everything queued as one transaction when someone waits (`flush()`, a read, close), when
+`batch_max_ops` operations are queued, or `batch_interval_s` after the first write since the
+last commit: every flush queued meanwhile shares that one commit. Reads run in that round, in
+order, so they see every write queued before them. Every write is idempotent, so a round can
+run again after a lost connection (PostgreSQL reconnects, writer.py). The backends (sqlite.py,
+postgres.py) only open the connection and name the dialect.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import queue
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +23,7 @@ from typing import Any
 from astraea.store import records as rec
 from astraea.store.interface import Store
 from astraea.store.records import (
+    GatewaySession,
     JobRecord,
     SchemaVersionError,
     SegmentProgress,
@@ -33,6 +31,7 @@ from astraea.store.records import (
     StoreError,
     TranscriptPiece,
 )
+from astraea.store.writer import FLUSH, READ, WRITE, BatchWriter, Statement
 
 SCHEMA_VERSION = 1
 
@@ -56,11 +55,21 @@ CREATE TABLE IF NOT EXISTS astraea_responses (
     created_unix_s {real} NOT NULL, payload_json TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS astraea_responses_by_session ON astraea_responses (session_id);
 CREATE TABLE IF NOT EXISTS astraea_blobs (
-    name TEXT PRIMARY KEY, data {blob} NOT NULL, updated_unix_s {real} NOT NULL)
+    name TEXT PRIMARY KEY, data {blob} NOT NULL, updated_unix_s {real} NOT NULL);
+CREATE INDEX IF NOT EXISTS astraea_responses_by_created ON astraea_responses (created_unix_s);
+CREATE TABLE IF NOT EXISTS astraea_gateway_sessions (
+    session_id TEXT PRIMARY KEY, version {int} NOT NULL, holder TEXT NOT NULL,
+    lease_until_unix_s {real} NOT NULL, last_used_unix_s {real} NOT NULL,
+    state_json TEXT NOT NULL)
 """
+# The last two were added without a version bump: IF NOT EXISTS creates them in a database
+# written before them, and nothing else reads them.
 
 _JOB_COLUMNS = ("job_id, owner, category, arrival_unix_s, state, segment_index, "
                 "context_tokens, generated_tokens, finished_unix_s, finish_reason, meta_json")
+
+_SESSION_COLUMNS = ("session_id, version, holder, lease_until_unix_s, last_used_unix_s, "
+                    "state_json")
 
 # Statements with `?` placeholders (rewritten per dialect). Upserts use ON CONFLICT, which
 # SQLite (3.24+) and PostgreSQL (9.5+) both read the same way.
@@ -92,11 +101,12 @@ _SQL = {
     "put_prompt": "INSERT INTO astraea_transcript (job_id, segment, role, seq, text, token_ids) "
                   "VALUES (?,?,'prompt',0,?,?) ON CONFLICT (job_id, segment, role, seq) "
                   "DO UPDATE SET text=excluded.text, token_ids=excluded.token_ids",
-    # The next chunk number is found in the primary key's index: no counter to keep or recover.
+    # An output chunk is keyed by the offset of its first token in the segment's output: a
+    # round run twice (after a lost connection) writes it once, and chunks sort in order.
     "append_output": "INSERT INTO astraea_transcript "
-                     "(job_id, segment, role, seq, text, token_ids) "
-                     "SELECT ?, ?, 'output', COALESCE(MAX(seq) + 1, 0), NULL, ? "
-                     "FROM astraea_transcript WHERE job_id=? AND segment=? AND role='output'",
+                     "(job_id, segment, role, seq, text, token_ids) VALUES (?,?,'output',?,NULL,?) "
+                     "ON CONFLICT (job_id, segment, role, seq) DO UPDATE SET "
+                     "token_ids=excluded.token_ids",
     "get_transcript": "SELECT segment, role, text, token_ids FROM astraea_transcript "
                       "WHERE job_id=? ORDER BY segment, role DESC, seq",  # prompt, output
     "del_transcript": "DELETE FROM astraea_transcript WHERE job_id=?",
@@ -112,6 +122,26 @@ _SQL = {
                 "ON CONFLICT (name) DO UPDATE SET data=excluded.data, "
                 "updated_unix_s=excluded.updated_unix_s",
     "get_blob": "SELECT data FROM astraea_blobs WHERE name=?",
+    "prune_responses": "DELETE FROM astraea_responses WHERE created_unix_s < ?",
+    # Gateway sessions: every change is a compare-and-set on `version`; RETURNING tells the
+    # caller whether it won (SQLite 3.35+, PostgreSQL).
+    "get_session": f"SELECT {_SESSION_COLUMNS} FROM astraea_gateway_sessions "
+                   "WHERE session_id=?",
+    "insert_session": f"INSERT INTO astraea_gateway_sessions ({_SESSION_COLUMNS}) "
+                      "VALUES (?,?,?,?,?,?) ON CONFLICT (session_id) DO NOTHING "
+                      "RETURNING session_id",
+    "swap_session": "UPDATE astraea_gateway_sessions SET version=?, holder=?, "
+                    "lease_until_unix_s=?, last_used_unix_s=?, state_json=? "
+                    "WHERE session_id=? AND version=? RETURNING session_id",
+    "swap_session_nowait": "UPDATE astraea_gateway_sessions SET version=?, holder=?, "
+                           "lease_until_unix_s=?, last_used_unix_s=?, state_json=? "
+                           "WHERE session_id=? AND version=?",
+    "del_session": "DELETE FROM astraea_gateway_sessions WHERE session_id=? AND version=? "
+                   "RETURNING session_id",
+    "stale_sessions": f"SELECT {_SESSION_COLUMNS} FROM astraea_gateway_sessions "
+                      "WHERE (holder='' AND last_used_unix_s < ?) OR "
+                      "(holder<>'' AND lease_until_unix_s < ?) "
+                      "ORDER BY last_used_unix_s LIMIT ?",
 }
 
 
@@ -129,9 +159,6 @@ class Dialect:
     pipeline: bool = False  # the connection has psycopg's pipeline() (send without waiting)
 
 
-_WRITE, _READ, _FLUSH, _CLOSE = range(4)
-Statement = tuple[str, tuple]
-
 
 class SqlStore(Store):
     """Batched `Store` over one DB-API connection in autocommit mode (see module docstring).
@@ -139,31 +166,33 @@ class SqlStore(Store):
 
     def __init__(self, conn: Any, dialect: Dialect, url: str, *,
                  batch_interval_s: float = 0.01, batch_max_ops: int = 512,
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None,
+                 reconnect: Callable[[], Any] | None = None,
+                 lost: Callable[[Any, BaseException], bool] | None = None,
+                 reconnect_timeout_s: float = 60.0) -> None:
         if not batch_interval_s >= 0:
             raise ValueError(f"batch_interval_s must be >= 0, got {batch_interval_s}")
         if not (isinstance(batch_max_ops, int) and batch_max_ops >= 1):
             raise ValueError(f"batch_max_ops must be a positive integer, got {batch_max_ops}")
+        if not reconnect_timeout_s >= 0:
+            raise ValueError(f"reconnect_timeout_s must be >= 0, got {reconnect_timeout_s}")
         self._conn, self._dialect, self._url = conn, dialect, url
-        self._interval, self._max_ops = batch_interval_s, batch_max_ops
-        self._on_close = on_close
         self._sql = {k: v.replace("?", dialect.placeholder) for k, v in _SQL.items()}
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        # Wakes the writer in an open batch: set by reads, flushes, close and a full batch,
-        # not by every write (one wake-up per batch: the writer's GIL hand-offs cost the
-        # caller's thread more than the writes themselves).
-        self._urgent = threading.Event()
-        self._lock = threading.Lock()  # orders enqueueing against failure and close
-        self._failed: StoreError | None = None
-        self._closed = False
         try:
             self._init_schema()
         except BaseException:
-            self._close_conn()
+            try:
+                conn.close()
+            finally:
+                if on_close is not None:
+                    on_close()
             raise
-        self._thread = threading.Thread(target=self._run, name=f"store-writer-{dialect.name}",
-                                        daemon=True)
-        self._thread.start()
+        # The writer thread owns the connection from here on (writer.py).
+        self._writer = BatchWriter(conn, url, interval_s=batch_interval_s,
+                                   max_ops=batch_max_ops, pipeline=dialect.pipeline,
+                                   reconnect=reconnect, lost=lost,
+                                   reconnect_timeout_s=reconnect_timeout_s,
+                                   name=f"store-writer-{dialect.name}", on_close=on_close)
 
     @property
     def url(self) -> str:
@@ -194,137 +223,38 @@ class SqlStore(Store):
         except Exception as e:
             raise StoreError(f"{self._url}: cannot set up the schema: {e}") from e
 
-    # --- the writer thread ----------------------------------------------------------------------
-    def _put(self, kind: int, payload: Any = None) -> Future | None:
-        fut = Future() if kind != _WRITE else None
-        with self._lock:
-            if self._failed is not None:
-                raise self._failed
-            if self._closed:
-                raise StoreError(f"{self._url}: the store is closed")
-            if kind == _CLOSE:
-                self._closed = True
-            self._queue.put((kind, payload, fut))
-        if kind != _WRITE or self._queue.qsize() >= self._max_ops:
-            self._urgent.set()
-        return fut
-
-    def _run(self) -> None:
-        conn, in_txn, pending, deadline = self._conn, False, 0, 0.0
-        c = conn.cursor()  # one cursor for every statement: cheaper than one per execute
-        ops: list = []
-        try:
-            while True:
-                if in_txn:  # until the batch's deadline, or something urgent
-                    self._urgent.wait(max(0.0, deadline - time.monotonic()))
-                    self._urgent.clear()
-                    ops = []
-                else:
-                    ops = [self._queue.get()]
-                while len(ops) < 4 * self._max_ops:  # bounded: a flood still gets commits
-                    try:
-                        ops.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                waiters: list[Future] = []
-                closing: Future | None = None
-                runs = _Runs(c)
-                # PostgreSQL: a pipeline sends the batch's statements without waiting for each
-                # reply; leaving the block waits for all, so a waiter is released only after
-                # the server has committed.
-                with conn.pipeline() if self._dialect.pipeline else contextlib.nullcontext():
-                    for kind, payload, fut in ops:
-                        if kind == _WRITE:
-                            if not in_txn:
-                                c.execute("BEGIN")
-                                in_txn, pending = True, 0
-                                deadline = time.monotonic() + self._interval
-                            for sql, params in payload:
-                                runs.add(sql, params)
-                            pending += 1
-                            if pending >= self._max_ops:
-                                runs.send()
-                                c.execute("COMMIT")
-                                in_txn = False
-                            continue
-                        runs.send()
-                        if kind == _READ:
-                            sql, params = payload
-                            fut.set_result(c.execute(sql, params).fetchall())
-                        elif kind == _FLUSH:
-                            waiters.append(fut)
-                        else:
-                            closing = fut
-                    runs.send()
-                    if in_txn and (waiters or closing or time.monotonic() >= deadline):
-                        c.execute("COMMIT")
-                        in_txn = False
-                for fut in waiters:
-                    fut.set_result(None)
-                if closing is not None:
-                    self._close_conn()
-                    closing.set_result(None)
-                    return
-        except Exception as e:  # the database failed: nothing queued can be trusted to land
-            self._fail(StoreError(f"{self._url}: the store failed, writes since the last "
-                                  f"flush may be lost: {type(e).__name__}: {e}"), ops)
-
-    def _fail(self, error: StoreError, current: list) -> None:
-        with self._lock:
-            self._failed = error
-            left = list(current)
-            while True:
-                try:
-                    left.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-        for _, _, fut in left:
-            if fut is not None and not fut.done():
-                fut.set_exception(error)
-        try:
-            self._conn.execute("ROLLBACK")
-        except Exception:
-            pass  # the connection may be gone: closing it below is all that is left
-        self._close_conn()
-
-    def _close_conn(self) -> None:
-        try:
-            self._conn.close()
-        except Exception:
-            pass
-        if self._on_close is not None:
-            self._on_close()
-            self._on_close = None
-
+    # --- queued operations (writer.py runs them) ----------------------------------------------
     def _write(self, *statements: Statement) -> None:
-        self._put(_WRITE, statements)
+        self._writer.put(WRITE, statements)
 
     def _read(self, key: str, params: tuple) -> list:
-        return self._put(_READ, (self._sql[key], params)).result()
+        return self._writer.put(READ, (self._sql[key], params)).result()
 
     # --- durability and life cycle ----------------------------------------------------------
     def flush(self, timeout: float | None = None) -> None:
         try:
-            self._put(_FLUSH).result(timeout)
+            self._writer.put(FLUSH).result(timeout)
         except FutureTimeout:
             raise StoreError(f"{self._url}: flush did not complete in {timeout} s") from None
 
     async def flush_async(self) -> None:
-        await asyncio.wrap_future(self._put(_FLUSH))
+        await asyncio.wrap_future(self._writer.put(FLUSH))
 
     def close(self) -> None:
-        with self._lock:
-            done = self._closed or self._failed is not None
-        if not done:
-            try:
-                self._put(_CLOSE).result()
-            except StoreError:
-                pass  # failed or closed meanwhile: the connection is released either way
-        self._thread.join()
+        self._writer.close()
+
+    @property
+    def outage(self) -> str | None:
+        return self._writer.outage
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed so far (every flush that found writes costs one)."""
+        return self._writer.commits
 
     def pending_writes(self) -> int:
         """Operations queued and not yet taken by the writer (a backlog gauge)."""
-        return self._queue.qsize()
+        return self._writer.pending()
 
     # --- jobs ---------------------------------------------------------------------------------
     def put_job(self, record: JobRecord) -> None:
@@ -395,12 +325,14 @@ class SqlStore(Store):
             text, ids = None, rec.pack_ids(prompt, "prompt")
         self._write((self._sql["put_prompt"], (job_id, segment, text, ids)))
 
-    def append_output(self, job_id: str, segment: int, token_ids: Sequence[int]) -> None:
+    def append_output(self, job_id: str, segment: int, token_ids: Sequence[int], *,
+                      at: int) -> None:
         rec.check_id(job_id, "job_id")
         rec.check_count(segment, "segment")
+        rec.check_count(at, "at")
         data = rec.pack_ids(token_ids)
         if data:
-            self._write((self._sql["append_output"], (job_id, segment, data, job_id, segment)))
+            self._write((self._sql["append_output"], (job_id, segment, at, data)))
 
     def get_transcript(self, job_id: str) -> list[TranscriptPiece]:
         rec.check_id(job_id, "job_id")
@@ -437,25 +369,43 @@ class SqlStore(Store):
         return bytes(rows[0][0]) if rows else None
 
 
-class _Runs:
-    """Consecutive statements with the same SQL (a stream's output chunks, say), sent as one
-    executemany: one driver call instead of one per write, in the same order."""
+    def prune_responses(self, created_before_unix_s: float) -> None:
+        t = rec.check_time(created_before_unix_s, "created_before_unix_s")
+        self._write((self._sql["prune_responses"], (t,)))
 
-    def __init__(self, cursor: Any) -> None:
-        self.cursor, self.sql, self.params = cursor, "", []
+    # --- gateway sessions ---------------------------------------------------------------------
+    def get_session(self, session_id: str) -> GatewaySession | None:
+        rec.check_id(session_id, "session_id")
+        rows = self._read("get_session", (session_id,))
+        return _session(rows[0]) if rows else None
 
-    def add(self, sql: str, params: tuple) -> None:
-        if sql != self.sql:
-            self.send()
-            self.sql = sql
-        self.params.append(params)
+    def put_session(self, session: GatewaySession, expected_version: int | None) -> bool:
+        s = rec.check_session(session)
+        values = (s.version, s.holder, float(s.lease_until_unix_s),
+                  float(s.last_used_unix_s), rec.to_json(s.state, "state"))
+        if expected_version is None:
+            return bool(self._read("insert_session", (s.session_id, *values)))
+        rec.check_count(expected_version, "expected_version")
+        return bool(self._read("swap_session", (*values, s.session_id, expected_version)))
 
-    def send(self) -> None:
-        if len(self.params) == 1:
-            self.cursor.execute(self.sql, self.params[0])
-        elif self.params:
-            self.cursor.executemany(self.sql, self.params)
-        self.params = []
+    def put_session_nowait(self, session: GatewaySession, expected_version: int) -> None:
+        s = rec.check_session(session)
+        rec.check_count(expected_version, "expected_version")
+        self._write((self._sql["swap_session_nowait"], (
+            s.version, s.holder, float(s.lease_until_unix_s), float(s.last_used_unix_s),
+            rec.to_json(s.state, "state"), s.session_id, expected_version)))
+
+    def delete_session(self, session_id: str, expected_version: int) -> bool:
+        rec.check_id(session_id, "session_id")
+        rec.check_count(expected_version, "expected_version")
+        return bool(self._read("del_session", (session_id, expected_version)))
+
+    def stale_sessions(self, used_before_unix_s: float, now_unix_s: float,
+                       limit: int = 100) -> list[GatewaySession]:
+        used = rec.check_time(used_before_unix_s, "used_before_unix_s")
+        now = rec.check_time(now_unix_s, "now_unix_s")
+        rec.check_count(limit, "limit")
+        return [_session(r) for r in self._read("stale_sessions", (used, now, limit))]
 
 
 def _job(row: Sequence) -> JobRecord:
@@ -465,6 +415,12 @@ def _job(row: Sequence) -> JobRecord:
                      context_tokens=int(ctx), generated_tokens=int(gen),
                      finished_unix_s=None if finished is None else float(finished),
                      finish_reason=reason, meta=json.loads(meta))
+
+
+def _session(row: Sequence) -> GatewaySession:
+    session_id, version, holder, lease, used, state = row
+    return GatewaySession(session_id, int(version), holder, float(lease), float(used),
+                          json.loads(state))
 
 
 def _merge_outputs(rows: list) -> list[TranscriptPiece]:

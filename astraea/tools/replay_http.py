@@ -33,10 +33,14 @@ FILLER_WORDS = (" a", " the", " x", " is", " to")  # candidates for a one-token 
 class PromptText:
     """Text of a given number of the tokenizer's tokens, net of the chat template's framing."""
 
-    def __init__(self, tokenizer_path: str) -> None:
-        from transformers import AutoTokenizer
+    def __init__(self, tokenizer_path: str, tokenizer=None) -> None:
+        """`tokenizer`: the one at `tokenizer_path` already loaded (AutoTokenizer, else used,
+        imports torch: tens of seconds on a busy host)."""
+        if tokenizer is None:
+            from transformers import AutoTokenizer
 
-        self.tok = AutoTokenizer.from_pretrained(tokenizer_path)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.tok = tokenizer
         self.word = next((w for w in FILLER_WORDS if self._count(w * 8) == 8), None)
         if self.word is None:
             raise ValueError(f"{tokenizer_path}: none of {FILLER_WORDS} is one token; cannot "

@@ -90,7 +90,7 @@ class StackConfig:
     # with `astraea traces`). None: the environment's setting, if any.
     span_dir: str | None = None
     grace_s: float = 1.0  # the services' --grace on shutdown
-    # None: 30 s, or 120 s with vLLM workers (each engine takes ~10 s to start, longer on a
+    # None: 60 s, or 120 s with vLLM workers (each engine takes ~10 s to start, longer on a
     # busy host).
     startup_timeout_s: float | None = None
     shutdown_timeout_s: float = 10.0
@@ -110,6 +110,9 @@ class StackConfig:
     # The control plane's --state-dir: jobs survive its restarts. A relative path is inside
     # the log dir; None or "": in memory only (a restart loses every job).
     state_dir: str | None = None
+    # The gateway's --state-dir: its named sessions survive its restarts. Relative: inside the
+    # log dir; None or "": in memory only.
+    gateway_state_dir: str | None = None
     # TLS and keys on every service (see the module docstring). Off here, on in `astraea up`.
     secure: bool = False
     # Supervision (see the module docstring).
@@ -130,7 +133,7 @@ class StackConfig:
         if self.model is not None and self.backend != "vllm":
             raise StackError("model is for the vllm backend only")
         if self.startup_timeout_s is None:
-            self.startup_timeout_s = 120.0 if self.backend == "vllm" else 30.0
+            self.startup_timeout_s = 120.0 if self.backend == "vllm" else 60.0
         if not self.startup_timeout_s > 0:
             raise StackError(f"startup_timeout_s must be positive, got {self.startup_timeout_s}")
         if self.kv_blocks is not None and self.kv_blocks < 1:
@@ -343,7 +346,8 @@ class Stack:
             for i in range(1, cfg.workers + 1):
                 args = ["--control-plane", self.control_plane_address, "--time-scale",
                         repr(cfg.time_scale), "--name", f"w{i}", "--backend", cfg.backend,
-                        *common]
+                        # A SIGTERM drains the worker: within half the time `stop` waits.
+                        "--drain-timeout", repr(cfg.shutdown_timeout_s / 2), *common]
                 if cfg.model is not None:
                     args += ["--model", cfg.model]
                 if cfg.kv_blocks is not None:
@@ -379,6 +383,8 @@ class Stack:
             args += ["--log-level", cfg.log_level]
         if self.security:
             args += self.security.gateway_args()
+        if cfg.gateway_state_dir:
+            args += ["--state-dir", str(self.log_dir / cfg.gateway_state_dir)]
         proc = self._spawn(GATEWAY, "gateway.server", *args)
         self.http_address = f"http://{_connect_address(listen)}"
         self._wait_http(proc, f"{self.http_address}/health", deadline)

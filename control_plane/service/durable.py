@@ -16,6 +16,14 @@ of a durable control plane waits in `_pending` until a flush issued after its wr
 one flush releases everything that queued meanwhile (a group commit: one commit per round,
 whatever the number of streams).
 
+A database that goes away (PostgreSQL restarting): the store reconnects for a bounded time and
+commits what was queued (astraea/store/writer.py). Meanwhile StartJob is refused UNAVAILABLE
+with the store's reason (a job is accepted only if it can be made durable), EndJob and
+CancelJob too once the outage is noticed (their writes stay queued and land on reconnection),
+and streams hold their events: tokens keep being generated and queued, and reach their clients
+once committed. If the database stays away past the bound, the store fails for good: streams
+go on without durability, and new jobs are refused.
+
 Recovery (`restore`, at start): every unfinished job comes back with its KV gone (DISCARDED)
 and on no worker. One in its API wait stays there; one whose segment was running (or queued)
 waits for its client to send that segment's RunSegment again, with `resume_from_index` = the
@@ -46,6 +54,12 @@ from control_plane.service.registry import JobEntry, SegmentCall
 log = get_logger("astraea.control_plane.durable")
 
 PRUNE_INTERVAL_S = 60.0  # how often finished jobs past the retention are deleted
+OUTAGE_POLL_S = 0.1  # how often a flush that takes long looks whether the database is gone
+
+
+def _consume(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: no "exception was never retrieved" warning
 
 
 @dataclass
@@ -69,6 +83,11 @@ class Durability:
 
     # --- writes -------------------------------------------------------------------------
     def job_started(self, entry: JobEntry) -> None:
+        """StoreError while the database is unreachable: a job is accepted only if it can be
+        made durable now (its StartJob gets UNAVAILABLE, saying why)."""
+        outage = self.store.outage
+        if outage is not None:
+            raise StoreError(outage)
         job = entry.job
         self.store.put_job(JobRecord(job_id=job.job_id, owner=entry.owner, category=job.category,
                                      arrival_unix_s=entry.arrival_unix_s, state="arrived",
@@ -83,9 +102,11 @@ class Durability:
         self.store.update_job(job_id, state=JobState.READY.value)
 
     def tokens(self, entry: JobEntry, seg: SegmentCall, ids: list[int]) -> None:
-        # One write per chunk: the stored output's length is the segment's progress (its
-        # segment_progress row is written at its start and end only).
-        self.store.append_output(entry.job.job_id, seg.index, ids)
+        """`ids` were just streamed (`seg.next_index` already counts them). One write per
+        chunk: the stored output's length is the segment's progress (its segment_progress
+        row is written at its end only)."""
+        self.store.append_output(entry.job.job_id, seg.index, ids,
+                                 at=seg.next_index - len(ids))
 
     def segment_ended(self, entry: JobEntry, seg: SegmentCall, finish_reason: int) -> None:
         job = entry.job
@@ -125,8 +146,22 @@ class Durability:
             self._failed(e)
 
     async def flush(self) -> None:
-        """Every write so far is durable (StoreError if the store failed)."""
-        await self.store.flush_async()
+        """Every write so far is durable (StoreError if the store failed). A caller that
+        answers a client (StartJob, EndJob, CancelJob) is not kept waiting through an outage:
+        StoreError as soon as the database is found unreachable; its writes stay queued and
+        commit when the store reconnects."""
+        outage = self.store.outage
+        if outage is not None:
+            raise StoreError(outage)
+        done = asyncio.ensure_future(self.store.flush_async())
+        while True:
+            finished, _ = await asyncio.wait((done,), timeout=OUTAGE_POLL_S)
+            if finished:
+                return done.result()
+            outage = self.store.outage
+            if outage is not None:
+                done.add_done_callback(_consume)  # its outcome no longer matters to anyone
+                raise StoreError(outage)
 
     def prune(self, retention_s: float) -> None:
         """Delete jobs finished longer than `retention_s` ago (rate-limited)."""

@@ -25,6 +25,12 @@ GRPC_DEFAULT_MAX_RECEIVE = 4 << 20  # what a gRPC peer accepts unless configured
 # nothing logged), so both are raised to this, far above any concurrent-call bound: calls are
 # then taken and answered (OK, or RESOURCE_EXHAUSTED past the concurrent-call bound).
 PENDING_CALLS = 65_536
+# How long a call may wait to be taken. gRPC core cancels a call still untaken after 30 s
+# (CANCELLED, nothing logged): with 5,000 jobs on a saturated event loop (`astraea
+# bench-soak`), thousands of RunSegment, ReportToolCall and StartJob calls were lost that way
+# and their jobs left unfinished. An overloaded server now answers late, never drops; a
+# client that cannot wait sets its own deadline.
+UNTAKEN_CALL_TIMEOUT_S = 3600
 RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of an admission refusal
 
 
@@ -75,13 +81,15 @@ class Limits:
 
     def server_options(self) -> list[tuple[str, int]]:
         """gRPC server channel arguments: message sizes, and gRPC core's bounds on calls
-        waiting to be taken (see PENDING_CALLS; with its defaults, 3,000 StartJob calls at
-        once lost ~25 % as CANCELLED), so a burst is answered, never dropped."""
+        waiting to be taken, in number (see PENDING_CALLS; with its defaults, 3,000 StartJob
+        calls at once lost ~25 % as CANCELLED) and in time (UNTAKEN_CALL_TIMEOUT_S), so a
+        burst or an overload is answered, never dropped."""
         pending = max(PENDING_CALLS, 4 * self.concurrent_rpcs)
         return [("grpc.max_receive_message_length", self.max_receive_message_bytes),
                 ("grpc.max_send_message_length", self.max_send_message_bytes),
                 ("grpc.server.max_pending_requests", pending),
-                ("grpc.server.max_pending_requests_hard_limit", pending)]
+                ("grpc.server.max_pending_requests_hard_limit", pending),
+                ("grpc.server_max_unrequested_time_in_server", UNTAKEN_CALL_TIMEOUT_S)]
 
 
 # Flags an operator would tune: (flag, field, type, help)

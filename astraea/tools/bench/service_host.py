@@ -5,7 +5,8 @@
 Runs the real `control_plane.service.server.serve` with the same telemetry, log set-up and
 start-up object freeze as `astraea-control-plane`, or with `--grpc-floor` an AgentService that
 only answers. Its stdin takes two commands from the benchmark: ``reset`` starts a measurement
-window of its `ServiceStats`, ``stats`` answers with them as one JSON line; EOF stops it. The
+window of its `ServiceStats`, ``stats`` answers with them as one JSON line, ``interval``
+answers with them and the raw plan latencies and starts the next window; EOF stops it. The
 first line it prints says it is ready, with its port and pid.
 """
 
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cprofile", default=None)
     p.add_argument("--grpc-floor", action="store_true")
     p.add_argument("--state-dir", default=None, help="the control plane's durable state")
+    p.add_argument("--max-unfinished-jobs", type=int, default=0,
+                   help="the control plane's admission bound (0: its default)")
     args = p.parse_args(argv)
     from astraea.telemetry import setup_service_telemetry
 
@@ -46,11 +49,14 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run() -> None:
         running = floor = None
+        limits = ({"max_unfinished_jobs": args.max_unfinished_jobs}
+                  if args.max_unfinished_jobs else {})
         if args.grpc_floor:
-            floor, port, stats = await _floor_server(args.listen)
+            floor, port, stats = await _floor_server(args.listen, ServiceConfig(**limits))
         else:
             running = await cp_server.serve(args.listen, args.policy, args.profile,
-                                            ServiceConfig(time_scale=args.time_scale),
+                                            ServiceConfig(time_scale=args.time_scale,
+                                                          **limits),
                                             metrics=tel.metrics, state=args.state_dir)
             port, stats = running.port, running.control_plane.stats
         cp_server.freeze_startup_objects()  # as astraea-control-plane's main does
@@ -82,6 +88,23 @@ def main(argv: list[str] | None = None) -> int:
                     snap["plans_total"] = running.planner.plans if running is not None else 0
                     snap["gc"] = gc_time.snapshot()
                     reply(snap)
+                elif cmd == "interval":
+                    # `astraea bench-soak`: this interval's figures with its raw plan
+                    # latencies (exact percentiles over a long run), then the next interval.
+                    snap = stats.snapshot()
+                    snap["plan_latency_samples_s"] = list(stats.plan_latency_s)
+                    snap["gc"] = gc_time.snapshot()
+                    stats.reset()
+                    gc_time.reset()
+                    if args.cprofile:  # from the first interval on, written at each one
+                        import cProfile
+
+                        if prof is None:
+                            prof = cProfile.Profile()
+                        else:
+                            prof.dump_stats(args.cprofile)  # stops it: enabled again below
+                        prof.enable()
+                    reply(snap)
                 else:
                     reply({"error": f"unknown command {cmd!r}"})
         finally:
@@ -97,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _floor_server(listen: str):
+async def _floor_server(listen: str, limits):
     """`--grpc-floor`: an AgentService whose handlers do nothing but answer, with the real
     control plane's message pattern (one token event per token, then done), on the same
     gRPC stack. What it costs per segment is the floor any Python grpc.aio control plane pays
@@ -135,7 +158,9 @@ async def _floor_server(listen: str):
             stats.events["end_job"] += 1
             return agent_pb2.EndJobResponse()
 
-    server = grpc.aio.server()
+    # The real control plane's channel options (message sizes, the pending-call bounds), so
+    # that a burst of StartJob calls is answered here as there, not cancelled by gRPC core.
+    server = grpc.aio.server(options=limits.server_options())
     agent_pb2_grpc.add_AgentServiceServicer_to_server(Floor(), server)
     port = server.add_insecure_port(listen)
     await server.start()

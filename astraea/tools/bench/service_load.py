@@ -86,6 +86,10 @@ class ServiceBenchConfig:
     cprofile: str | None = None  # write a cProfile of the control plane's window here
     grpc_floor: bool = False  # an empty AgentService instead of the control plane, no workers
     state_dir: str | None = None  # the control plane's --state-dir (None: in memory)
+    # The control plane's --max-unfinished-jobs (0: its default); more jobs in flight than
+    # it allows would be refused at StartJob.
+    max_unfinished_jobs: int = 0
+    database: str | None = None  # or its --database (a postgresql:// URL)
 
     def check(self) -> None:
         if self.jobs < 1 or self.workers < 1 or self.segments_per_job < 1:
@@ -111,6 +115,10 @@ class _Host:
             args.append("--grpc-floor")
         if cfg.state_dir:
             args += ["--state-dir", str(Path(cfg.state_dir).resolve())]
+        elif cfg.database:
+            args += ["--state-dir", cfg.database]  # serve() takes a URL there too
+        if cfg.max_unfinished_jobs:
+            args += ["--max-unfinished-jobs", str(cfg.max_unfinished_jobs)]
         self.log = log_dir / "control-plane.log"
         with open(self.log, "wb") as err:
             self.popen = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

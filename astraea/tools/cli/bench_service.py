@@ -42,6 +42,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     bs.add_argument("--state-dir", default=None, metavar="DIR",
                     help="the control plane keeps durable state in DIR (SQLite), to measure "
                          "what durability costs (default: in memory)")
+    bs.add_argument("--database", default=None, metavar="URL",
+                    help="the same with a PostgreSQL database (postgresql://user@host/db)")
     bs.add_argument("--out", help="write the report as JSON")
     bs.set_defaults(func=cmd_bench_service)
 
@@ -56,7 +58,8 @@ def cmd_bench_service(args: argparse.Namespace) -> int:
         segments_per_job=args.segments_per_job, tool_ms=args.tool_ms,
         tool_reports=not args.no_tool_reports,
         kv_blocks=args.kv_blocks, log_level=args.log_level, log_dir=args.log_dir,
-        cprofile=args.cprofile, grpc_floor=args.grpc_floor, state_dir=args.state_dir)
+        cprofile=args.cprofile, grpc_floor=args.grpc_floor, state_dir=args.state_dir,
+        database=args.database)
     report = run(cfg)
     print(format_report(report))
     if args.out:

@@ -15,8 +15,10 @@ from astraea.tools.cli import (
     bench,
     bench_gateway,
     bench_service,
+    bench_soak,
     bench_vllm,
     certs,
+    chaos,
     profile,
     replay,
     stack,
@@ -26,8 +28,8 @@ from astraea.tools.cli import (
 
 DESCRIPTION = ("`astraea` command line: benchmarks, traces, profiles, and replays on the live "
                "stack.")
-COMMAND_MODULES = (bench, bench_service, bench_gateway, bench_vllm, trace, replay, stack, traces, profile,
-                   certs)
+COMMAND_MODULES = (bench, bench_service, bench_soak, bench_gateway, bench_vllm, trace, replay, stack, traces, profile,
+                   certs, chaos)
 
 
 def build_parser() -> argparse.ArgumentParser:

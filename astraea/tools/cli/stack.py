@@ -43,7 +43,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     metavar="DIR", help="the control plane's durable state: accepted jobs "
                                         "survive its restarts (default: state/ in the log dir)")
     up.add_argument("--no-state", dest="state_dir", action="store_const", const="",
-                    help="keep the control plane's state in memory: a restart loses every job")
+                    help="keep the control plane's state in memory: a restart loses every job "
+                         "(and the gateway's: stored Responses and named sessions; else in "
+                         "gateway-state/ in the log dir)")
     up.add_argument("--max-restarts", dest="restart_max", type=int, default=None, metavar="N",
                     help="a service that exits is restarted (backoff 0.5 s doubling to 10 s); "
                          "more than N restarts of one within --restart-window stop the stack "
@@ -85,17 +87,26 @@ def _stack_args(p: argparse.ArgumentParser, time_scale_default, workers_default,
                    help="no predictor service: the control plane uses local estimates")
 
 
+def up_config(args: argparse.Namespace):
+    """The `StackConfig` of `astraea up`: secure, and durable unless --no-state (the gateway's
+    state next to the control plane's, in the log dir)."""
+    return _stack_config(args, defaults={"secure": True, "state_dir": "state",
+                                         "gateway_state_dir": "gateway-state"})
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from astraea.tools.stack import Stack, StackError
 
     # Secure unless --insecure (or `secure = false` in the config file).
-    cfg = _stack_config(args, defaults={"secure": True, "state_dir": "state"})
+    cfg = up_config(args)
     stop = threading.Event()
     received: list[int] = []
 
     def on_signal(signum, _frame):
         received.append(signum)
-        stop.set()
+        # From another thread: the main thread may hold the event's (non-reentrant) lock
+        # inside stop.wait() when the handler runs there.
+        threading.Thread(target=stop.set, daemon=True).start()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -267,6 +278,8 @@ def _stack_config(args: argparse.Namespace, defaults: dict | None = None, **fixe
                  "restart_window_s", "secure", "state_dir"):
         if getattr(args, name, None) is not None:
             flags[name] = getattr(args, name)
+    if flags.get("state_dir") == "":  # --no-state: the gateway's in memory too
+        flags["gateway_state_dir"] = ""
     flags.update(fixed)
     if getattr(args, "config", None):
         return StackConfig.from_toml(args.config, defaults=defaults, **flags)

@@ -1,0 +1,197 @@
+"""LIVE, SLOW (minutes to start; longer on a loaded machine): the same requests without tools,
+sent with the official `openai` SDK to vLLM's own OpenAI server and to the gateway in front
+of an Astraea vLLM worker, on the same tiny model, chat template and engine settings, greedy,
+give the same text, the same finish reason and the same token counts.
+
+Both engines run the same bfloat16 kernels on the same token ids one request at a time, so
+greedy decoding is expected to agree token for token: a difference is a difference in what
+the two front ends send or report (prompt rendering and tokenization, special tokens,
+detokenization, stop strings, usage), not float noise. The tiny model's random text is full
+of partial UTF-8 characters and control bytes, which puts detokenization to a harder test
+than real prose would.
+
+Not compared: a conversation that continues a reply the gateway itself returned. The gateway
+then feeds the job's own tokens for that reply (its KV is reused) where vLLM re-tokenizes the
+reply's text, so the prompt can differ in tokens (docs/design.md, "The OpenAI gateway").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import openai
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm_api_server import api_server, worker_engine_config  # noqa: E402
+
+from astraea.tools.stack import Stack, StackConfig  # noqa: E402
+from worker.vllm.tiny_model import resolve_model  # noqa: E402
+
+# Per test, the module's start-up (in the first test's setup) included.
+pytestmark = pytest.mark.timeout(2400)
+
+MODEL = "tiny"
+# Generous: each of vLLM's processes imports torch and vLLM, minutes each when the cores
+# are shared (tests/vllm_api_server.py). The two start side by side.
+VLLM_START_S = 1200.0
+STACK_START_S = 900.0
+REQUEST_TIMEOUT_S = 300.0
+
+SYSTEM = {"role": "system", "content": "You answer in short sentences."}
+ASK = {"role": "user", "content": "How is memory for the cache cut into blocks?"}
+HISTORY = [SYSTEM, ASK,
+           {"role": "assistant", "content": "Into blocks of a fixed number of tokens."},
+           {"role": "user", "content": "And when the blocks run out?"}]
+
+CHAT_CASES = {
+    "single-turn": dict(messages=[ASK], max_tokens=16),
+    "system": dict(messages=[SYSTEM, ASK], max_tokens=24),
+    "multi-turn": dict(messages=HISTORY, max_tokens=24),
+    "one-token": dict(messages=[SYSTEM, ASK], max_tokens=1),
+    "longer": dict(messages=HISTORY, max_completion_tokens=64),
+}
+
+
+@pytest.fixture(scope="module")
+def servers():
+    folder = resolve_model(MODEL)  # built once, before either server reads it
+    with api_server(worker_engine_config(folder), MODEL) as reference:
+        cfg = StackConfig(backend="vllm", workers=1, time_scale=1.0, predictor=False,
+                          control_plane_listen="127.0.0.1:0", http_listen="127.0.0.1:0",
+                          served_model=MODEL, startup_timeout_s=STACK_START_S)
+        with Stack(cfg) as stack:
+            try:
+                reference.wait_ready(VLLM_START_S)
+            except RuntimeError as e:
+                pytest.fail(str(e), pytrace=False)
+            yield reference, stack
+        if reference.process.poll() is not None:
+            print(f"vLLM's api_server exited early; its log ends:\n{reference.log_tail()}")
+
+
+@pytest.fixture(scope="module")
+def clients(servers):
+    reference, stack = servers
+    with openai.OpenAI(base_url=reference.base_url, api_key="unused", max_retries=0,
+                       timeout=REQUEST_TIMEOUT_S) as vllm_client, \
+            openai.OpenAI(base_url=f"{stack.http_address}/v1", api_key="unused",
+                          max_retries=0, timeout=REQUEST_TIMEOUT_S) as ours:
+        yield vllm_client, ours
+
+
+@dataclass(frozen=True)
+class Outcome:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _chat(client: openai.OpenAI, stream: bool, **kw) -> Outcome:
+    if not stream:
+        r = client.chat.completions.create(model=MODEL, temperature=0, **kw)
+        choice = r.choices[0]
+        return Outcome(choice.message.content, choice.finish_reason,
+                       r.usage.prompt_tokens, r.usage.completion_tokens)
+    chunks = list(client.chat.completions.create(model=MODEL, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 **kw))
+    finishes = [c.choices[0].finish_reason for c in chunks
+                if c.choices and c.choices[0].finish_reason]
+    assert len(finishes) == 1, f"one finish reason per stream, got {finishes}"
+    usage = chunks[-1].usage
+    assert usage is not None and chunks[-1].choices == [], "usage comes in a last chunk"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return Outcome(text, finishes[0], usage.prompt_tokens, usage.completion_tokens)
+
+
+def _complete(client: openai.OpenAI, stream: bool, **kw) -> Outcome:
+    if not stream:
+        r = client.completions.create(model=MODEL, temperature=0, **kw)
+        return Outcome(r.choices[0].text, r.choices[0].finish_reason,
+                       r.usage.prompt_tokens, r.usage.completion_tokens)
+    chunks = list(client.completions.create(model=MODEL, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, **kw))
+    finishes = [c.choices[0].finish_reason for c in chunks
+                if c.choices and c.choices[0].finish_reason]
+    assert len(finishes) == 1, f"one finish reason per stream, got {finishes}"
+    usage = chunks[-1].usage
+    assert usage is not None and chunks[-1].choices == [], "usage comes in a last chunk"
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    return Outcome(text, finishes[0], usage.prompt_tokens, usage.completion_tokens)
+
+
+def _same(vllm: Outcome, ours: Outcome) -> None:
+    assert ours == vllm, f"\nvLLM:    {vllm}\ngateway: {ours}"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("case", list(CHAT_CASES))
+def test_chat_completions_match_vllm(clients, case, stream):
+    vllm_client, ours = clients
+    kw = CHAT_CASES[case]
+    reference = _chat(vllm_client, stream, **kw)
+    assert reference.completion_tokens > 0
+    _same(reference, _chat(ours, stream, **kw))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_reply_cut_inside_a_character_ends_before_it_as_in_vllm(clients, stream):
+    vllm_client, ours = clients
+    # The tiny model starts this reply with bytes of no whole character, and the budget
+    # ends it there: vLLM never ends a text with a cut character, so there is no text.
+    kw = dict(messages=[ASK], max_tokens=3)
+    reference = _chat(vllm_client, stream, **kw)
+    assert (reference.text, reference.completion_tokens) == ("", 3)
+    _same(reference, _chat(ours, stream, **kw))
+
+
+def _stop_in(text: str) -> str:
+    """A short piece from the middle of `text` that occurs there once (so the stopped text
+    is the text before it), of printable characters."""
+    for start in range(len(text) // 3, len(text) - 2):
+        piece = text[start:start + 2]
+        if piece.isprintable() and piece.strip() and "\ufffd" not in piece \
+                and text.count(piece) == 1:
+            return piece
+    pytest.fail(f"no usable stop string in {text!r}")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_stop_string_ends_the_chat_reply_as_in_vllm(clients, stream):
+    vllm_client, ours = clients
+    free = _chat(vllm_client, False, messages=[SYSTEM, ASK], max_tokens=40)
+    stop = _stop_in(free.text)
+    kw = dict(messages=[SYSTEM, ASK], max_tokens=40, stop=[stop, "never in the text"])
+    reference = _chat(vllm_client, stream, **kw)
+    assert reference.finish_reason == "stop"
+    assert reference.text == free.text[:free.text.index(stop)]
+    _same(reference, _chat(ours, stream, **kw))
+
+
+COMPLETION_CASES = {
+    "prompt": dict(prompt="The cache is cut into", max_tokens=12),
+    "longer": dict(prompt="Short jobs should finish first, so that", max_tokens=32),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("case", list(COMPLETION_CASES))
+def test_text_completions_match_vllm(clients, case, stream):
+    vllm_client, ours = clients
+    kw = COMPLETION_CASES[case]
+    reference = _complete(vllm_client, stream, **kw)
+    assert reference.completion_tokens > 0
+    _same(reference, _complete(ours, stream, **kw))
+
+
+def test_a_stop_string_ends_the_text_completion_as_in_vllm(clients):
+    vllm_client, ours = clients
+    kw = dict(prompt="The cache is cut into", max_tokens=40)
+    free = _complete(vllm_client, False, **kw)
+    stop = _stop_in(free.text)
+    reference = _complete(vllm_client, False, stop=stop, **kw)
+    assert reference.finish_reason == "stop"
+    _same(reference, _complete(ours, False, stop=stop, **kw))
