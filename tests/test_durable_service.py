@@ -370,11 +370,16 @@ def test_a_restarted_postgres_holds_the_streams_and_refuses_new_jobs_meanwhile()
 
 
 async def _postgres_restart(pg: PostgresServer, url: str) -> None:
-    running = await serve("127.0.0.1:0", "astraea", PROFILE, _config(), state=url)
+    # Slower than the module's time scale: the segment must still be generating (so writing)
+    # when the database goes away, however fast the machine (about 10 s for 2000 tokens).
+    time_scale = 0.25
+    running = await serve("127.0.0.1:0", "astraea", PROFILE, ServiceConfig(time_scale=time_scale),
+                          state=url)
     address = f"127.0.0.1:{running.port}"
     store = running.control_plane.durable.store
-    wp = WorkerProcess(SimulatedBackend(load_profile(PROFILE), time_scale=TIME_SCALE), "w1",
+    wp = WorkerProcess(SimulatedBackend(load_profile(PROFILE), time_scale=time_scale), "w1",
                        heartbeat_interval_s=0.1)
+    paused = False
     worker = asyncio.create_task(wp.run(address))
     client = AsyncAgentClient(address, timeout=WAIT_S)
     channel = grpc.aio.insecure_channel(address)
@@ -396,6 +401,8 @@ async def _postgres_restart(pg: PostgresServer, url: str) -> None:
         streaming = asyncio.create_task(stream())
         await asyncio.wait_for(enough.wait(), WAIT_S)
         await asyncio.to_thread(pg.pause)
+        paused = True
+        assert not streaming.done(), "the segment ended before the database went away"
         await _until(lambda: store.outage is not None)  # the event gate's commits notice
 
         started = time.monotonic()
@@ -412,6 +419,7 @@ async def _postgres_restart(pg: PostgresServer, url: str) -> None:
         assert len(received) == held and not streaming.done()
 
         await asyncio.to_thread(pg.resume)
+        paused = False
         result = await asyncio.wait_for(streaming, WAIT_S)
         assert received == result.tokens == _tokens("long", 2000)
         assert store.outage is None
@@ -421,6 +429,8 @@ async def _postgres_restart(pg: PostgresServer, url: str) -> None:
         assert store.get_job("after") is not None
         assert store.get_job("during") is None or store.get_job("during").finished_unix_s
     finally:
+        if paused:  # a failure mid-outage: bring the server back so it can be stopped
+            await asyncio.to_thread(pg.resume)
         await channel.close()
         await client.close()
         await running.stop(grace=0.5)

@@ -3,8 +3,9 @@ worker: the resumed turn reports the previous context as `cached_tokens`, and th
 own count of the tokens it prefilled (its admission span) agrees.
 
 InferCept's policy swaps a paused job's KV at every tool call whose copy its swap budget
-hides (a short context on an idle engine always is), so the swapped path is the one taken;
-tests/test_gateway_vllm.py covers the preserved one."""
+hides (a short context on an idle engine nearly always is: the budget comes from measured
+step times), so the swapped path is the one taken; tests/test_gateway_vllm.py covers the
+preserved one."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ WEATHER = {"type": "function", "function": {
 
 
 def test_a_swapped_tool_wait_is_not_recomputed_and_the_worker_agrees(tmp_path):
+    """(Or, when InferCept discards instead, all of it is recomputed and reported so.)"""
     span_dir = tmp_path / "spans"
     span_dir.mkdir()
     cfg = StackConfig(backend="vllm", workers=1, time_scale=1.0, predictor=False,
@@ -48,18 +50,22 @@ def test_a_swapped_tool_wait_is_not_recomputed_and_the_worker_agrees(tmp_path):
             model=MODEL, temperature=0, messages=answer, tools=[WEATHER], max_tokens=8)
         second = raw.parse()
         assert raw.headers["x-astraea-job-id"] == job_id
-    # All of turn 1 came back from host memory but its last token (sampled, never fed back).
-    cached = second.usage.prompt_tokens_details.cached_tokens
-    assert cached == first.usage.total_tokens - 1
     records = load_spans(str(span_dir))  # complete: the stack has stopped
     waits = sorted((s for s in records if s.name == "api_wait"
                     and s.attributes.get(spans.JOB_ID) == job_id), key=lambda s: s.start)
-    # The tool call's wait was swapped (the session's wait after turn 2 follows it).
-    assert waits[0].attributes.get(spans.KV_ACTION) == "swap", waits
+    action = waits[0].attributes.get(spans.KV_ACTION)  # the tool call's wait (turn 2's follows)
     admissions = sorted((s for s in records if s.name == "admission"
-                         and s.attributes.get(spans.JOB_ID) == job_id),
-                        key=lambda s: s.start)
-    assert [s.attributes.get("astraea.swap_in") for s in admissions] == [False, True]
-    # The worker prefilled exactly what the client was told was not cached.
-    assert admissions[1].attributes["astraea.prefill_tokens"] == \
+                         and s.attributes.get(spans.JOB_ID) == job_id), key=lambda s: s.start)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    # InferCept swaps when its per-step swap budget hides the copy, which it measures from the
+    # live engine's step times: almost always here, but a slow step can tip it to a discard.
+    assert action in ("swap", "discard"), action
+    if action == "swap":
+        # All of turn 1 came back from host memory but its last token (sampled, never fed back).
+        assert cached == first.usage.total_tokens - 1
+        assert [s.attributes.get("astraea.swap_in") for s in admissions] == [False, True]
+    else:
+        assert cached == 0
+    # Either way the worker prefilled exactly what the client was told was not cached.
+    assert admissions[-1].attributes["astraea.prefill_tokens"] == \
         second.usage.prompt_tokens - cached
