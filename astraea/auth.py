@@ -196,13 +196,23 @@ class AioAuthInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, policy: AuthPolicy) -> None:
         self.policy = policy
+        # method -> (the inner handler, its checking copy): the copy checks each call's
+        # metadata when it runs, so it is built once per method, not per call.
+        self._checked: dict[str, tuple[grpc.RpcMethodHandler, KeyRing,
+                                       grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        ring = self.policy.ring(handler_call_details.method)
+        method = handler_call_details.method
+        ring = self.policy.ring(method)
         if handler is None or ring is None:
             return handler
-        return _aio_authenticated(handler, handler_call_details.method, self.policy, ring)
+        cached = self._checked.get(method)
+        if cached is not None and cached[0] is handler and cached[1] is ring:
+            return cached[2]
+        checked = _aio_authenticated(handler, method, self.policy, ring)
+        self._checked[method] = (handler, ring, checked)
+        return checked
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

@@ -108,11 +108,22 @@ class AioRequestGuard(grpc.aio.ServerInterceptor):
     """For `grpc.aio.server(interceptors=[AioRequestGuard()])`; servicer methods must be
     coroutines or async generators (as generated servicers on an aio server are)."""
 
+    def __init__(self) -> None:
+        # method -> (the service's handler, its guarded copy): built once per method, not
+        # per call (the service's handlers are made once, when it is added to the server).
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        return _aio_guard(handler, handler_call_details.method)
+        method = handler_call_details.method
+        cached = self._guarded.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        guarded = _aio_guard(handler, method)
+        self._guarded[method] = (handler, guarded)
+        return guarded
 
 
 # --- thread-pool servers -----------------------------------------------------------------------

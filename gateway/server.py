@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS",
                    help="with --state-dir/--database: delete a stored Response this long "
                         "after its creation (in memory the newest 10,000 are kept)")
+    p.add_argument("--database-reconnect", type=float, default=60.0, metavar="SECONDS",
+                   help="how long a lost database connection is retried (with backoff) before "
+                        "the store fails for good (default 60)")
     # What the gateway presents to the control plane, itself a client of AgentService.
     add_client_arguments(p, "--control-plane-key-file", tls_prefix="--control-plane-",
                          title="the control plane's key and TLS",
@@ -180,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             args.database = read_url(args.database_file)
     except (ValueError, OSError) as e:
         parser.error(str(e))
+    if args.database_reconnect < 0:
+        parser.error("--database-reconnect must be >= 0")
     if args.max_body_bytes < 1:
         parser.error("--max-body-bytes must be positive")
     if not args.control_plane_retry_s >= 0:
@@ -204,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     state = None
     if args.database or args.state_dir:
         try:
-            state = open_store(args.database or args.state_dir)
+            state = open_store(args.database or args.state_dir,
+                               reconnect_timeout_s=args.database_reconnect)
         except (StoreError, OSError) as e:
             print(f"astraea-gateway: cannot open the state store: {e}", file=sys.stderr,
                   flush=True)

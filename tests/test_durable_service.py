@@ -373,7 +373,8 @@ async def _postgres_restart(pg: PostgresServer, url: str) -> None:
     # Slower than the module's time scale: the segment must still be generating (so writing)
     # when the database goes away, however fast the machine (about 10 s for 2000 tokens).
     time_scale = 0.25
-    running = await serve("127.0.0.1:0", "astraea", PROFILE, ServiceConfig(time_scale=time_scale),
+    running = await serve("127.0.0.1:0", "astraea", PROFILE,
+                          ServiceConfig(time_scale=time_scale, store_reconnect_timeout_s=240),
                           state=url)
     address = f"127.0.0.1:{running.port}"
     store = running.control_plane.durable.store
@@ -410,6 +411,7 @@ async def _postgres_restart(pg: PostgresServer, url: str) -> None:
             await stub.StartJob(agent_pb2.StartJobRequest(job_id="during"), timeout=WAIT_S)
         assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
         assert "the database is unreachable" in refused.value.details()
+        assert "reconnecting for up to 240 s" in refused.value.details()  # --database-reconnect
         assert time.monotonic() - started < 10  # answered, not held for the outage
 
         # Nothing is streamed that is not committed: the client's count stands still.

@@ -130,17 +130,17 @@ def test_predictor_and_worker_mains_log_json(tmp_path):
 
 def test_worker_vllm_flags_reach_the_engine_config(tmp_path):
     """`astraea-worker --backend vllm` flags as the engine gets them (nothing is started)."""
-    from worker.process import _make_backend, build_parser
+    from worker.options import build_parser, make_backend
 
     args = build_parser().parse_args([
         "--backend", "vllm", "--model", str(tmp_path), "--kv-blocks", "100",
         "--max-model-len", "4096", "--dtype", "bfloat16", "--gpu-memory-utilization", "0.8",
         "--host-swap-blocks", "512"])
-    config = _make_backend(args).config
+    config = make_backend(args).config
     assert (config.model, config.num_blocks, config.max_model_len, config.dtype) == \
         (str(tmp_path), 101, 4096, "bfloat16")  # the pool has vLLM's null block on top
     assert (config.gpu_memory_utilization, config.host_swap_blocks) == (0.8, 512)
     # Without --kv-blocks vLLM sizes the pool from memory, and the window is the model's.
-    config = _make_backend(build_parser().parse_args(
+    config = make_backend(build_parser().parse_args(
         ["--backend", "vllm", "--model", str(tmp_path)])).config
     assert (config.num_blocks, config.max_model_len, config.dtype) == (None, None, "auto")

@@ -323,3 +323,21 @@ def test_console_exporter_prints_spans(capsys):
         pass
     tel.shutdown()
     assert '"astraea.job_id": "j-console"' in capsys.readouterr().out
+
+
+def test_spans_are_recorded_only_while_something_receives_them():
+    """With no destination (no OTLP endpoint, console or span dir) spans are not recorded:
+    they cost next to nothing but keep a trace id for logs and propagation. A processor added
+    later (a test's in-memory exporter) turns recording on."""
+    tele = t.setup_telemetry(t.TelemetryConfig("astraea-test"))
+    try:
+        with tele.tracer.start_as_current_span("unseen") as span:
+            assert not span.is_recording()
+            assert span.get_span_context().is_valid
+        exporter = InMemorySpanExporter()
+        tele.add_span_exporter(exporter)
+        with tele.tracer.start_as_current_span("seen") as span:
+            assert span.is_recording()
+        assert [x.name for x in exporter.get_finished_spans()] == ["seen"]
+    finally:
+        tele.shutdown()

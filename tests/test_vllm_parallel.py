@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("vllm")
 
 from worker.backend import EngineError  # noqa: E402
-from worker.process import _make_backend, build_parser  # noqa: E402
+from worker.options import build_parser, make_backend  # noqa: E402
 from worker.vllm.config import EXTENSION, EngineConfig, engine_args  # noqa: E402
 from worker.vllm.ext import KvSwapExtension  # noqa: E402
 from worker.vllm.swap import HostSwap  # noqa: E402
@@ -38,7 +38,7 @@ def test_parallel_flags_reach_engine_args(tmp_path):
     args = build_parser().parse_args([
         "--backend", "vllm", "--model", str(tmp_path), "--tensor-parallel-size", "4",
         "--pipeline-parallel-size", "2", "--distributed-executor-backend", "mp"])
-    config = _make_backend(args).config
+    config = make_backend(args).config
     assert (config.tensor_parallel_size, config.pipeline_parallel_size,
             config.distributed_executor_backend) == (4, 2, "mp")
     vllm_args = engine_args(config)
@@ -49,7 +49,7 @@ def test_parallel_flags_reach_engine_args(tmp_path):
 
 
 def test_one_rank_by_default(tmp_path):
-    config = _make_backend(build_parser().parse_args(
+    config = make_backend(build_parser().parse_args(
         ["--backend", "vllm", "--model", str(tmp_path)])).config
     vllm_args = engine_args(config)
     # None leaves the executor to vLLM: its own process for one rank, "mp" for more.
@@ -91,7 +91,7 @@ def test_ray_without_ray_installed_is_a_clear_error(tmp_path):
         "--distributed-executor-backend", "ray"])
     # `astraea-worker` logs this ValueError as "cannot start" and exits with code 2.
     with pytest.raises(ValueError, match=r"ray executor needs Ray, which is not installed"):
-        _make_backend(args)
+        make_backend(args)
 
 
 # --- the Swap action over two tensor-parallel ranks -----------------------------------------

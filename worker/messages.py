@@ -117,3 +117,30 @@ def to_messages(items: list, worker_id: int,
     if steps:
         out.append(worker_pb2.WorkerMessage(step_report=worker_pb2.StepReport(steps=steps)))
     return out
+
+
+def bundled(msgs: list[worker_pb2.WorkerMessage],
+            max_bytes: int) -> list[worker_pb2.WorkerMessage]:
+    """`msgs` as few writes: runs of them in one Bundle each, every write at most `max_bytes`
+    (a message too large alone goes alone, and the stream refuses it as it would anyway)."""
+    if len(msgs) < 2:
+        return msgs
+    out: list[worker_pb2.WorkerMessage] = []
+    run: list[worker_pb2.WorkerMessage] = []
+    size = 0
+    for msg in msgs:
+        n = msg.ByteSize() + 8  # the field's tag and length, with room to spare
+        if run and size + n > max_bytes:
+            out.append(_one(run))
+            run, size = [], 0
+        run.append(msg)
+        size += n
+    if run:
+        out.append(_one(run))
+    return out
+
+
+def _one(run: list[worker_pb2.WorkerMessage]) -> worker_pb2.WorkerMessage:
+    if len(run) == 1:
+        return run[0]
+    return worker_pb2.WorkerMessage(bundle=worker_pb2.Bundle(messages=run))

@@ -6,7 +6,8 @@ It registers with what `backend.describe()` says, then concurrently carries out 
 plane's plans (`backend.apply`) and forwards what the backend reports. One task writes the
 stream; it batches whatever is queued at the moment (tokens of several jobs into one
 TokenBatch, step timings into one StepReport, only the newest MemoryReport) while keeping each
-job's tokens ahead of its SegmentEnded/Preempted.
+job's tokens ahead of its SegmentEnded/Preempted, and sends them as one Bundle message when the
+control plane reads bundles (each gRPC message costs it more than what the message carries).
 
 A stream that fails (the control plane died or restarted, dropped this worker as silent, sent
 a message over the size limit) is retried with exponential backoff and jitter, and the worker
@@ -42,10 +43,9 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
 from astraea import wire
-from astraea.auth import ClientCredentials, add_client_arguments, client_credentials_from_args
+from astraea.auth import ClientCredentials, client_credentials_from_args
 from astraea.plan import Admit
 from astraea.telemetry import (
-    add_log_level_argument,
     get_logger,
     prometheus,
     setup_service_telemetry,
@@ -53,21 +53,21 @@ from astraea.telemetry import (
 from astraea.v1 import worker_pb2
 from worker.admission_spans import ADMISSION_SPAN, AdmissionSpans  # noqa: F401 (re-exported)
 from worker.backend import Backend, BackendError, BackendFailed, MemoryChanged
-from worker.messages import AdmitRefused, segment_input, to_messages
+from worker.messages import AdmitRefused, bundled, segment_input, to_messages
+from worker.options import (  # noqa: F401 (the defaults are re-exported)
+    DRAIN_TIMEOUT_S,
+    HEARTBEAT_INTERVAL_S,
+    MAX_MESSAGE_BYTES,
+    build_parser,
+    make_backend,
+)
 
 log = get_logger("astraea.worker")
 
 EXIT_OK, EXIT_FAILED = 0, 1
-HEARTBEAT_INTERVAL_S = 1.0  # well under the control plane's default --worker-timeout (10 s)
 # Reconnection: the first retry after ~0.5 s, doubling up to 10 s, each delay scaled by a
 # random factor in [0.5, 1] so that workers lost together do not all come back at once.
 RECONNECT_INITIAL_S, RECONNECT_MAX_S = 0.5, 10.0
-# Set explicitly rather than left to gRPC's defaults (4 MiB received, no send limit). A plan's
-# Admit can carry a whole prompt or history: 16 MiB holds far more than a context window of
-# token ids. A larger (or unparsable) control message ends the stream with a line saying so,
-# and the worker reconnects. gRPC itself refuses one over twice the limit without reading it
-# (grpc.aio then reports only "INTERNAL: Internal error from Core").
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 CONNECT = "/astraea.v1.WorkerService/Connect"
 # A control plane that refuses the registration itself with one of these will refuse it again:
 # retrying cannot help.
@@ -78,7 +78,6 @@ _REFUSED_FOR_GOOD = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PR
 
 _HEARTBEAT = object()  # queued by the heartbeat task; sent only if nothing else is
 _DRAIN = object()  # queued by start_drain: the stream's Drain message
-DRAIN_TIMEOUT_S = 25.0  # under Kubernetes' default grace period (30 s) before its SIGKILL
 
 
 class _Failed:
@@ -127,6 +126,7 @@ class WorkerProcess:
         self._drain_started = 0.0
         self._drain_wakeup = asyncio.Event()  # cuts a reconnection backoff short
         self._stream_up = False  # registered on the current stream
+        self._bundle_bytes = 0  # largest Bundle the control plane reads (0: none)
         self._leave = asyncio.Event()  # Shutdown(drain) received: leave once nothing runs
 
     def start_drain(self, reason: str, timeout_s: float | None = None) -> bool:
@@ -279,6 +279,7 @@ class WorkerProcess:
             call.cancel()
             return EXIT_FAILED
         self.worker_id = first.registered.worker_id
+        self._bundle_bytes = min(first.registered.bundle_max_bytes, self.max_message_bytes)
         self.registrations += 1
         self._applied_seq, self._shutdown, self._write_ended = 0, None, False
         self._leave = asyncio.Event()
@@ -416,6 +417,8 @@ class WorkerProcess:
             if not msgs and _HEARTBEAT in events:
                 msgs = [worker_pb2.WorkerMessage(
                     heartbeat=worker_pb2.Heartbeat(sent_unix_s=time.time()))]
+            if self._bundle_bytes:
+                msgs = bundled(msgs, self._bundle_bytes)
             try:
                 for msg in msgs:
                     await call.write(msg)
@@ -458,34 +461,8 @@ async def run_worker(control_plane_address: str, backend: Backend, name: str,
                                max_message_bytes, credentials).run(control_plane_address)
 
 
-def _make_backend(args: argparse.Namespace) -> Backend:
-    if args.backend == "vllm":
-        # Imported only here: the simulated worker needs no vLLM.
-        from worker.vllm.backend import VllmBackend
-        from worker.vllm.engine import EngineConfig
-        from worker.vllm.tiny_model import resolve_model
-
-        return VllmBackend(EngineConfig(
-            model=resolve_model(args.model),
-            # The pool includes vLLM's null block: one more than the usable blocks asked for.
-            num_blocks=None if args.kv_blocks is None else args.kv_blocks + 1,
-            max_model_len=args.max_model_len, dtype=args.dtype,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            host_swap_blocks=args.host_swap_blocks,
-            tensor_parallel_size=args.tensor_parallel_size,
-            pipeline_parallel_size=args.pipeline_parallel_size,
-            distributed_executor_backend=args.distributed_executor_backend))
-    from astraea.profile import load_profile
-    from worker.sim.backend import SimulatedBackend
-
-    if args.backend != "sim":
-        raise ValueError(f"unknown backend {args.backend!r}")
-    return SimulatedBackend(load_profile(args.profile), time_scale=args.time_scale,
-                            kv_blocks=args.kv_blocks)
-
-
 async def _main_async(args: argparse.Namespace) -> int:
-    backend = prometheus.metered_backend(_make_backend(args))  # /metrics, when served
+    backend = prometheus.metered_backend(make_backend(args))  # /metrics, when served
     name = args.name or f"{socket.gethostname()}:{args.backend}"
     worker = WorkerProcess(backend, name, heartbeat_interval_s=args.heartbeat_interval,
                            reconnect_timeout_s=args.reconnect_timeout,
@@ -518,71 +495,6 @@ async def _main_async(args: argparse.Namespace) -> int:
     except asyncio.CancelledError:
         log.info("stopped by signal")
         return EXIT_OK
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of `astraea-worker` (tests check docker/compose.yaml against it)."""
-    parser = argparse.ArgumentParser(prog="astraea-worker", description="Astraea worker")
-    parser.add_argument("--control-plane", default="127.0.0.1:50051", help="host:port")
-    parser.add_argument("--backend", default="sim", choices=["sim", "vllm"])
-    parser.add_argument("--model", default=None, metavar="PATH",
-                        help="vllm: a local Hugging Face model folder, or a model the project "
-                             "builds on first use: tiny (default) or small")
-    parser.add_argument("--profile", default="gptj-6b-a100")
-    parser.add_argument("--time-scale", type=float, default=1.0,
-                        help="wall seconds per engine second (< 1 runs faster than real time)")
-    parser.add_argument("--kv-blocks", type=int, default=None,
-                        help="GPU KV blocks (sim default: from the profile; vllm: the usable "
-                             "blocks of vLLM's pool, default: sized by vLLM from memory)")
-    vllm = parser.add_argument_group("vllm backend")
-    vllm.add_argument("--dtype", default="auto",
-                      help="weights and activations (vLLM's: auto = the model's own)")
-    vllm.add_argument("--max-model-len", type=int, default=None,
-                      help="context window (default: the model's, or what --kv-blocks holds)")
-    vllm.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                      help="share of the GPU for weights and KV cache (vLLM's)")
-    vllm.add_argument("--host-swap-blocks", type=int, default=256,
-                      help="host memory for swapped-out KV, in blocks")
-    vllm.add_argument("--tensor-parallel-size", type=_positive_int, default=1, metavar="N",
-                      help="split each layer's heads over N ranks (GPUs)")
-    vllm.add_argument("--pipeline-parallel-size", type=_positive_int, default=1, metavar="M",
-                      help="split the layers into M stages (GPUs or nodes)")
-    vllm.add_argument("--distributed-executor-backend", choices=["mp", "ray"], default=None,
-                      help="how vLLM starts the ranks: mp = processes on this node (its default "
-                           "for more than one rank), ray = a Ray cluster across nodes")
-    parser.add_argument("--name", default=None, help="default: <hostname>:<backend>")
-    parser.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S,
-                        metavar="SECONDS",
-                        help="send a heartbeat when nothing else was sent for this long; keep "
-                             "it well under the control plane's --worker-timeout")
-    parser.add_argument("--reconnect-timeout", type=float, default=0.0, metavar="SECONDS",
-                        help="exit (code 1) after this long without a control plane; retries "
-                             "back off from 0.5 s to 10 s (default 0: keep retrying)")
-    parser.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S,
-                        metavar="SECONDS",
-                        help="on SIGTERM/SIGINT, finish the running segments for at most this "
-                             "long while the control plane places nothing new here, then exit; "
-                             "a second signal stops at once (default 25; 0: stop at once)")
-    parser.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES,
-                        metavar="BYTES", help="largest gRPC message sent or received (default "
-                                              "16 MiB); a larger one ends the stream, and the "
-                                              "worker reconnects")
-    add_client_arguments(parser, "--token-file", title="security (the control plane's)",
-                         key_help="the control plane's worker token (its --worker-token-file): "
-                                  "the first line of FILE")
-    add_log_level_argument(parser)
-    prometheus.add_metrics_arguments(parser)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

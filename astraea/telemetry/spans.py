@@ -201,6 +201,8 @@ def build_batch_span(tracer: Tracer, queue_lengths: Sequence[int] | Mapping[int,
 def record_plan(span: Span, actions: Iterable[Any], *, max_events: int = 64) -> None:
     """Count a plan's actions by type (``astraea.plan.admit`` …) and add one ``plan_action``
     event for each of the first `max_events`, with job, worker and KV action."""
+    if not span.is_recording():  # nothing would keep them: do not build them
+        return
     counts: Counter[str] = Counter()
     total = 0
     for a in actions:
@@ -233,6 +235,8 @@ def kv_decision_attributes(decision: KvDecision) -> dict[str, Any]:
 def record_kv_decision(span: Span, decision: KvDecision, *, set_attributes: bool = True) -> None:
     """Add a ``kv_decision`` event carrying the decision and its inputs; with `set_attributes`
     (one decision per span, as on ``api_wait``) also set them as the span's attributes."""
+    if not span.is_recording():
+        return
     attrs = kv_decision_attributes(decision)
     span.add_event(KV_DECISION_EVENT, attrs)
     if set_attributes:

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("register", "step_report", "segment_ended", "preempted", "memory", "tokens", "heartbeat", "admit_refused", "drain")
+    __slots__ = ("register", "step_report", "segment_ended", "preempted", "memory", "tokens", "heartbeat", "admit_refused", "drain", "bundle")
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     STEP_REPORT_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_ENDED_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class WorkerMessage(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     ADMIT_REFUSED_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
     register: Register
     step_report: StepReport
     segment_ended: SegmentEnded
@@ -27,7 +28,14 @@ class WorkerMessage(_message.Message):
     heartbeat: Heartbeat
     admit_refused: AdmitRefused
     drain: Drain
-    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., step_report: _Optional[_Union[StepReport, _Mapping]] = ..., segment_ended: _Optional[_Union[SegmentEnded, _Mapping]] = ..., preempted: _Optional[_Union[Preempted, _Mapping]] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ..., tokens: _Optional[_Union[TokenBatch, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., admit_refused: _Optional[_Union[AdmitRefused, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ...) -> None: ...
+    bundle: Bundle
+    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., step_report: _Optional[_Union[StepReport, _Mapping]] = ..., segment_ended: _Optional[_Union[SegmentEnded, _Mapping]] = ..., preempted: _Optional[_Union[Preempted, _Mapping]] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ..., tokens: _Optional[_Union[TokenBatch, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., admit_refused: _Optional[_Union[AdmitRefused, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ..., bundle: _Optional[_Union[Bundle, _Mapping]] = ...) -> None: ...
+
+class Bundle(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[WorkerMessage]
+    def __init__(self, messages: _Optional[_Iterable[_Union[WorkerMessage, _Mapping]]] = ...) -> None: ...
 
 class Register(_message.Message):
     __slots__ = ("worker_name", "model", "backend", "kv_capacity_blocks", "block_size", "host_swap_blocks", "max_num_seqs", "max_num_batched_tokens", "profile_name", "needs_history")
@@ -166,10 +174,12 @@ class ControlMessage(_message.Message):
     def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ...) -> None: ...
 
 class Registered(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "bundle_max_bytes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
-    def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
+    bundle_max_bytes: int
+    def __init__(self, worker_id: _Optional[int] = ..., bundle_max_bytes: _Optional[int] = ...) -> None: ...
 
 class Plan(_message.Message):
     __slots__ = ("actions", "seq")

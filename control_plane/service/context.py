@@ -56,6 +56,9 @@ class ServiceConfig(Limits):
     # A worker silent this long (wall seconds; workers send a heartbeat every second when
     # idle) is dropped and its jobs re-queued; 0 never drops one.
     worker_timeout_s: float = 10.0
+    # How long the durable store (PostgreSQL) may stay unreachable before it fails for good;
+    # meanwhile StartJob is refused UNAVAILABLE and streams hold their events.
+    store_reconnect_timeout_s: float = 60.0
 
 
 class StepObserver(Protocol):

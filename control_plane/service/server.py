@@ -169,7 +169,7 @@ async def serve(listen: str = DEFAULT_LISTEN, policy: str = "astraea",
 def _open_state(cp: ControlPlane, state: str):
     """Open the store, restore its unfinished jobs into `cp`; returns the event gate's loop
     to run (durable.py). StoreError if the store cannot be opened."""
-    store = open_store(state)
+    store = open_store(state, reconnect_timeout_s=cp.config.store_reconnect_timeout_s)
     try:
         cp.durable = Durability(store)
         restored = cp.durable.restore(cp)
@@ -233,6 +233,7 @@ async def _main_async(args: argparse.Namespace, metrics: Metrics | None = None) 
         running = await serve(args.listen, args.policy, args.profile,
                               ServiceConfig(time_scale=args.time_scale,
                                             worker_timeout_s=args.worker_timeout,
+                                            store_reconnect_timeout_s=args.database_reconnect,
                                             **limits.from_args(args)),
                               predictor=args.predictor, metrics=metrics,
                               predictor_timeout_s=args.predictor_timeout, auth=auth, tls=tls,
@@ -295,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "loses every job)")
     where.add_argument("--database", default=None, metavar="URL",
                        help="the same in PostgreSQL: postgresql://user@host/db")
+    parser.add_argument("--database-reconnect", type=float,
+                        default=ServiceConfig.store_reconnect_timeout_s, metavar="SECONDS",
+                        help="how long a lost database connection is retried (with backoff) "
+                             "before the store fails for good; meanwhile new jobs get "
+                             "UNAVAILABLE (default 60)")
     limits.add_arguments(parser)
     security = add_server_arguments(parser)
     security.add_argument("--api-key-file", default=None, metavar="FILE",
@@ -316,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--predictor-timeout must be positive")
     if args.worker_timeout < 0:
         parser.error("--worker-timeout must be 0 (never) or positive")
+    if args.database_reconnect < 0:
+        parser.error("--database-reconnect must be >= 0")
     try:
         limits.Limits(**limits.from_args(args))
     except ValueError as e:

@@ -7,7 +7,8 @@ per plan). `astraea bench-service` reads them; nothing else depends on them.
   (``run_segment``), ReportToolCall (``tool_call``), StartJob/EndJob (``start_job``,
   ``end_job``), and per WorkerMessage received on a worker stream, under its oneof name
   (``tokens``, ``segment_ended``, ``memory``, ``step_report``, ``preempted``,
-  ``admit_refused``, ``heartbeat``).
+  ``admit_refused``, ``heartbeat``); a Bundle counts as the messages it carries.
+* `bundles`: the Bundle messages those arrived in (fewer gRPC messages than reports).
 * `plan_latency_s`: for each plan caused by an event, from the first `mark_dirty` after the
   previous plan to the moment the plan's messages were queued on the worker streams
   (`Planner.plan_once` has returned). It includes the wait for the event loop to reach the
@@ -74,6 +75,7 @@ class Samples:
 class ServiceStats:
     def __init__(self, max_samples: int = MAX_SAMPLES) -> None:
         self.events: Counter[str] = Counter()
+        self.bundles = 0
         self.plan_latency_s = Samples(max_samples)
         self.build_s = Samples(max_samples)
         self.plans = 0  # plans caused by events, since the last reset
@@ -96,6 +98,7 @@ class ServiceStats:
     def reset(self) -> None:
         """Start a new measurement window."""
         self.events.clear()
+        self.bundles = 0
         self.plan_latency_s.clear()
         self.build_s.clear()
         self.plans = self.plans_with_actions = 0
@@ -108,7 +111,7 @@ class ServiceStats:
         cpu = self._cpu() - self._cpu0
         return {"elapsed_s": elapsed, "cpu_s": cpu,
                 "cpu_percent": 100 * cpu / elapsed if elapsed > 0 else math.nan,
-                "events": dict(self.events), "plans": self.plans,
+                "events": dict(self.events), "bundles": self.bundles, "plans": self.plans,
                 "plans_with_actions": self.plans_with_actions,
                 "plan_latency": summarize_ms(self.plan_latency_s),
                 "build_plan": summarize_ms(self.build_s)}

@@ -77,7 +77,9 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
                  kv_blocks=info.kv_capacity_blocks, backend=info.backend,
                  needs_history=info.needs_history)
         yield worker_pb2.ControlMessage(
-            registered=worker_pb2.Registered(worker_id=worker.worker_id))
+            registered=worker_pb2.Registered(
+                worker_id=worker.worker_id,
+                bundle_max_bytes=self.cp.config.max_receive_message_bytes))
         self.cp.mark_dirty()
         outbound = worker.outbound
         reader = asyncio.ensure_future(self._consume(it, worker, context.peer()))
@@ -135,40 +137,51 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def _consume(self, it, worker: WorkerEntry, peer: str) -> None:
         async for msg in it:
             worker.last_seen = time.monotonic()
-            kind = msg.WhichOneof("msg")
-            self.cp.stats.events[kind] += 1
-            if kind == "register":
-                raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"worker {worker.worker_id} is already registered on this "
-                                   "stream: register must be sent once")
-            try:
-                if kind == "memory":
-                    self._check_memory(worker, msg.memory, peer)
-                    worker.memory_reported(
-                        wire.worker_view_from_proto(msg.memory, worker.worker_id),
-                        msg.memory.applied_plan_seq)
-                    self.cp.mark_dirty()
-                elif kind == "tokens":
-                    for jt in msg.tokens.jobs:
-                        self._tokens(worker, jt)
-                elif kind == "segment_ended":
-                    self._segment_ended(worker, msg.segment_ended)
-                elif kind == "preempted":
-                    self._preempted(worker, msg.preempted)
-                elif kind == "admit_refused":
-                    self._admit_refused(worker, msg.admit_refused)
-                elif kind == "step_report":
-                    self.cp.observe_steps(msg.step_report.steps)
-                elif kind == "drain":
-                    self.cp.worker_draining(worker.worker_id, msg.drain.reason)
-                elif kind == "heartbeat":
-                    pass
-                else:
-                    raise ValueError("WorkerMessage has no msg set")
-            except (ValueError, SchedulerError) as e:
-                # One bad report is dropped; the stream and the other jobs carry on.
-                log.warning("bad worker report ignored", worker_id=worker.worker_id,
-                            kind=kind, error=str(e))
+            if msg.WhichOneof("msg") != "bundle":
+                self._report(msg, worker, peer)
+                continue
+            self.cp.stats.bundles += 1
+            for inner in msg.bundle.messages:  # in order, as if sent one by one
+                if inner.WhichOneof("msg") == "bundle":
+                    raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"worker {worker.worker_id}: a bundle inside a bundle")
+                self._report(inner, worker, peer)
+
+    def _report(self, msg: worker_pb2.WorkerMessage, worker: WorkerEntry, peer: str) -> None:
+        kind = msg.WhichOneof("msg")
+        self.cp.stats.events[kind] += 1
+        if kind == "register":
+            raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"worker {worker.worker_id} is already registered on this "
+                               "stream: register must be sent once")
+        try:
+            if kind == "memory":
+                self._check_memory(worker, msg.memory, peer)
+                worker.memory_reported(
+                    wire.worker_view_from_proto(msg.memory, worker.worker_id),
+                    msg.memory.applied_plan_seq)
+                self.cp.mark_dirty()
+            elif kind == "tokens":
+                for jt in msg.tokens.jobs:
+                    self._tokens(worker, jt)
+            elif kind == "segment_ended":
+                self._segment_ended(worker, msg.segment_ended)
+            elif kind == "preempted":
+                self._preempted(worker, msg.preempted)
+            elif kind == "admit_refused":
+                self._admit_refused(worker, msg.admit_refused)
+            elif kind == "step_report":
+                self.cp.observe_steps(msg.step_report.steps)
+            elif kind == "drain":
+                self.cp.worker_draining(worker.worker_id, msg.drain.reason)
+            elif kind == "heartbeat":
+                pass
+            else:
+                raise ValueError("WorkerMessage has no msg set")
+        except (ValueError, SchedulerError) as e:
+            # One bad report is dropped; the stream and the other jobs carry on.
+            log.warning("bad worker report ignored", worker_id=worker.worker_id,
+                        kind=kind, error=str(e))
 
     def _check_memory(self, worker: WorkerEntry, m: worker_pb2.MemoryReport, peer: str) -> None:
         try:

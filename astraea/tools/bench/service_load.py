@@ -445,6 +445,7 @@ def run(cfg: ServiceBenchConfig, log=None) -> dict:
         "control_plane_events": sum(events.values()),
         "control_plane_events_per_s": sum(events.values()) / cp_s,
         "control_plane_events_by_kind": dict(sorted(events.items())),
+        "worker_bundles": cp.get("bundles", 0),
         "plans": cp["plans"],
         "plans_per_s": cp["plans"] / cp_s,
         "plans_with_actions": cp["plans_with_actions"],
@@ -524,7 +525,8 @@ def format_report(r: dict) -> str:
         f"{cpu['load_generator']:.0f}, workers "
         + ", ".join(f"{x:.0f}" for x in cpu["workers"]),
         "control-plane events by kind: " + ", ".join(
-            f"{k} {v:,}" for k, v in r["control_plane_events_by_kind"].items()),
+            f"{k} {v:,}" for k, v in r["control_plane_events_by_kind"].items())
+        + f"; {r['worker_bundles']:,} worker writes were bundles of several",
     ]
     if r["errors"] or r["bad_token_segments"]:
         lines.append(f"ERRORS: {r['errors']}; segments with wrong tokens: "
