@@ -160,6 +160,11 @@ class OnlineEstimator:
             self._out_sum[key] += tokens
             self._out_n[key] += 1
 
+    def observations(self) -> tuple[int, int]:
+        """(API durations, segment output lengths) learned from, ever (with a loaded state,
+        its own too)."""
+        return self._api_all.count, self._out_n.get((), 0)
+
     # --- state export / import (the predictor service persists these) -------------------
     def export_state(self) -> dict:
         """Everything learned, as plain JSON-able data. Window sums are kept as they are

@@ -170,6 +170,7 @@ class Predictor:
                     source=(predictor_pb2.ESTIMATE_SOURCE_MODEL if learned
                             else predictor_pb2.ESTIMATE_SOURCE_PRIOR),
                 )
+            out.api_observations, out.output_observations = est.observations()
         return out
 
     def observe(self, req: predictor_pb2.ObserveRequest) -> predictor_pb2.ObserveResponse:

@@ -106,6 +106,32 @@ def test_observations_reach_the_predictor_and_its_estimates_are_used():
     asyncio.run(main())
 
 
+def test_a_predictor_that_knows_no_more_than_the_control_plane_is_not_asked_to_answer():
+    """One control plane and a fresh predictor: the predictor hears of each observation late
+    and is asked now and then, so its estimates trail the local ones (at 5x real time, by
+    seconds of engine time). The local estimator, which has seen at least as much, answers."""
+    async def main() -> None:
+        pred = serve_predictor("127.0.0.1:0", PROFILE)
+        link = PredictorLink(f"127.0.0.1:{pred.port}", **FAST)
+        try:
+            await link.start()
+            job = _job()
+            for _ in range(10):
+                link.observe_api("search", 1.0)
+            await _until(lambda: link.sent >= 10)
+            seen = link.refreshes
+            await _until(lambda: link.refreshes >= seen + 2)  # one refresh after the flush
+            assert _remote_api_mean(pred, "search") == 1.0
+            for _ in range(10):  # new observations, not yet at the predictor
+                link.observe_api("search", 3.0)
+            assert link.api_duration_s(job) == link.local.api_mean_s("search") == 2.0
+        finally:
+            await link.close()
+            pred.stop(0)
+
+    asyncio.run(main())
+
+
 def test_nobody_listening_answers_locally_without_blocking_and_counts_fallbacks():
     async def main() -> None:
         tel, reader = _metrics()

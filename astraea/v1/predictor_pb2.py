@@ -25,39 +25,39 @@ _sym_db = _symbol_database.Default()
 from astraea.v1 import common_pb2 as astraea_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61straea/v1/predictor.proto\x12\nastraea.v1\x1a\x17\x61straea/v1/common.proto\"E\n\x14\x45stimateBatchRequest\x12-\n\x08requests\x18\x01 \x03(\x0b\x32\x1b.astraea.v1.EstimateRequest\"\x8d\x01\n\x0f\x45stimateRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x15\n\rsegment_index\x18\x03 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x04 \x01(\x04\x12\x12\n\nnew_tokens\x18\x05 \x01(\r\x12\x15\n\relapsed_api_s\x18\x06 \x01(\x01\"@\n\x15\x45stimateBatchResponse\x12\'\n\testimates\x18\x01 \x03(\x0b\x32\x14.astraea.v1.Estimate\"\x9e\x01\n\x08\x45stimate\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\routput_tokens\x18\x02 \x01(\x01\x12\x11\n\tcompute_s\x18\x03 \x01(\x01\x12\x13\n\x0b\x61pi_total_s\x18\x04 \x01(\x01\x12\x17\n\x0f\x61pi_remaining_s\x18\x05 \x01(\x01\x12*\n\x06source\x18\x06 \x01(\x0e\x32\x1a.astraea.v1.EstimateSource\"\x96\x01\n\x0eObserveRequest\x12-\n\tapi_calls\x18\x01 \x03(\x0b\x32\x1a.astraea.v1.ApiObservation\x12.\n\x07outputs\x18\x02 \x03(\x0b\x32\x1d.astraea.v1.OutputObservation\x12%\n\x05steps\x18\x03 \x03(\x0b\x32\x16.astraea.v1.StepTiming\"6\n\x0e\x41piObservation\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x12\n\nduration_s\x18\x02 \x01(\x01\"S\n\x11OutputObservation\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x15\n\rsegment_index\x18\x02 \x01(\r\x12\x15\n\routput_tokens\x18\x03 \x01(\r\"#\n\x0fObserveResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\" \n\x10SaveStateRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"\'\n\x11SaveStateResponse\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04\" \n\x10LoadStateRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"\x13\n\x11LoadStateResponse*g\n\x0e\x45stimateSource\x12\x1f\n\x1b\x45STIMATE_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45STIMATE_SOURCE_MODEL\x10\x01\x12\x19\n\x15\x45STIMATE_SOURCE_PRIOR\x10\x02\x32\xbb\x02\n\x10PredictorService\x12O\n\x08\x45stimate\x12 .astraea.v1.EstimateBatchRequest\x1a!.astraea.v1.EstimateBatchResponse\x12\x42\n\x07Observe\x12\x1a.astraea.v1.ObserveRequest\x1a\x1b.astraea.v1.ObserveResponse\x12H\n\tSaveState\x12\x1c.astraea.v1.SaveStateRequest\x1a\x1d.astraea.v1.SaveStateResponse\x12H\n\tLoadState\x12\x1c.astraea.v1.LoadStateRequest\x1a\x1d.astraea.v1.LoadStateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61straea/v1/predictor.proto\x12\nastraea.v1\x1a\x17\x61straea/v1/common.proto\"E\n\x14\x45stimateBatchRequest\x12-\n\x08requests\x18\x01 \x03(\x0b\x32\x1b.astraea.v1.EstimateRequest\"\x8d\x01\n\x0f\x45stimateRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x15\n\rsegment_index\x18\x03 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x04 \x01(\x04\x12\x12\n\nnew_tokens\x18\x05 \x01(\r\x12\x15\n\relapsed_api_s\x18\x06 \x01(\x01\"w\n\x15\x45stimateBatchResponse\x12\'\n\testimates\x18\x01 \x03(\x0b\x32\x14.astraea.v1.Estimate\x12\x18\n\x10\x61pi_observations\x18\x02 \x01(\x04\x12\x1b\n\x13output_observations\x18\x03 \x01(\x04\"\x9e\x01\n\x08\x45stimate\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\routput_tokens\x18\x02 \x01(\x01\x12\x11\n\tcompute_s\x18\x03 \x01(\x01\x12\x13\n\x0b\x61pi_total_s\x18\x04 \x01(\x01\x12\x17\n\x0f\x61pi_remaining_s\x18\x05 \x01(\x01\x12*\n\x06source\x18\x06 \x01(\x0e\x32\x1a.astraea.v1.EstimateSource\"\x96\x01\n\x0eObserveRequest\x12-\n\tapi_calls\x18\x01 \x03(\x0b\x32\x1a.astraea.v1.ApiObservation\x12.\n\x07outputs\x18\x02 \x03(\x0b\x32\x1d.astraea.v1.OutputObservation\x12%\n\x05steps\x18\x03 \x03(\x0b\x32\x16.astraea.v1.StepTiming\"6\n\x0e\x41piObservation\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x12\n\nduration_s\x18\x02 \x01(\x01\"S\n\x11OutputObservation\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x15\n\rsegment_index\x18\x02 \x01(\r\x12\x15\n\routput_tokens\x18\x03 \x01(\r\"#\n\x0fObserveResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\" \n\x10SaveStateRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"\'\n\x11SaveStateResponse\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04\" \n\x10LoadStateRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"\x13\n\x11LoadStateResponse*g\n\x0e\x45stimateSource\x12\x1f\n\x1b\x45STIMATE_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45STIMATE_SOURCE_MODEL\x10\x01\x12\x19\n\x15\x45STIMATE_SOURCE_PRIOR\x10\x02\x32\xbb\x02\n\x10PredictorService\x12O\n\x08\x45stimate\x12 .astraea.v1.EstimateBatchRequest\x1a!.astraea.v1.EstimateBatchResponse\x12\x42\n\x07Observe\x12\x1a.astraea.v1.ObserveRequest\x1a\x1b.astraea.v1.ObserveResponse\x12H\n\tSaveState\x12\x1c.astraea.v1.SaveStateRequest\x1a\x1d.astraea.v1.SaveStateResponse\x12H\n\tLoadState\x12\x1c.astraea.v1.LoadStateRequest\x1a\x1d.astraea.v1.LoadStateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'astraea.v1.predictor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ESTIMATESOURCE']._serialized_start=970
-  _globals['_ESTIMATESOURCE']._serialized_end=1073
+  _globals['_ESTIMATESOURCE']._serialized_start=1025
+  _globals['_ESTIMATESOURCE']._serialized_end=1128
   _globals['_ESTIMATEBATCHREQUEST']._serialized_start=67
   _globals['_ESTIMATEBATCHREQUEST']._serialized_end=136
   _globals['_ESTIMATEREQUEST']._serialized_start=139
   _globals['_ESTIMATEREQUEST']._serialized_end=280
   _globals['_ESTIMATEBATCHRESPONSE']._serialized_start=282
-  _globals['_ESTIMATEBATCHRESPONSE']._serialized_end=346
-  _globals['_ESTIMATE']._serialized_start=349
-  _globals['_ESTIMATE']._serialized_end=507
-  _globals['_OBSERVEREQUEST']._serialized_start=510
-  _globals['_OBSERVEREQUEST']._serialized_end=660
-  _globals['_APIOBSERVATION']._serialized_start=662
-  _globals['_APIOBSERVATION']._serialized_end=716
-  _globals['_OUTPUTOBSERVATION']._serialized_start=718
-  _globals['_OUTPUTOBSERVATION']._serialized_end=801
-  _globals['_OBSERVERESPONSE']._serialized_start=803
-  _globals['_OBSERVERESPONSE']._serialized_end=838
-  _globals['_SAVESTATEREQUEST']._serialized_start=840
-  _globals['_SAVESTATEREQUEST']._serialized_end=872
-  _globals['_SAVESTATERESPONSE']._serialized_start=874
-  _globals['_SAVESTATERESPONSE']._serialized_end=913
-  _globals['_LOADSTATEREQUEST']._serialized_start=915
-  _globals['_LOADSTATEREQUEST']._serialized_end=947
-  _globals['_LOADSTATERESPONSE']._serialized_start=949
-  _globals['_LOADSTATERESPONSE']._serialized_end=968
-  _globals['_PREDICTORSERVICE']._serialized_start=1076
-  _globals['_PREDICTORSERVICE']._serialized_end=1391
+  _globals['_ESTIMATEBATCHRESPONSE']._serialized_end=401
+  _globals['_ESTIMATE']._serialized_start=404
+  _globals['_ESTIMATE']._serialized_end=562
+  _globals['_OBSERVEREQUEST']._serialized_start=565
+  _globals['_OBSERVEREQUEST']._serialized_end=715
+  _globals['_APIOBSERVATION']._serialized_start=717
+  _globals['_APIOBSERVATION']._serialized_end=771
+  _globals['_OUTPUTOBSERVATION']._serialized_start=773
+  _globals['_OUTPUTOBSERVATION']._serialized_end=856
+  _globals['_OBSERVERESPONSE']._serialized_start=858
+  _globals['_OBSERVERESPONSE']._serialized_end=893
+  _globals['_SAVESTATEREQUEST']._serialized_start=895
+  _globals['_SAVESTATEREQUEST']._serialized_end=927
+  _globals['_SAVESTATERESPONSE']._serialized_start=929
+  _globals['_SAVESTATERESPONSE']._serialized_end=968
+  _globals['_LOADSTATEREQUEST']._serialized_start=970
+  _globals['_LOADSTATEREQUEST']._serialized_end=1002
+  _globals['_LOADSTATERESPONSE']._serialized_start=1004
+  _globals['_LOADSTATERESPONSE']._serialized_end=1023
+  _globals['_PREDICTORSERVICE']._serialized_start=1131
+  _globals['_PREDICTORSERVICE']._serialized_end=1446
 # @@protoc_insertion_point(module_scope)

@@ -40,10 +40,14 @@ class EstimateRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., category: _Optional[str] = ..., segment_index: _Optional[int] = ..., context_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., elapsed_api_s: _Optional[float] = ...) -> None: ...
 
 class EstimateBatchResponse(_message.Message):
-    __slots__ = ("estimates",)
+    __slots__ = ("estimates", "api_observations", "output_observations")
     ESTIMATES_FIELD_NUMBER: _ClassVar[int]
+    API_OBSERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_OBSERVATIONS_FIELD_NUMBER: _ClassVar[int]
     estimates: _containers.RepeatedCompositeFieldContainer[Estimate]
-    def __init__(self, estimates: _Optional[_Iterable[_Union[Estimate, _Mapping]]] = ...) -> None: ...
+    api_observations: int
+    output_observations: int
+    def __init__(self, estimates: _Optional[_Iterable[_Union[Estimate, _Mapping]]] = ..., api_observations: _Optional[int] = ..., output_observations: _Optional[int] = ...) -> None: ...
 
 class Estimate(_message.Message):
     __slots__ = ("job_id", "output_tokens", "compute_s", "api_total_s", "api_remaining_s", "source")

@@ -15,7 +15,11 @@ A background task (`start` / `close`) does all the I/O, each call bounded by `ti
   later ones); answers whose source is the prior are ignored.
 
 What is served where: `api_duration_s` and `output_tokens` prefer the remote estimate while the
-predictor is reachable and the estimate is fresh; `remaining_api_s` (a tail-aware conditional
+predictor is reachable, the estimate is fresh, and the predictor has learned from more
+observations than the local estimator has seen (a state it saved before, other control planes);
+otherwise the local estimator knows everything the predictor does, and sooner (the predictor
+hears of each observation up to `flush_interval_s` later and is asked every
+`refresh_interval_s`: at 5x real time, seconds of engine time), so it answers. `remaining_api_s` (a tail-aware conditional
 that depends on the time already waited) and `api_duration_samples` always come from the local
 window, which sees the same observations.
 
@@ -113,6 +117,7 @@ class PredictorLink:
         self._remote_api: dict[str, float] = {}
         self._remote_out: dict[tuple[str, bool], float] = {}
         self._remote_at: float | None = None  # monotonic time of the last refresh
+        self._remote_seen = (0, 0)  # (API, output) observations the predictor had learned from
         self.up: bool | None = None  # None until the first call answers or fails
         self._down_since: float | None = None
         self._channel: grpc.aio.Channel | None = None
@@ -160,7 +165,7 @@ class PredictorLink:
 
     def output_tokens(self, job: Job) -> float:
         self._note(job.category)
-        if self._fresh():
+        if self._fresh() and self._remote_seen[1] > self.local.observations()[1]:
             remote = self._remote_out.get((job.category, job.segment_index == 0))
             if remote is not None:
                 return remote
@@ -168,7 +173,7 @@ class PredictorLink:
 
     def api_duration_s(self, job: Job) -> float:
         self._note(job.next_tool_category)
-        if self._fresh():
+        if self._fresh() and self._remote_seen[0] > self.local.observations()[0]:
             remote = self._remote_api.get(job.next_tool_category or "")
             if remote is not None:
                 return remote
@@ -346,6 +351,7 @@ class PredictorLink:
                 api[r.category] = est.api_total_s
             out[(r.category, r.segment_index == 0)] = est.output_tokens
         self._remote_api, self._remote_out = api, out
+        self._remote_seen = (resp.api_observations, resp.output_observations)
         self._remote_at = time.monotonic()
         self.refreshes += 1
 
