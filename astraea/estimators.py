@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 PRIOR_API_S = 1.0
@@ -30,8 +31,10 @@ class DurationWindow:
     _sorted: list = field(default_factory=list)
     _sum: float = 0.0
     count: int = 0  # all observations ever
+    _peaks: dict = field(default_factory=dict, repr=False, compare=False)  # see remaining_peaks
 
     def add(self, x: float) -> None:
+        self._peaks.clear()
         self.count += 1
         self._fifo.append(x)
         bisect.insort(self._sorted, x)
@@ -62,6 +65,22 @@ class DurationWindow:
             return 0.0
         tail_sum = sum(s[i:]) if longer < 64 else self._sum - sum(s[:i])
         return tail_sum / longer - elapsed
+
+    def remaining_peaks(self, start: float, end: float) -> Iterator[tuple[float, float]]:
+        """Where `expected_remaining` may peak over elapsed times in [start, end], in order:
+        (elapsed, value) at `start` and at each distinct sample in (start, end]. Between two
+        samples the tail is fixed and the value only falls, so on [e, next e) the value at e
+        is the largest. The values at samples are kept until the window changes."""
+        yield start, self.expected_remaining(start)
+        s, known = self._sorted, self._peaks
+        i = bisect.bisect_right(s, start)
+        while i < len(s) and s[i] <= end:
+            e = s[i]
+            value = known.get(e)
+            if value is None:
+                value = known[e] = self.expected_remaining(e)
+            yield e, value
+            i = bisect.bisect_right(s, e, i)
 
     @property
     def sorted_samples(self) -> list[float]:

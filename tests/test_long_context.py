@@ -12,6 +12,7 @@ from astraea.tools.bench.run import BenchSpec, workload_jobs
 from astraea.tools.cli.main import main
 from astraea.tools.sim.simulator import Simulation
 from astraea.workloads import GENERATED, generate_long_context, load_trace
+from control_plane.core.config import SchedulerConfig
 from control_plane.core.estimates import OnlineJobEstimator
 from control_plane.core.policies import build_scheduler
 
@@ -133,3 +134,102 @@ def test_the_long_context_run_that_crashed_completes(llama):
     result = Simulation(jobs, llama, "infercept", kv_blocks=10_000).run()
     assert all(r.finish_s == r.finish_s for r in result.records)  # every job finished (not NaN)
     assert result.decision_counts["discard"] > 0
+
+
+# --- `mlfq.new_job_kv_share`: a new long prompt waits for the KV of the jobs under way ---------
+def _one_job_paused_in(llama, tool: str, share: str):
+    """Astraea on a 9,000-block worker: job "a" (64,100 tokens, 4,007 blocks) is paused in a
+    `tool` call with its KV preserved, and new job "b" (80,000 tokens, 5,000 blocks) does not
+    fit in the free memory: only reclaiming a's KV makes room for it. A shell call is
+    predicted back within b's predicted compute time (~1.5 s), a human's is not (minutes)."""
+    estimator = OnlineJobEstimator()
+    for _ in range(10):
+        estimator.observe_api("shell", 2.0)
+        estimator.observe_api("human", 300.0)
+    config = SchedulerConfig().with_overrides({"mlfq.new_job_kv_share": share})
+    sched = build_scheduler("astraea", llama, estimator, config)
+    sched.job_arrived("a", 0.0, "coding-agent")
+    sched.segment_submitted("a", 0.0, 64_000, tool)
+    assert [type(x) for x in sched.build_plan(0.0, {0: view(9000, 9000, 0, 0, 0, 0.05)})] == [Admit]
+    pause = sched.segment_ended("a", 5.0, 100, 64_000, True, tool,
+                                view(9000, 9000 - 4007, 0, 0, 1, 0.05))
+    assert pause.action is KvAction.PRESERVE  # memory is half free: nothing to weigh
+    sched.job_arrived("b", 5.5, "coding-agent")
+    sched.segment_submitted("b", 5.5, 80_000, "shell")
+    return sched
+
+
+def plan_at(sched, now: float, free: int, running: int = 0):
+    return [(type(x).__name__, x.job_id) for x in
+            sched.build_plan(now, {0: view(9000, free, running, 0, 2, 0.05)})]
+
+
+def test_a_new_long_prompt_does_not_evict_a_job_about_to_return(llama):
+    # Without the setting, a (its tool returns in ~1.5 s) is swapped out to make room for b,
+    # which goes in when the copy lands.
+    off = _one_job_paused_in(llama, "shell", "0")
+    assert plan_at(off, 5.5, 9000 - 4007) == [("Evict", "a")]
+    assert off.jobs["a"].kv_state is KvState.SWAPPED
+    # With it, a's whole context counts as taken: 4,007 + 5,000 blocks > 0.9 · 9,000 − 90.
+    on = _one_job_paused_in(llama, "shell", "0.9")
+    assert on.estimator.remaining_api_s(on.jobs["a"], 5.5) < on.predicted_compute_s(on.jobs["b"])
+    assert plan_at(on, 5.5, 9000 - 4007) == []
+    assert on.jobs["a"].kv_state is KvState.RESIDENT
+    # A smaller new job fits beside a's context and is admitted at once.
+    on.job_arrived("c", 5.6, "coding-agent")
+    on.segment_submitted("c", 5.6, 16_000, "file")
+    assert plan_at(on, 5.6, 9000 - 4007) == [("Admit", "c")]
+    # a comes back: a job under way is never held by the setting.
+    on.segment_submitted("a", 7.0, 300, "shell")
+    assert ("Admit", "a") in plan_at(on, 7.0, 9000 - 4007 - 1000, running=1)
+    # a finishes: its memory is b's.
+    on.segment_ended("a", 9.0, 50, 300, False, None, view(9000, 9000 - 5030, 1, 16_000, 3, 0.05))
+    assert plan_at(on, 9.0, 9000 - 1001, running=1) == [("Admit", "b")]
+
+
+def test_a_job_in_a_long_api_wait_does_not_hold_back_a_new_one(llama):
+    """a's tool (a human, minutes) outlasts b's predicted compute: a's KV may be reclaimed."""
+    on = _one_job_paused_in(llama, "human", "0.9")
+    assert on.estimator.remaining_api_s(on.jobs["a"], 5.5) > on.predicted_compute_s(on.jobs["b"])
+    assert plan_at(on, 5.5, 9000 - 4007) == [("Evict", "a")]
+    assert on.jobs["a"].kv_state is KvState.SWAPPED
+
+
+def test_a_prompt_larger_than_the_share_is_not_held_for_ever(llama):
+    """4,000 blocks exceed 0.9 of a 4,300-block worker: the setting could never let the job
+    in, so it does not hold it (it goes in whenever memory allows, as without the setting)."""
+    sched = build_scheduler("astraea", llama, OnlineJobEstimator(),
+                            SchedulerConfig().with_overrides({"mlfq.new_job_kv_share": "0.9"}))
+    sched.job_arrived("big", 0.0, "coding-agent")
+    sched.segment_submitted("big", 0.0, 64_000, "shell")
+    assert [type(x) for x in sched.build_plan(0.0, {0: view(4300, 4300, 0, 0, 0, 0.05)})] == [Admit]
+
+
+def test_only_prompts_longer_than_the_headroom_are_held(llama):
+    """0.9 leaves 1,000 of 10,000 blocks: a 500-block prompt is never held; a 4,000-block one
+    is held although both fit in the free memory, while a's 5,007 blocks are due back before
+    its prefill would even be done."""
+    estimator = OnlineJobEstimator()
+    for _ in range(10):
+        estimator.observe_api("file", 1.0)
+
+    def scheduler(share: str):
+        s = build_scheduler("astraea", llama, estimator,
+                            SchedulerConfig().with_overrides({"mlfq.new_job_kv_share": share}))
+        s.job_arrived("a", 0.0, "coding-agent")
+        s.segment_submitted("a", 0.0, 80_000, "file")
+        assert [type(x) for x in s.build_plan(0.0, {0: view(10_000, 10_000, 0, 0, 0, 0.05)})] == [Admit]
+        s.segment_ended("a", 9.0, 100, 80_000, True, "file", view(10_000, 4993, 0, 0, 1, 0.05))
+        for job_id, tokens in (("long", 64_000), ("short", 8_000)):
+            s.job_arrived(job_id, 9.4, "coding-agent")
+            s.segment_submitted(job_id, 9.4, tokens, "shell")
+        return s
+
+    def plan(s):
+        return sorted((type(x).__name__, x.job_id) for x in
+                      s.build_plan(9.5, {0: view(10_000, 4993, 0, 0, 2, 0.05)}))
+
+    on = scheduler("0.9")
+    assert estimator.remaining_api_s(on.jobs["a"], 9.5) < llama.prefill_time_s(64_000)
+    assert plan(on) == [("Admit", "short")]
+    assert plan(scheduler("0")) == [("Admit", "long"), ("Admit", "short")]

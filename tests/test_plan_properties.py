@@ -108,7 +108,7 @@ def _outcome(sim: Simulation) -> tuple:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=scenario())
 def test_skipping_idle_steps_changes_no_result(policy, case):
-    """The simulator's shortcut (no plan when the core cannot act, quiet decode steps run
+    """The simulator's shortcut (no plan when the core cannot act, quiet steps run
     back to back) gives every job the same finish time and first-token times, and every
     engine the same counters, as stepping one event at a time."""
     profile = dataclasses.replace(
@@ -188,7 +188,7 @@ def test_a_blocked_plan_with_paused_kv_stays_skipped_only_above_the_reclaim_floo
 
 
 def test_quiet_decode_steps_stop_before_memory_drops_below_the_floor():
-    """`run_decode_steps(min_free=...)` runs the steps that leave that many blocks free and
+    """`run_quiet_steps(min_free=...)` runs the steps that leave that many blocks free and
     stops before the one that would take the last of them; without a floor it runs on."""
     from worker.sim.engine import SimulatedEngine
 
@@ -201,8 +201,164 @@ def test_quiet_decode_steps_stop_before_memory_drops_below_the_floor():
 
     floored = decoding_engine()
     free = floored.pool.allocatable
-    t = floored.run_decode_steps(0.0, float("inf"), min_free=free)
+    t = floored.run_quiet_steps(0.0, float("inf"), min_free=free)
     assert floored.pool.allocatable == free and 0 < floored.step <= BLOCK and t > 0
     unfloored = decoding_engine()
-    unfloored.run_decode_steps(0.0, float("inf"))
+    unfloored.run_quiet_steps(0.0, float("inf"))
     assert unfloored.pool.allocatable < free and unfloored.step > floored.step
+
+
+def test_quiet_prefill_steps_are_exactly_the_steps_one_at_a_time():
+    """A long prompt prefills in chunks while another sequence decodes: `run_quiet_steps`
+    runs the chunks that do not finish the prefill and stops before the one that does (its
+    first token is an event), leaving the engine as stepping each one would."""
+    from worker.sim.engine import SimulatedEngine
+
+    def engine() -> SimulatedEngine:
+        e = SimulatedEngine(PROFILE, 0, kv_blocks=20_000)
+        e.admit("short", 40, 0, 10_000, False, 0.0)
+        duration, _ = e.start_step(0.0)
+        e.finish_step(duration)
+        e.admit("long", 12 * PROFILE.max_num_batched_tokens + 5, 0, 50, False, duration)
+        return e
+
+    quiet, stepped = engine(), engine()
+    t0 = quiet.last_step_s
+    t = quiet.run_quiet_steps(t0, float("inf"))
+    now = t0
+    while stepped.step < quiet.step:
+        duration, result = stepped.start_step(now)
+        assert not result.preempted
+        now += duration
+        assert not stepped.finish_step(now).first_token  # none of them ends the prefill
+    assert t == now and quiet.step == stepped.step == 13
+    state = [(e.tokens_prefilled, e.tokens_decoded, e.last_step_s, e.last_step_tokens,
+              e.last_step_context_read, e.pool.allocatable, e.peak_used_blocks,
+              e.running["long"].to_prefill, e.running["long"].prefilled, e.view().step_time_s)
+             for e in (quiet, stepped)]
+    assert state[0] == state[1]
+    # The next step finishes the prefill: both report the first token at the same time.
+    ends = []
+    for e in (quiet, stepped):
+        duration, _ = e.start_step(t)
+        ends.append((t + duration, e.finish_step(t + duration).first_token))
+    assert ends[0] == ends[1] and ends[0][1] == ["long"]
+    # A step longer than `max_step_s` is not run quietly.
+    capped = engine()
+    assert capped.run_quiet_steps(t0, float("inf"), max_step_s=1e-9) == t0 and capped.step == 1
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(samples=st.lists(st.floats(0.01, 50.0), min_size=8, max_size=80),
+       started=st.floats(0.0, 30.0), elapsed=st.floats(0.0, 40.0), span=st.floats(0.0, 60.0),
+       threshold=st.floats(0.0, 40.0))
+def test_remaining_wait_bound_holds_at_every_instant_before_it(samples, started, elapsed, span,
+                                                               threshold):
+    """`remaining_api_until` gives T such that the predicted remaining wait stays at most the
+    threshold at every instant in [now, T): checked on a fine grid and at every sample's own
+    instant, where the window's mean residual jumps up."""
+    from astraea.plan import JobState
+    from control_plane.core.job import Job
+
+    est = OnlineJobEstimator()
+    for x in samples:
+        est.observe_api("t", x)
+    job = Job(job_id="j", arrival_s=0.0)
+    job.state, job.api_start_s, job.next_tool_category = JobState.API_WAIT, started, "t"
+    now, until = started + elapsed, started + elapsed + span
+
+    def exceeds(r):
+        return r > threshold
+
+    limit = est.remaining_api_until(job, now, until, exceeds)
+    assert now <= limit <= until
+    grid = [now + (limit - now) * i / 500 for i in range(500)]
+    grid += [started + x for x in samples if now <= started + x < limit]
+    assert not any(exceeds(est.remaining_api_s(job, t)) for t in grid if t < limit)
+    if limit < until:  # it stopped for a reason: the wait may exceed it from T on
+        later = [started + x for x in samples if limit <= started + x < until] + [limit]
+        assert any(exceeds(est.remaining_api_s(job, math.nextafter(t, math.inf)))
+                   or exceeds(est.remaining_api_s(job, t)) for t in later)
+
+
+def test_infercept_skips_revisits_only_while_a_wanted_swap_can_not_act():
+    """A paused job InferCept wants to swap but whose context the per-step budget cannot
+    hide: `revisit_quiet` says how long its revisits stay empty, they are empty at every
+    step end before that, and past it the discard the bound foresaw happens."""
+    from astraea.plan import JobState
+    from control_plane.core.job import Job
+    from control_plane.core.kv_policy import MinWaste
+
+    est = OnlineJobEstimator()
+    for x in (1.0,) * 8 + (30.0,):  # most calls take 1 s; one of nine takes 30 s
+        est.observe_api("t", x)
+    policy = MinWaste(PROFILE, est)
+    job = Job(job_id="j", arrival_s=0.0)
+    job.context_tokens = 40_000  # far beyond what one decode step's budget hides
+    job.state, job.api_start_s, job.next_tool_category = JobState.API_WAIT, 0.0, "t"
+
+    def view(step: int, step_s: float = 0.03, context: int = 400_000) -> WorkerView:
+        return WorkerView(worker_id=0, total_blocks=50_000, free_blocks=10_000,
+                          block_size=BLOCK, host_free_blocks=100_000, running_seqs=4,
+                          max_seqs=256, running_context_tokens=context, step_time_s=step_s,
+                          step_index=step)
+
+    # Expected 4.2 s more: preserving wastes less than recomputing 40,000 tokens would.
+    assert policy.on_api_yield(job, 0.0, view(0)).action is KvAction.PRESERVE
+    assert not policy.revisit_idle(0.0)  # it wants the swap: a revisit may act any time
+    limit, longest = policy.revisit_quiet(0.0, 1e9, [job], view(0), stepping=True)
+    # Once 1 s has passed, only the 30 s call is left: 29 s more, and discarding wins.
+    assert 0.99 < limit <= 1.0 and 0.0 < longest < float("inf")
+    # A step a little longer than `longest` renews a budget that hides the whole swap.
+    assert policy.budget.peek(view(1, step_s=longest)) < job.context_tokens
+    assert policy.budget.peek(view(1, step_s=longest * 1.001)) >= job.context_tokens
+    t, step = 0.0, 1
+    while t < limit:
+        assert policy.revisit(t, [job], view(step, step_s=longest)) == []
+        t, step = t + 0.02, step + 1
+    acted = [policy.revisit(limit + dt, [job], view(step + i, step_s=longest))
+             for i, dt in enumerate((0.0, 0.01, 0.5, 1.0, 2.0))]
+    assert any(d and d[0].action is KvAction.DISCARD for d in acted)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(levels=st.lists(st.lists(st.integers(1, 40), max_size=90), min_size=8, max_size=8),
+       slopes=st.lists(st.sampled_from((-8, 0, 8)), min_size=8, max_size=8),
+       rooms=st.lists(st.integers(0, 10**6), min_size=1, max_size=12))
+def test_autellix_candidates_are_every_fitting_job_in_level_order(levels, slopes, rooms):
+    """Autellix passes over runs of queued jobs none of which fits the room at once: the jobs
+    it offers are exactly those a job-by-job scan offers, in the same order, as the room
+    shrinks while the builder takes them."""
+    import control_plane.core.discipline as discipline
+    from control_plane.core.config import PlasConfig
+    from control_plane.core.job import Job
+
+    plas = discipline.Plas(PlasConfig())
+    n = 0
+    for level, needs in enumerate(levels):
+        for i, need in enumerate(needs):  # needs that grow or shrink along the queue
+            need = max(1, need + slopes[level] * (i // discipline.SPAN) + 40)
+            job = Job(job_id=f"j{n}", arrival_s=0.0)
+            job.mark_ready(float(n), 1)
+            job.attained_s = 0.0 if level == 0 else PlasConfig().boundaries_s[level - 1]
+            plas.add(job, float(n), 1.0, need)
+            n += 1
+    plas._last_starvation_check = float("inf")  # no promotion: the order is what is tested
+    # Rooms exactly some job's need, often: the edges where `<=` and `<` part.
+    present = sorted(plas._need.values()) or [0]
+    sizes_drawn = [present[r % len(present)] - r % 2 for r in rooms]
+
+    def offered(candidates) -> list[str]:
+        room, out, sizes = [10**9], [], iter(sizes_drawn)
+        for job in candidates(room):
+            out.append(job.job_id)
+            room[0] = min(room[0], next(sizes, 0))  # the builder lowers the room as it takes
+        return out
+
+    def scan(room):
+        for level in plas._levels:
+            for job in level.snapshot(discipline.CANDIDATE_WINDOW):
+                if plas._need[job.job_id] <= room[0]:
+                    yield job
+
+    assert offered(lambda room: plas.candidates(0.0, room)) == offered(scan)

@@ -148,11 +148,13 @@ def test_prefill_aging_lets_a_long_prompt_be_overtaken_only_for_a_while():
 # --- the paper variant keeps the paper's behaviour ------------------------------------------
 def test_astraea_paper_turns_every_tail_setting_off(gptj):
     on = SchedulerConfig(mlfq=MlfqConfig(age_weight=10.0, t_exponent=0.5, reserve_ratio=4.0,
-                                         prefill_aging_ratio=8.0, running_budget_share=0.125))
+                                         prefill_aging_ratio=8.0, running_budget_share=0.125,
+                                         new_job_kv_share=0.9))
     s = build_scheduler("astraea-paper", gptj, OnlineJobEstimator(), on)
     mlfq = s.discipline.config
     assert (mlfq.age_weight, mlfq.t_exponent, mlfq.reserve_ratio, mlfq.prefill_aging_ratio,
             mlfq.running_budget_share) == (0.0, 1.0, 0.0, 0.0, 0.0)
+    assert s.discipline.new_job_kv_share == 0.0
     assert s.config.max_running_per_worker == 0
     assert s.kv_policy.config.swap_before_discard is False
 

@@ -54,6 +54,15 @@ class MlfqConfig:
     # HRRN ranks by W / T^t_exponent (T in seconds): below 1 a wrong output-length estimate
     # moves a job's rank less (a 10x overestimate costs 10^t_exponent, not 10x). 1: HRRN.
     t_exponent: float = 0.5
+    # A job that has not started yet, with a prompt longer than the 1 - share of the
+    # worker's KV blocks this leaves free, is admitted only while its prompt plus the whole
+    # contexts of the worker's jobs under way that run, hold KV while ready, or are predicted
+    # back from their tool within its predicted compute time fit in this share of the blocks.
+    # Without it a new 100k-token prompt got in by swapping out contexts due back in a
+    # second, and every job of the burst then ran slower (each decode step reads every
+    # running context). 0: no limit. Swept 0.8-1.0 on long-context sessions; no GPT-J
+    # workload has prompts that long (docs/results/long-context-tuning.md).
+    new_job_kv_share: float = 0.9
 
     def quota(self, level: int) -> float:
         return self.quota_base * self.quota_growth**level

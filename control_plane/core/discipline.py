@@ -18,6 +18,7 @@ from control_plane.core.queues import FcfsQueue
 # A build admits at most max_num_seqs jobs and gives up after 64 misses in a row, so looking
 # past the first few hundred jobs of a FCFS-ordered queue can never change its outcome.
 CANDIDATE_WINDOW = 512
+SPAN = 16  # jobs per run whose least need `Plas.candidates` keeps
 
 
 class Discipline:
@@ -27,6 +28,9 @@ class Discipline:
     # `candidates` has no side effects and its order and filter do not depend on `now`: an
     # empty plan then stays empty until an event, a control tick or more free memory.
     static_order = False
+    # A job not yet started with a long prompt is admitted only while the KV of the jobs under
+    # way on its worker plus its own fits in this share of its blocks (0: off; admission.py).
+    new_job_kv_share = 0.0
 
     def add(self, job: Job, now: float, predicted_s: float, need_blocks: int) -> None:
         raise NotImplementedError
@@ -53,6 +57,11 @@ class Discipline:
 
     def queue_lengths(self) -> list[int]:
         raise NotImplementedError
+
+    def has_waiting(self) -> bool:
+        """Whether any job is queued (`any(queue_lengths())`, which a discipline may answer
+        without counting)."""
+        return any(self.queue_lengths())
 
     def engine_priority(self, job: Job, now: float, predicted_s: float) -> float:
         """The order in which the worker should give prefill budget to admitted segments
@@ -150,6 +159,12 @@ class Plas(Discipline):
         self._level: dict[str, int] = {}
         self._need: dict[str, int] = {}
         self._last_starvation_check = -1.0
+        # Per level, the least need of each run of SPAN jobs of its candidate window, kept
+        # until a job enters or leaves the window: an overloaded level holds thousands of
+        # jobs that do not fit, and `candidates` passes over whole runs of them at once.
+        self._window_least: list[tuple | None] = [None] * len(self._levels)
+        self._needs: list[list[int]] = [[] for _ in self._levels]  # in each level's order
+        self._adds = 0  # jobs added so far: a build that re-adds a job changes its need
 
     def level_for_service(self, service_s: float) -> int:
         for i, bound in enumerate(self.config.boundaries_s):
@@ -166,38 +181,86 @@ class Plas(Discipline):
         level = self.level_for_service(self.service_s(job, now))
         self._level[job.job_id] = level
         self._need[job.job_id] = need_blocks
-        self._levels[level].push(job, job.ready_since_s)
+        self._push(level, job)
 
     def remove(self, job: Job) -> None:
-        self._levels[self._level.pop(job.job_id)].remove(job)
+        self._pop(self._level.pop(job.job_id), job)
         del self._need[job.job_id]
+
+    def _push(self, level: int, job: Job) -> None:
+        self._adds += 1
+        i = self._levels[level].push(job, job.ready_since_s)
+        self._needs[level].insert(i, self._need[job.job_id])
+        if i < CANDIDATE_WINDOW:
+            self._window_least[level] = None
+
+    def _pop(self, level: int, job: Job) -> None:
+        i = self._levels[level].remove(job)
+        del self._needs[level][i]
+        if i < CANDIDATE_WINDOW:
+            self._window_least[level] = None
+
+    def _least_needs(self, level: int) -> tuple[list[int], list[int]]:
+        """Per run of the level's window: the least need in the run, and from the run on."""
+        least = self._window_least[level]
+        if least is None:
+            needs = self._needs[level]
+            end = min(len(needs), CANDIDATE_WINDOW)
+            runs = [min(needs[i:min(i + SPAN, end)]) for i in range(0, end, SPAN)]
+            rest = runs[:]
+            for b in range(len(rest) - 2, -1, -1):
+                rest[b] = min(rest[b], rest[b + 1])
+            least = self._window_least[level] = (runs, rest)
+        return least
 
     def _promote_starved(self, now: float) -> None:
         if now - self._last_starvation_check < 0.05:  # a starvation guard needs no finer clock
             return
         self._last_starvation_check = now
-        top = self._levels[0]
         beta = self.config.starvation_ratio
         for i, level in enumerate(self._levels[1:], start=1):
             lower_bound = self.config.boundaries_s[i - 1]
             starved = []
             for job in level:  # oldest first; younger jobs of this level wait less
-                if job.waiting_now(now) <= beta * lower_bound:
+                waited = job.waiting_now(now)
+                if waited <= beta * lower_bound:
                     break
-                if job.waiting_now(now) / max(self.service_s(job, now), 1e-3) > beta:
+                since = job.running_since_s  # `service_s`, inline: thousands of jobs wait
+                service = job.attained_s + (now - since if since is not None else 0.0)
+                if waited / max(service, 1e-3) > beta:
                     starved.append(job)
             for job in starved:
-                level.remove(job)
+                self._pop(i, job)
                 self._level[job.job_id] = 0
-                top.push(job, job.ready_since_s)
+                self._push(0, job)
 
     def candidates(self, now: float, room: list[int]) -> Iterator[Job]:
         self._promote_starved(now)
         need = self._need
-        for level in self._levels:
-            for job in level.snapshot(CANDIDATE_WINDOW):
-                if need[job.job_id] <= room[0]:
-                    yield job
+        for index, level in enumerate(self._levels):
+            if not self._needs[index]:
+                continue
+            window = level.snapshot(CANDIDATE_WINDOW)
+            (runs, rest), adds = self._least_needs(index), self._adds
+            pos, end = 0, len(window)
+            needs = self._needs[index][:end]  # `need` of each job of `window`
+            while pos < end:
+                if self._adds != adds:  # a re-added job may have a new need: ask each one
+                    job = window[pos]
+                    pos += 1
+                    if need[job.job_id] <= room[0]:
+                        yield job
+                    continue
+                # A run none of whose jobs fits is passed at once, and the level once none
+                # to the window's end does (the builder only lowers `room` when handed a job).
+                if pos % SPAN == 0 and runs[pos // SPAN] > room[0]:
+                    if rest[pos // SPAN] > room[0]:
+                        break
+                    pos += SPAN
+                    continue
+                pos += 1
+                if needs[pos - 1] <= room[0]:
+                    yield window[pos - 1]
 
     def on_segment_end(self, job: Job, now: float, calls_tool: bool, segment_cost: float,
                        run_s: float) -> None:
@@ -215,6 +278,9 @@ class Plas(Discipline):
 
     def queue_lengths(self) -> list[int]:
         return [len(q) for q in self._levels]
+
+    def has_waiting(self) -> bool:
+        return bool(self._level)
 
     def level_of(self, job: Job) -> int:
         return self._level.get(job.job_id, self.level_for_service(job.attained_s))

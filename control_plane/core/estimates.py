@@ -9,12 +9,15 @@ also offers a labelled trace oracle.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from astraea.estimators import OnlineEstimator
 from astraea.plan import JobState
 from control_plane.core.job import Job
+
+PEAKS_LOOKED_AT = 256  # samples of a window `remaining_api_until` passes before it stops
 
 
 class ServiceTimeEstimator(Protocol):
@@ -48,6 +51,24 @@ class OnlineJobEstimator(OnlineEstimator):
         if job.state is not JobState.API_WAIT:
             return 0.0
         return self.api_remaining_s(job.next_tool_category, now - job.api_start_s)
+
+    def remaining_api_until(self, job: Job, now: float, until: float,
+                            exceeds: Callable[[float], bool]) -> float:
+        """The first instant T in [now, until] from which `remaining_api_s(job, τ)` may make
+        `exceeds` true (a test that, once true, is true for every larger value): at every
+        instant in [now, T) it is false. `until` if at none; `now` if it may be already."""
+        if job.state is not JobState.API_WAIT:
+            return now if exceeds(0.0) else until
+        start = job.api_start_s
+        window = self._api_window(job.next_tool_category)
+        if window is None:  # the prior only counts down
+            return now if exceeds(self.api_remaining_s(job.next_tool_category, now - start)) else until
+        for i, (elapsed, remaining) in enumerate(window.remaining_peaks(now - start, until - start)):
+            if exceeds(remaining):
+                return now if i == 0 else _first_instant(start, elapsed)
+            if i == PEAKS_LOOKED_AT:  # far enough: look no further than this peak
+                return min(until, _first_instant(start, elapsed))
+        return until
 
     def output_tokens(self, job: Job) -> float:
         return self.output_tokens_for(job.category, job.segment_index)
@@ -95,3 +116,11 @@ class HintedEstimator:
 
     def __getattr__(self, name: str):  # the inner estimator's extras (e.g. a link's state)
         return getattr(self.inner, name)
+
+
+def _first_instant(start: float, elapsed: float) -> float:
+    """An instant T such that every τ < T has τ − start < elapsed, as floats subtract."""
+    t = start + elapsed
+    while t - start >= elapsed:
+        t = math.nextafter(t, -math.inf)
+    return t

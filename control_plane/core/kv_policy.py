@@ -85,6 +85,21 @@ class SwapBudget:
         self.left(view)
         self._left[view.worker_id] -= tokens
 
+    def peek(self, view: WorkerView) -> float:
+        """What `left(view)` would return, without renewing the budget."""
+        if self._step.get(view.worker_id) == view.step_index:
+            return self._left[view.worker_id]
+        return view.step_time_s * self._profile.swap_bandwidth_bytes_per_s / self._profile.kv_bytes_per_token
+
+    def longest_step_below(self, tokens: int) -> float:
+        """The longest step whose renewed budget stays below `tokens` (-1 if none does)."""
+        per_s = self._profile.swap_bandwidth_bytes_per_s
+        per_token = self._profile.kv_bytes_per_token
+        step = tokens * per_token / per_s
+        while step > 0 and step * per_s / per_token >= tokens:
+            step = math.nextafter(step, 0.0)  # the budget's own rounding decides
+        return step if step > 0 else -1.0
+
 
 class KvPolicy:
     """Base: decide at the API yield; optionally revisit paused jobs and reclaim memory."""
@@ -107,6 +122,18 @@ class KvPolicy:
         jobs and the view (lets the simulator skip plans that cannot act). A policy that
         overrides `revisit` must override this too, or it is never idle."""
         return type(self).revisit is KvPolicy.revisit
+
+    def revisit_quiet(self, now: float, until: float, paused: list[Job], view: WorkerView,
+                      stepping: bool) -> tuple[float, float]:
+        """For a caller that skips plans: `(T, S)` such that `revisit` certainly returns
+        nothing at any instant in (now, T) while nothing happens but time passing and, if
+        `stepping`, the worker's engine steps (each at most S seconds long, adding context to
+        the batch and taking free blocks). T = now: it may act. Default: `revisit_idle`."""
+        return (until, float("inf")) if self.revisit_idle(now) else (now, 0.0)
+
+    def revisit_skipped(self, view: WorkerView) -> None:
+        """A caller skipped revisits `revisit_quiet` proved empty, the last with `view`: keep
+        the state they would have left behind. Default: none is kept."""
 
     def reclaim(self, now: float, paused: list[Job], view: WorkerView,
                 blocks_needed: int) -> list[KvDecision]:
@@ -190,6 +217,55 @@ class MinWaste(KvPolicy):
 
     def revisit_idle(self, now: float) -> bool:
         return not self._swap_wanted
+
+    def revisit_quiet(self, now: float, until: float, paused: list[Job], view: WorkerView,
+                      stepping: bool) -> tuple[float, float]:
+        """A job the budget could not swap stays preserved (a revisit does nothing) while
+        discarding wastes no less than preserving and no budget can hide its swap. The
+        other jobs' context only grows and the predicted remaining wait is bounded over the
+        stretch by the estimator, so each job's discard test at the most favourable instant
+        decides; on a stepping worker each step renews the budget from its own duration, so
+        steps are kept short enough that it stays below the smallest swappable context."""
+        if not self._swap_wanted:
+            return until, float("inf")
+        bound = getattr(self.estimator, "remaining_api_until", None)
+        if bound is None:
+            return now, 0.0  # no bound on the remaining wait: any instant may act
+        held = {j.job_id for j in paused}
+        left = None if stepping else self.budget.peek(view)
+        limit, smallest = until, None
+        for job in self._swap_wanted.values():
+            if job.job_id not in held:
+                continue
+            context = job.context_tokens
+            other = max(view.running_context_tokens - context, 0)
+            round_trip = 2 * self.profile.swap_time_s(context)
+            can_swap = self._can_swap(job, view)
+            if can_swap and stepping:
+                smallest = context if smallest is None else min(smallest, context)
+            swap_now = can_swap and not stepping and left >= context
+            # `_decide`'s discard test, `discard < preserve`, with the preserve waste's own
+            # arithmetic (the discard waste does not depend on the remaining wait).
+            discard = memory_waste(self.profile, context, 0.0, other).discard
+            m = self.profile.kv_bytes_per_token
+
+            def acts(remaining: float, context=context, discard=discard, m=m,
+                     round_trip=round_trip, swap_now=swap_now) -> bool:
+                return (swap_now and remaining > round_trip) or discard < remaining * context * m
+
+            limit = bound(job, now, limit, acts)
+            if limit <= now:
+                return now, 0.0
+        if smallest is None:
+            return limit, float("inf")
+        longest = self.budget.longest_step_below(smallest)
+        return (limit, longest) if longest >= 0 else (now, 0.0)
+
+    def revisit_skipped(self, view: WorkerView) -> None:
+        # A revisit renews the budget of the view's step first: a later plan in the same
+        # step (while the engine runs it) reads that, not one renewed from the new step.
+        if self._swap_wanted:
+            self.budget.left(view)
 
     def forget(self, job: Job) -> None:
         self._swap_wanted.pop(job.job_id, None)

@@ -10,6 +10,8 @@
 * Aging: a job in the lowest level whose response ratio exceeds `aging_ratio` moves to Q0.
 * Work-conserving fill across levels by default; `work_conserving=False` is the paper's
   "first non-empty queue only" reading.
+* A new job with a long prompt waits while the KV of the jobs under way would not leave it
+  room (`new_job_kv_share`; the scheduler applies it, it knows the workers' memory).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class StatefulMlfq(Discipline):
         if config.num_levels < 1:
             raise ValueError("mlfq.num_levels must be at least 1")
         self.config = config
+        self.new_job_kv_share = config.new_job_kv_share
         self._levels = [HrrnQueue() for _ in range(config.num_levels)]
         self._predicted: dict[str, tuple[float, int]] = {}
         self._last_aging_s = float("-inf")

@@ -26,7 +26,8 @@ class FcfsQueue:
         self._where: dict[str, tuple[float, int]] = {}
         self._tiebreak = itertools.count()
 
-    def push(self, job: Job, key: float) -> None:
+    def push(self, job: Job, key: float) -> int:
+        """Queue `job` by `key`; returns its position (0: first)."""
         if job.job_id in self._where:
             raise KeyError(f"job {job.job_id} already queued")
         k = (key, next(self._tiebreak))
@@ -34,12 +35,15 @@ class FcfsQueue:
         self._keys.insert(i, k)
         self._jobs.insert(i, job)
         self._where[job.job_id] = k
+        return i
 
-    def remove(self, job: Job) -> None:
+    def remove(self, job: Job) -> int:
+        """Take `job` out; returns the position it had."""
         k = self._where.pop(job.job_id)
         i = bisect.bisect_left(self._keys, k)
         del self._keys[i]
         del self._jobs[i]
+        return i
 
     def __contains__(self, job: Job) -> bool:
         return job.job_id in self._where

@@ -27,6 +27,7 @@ from astraea.plan import (
     WorkerView,
 )
 from astraea.profile import HardwareProfile
+from control_plane.core.admission import NewJobGate
 from control_plane.core.config import SchedulerConfig
 from control_plane.core.discipline import Discipline
 from control_plane.core.estimates import ServiceTimeEstimator
@@ -62,6 +63,7 @@ class Scheduler:
         self.running: dict[int, dict[str, Job]] = {}
         self.paused: dict[int, dict[str, Job]] = {}  # API_WAIT with KV resident on the worker
         self.resident_ready: dict[int, dict[str, Job]] = {}  # READY with KV resident, not running
+        self.new_jobs = NewJobGate(discipline.new_job_kv_share, self.config.kv.watermark, estimator)
         self.decision_counts: Counter[str] = Counter()
         self.on_decision = on_decision  # every KV decision, with its inputs (for traces)
         self.on_admit = on_admit  # every admission, with the queue and score it won with
@@ -139,6 +141,7 @@ class Scheduler:
         job.mark_segment_end(now, generated_tokens, calls_tool)
         self.running[view.worker_id].pop(job_id, None)
         if not calls_tool:
+            self.new_jobs.finished(job)
             return None
         job.next_tool_category = tool_category
         decision = self.kv_policy.on_api_yield(job, now, view)
@@ -170,6 +173,7 @@ class Scheduler:
             self.running.get(job.worker_id, {}).pop(job_id, None)
             self.paused.get(job.worker_id, {}).pop(job_id, None)
             self.resident_ready.get(job.worker_id, {}).pop(job_id, None)
+        self.new_jobs.finished(job)
         self.kv_policy.forget(job)
         job.state = JobState.FINISHED
         job.finished_s = now
@@ -188,6 +192,7 @@ class Scheduler:
         affected += [j for j in self.drop_kept_kv(worker_id, now) if j not in affected]
         for table in (self.running, self.paused, self.resident_ready):
             table.pop(worker_id, None)
+        self.new_jobs.worker_lost(worker_id)
         return affected
 
     def drop_kept_kv(self, worker_id: int, now: float) -> list[str]:
@@ -243,9 +248,11 @@ class Scheduler:
         # per worker the free blocks below which making room would reclaim (see `may_act`).
         static = self.discipline.static_order and not self.discipline.preemptive
         floors: dict[int, int] = {}
+        self.new_jobs.new_plan()
         for job in self.discipline.candidates(now, room):
             view, need = self._place(job, views)
-            if view is not None and view.running_seqs < view.max_seqs:
+            if (view is not None and view.running_seqs < view.max_seqs
+                    and self.new_jobs.fits(job, now, view, need, self.predicted_compute_s)):
                 if not self._fits(view, need) and view.worker_id not in room_tried:
                     # Room is made for the most important blocked job of each worker only.
                     room_tried.add(view.worker_id)
@@ -301,9 +308,50 @@ class Scheduler:
             return True
         if any(self.paused.values()) and not self.kv_policy.revisit_idle(now):
             return True
-        if not any(self.discipline.queue_lengths()):
+        if not self.discipline.has_waiting():
             return False
         return views is None or not self._still_blocked(views)
+
+    def quiet_until(self, now: float, until: Callable[[], float],
+                    views: Callable[[], dict[int, WorkerView]], stepping: int) -> tuple[float, float]:
+        """For a caller that skips plans (the simulator): `(T, S)` such that every plan at an
+        instant in (now, T) is certainly empty while nothing happens but engine steps on
+        worker `stepping` that only decode or prefill, each lasting at most S seconds, with
+        memory shrinking no lower than `blocked_floor`. T = now: a plan may act. `until()`
+        bounds T (the next event) and `views()` gives the workers' views: each is asked
+        only if needed."""
+        inf = float("inf")
+        if not self.may_act(now):
+            return until(), inf
+        if not self.discipline.control_idle(now):
+            return now, 0.0
+        queued = self.discipline.has_waiting()
+        if queued and self._blocked is None:
+            return now, 0.0
+        shown = views()
+        if queued and not self._still_blocked(shown):
+            return now, 0.0
+        limit, longest = until(), inf
+        if not self.kv_policy.revisit_idle(now):
+            for w, paused in self.paused.items():
+                if paused and w in shown:
+                    t, step = self.kv_policy.revisit_quiet(now, limit, list(paused.values()),
+                                                           shown[w], w == stepping)
+                    limit, longest = min(limit, t), min(longest, step)
+                    if limit <= now:
+                        return now, 0.0
+        return limit, longest
+
+    def plans_skipped(self, now: float, views: Callable[[], dict[int, WorkerView]]) -> None:
+        """A caller skipped the plans `quiet_until` proved empty, the last at `now` with the
+        workers' `views` (built if needed): keep what those plans would have left behind (a
+        KV policy's per-step state)."""
+        if self.kv_policy.revisit_idle(now) or not any(self.paused.values()):
+            return
+        shown = views()
+        for w, paused in self.paused.items():
+            if paused and w in shown:
+                self.kv_policy.revisit_skipped(shown[w])
 
     @property
     def blocked(self) -> bool:
@@ -429,6 +477,7 @@ class Scheduler:
                                         self.discipline.admission_score(job, now)), job)
         self.discipline.remove(job)
         self.resident_ready.get(view.worker_id, {}).pop(job.job_id, None)
+        self.new_jobs.admitted(job, view.worker_id)
         swap_in = job.kv_state is KvState.SWAPPED
         wait = job.waiting_now(now) - job.waiting_s
         self.recent_queueing_delay_s += 0.05 * (wait - self.recent_queueing_delay_s)

@@ -18,10 +18,13 @@ Hot path: a step touches only prefilling sequences and those that end or need a 
 Decoding sequences advance implicitly with the global step counter: a sequence that entered
 decoding holds context `base + step`, so the batch's context sum is `Σbase + n·step` and the
 sequences needing a new block at a step are one residue class of `base mod block_size`.
+A caller may also run the steps that change nothing it could see back to back, without a
+call per step (`run_quiet_steps`).
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 from dataclasses import dataclass, field
@@ -92,6 +95,12 @@ class SimulatedEngine:
         self.last_step_context_read = 0
         self.running: dict[str, Sequence] = {}  # admission order
         self._prefilling: dict[str, Sequence] = {}
+        # The same sequences in prefill order, their prompts' total, and those admitted to
+        # wait for a swap-in (the only ones that may not be ready yet): kept as they change,
+        # since every step and every view asks.
+        self._prefill_order: list[tuple[float, int, Sequence]] = []
+        self._prefill_prompts = 0
+        self._late: dict[str, Sequence] = {}
         self._n_decode = 0
         self._sum_base = 0
         self._residue = [0] * self.bs
@@ -157,7 +166,7 @@ class SimulatedEngine:
         # Even with nothing new to prefill the sequence passes one prefill step, which
         # samples its first token (vLLM feeds the last token again).
         seq.to_prefill = max(to_prefill, 1)
-        self._prefilling[job_id] = seq
+        self._add_prefilling(seq, now)
         self._note_usage()
 
     def _check_admit(self, job_id: str, new_tokens: int, context_tokens: int, max_tokens: int,
@@ -255,15 +264,16 @@ class SimulatedEngine:
 
     # --- stepping -----------------------------------------------------------------------
     def has_work(self, now: float) -> bool:
-        return any(s.ready_at <= now for s in self._prefilling.values()) or self._n_decode > 0
+        if self._n_decode > 0:
+            return True
+        return len(self._prefilling) > sum(1 for s in self._late.values() if s.ready_at > now)
 
     def next_transfer_s(self) -> float | None:
         return min((t.done_at for t in self.transfers), default=None)
 
     def next_ready_s(self, now: float) -> float | None:
         """When a sequence waiting for its swap-in becomes runnable (if nothing runs now)."""
-        waits = [s.ready_at for s in self._prefilling.values() if s.ready_at > now]
-        return min(waits, default=None)
+        return min((s.ready_at for s in self._late.values() if s.ready_at > now), default=None)
 
     def complete_transfers(self, now: float) -> None:
         done = [t for t in self.transfers if t.done_at <= now]
@@ -297,10 +307,7 @@ class SimulatedEngine:
         context_read = self._sum_base + self._n_decode * s
         chunks = []
         left = self.budget - tokens
-        prefilling = self._prefilling.values()
-        if len(self._prefilling) > 1:
-            prefilling = sorted(prefilling, key=lambda q: (q.priority, q.order))
-        for seq in prefilling:
+        for _, _, seq in self._prefill_order:
             if left <= 0:
                 break
             if seq.ready_at > now:
@@ -320,47 +327,93 @@ class SimulatedEngine:
         self._note_usage()
         return self.last_step_s, result
 
-    @property
-    def decode_only(self) -> bool:
-        """Idle, with sequences decoding and none prefilling: `run_decode_steps` may run."""
-        return not self.busy and not self._prefilling and self._n_decode > 0
+    def may_run_quiet(self, now: float) -> bool:
+        """Whether `run_quiet_steps(now, ...)` may run a step: idle, with sequences to step,
+        and the next step neither finishes a sequence nor completes a prompt."""
+        if self.busy or (self._finish and self._finish[0][0] <= self.step):
+            return False
+        n = self._n_decode
+        head = self._quiet_head(now) if n < self.budget else None
+        if head is not None:
+            return head.to_prefill > self.budget - n
+        return n > 0
 
-    def run_decode_steps(self, now: float, until: float, min_free: int | None = None) -> float:
-        """Run, back to back from `now`, the steps that are pure decoding and change nothing
-        a caller could see: no sequence prefills, none finishes, no block runs out (which
-        would preempt), each step ending strictly before `until` and, with `min_free`,
-        leaving at least that many blocks allocatable. Returns the time the last
-        of them ended (`now` if none ran); the next step then starts as usual. Exactly what
-        `start_step` + `finish_step` would do for each: a simulator whose planner cannot act
-        between events skips the round trips through its event queue."""
-        if not self.decode_only:
+    def _quiet_head(self, now: float) -> Sequence | None:
+        """The prefilling sequence the next step gives its prefill budget to first."""
+        return next((q for _, _, q in self._prefill_order if q.ready_at <= now), None)
+
+    def run_quiet_steps(self, now: float, until: float, min_free: int | None = None,
+                        max_step_s: float = float("inf")) -> float:
+        """Run, back to back from `now`, the steps that change nothing a caller could see:
+        the decoding sequences decode, at most one prefilling sequence takes a chunk that does
+        not finish its prefill (no first token), none finishes, no block runs out (which
+        would preempt); each step ends strictly before `until`, lasts at most `max_step_s`
+        and, with `min_free`, leaves at least that many blocks allocatable. Returns the time
+        the last of them ended (`now` if none ran); the next step then starts as usual.
+        Exactly what `start_step` + `finish_step` would do for each: a simulator whose
+        planner cannot act between events skips the round trips through its event queue."""
+        if not self.may_run_quiet(now):
             return now
         pool, residue, bs, n = self.pool, self._residue, self.bs, self._n_decode
-        # The loop repeats `start_step`'s arithmetic in the same order (the same floats); the
+        # `start_step` gives the step's prefill budget to the first ready prefilling sequence
+        # (by priority, then admission); while that chunk does not finish its prefill it is
+        # the step's only chunk. Readiness cannot change before `until` (a swap-in landing
+        # is an event).
+        left = self.budget - n
+        head = self._quiet_head(now) if left > 0 else None
+        chunk = left if head is not None else 0
+        # The loops repeat `start_step`'s arithmetic in the same order (the same floats); the
         # blocks are taken from the pool once at the end (the same blocks, in the same order).
-        stop = self._finish[0][0] if self._finish else None
-        non_attention = self.profile.non_attention_ms(n)
+        # At step `stop` a sequence finishes (or a stale entry is due): the slow path.
+        stop = self._finish[0][0] if self._finish else 1 << 62
+        non_attention = self.profile.non_attention_ms(n + chunk)
         k = self.profile.k_ms_per_context_token
         sum_base = self._sum_base
         avail, lowest = pool.allocatable, max(min_free or 0, 0)
         s0 = s = self.step
         t, taken, last = now, 0, self.last_step_s
-        while stop is None or s < stop:  # else a sequence finishes (or a stale entry): slow path
-            need = residue[(-s) % bs]
-            if avail - need < lowest:
-                break  # the slow path preempts, or the caller's plan may act after this step
-            duration = (non_attention + k * (sum_base + n * s)) / 1e3
-            if t + duration >= until:
-                break
-            avail -= need
-            taken += need
-            t += duration
-            last = duration
-            s += 1
+        if head is None:  # pure decode
+            while s < stop:
+                need = residue[(-s) % bs]
+                if avail - need < lowest:
+                    break  # the slow path preempts, or the caller's plan may act after it
+                duration = (non_attention + k * (sum_base + n * s)) / 1e3
+                if t + duration >= until or duration > max_step_s:
+                    break
+                avail -= need
+                taken += need
+                t += duration
+                last = duration
+                s += 1
+        else:  # and one prefill chunk, until the one that completes the prompt
+            to_prefill = head.to_prefill
+            prior = head.prompt_total - to_prefill  # the context the chunk reads
+            while s < stop and to_prefill > chunk:
+                need = residue[(-s) % bs]
+                if avail - need < lowest:
+                    break
+                duration = (non_attention + k * (sum_base + n * s + prior)) / 1e3
+                if t + duration >= until or duration > max_step_s:
+                    break
+                avail -= need
+                taken += need
+                to_prefill -= chunk
+                prior += chunk
+                t += duration
+                last = duration
+                s += 1
         if s != s0:
+            steps = s - s0
             pool.allocate(taken)
-            self.tokens_decoded += n * (s - s0)
-            self.last_step_tokens, self.last_step_context_read = n, sum_base + n * (s - 1)
+            self.tokens_decoded += n * steps
+            read = sum_base + n * (s - 1)
+            if head is not None:
+                head.to_prefill = to_prefill
+                head.prefilled += chunk * steps
+                self.tokens_prefilled += chunk * steps
+                read += prior - chunk
+            self.last_step_tokens = n + chunk
+            self.last_step_context_read = read
             self.last_step_s = last
             self.step = s
             self._note_usage()  # allocation only grew: the last step's use is the peak
@@ -391,7 +444,7 @@ class SimulatedEngine:
             if seq.to_prefill > 0:
                 continue
             # Prefill done: the step sampled the segment's first token.
-            del self._prefilling[seq.job_id]
+            self._drop_prefilling(seq.job_id)
             seq.generated = 1
             result.first_token.append(seq.job_id)
             if seq.max_tokens <= 1:
@@ -413,7 +466,7 @@ class SimulatedEngine:
             running_seqs=len(self.running),
             max_seqs=self.max_seqs,
             running_context_tokens=self._sum_base + self._n_decode * self.step
-            + sum(s.prompt_total for s in self._prefilling.values()),
+            + self._prefill_prompts,
             step_time_s=self.last_step_s,
             step_index=self.step,
             swapping_out_blocks=swapping_out,
@@ -474,6 +527,22 @@ class SimulatedEngine:
         self.held[job_id] = (blocks, ctx)
         return True
 
+    def _add_prefilling(self, seq: Sequence, now: float) -> None:
+        self._prefilling[seq.job_id] = seq
+        bisect.insort(self._prefill_order, (seq.priority, seq.order, seq))
+        self._prefill_prompts += seq.prompt_total
+        if seq.ready_at > now:
+            self._late[seq.job_id] = seq
+
+    def _drop_prefilling(self, job_id: str) -> None:
+        seq = self._prefilling.pop(job_id, None)
+        if seq is None:
+            return
+        order = self._prefill_order
+        del order[bisect.bisect_left(order, (seq.priority, seq.order))]
+        self._prefill_prompts -= seq.prompt_total
+        self._late.pop(job_id, None)
+
     def _start_decoding(self, seq: Sequence, s: int) -> None:
         """Prefill finished at step s (sampling token 1); decode step s' writes position
         base + s' and samples one more token, so the last token comes at s + max_tokens − 1."""
@@ -505,7 +574,7 @@ class SimulatedEngine:
             blocks = self._blocks(valid + (1 if self.busy else 0))
             self._stop_decoding(seq)
         else:
-            self._prefilling.pop(seq.job_id, None)
+            self._drop_prefilling(seq.job_id)
             valid = seq.prompt_total - seq.to_prefill
             blocks = seq.blocks
         del self.running[seq.job_id]
@@ -513,7 +582,7 @@ class SimulatedEngine:
 
     def _end_segment(self, seq: Sequence, result: StepResult) -> None:
         self._stop_decoding(seq)
-        self._prefilling.pop(seq.job_id, None)
+        self._drop_prefilling(seq.job_id)
         del self.running[seq.job_id]
         history = seq.prompt_total + seq.generated
         # The last sampled token has no KV yet: blocks cover history − 1 positions.

@@ -34,6 +34,10 @@ class TraceOracle:
             return 0.0
         return max(self.api_duration_s(job) - (now - job.api_start_s), 0.0)
 
+    def remaining_api_until(self, job: Job, now: float, until: float, exceeds) -> float:
+        """See `OnlineJobEstimator.remaining_api_until`: the true wait only counts down."""
+        return now if exceeds(self.remaining_api_s(job, now)) else until
+
     def api_duration_samples(self, category: str):
         return self._learned.api_duration_samples(category)
 

@@ -184,12 +184,17 @@ class Simulation:
                 continue
             if engine.has_work(self.now):
                 start = self.now
-                if self.skip_idle_steps and engine.decode_only and not self._may_act(start):
-                    # Nothing the planner could do before the next event: run the steps
-                    # that change nothing visible without queueing their ends (and, while
-                    # a blocked plan waits for memory, none that shrinks it past its floor).
-                    start = engine.run_decode_steps(start, self._quiet_until(),
-                                                    self.sched.blocked_floor(engine.worker_id))
+                if self.skip_idle_steps and engine.may_run_quiet(start):
+                    # Until the planner could act: run the steps that change nothing visible
+                    # without queueing their ends (and, while a blocked plan waits for
+                    # memory, none that shrinks it past its floor).
+                    until, longest = self.sched.quiet_until(start, self._quiet_until,
+                                                            self._views, engine.worker_id)
+                    if until > start:
+                        start = engine.run_quiet_steps(
+                            start, until, self.sched.blocked_floor(engine.worker_id), longest)
+                        if start > self.now:
+                            self.sched.plans_skipped(start, self._views)
                 duration, result = engine.start_step(start)
                 for job_id, generated in result.preempted:
                     self._generated[job_id] += generated
