@@ -210,6 +210,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             self.cp.durable.resumed(entry, seg, request)
             self.cp.durable.segment_accepted(entry, seg)
         self.cp.mark_dirty()
+        self.cp.settled()
         return seg
 
     async def _replay_ended(self, entry: JobEntry, request, context):

@@ -88,6 +88,7 @@ class ControlPlane:
         self._origin = time.monotonic()
         self.step_observer = step_observer
         self._on_change: Callable[[], None] | None = None  # see set_on_change
+        self._on_settled: Callable[[], None] | None = None
         # Durable state (durable.py); None: in memory only, a restart loses every job.
         self.durable: Durability | None = None
 
@@ -106,16 +107,24 @@ class ControlPlane:
         return {w: e.view.utilization for w, e in self.registry.workers.items()
                 if e.view.total_blocks}
 
-    def set_on_change(self, callback: Callable[[], None]) -> None:
-        """Who `mark_dirty` tells (the planner); set once, where the server is wired."""
+    def set_on_change(self, callback: Callable[[], None],
+                      settled: Callable[[], None] | None = None) -> None:
+        """Who `mark_dirty` tells (the planner), and who `settled` tells; set once, where
+        the server is wired."""
         if self._on_change is not None:
             raise RuntimeError("the control plane's on_change callback is already set")
-        self._on_change = callback
+        self._on_change, self._on_settled = callback, settled
 
     def mark_dirty(self) -> None:
         """Something the plan depends on changed: the planner will run."""
         if self._on_change is not None:
             self._on_change()
+
+    def settled(self) -> None:
+        """A handler has left the state consistent: plan now if a plan is overdue
+        (`Planner.plan_if_overdue`)."""
+        if self._on_settled is not None:
+            self._on_settled()
 
     def emit(self, seg: SegmentCall, event: object) -> None:
         """Queue a RunSegment event for the segment's client: at once in memory, after the

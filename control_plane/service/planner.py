@@ -4,6 +4,12 @@ Plans are made on events only (a job arrived or returned from its tool, a segmen
 preempted, a worker's memory changed, a worker came or went) or when the core's own timer
 (`Scheduler.next_timer`, e.g. a TTL) falls due — never per engine step. Events only mark the
 planner dirty; several events before it runs give one plan.
+
+A busy event loop reaches the planner task only after every callback queued before it (token
+streams, reports, calls): under load that wait, not the plan, made the latency. So the
+handlers also call `plan_if_overdue` where they leave the state consistent (after a worker
+message, a submitted segment, a tool report): once the planner has been dirty for
+`OVERDUE_S`, the plan is made there and then.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from control_plane.service.reservations import Reservation, ViewCounters
 
 log = get_logger("astraea.control_plane.planner")
 
+OVERDUE_S = 0.002  # dirty this long: plan at the next consistent point, not at the loop's turn
+
 
 class Planner:
     def __init__(self, cp: ControlPlane) -> None:
@@ -31,6 +39,7 @@ class Planner:
         self._dirty_since: float | None = None  # perf_counter of the first event since a plan
         self.last_build_s: float | None = None  # build_plan wall time of the last plan_once
         self.last_actions = 0
+        self._planning = False  # inside plan_once: an event it causes waits for the next plan
 
     def mark_dirty(self) -> None:
         """Plan soon (the control plane's on_change callback: the server wires it)."""
@@ -47,22 +56,38 @@ class Planner:
                 timeout = max(0.0, (timer - self.cp.now()) * self.cp.config.time_scale)
             try:
                 await asyncio.wait_for(self._dirty.wait(), timeout)
+                event = True
             except TimeoutError:
-                pass
+                event = False
             await asyncio.sleep(0)  # let the reports of this instant land before planning
-            self._dirty.clear()
-            since, self._dirty_since = self._dirty_since, None
-            started = loop.time()
-            try:
-                self.plan_once()
-            except Exception:  # a bug in one plan must not stop planning for good
-                log.exception("build_plan failed")
-            if since is not None and self.last_build_s is not None:  # caused by an event
-                self.cp.stats.record_plan(time.perf_counter() - since, self.last_build_s,
-                                          self.last_actions)
-            took = loop.time() - started
-            if took > 0.05:
-                log.warning("slow plan", seconds=round(took, 4))
+            if event and not self._dirty.is_set():
+                continue  # plan_if_overdue has made that plan meanwhile
+            self._plan(loop.time)
+
+    def plan_if_overdue(self) -> None:
+        """Plan now if an event has waited `OVERDUE_S` for a plan (call it only where the
+        control plane's state is consistent: between two handlers' changes, not inside one)."""
+        since = self._dirty_since
+        if since is not None and not self._planning and time.perf_counter() - since > OVERDUE_S:
+            self._plan(time.monotonic)
+
+    def _plan(self, clock) -> None:
+        self._dirty.clear()
+        since, self._dirty_since = self._dirty_since, None
+        started = clock()
+        self._planning = True
+        try:
+            self.plan_once()
+        except Exception:  # a bug in one plan must not stop planning for good
+            log.exception("build_plan failed")
+        finally:
+            self._planning = False
+        if since is not None and self.last_build_s is not None:  # caused by an event
+            self.cp.stats.record_plan(time.perf_counter() - since, self.last_build_s,
+                                      self.last_actions)
+        took = clock() - started
+        if took > 0.05:
+            log.warning("slow plan", seconds=round(took, 4))
 
     def plan_once(self) -> None:
         """Build a plan and queue each worker's part on its stream (synchronous: atomic)."""

@@ -137,7 +137,7 @@ async def serve(listen: str = DEFAULT_LISTEN, policy: str = "astraea",
     cp.metrics.set_jobs_in_flight_source(lambda: sum(cp.registry.unfinished_by_client.values()))
     prometheus.export_scheduler(cp.metrics)  # /metrics, when the process serves it
     planner = Planner(cp)
-    cp.set_on_change(planner.mark_dirty)
+    cp.set_on_change(planner.mark_dirty, planner.plan_if_overdue)
     gate = _open_state(cp, state) if state else None
     # Keys are checked first: an unauthenticated caller learns nothing, not even a parse error.
     interceptors = [AioRequestGuard()] if auth is None else [AioAuthInterceptor(auth),

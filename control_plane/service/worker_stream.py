@@ -139,13 +139,14 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
             worker.last_seen = time.monotonic()
             if msg.WhichOneof("msg") != "bundle":
                 self._report(msg, worker, peer)
-                continue
-            self.cp.stats.bundles += 1
-            for inner in msg.bundle.messages:  # in order, as if sent one by one
-                if inner.WhichOneof("msg") == "bundle":
-                    raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"worker {worker.worker_id}: a bundle inside a bundle")
-                self._report(inner, worker, peer)
+            else:
+                self.cp.stats.bundles += 1
+                for inner in msg.bundle.messages:  # in order, as if sent one by one
+                    if inner.WhichOneof("msg") == "bundle":
+                        raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                                           f"worker {worker.worker_id}: a bundle inside a bundle")
+                    self._report(inner, worker, peer)
+            self.cp.settled()
 
     def _report(self, msg: worker_pb2.WorkerMessage, worker: WorkerEntry, peer: str) -> None:
         kind = msg.WhichOneof("msg")
