@@ -286,22 +286,16 @@ class _Http:
 
 
 async def _http_job(h: _Http, job: JobTrace, time_scale: float, rec: JobTokens) -> None:
-    from astraea.tools.replay_http import SESSION_HEADER
+    from astraea.tools.replay_http import SESSION_HEADER, turn_body
 
     messages: list[dict] = []
-    last = len(job.segments) - 1
     for i, seg in enumerate(job.segments):
         new = max(job.new_tokens_before(i), 1)
         messages.append({"role": "user", "content": h.text.message(new, first=i == 0)})
-        hints = {"job_category": job.category}
-        if seg.tool is not None:
-            hints["next_tool_category"] = seg.tool.category
-        body: dict = {"astraea": hints}
-        if i == last or seg.tool is None:
-            body["nvext"] = {"session_control": {"action": "close"}}
         done, served_by = await h.request(
             rec, model=h.model, messages=messages, max_tokens=seg.output_tokens,
-            temperature=0.0, extra_headers={SESSION_HEADER: rec.job_id}, extra_body=body)
+            temperature=0.0, extra_headers={SESSION_HEADER: rec.job_id},
+            extra_body=turn_body(job, i))
         n = done.usage.completion_tokens if done.usage else -1
         content = done.choices[0].message.content or ""
         rec.segments.append(SegmentTokens(served_by, n,

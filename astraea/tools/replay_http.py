@@ -73,25 +73,32 @@ class HttpTarget:
     api_key: str = "none"  # the gateway serves loopback without keys; the SDK wants one
 
 
+def turn_body(job: JobTrace, i: int) -> dict:
+    """The extra body of the request for segment `i` of `job`: the job's category (output
+    lengths are learned per category, as the gRPC replay starts its jobs) and the tool's
+    category for the API wait to come; the last segment, or one without a tool, closes the
+    session."""
+    seg = job.segments[i]
+    hints = {"job_category": job.category}
+    if seg.tool is not None:
+        hints["next_tool_category"] = seg.tool.category
+    body: dict = {"astraea": hints}
+    if i == len(job.segments) - 1 or seg.tool is None:
+        body["nvext"] = {"session_control": {"action": "close"}}
+    return body
+
+
 async def _run_job(client, target: HttpTarget, job: JobTrace, text: PromptText,
                    time_scale: float) -> None:
     session = f"replay-{job.job_id}-{uuid.uuid4().hex[:8]}"
     messages: list[dict] = []
-    last = len(job.segments) - 1
     for i, seg in enumerate(job.segments):
         new = max(job.new_tokens_before(i), 1)
         messages.append({"role": "user", "content": text.message(new, first=i == 0)})
-        # The job's category (output lengths are learned per category), as the gRPC replay
-        # starts its jobs, and the tool's category for the API wait to come.
-        hints = {"job_category": job.category}
-        if seg.tool is not None:
-            hints["next_tool_category"] = seg.tool.category
-        body: dict = {"astraea": hints}
-        if i == last or seg.tool is None:
-            body["nvext"] = {"session_control": {"action": "close"}}
         done = await client.chat.completions.create(
             model=target.model, messages=messages, max_tokens=seg.output_tokens,
-            temperature=0.0, extra_headers={SESSION_HEADER: session}, extra_body=body)
+            temperature=0.0, extra_headers={SESSION_HEADER: session},
+            extra_body=turn_body(job, i))
         got = done.usage.completion_tokens if done.usage else -1
         if got != seg.output_tokens:
             raise RuntimeError(f"segment {i}: {got} tokens, expected {seg.output_tokens}")

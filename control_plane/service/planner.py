@@ -48,7 +48,6 @@ class Planner:
         self._dirty.set()
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             timer = self.cp.scheduler.next_timer()
             timeout = None
@@ -62,19 +61,19 @@ class Planner:
             await asyncio.sleep(0)  # let the reports of this instant land before planning
             if event and not self._dirty.is_set():
                 continue  # plan_if_overdue has made that plan meanwhile
-            self._plan(loop.time)
+            self._plan()
 
     def plan_if_overdue(self) -> None:
         """Plan now if an event has waited `OVERDUE_S` for a plan (call it only where the
         control plane's state is consistent: between two handlers' changes, not inside one)."""
         since = self._dirty_since
         if since is not None and not self._planning and time.perf_counter() - since > OVERDUE_S:
-            self._plan(time.monotonic)
+            self._plan()
 
-    def _plan(self, clock) -> None:
+    def _plan(self) -> None:
         self._dirty.clear()
         since, self._dirty_since = self._dirty_since, None
-        started = clock()
+        started = time.monotonic()
         self._planning = True
         try:
             self.plan_once()
@@ -85,7 +84,7 @@ class Planner:
         if since is not None and self.last_build_s is not None:  # caused by an event
             self.cp.stats.record_plan(time.perf_counter() - since, self.last_build_s,
                                       self.last_actions)
-        took = clock() - started
+        took = time.monotonic() - started
         if took > 0.05:
             log.warning("slow plan", seconds=round(took, 4))
 

@@ -8,6 +8,23 @@ import json
 import sys
 
 
+def add_load_arguments(p: argparse.ArgumentParser) -> None:
+    """The stack and job shape `bench-service` and `bench-soak` share."""
+    p.add_argument("--workers", type=int, default=2, help="simulated worker processes")
+    p.add_argument("--policy", default="astraea")
+    p.add_argument("--profile", default="gptj-6b-a100",
+                   help="base hardware profile (its step limits are raised for the benchmark)")
+    p.add_argument("--time-scale", type=float, default=0.1,
+                   help="wall seconds per engine second (control plane and workers)")
+    p.add_argument("--tokens", type=int, default=4, help="output tokens per segment")
+    p.add_argument("--prompt-tokens", type=int, default=8, help="prompt tokens per segment")
+    p.add_argument("--segments-per-job", type=int, default=8,
+                   help="segments per job (a tool call between two); then a new job")
+    p.add_argument("--tool-ms", type=float, default=2.0, help="wall ms of each tool call")
+    p.add_argument("--kv-blocks", type=int, default=200_000,
+                   help="GPU KV blocks per worker (large: memory must not bind)")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     bs = sub.add_parser("bench-service", help="load the live control plane (separate process) "
                                               "with N jobs in flight on simulated workers: "
@@ -15,22 +32,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     bs.add_argument("--jobs", type=int, default=1000, help="jobs in flight")
     bs.add_argument("--seconds", type=float, default=20.0, help="measured window")
     bs.add_argument("--warmup", type=float, default=5.0, help="seconds before the window")
-    bs.add_argument("--workers", type=int, default=2, help="simulated worker processes")
-    bs.add_argument("--policy", default="astraea")
-    bs.add_argument("--profile", default="gptj-6b-a100",
-                    help="base hardware profile (its step limits are raised for the benchmark)")
-    bs.add_argument("--time-scale", type=float, default=0.1,
-                    help="wall seconds per engine second (control plane and workers)")
-    bs.add_argument("--tokens", type=int, default=4, help="output tokens per segment")
-    bs.add_argument("--prompt-tokens", type=int, default=8, help="prompt tokens per segment")
-    bs.add_argument("--segments-per-job", type=int, default=8,
-                    help="segments per job (a tool call between two); then a new job")
-    bs.add_argument("--tool-ms", type=float, default=2.0, help="wall ms of each tool call")
+    add_load_arguments(bs)
     bs.add_argument("--no-tool-reports", action="store_true",
                     help="diagnostic: skip ReportToolCall around each tool call (the API "
                          "allows it), to see what those two calls per segment cost")
-    bs.add_argument("--kv-blocks", type=int, default=200_000,
-                    help="GPU KV blocks per worker (large: memory must not bind)")
     bs.add_argument("--log-level", default="info",
                     help="the control plane's log level (default info, as it ships)")
     bs.add_argument("--log-dir", default=None, help="the services' logs (default: a temp dir)")

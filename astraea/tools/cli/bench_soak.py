@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 
+from astraea.tools.cli.bench_service import add_load_arguments
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench-soak", help="soak the live control plane with N concurrent jobs "
@@ -19,18 +21,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="seconds between reads of the control plane's counters")
     p.add_argument("--drain-timeout", type=float, default=600.0,
                    help="seconds the jobs in flight get to finish after the window")
-    p.add_argument("--workers", type=int, default=2, help="simulated worker processes")
-    p.add_argument("--policy", default="astraea")
-    p.add_argument("--profile", default="gptj-6b-a100",
-                   help="base hardware profile (its step limits are raised, as bench-service)")
-    p.add_argument("--time-scale", type=float, default=0.1,
-                   help="wall seconds per engine second (control plane and workers)")
-    p.add_argument("--tokens", type=int, default=4, help="output tokens per segment")
-    p.add_argument("--prompt-tokens", type=int, default=8, help="prompt tokens per segment")
-    p.add_argument("--segments-per-job", type=int, default=8,
-                   help="segments per job (a tool call between two); then a new job")
-    p.add_argument("--tool-ms", type=float, default=2.0, help="wall ms of each tool call")
-    p.add_argument("--kv-blocks", type=int, default=200_000, help="GPU KV blocks per worker")
+    add_load_arguments(p)
     p.add_argument("--log-level", default="info", help="the control plane's log level")
     p.add_argument("--floor-seconds", type=float, default=30.0,
                    help="window of the gRPC-floor measurement after the soak (0: none)")
