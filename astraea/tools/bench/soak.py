@@ -280,7 +280,10 @@ def run(cfg: SoakConfig, log=None) -> dict:
             cp_jobs[kind] += snap["events"].get(kind, 0)
     client = soak["drained"]["client"]
     failures = sum(load.errors.values()) + load.bad_tokens
-    rss = [v for _, v in soak["rss"]]
+    # The peak is the largest reading of all: the 0.5 s samples and the readings at the marks
+    # (taken apart from them, so one of those may be the largest).
+    rss = [v for _, v in soak["rss"]] + [v for v in (m["rss_warm"], intervals[-1]["rss_bytes"],
+                                                     m["rss_drained"]) if v is not None]
     window_rss = [(t, v) for t, v in soak["rss"] if m["t0"] <= t <= m["t1"]]
     half = [v for t, v in window_rss if t >= m["t0"] + window_s / 2]
     plan = summarize_ms(plan_samples)
