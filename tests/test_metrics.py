@@ -151,6 +151,11 @@ def test_every_service_serves_its_metrics_while_a_job_runs_through(tiny_folder):
         assert value(cp, "astraea_decision_latency_seconds",
                      "astraea_decision_latency_seconds_count", kind="build_plan") >= 1
         assert 0 <= value(cp, "astraea_kv_utilization") <= 1
+        # The chat turn's end is an API wait (the session may send another): one KV decision.
+        assert value(cp, "astraea_kv_decisions", "astraea_kv_decisions_total",
+                     cause="api_wait") >= 1
+        assert {s.labels["action"] for s in cp["astraea_kv_decisions"]} <= {
+            "preserve", "swap", "discard"}
 
         worker = wait_scrape(m["worker"],
                              lambda f: value(f, "vllm:num_requests_running") == 0

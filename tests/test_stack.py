@@ -14,6 +14,7 @@ import pytest
 
 from astraea.client import AgentClient, AstraeaError
 from astraea.tools.cli.main import main
+from astraea.tools.replay import scrape_kv_decisions
 from astraea.tools.stack import Stack, StackConfig, StackError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +53,7 @@ def _cfg(tmp_path, **kw) -> StackConfig:
 
 
 def test_stack_runs_a_job_through_separate_processes_and_shuts_down_cleanly(tmp_path):
-    st = Stack(_cfg(tmp_path))
+    st = Stack(_cfg(tmp_path, control_plane_metrics="127.0.0.1:0"))
     with st:
         pids = st.pids
         assert set(pids) == {"predictor", "control-plane", "worker-w1", "worker-w2"}
@@ -71,6 +72,10 @@ def test_stack_runs_a_job_through_separate_processes_and_shuts_down_cleanly(tmp_
             client.end_job(job)
         finally:
             client.close()
+        # The control plane's /metrics: one KV decision, at the one tool call.
+        decisions = scrape_kv_decisions(st.control_plane_metrics_url)
+        assert sum(decisions.values()) == 1, decisions
+        assert set(decisions) <= {"preserve", "swap", "discard"}
     assert st.exit_codes == dict.fromkeys(pids, 0)
     assert not [name for name, pid in pids.items() if _alive(pid)]
     logs = {name: path.read_text() for name, path in st.log_files.items()}

@@ -83,10 +83,14 @@ class BatchWriter:
                 self._closed = True
             self._queue.append((kind, payload, fut))
             full = len(self._queue) >= self._max_ops
+        # The thread re-reads the queue and `_due` after clearing `_wake`, so a wake already
+        # pending covers this call too: setting it again would cost a lock and a notify per
+        # write while the woken thread waits for the GIL.
         if kind != WRITE or full:
             self._due = True
-            self._wake.set()
-        elif self._sleeping:  # read after the append: the thread cannot miss it (the GIL)
+            if not self._wake.is_set():
+                self._wake.set()
+        elif self._sleeping and not self._wake.is_set():  # read after the append (the GIL)
             self._wake.set()
         return fut
 

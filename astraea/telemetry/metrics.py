@@ -8,9 +8,11 @@
 | `astraea.decision.latency` | histogram | ms | `kind`: `build_plan` or `kv_decision` |
 | `astraea.predictor.fallbacks` | counter | {call} | `reason` (e.g. `timeout`, `unavailable`) |
 | `astraea.jobs.in_flight` | observable gauge (callback) | {job} | none |
+| `astraea.kv.decisions` | observable counter (callback) | {decision} | `action` (`preserve`, `swap`, `discard`), `cause` (`api_wait`, `preemption`) |
 
-The gauges read whatever source the owning service registers (`set_queue_length_source`,
-`set_kv_utilization_source`, `set_jobs_in_flight_source`); until then they report nothing.
+The callbacks read whatever source the owning service registers (`set_queue_length_source`,
+`set_kv_utilization_source`, `set_jobs_in_flight_source`, `set_kv_decision_source`); until
+then they report nothing.
 `export_prometheus` also records every instrument into a Prometheus registry (prometheus.py).
 """
 
@@ -31,6 +33,18 @@ DECISION_BUCKETS_MS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 25, 50, 100, 250, 1000
 QueueLengthSource = Callable[[], Mapping[int, int]]
 KvUtilizationSource = Callable[[], Mapping[int | str, float]]
 CountSource = Callable[[], int]
+# {"preserve": n, "swap": n, "discard": n, "preempt_swap": n, ...}: the scheduler's own counts
+# (`Scheduler.decision_counts`), read at collection: counting twice could drift from them.
+DecisionCountSource = Callable[[], Mapping[str, int]]
+PREEMPT_PREFIX = "preempt_"
+
+
+def decision_labels(key: str) -> tuple[str, str]:
+    """(action, cause) of a `Scheduler.decision_counts` key: "swap" -> ("swap", "api_wait"),
+    "preempt_discard" -> ("discard", "preemption")."""
+    if key.startswith(PREEMPT_PREFIX):
+        return key[len(PREEMPT_PREFIX):], "preemption"
+    return key, "api_wait"
 
 
 class Metrics:
@@ -40,6 +54,7 @@ class Metrics:
         self._queue_source: QueueLengthSource | None = None
         self._kv_source: KvUtilizationSource | None = None
         self._jobs_in_flight_source: CountSource | None = None
+        self._decision_source: DecisionCountSource | None = None
         self._prom = None  # SchedulerFamilies, once export_prometheus is called
         self.jct = meter.create_histogram(
             "astraea.job.jct", unit="s", description="Job completion time, arrival to finish",
@@ -60,6 +75,9 @@ class Metrics:
         self.jobs_in_flight = meter.create_observable_gauge(
             "astraea.jobs.in_flight", callbacks=[self._observe_jobs], unit="{job}",
             description="Jobs started and not finished")
+        self.kv_decisions = meter.create_observable_counter(
+            "astraea.kv.decisions", callbacks=[self._observe_decisions], unit="{decision}",
+            description="KV decisions made: at API waits (tool calls, reclaims) and preemptions")
 
     def export_prometheus(self, registry) -> None:
         """Also record into `registry` (a prometheus_client `CollectorRegistry`), under the
@@ -83,6 +101,20 @@ class Metrics:
     def set_jobs_in_flight_source(self, source: CountSource | None) -> None:
         """`source()` returns the number of jobs started and not finished."""
         self._jobs_in_flight_source = source
+
+    def set_kv_decision_source(self, source: DecisionCountSource | None) -> None:
+        """`source()` returns the scheduler's decision counts (`decision_labels` reads the
+        keys); called at each collection."""
+        self._decision_source = source
+
+    def _observe_decisions(self, _options: CallbackOptions) -> list[Observation]:
+        if self._decision_source is None:
+            return []
+        out = []
+        for key, n in dict(self._decision_source()).items():
+            action, cause = decision_labels(key)
+            out.append(Observation(int(n), {"action": action, "cause": cause}))
+        return out
 
     def _observe_jobs(self, _options: CallbackOptions) -> list[Observation]:
         if self._jobs_in_flight_source is None:

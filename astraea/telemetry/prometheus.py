@@ -19,7 +19,8 @@ What each service exposes (names in Prometheus' own form; see README "Metrics"):
 * control plane: `astraea_job_jct_seconds{policy,category}`,
   `astraea_decision_latency_seconds{kind}`, `astraea_predictor_fallbacks_total{reason}`,
   `astraea_queue_length{level}`, `astraea_kv_utilization{worker_id}`,
-  `astraea_jobs_in_flight` (the `Metrics` instruments, mirrored: `Metrics.export_prometheus`);
+  `astraea_jobs_in_flight`, `astraea_kv_decisions_total{action,cause}` (the `Metrics`
+  instruments, mirrored: `Metrics.export_prometheus`);
 * gateway: `astraea_http_requests_total{method,route,status}` and
   `astraea_http_request_duration_seconds{method,route}` (a stream: until its last byte);
 * worker: vLLM's gauges and the KV counters (worker_metrics.py).
@@ -48,7 +49,7 @@ from prometheus_client import (
     Counter,
     Histogram,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 
 DEFAULT_METRICS_HOST = "127.0.0.1"
@@ -413,6 +414,15 @@ class SchedulerFamilies:
         for worker, u in sorted(_read(m._kv_source).items(), key=lambda wu: str(wu[0])):
             kv.add_metric([str(worker)], u)
         yield from (queues, kv)
+        if m._decision_source is not None:
+            from astraea.telemetry.metrics import decision_labels
+
+            decisions = CounterMetricFamily(
+                "astraea_kv_decisions", "KV decisions made, by action and cause",
+                labels=["action", "cause"])
+            for key, n in sorted(_read(m._decision_source).items()):
+                decisions.add_metric(list(decision_labels(key)), n)
+            yield decisions
         if m._jobs_in_flight_source is not None:
             yield GaugeMetricFamily("astraea_jobs_in_flight", "Jobs started and not finished",
                                     value=m._jobs_in_flight_source())

@@ -222,14 +222,35 @@ async def drive(jobs: list[JobTrace], profile: HardwareProfile, run: JobRunner,
                         sorted(stopped_early))
 
 
+def scrape_kv_decisions(metrics_url: str, timeout_s: float = 5.0) -> dict[str, int]:
+    """The KV decisions a control plane has made, read from its Prometheus endpoint, keyed as
+    `Scheduler.decision_counts` is ("swap", "preempt_discard", ...)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=timeout_s) as r:
+        text = r.read().decode()
+    counts: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "astraea_kv_decisions":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                action, cause = sample.labels["action"], sample.labels["cause"]
+                key = action if cause == "api_wait" else f"preempt_{action}"
+                counts[key] = int(sample.value)
+    return counts
+
+
 def run_row(result: ReplayResult, policy_label: str, qps: float | None, seed: int,
             jobs: int, decision_counts: dict | None = None) -> dict:
     """A run dict shaped like `astraea bench`'s (astraea.tools.bench.run.run_one) for the report;
-    KV decision counts when known (an in-process stack)."""
+    KV decision counts when known."""
     row = {"policy": policy_label, "qps": qps, "seed": seed, **result.summary, "jobs": jobs,
            "sim_wall_s": result.wall_s, "errors": len(result.errors)}
     if decision_counts is not None:
-        for k in ("preserve", "swap", "discard"):
+        for k in ("preserve", "swap", "discard", "preempt_swap", "preempt_discard"):
             row["kv_" + k] = decision_counts.get(k, 0)
     return row
 

@@ -107,6 +107,9 @@ class StackConfig:
     # The predictor's state file (--state): loaded when it starts or restarts, saved
     # periodically and on shutdown. None: it learns from scratch each time.
     predictor_state: str | None = None
+    # The control plane's Prometheus endpoint ("HOST:PORT", port 0: a free one; None: off):
+    # `Stack.control_plane_metrics_url` is its /metrics.
+    control_plane_metrics: str | None = None
     # The control plane's --state-dir: jobs survive its restarts. A relative path is inside
     # the log dir; None or "": in memory only (a restart loses every job).
     state_dir: str | None = None
@@ -273,6 +276,7 @@ class Stack:
     control_plane_address: str = ""
     predictor_address: str | None = None
     http_address: str | None = None  # the gateway's base URL, e.g. http://127.0.0.1:8000
+    control_plane_metrics_url: str | None = None  # with `control_plane_metrics`
     log_dir: Path = field(default_factory=Path)
     procs: list[_Proc] = field(default_factory=list)
     exit_codes: dict[str, int] = field(default_factory=dict)
@@ -340,6 +344,11 @@ class Stack:
                     args += sec.control_plane_args()
                 if cfg.state_dir:
                     args += ["--state-dir", str(self.log_dir / cfg.state_dir)]
+                if cfg.control_plane_metrics:
+                    host, port = _split(_resolve(cfg.control_plane_metrics))
+                    args += ["--metrics-host", host, "--metrics-port", port]
+                    where = _connect_address(f"{host}:{port}")
+                    self.control_plane_metrics_url = f"http://{where}/metrics"
                 cp = self._spawn(CONTROL_PLANE, "control_plane.service.server", *args)
                 self._wait_serving(cp, self.control_plane_address, deadline)
             workers = []

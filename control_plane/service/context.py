@@ -84,6 +84,7 @@ class ControlPlane:
         self.metrics.set_queue_length_source(
             lambda: dict(enumerate(self.scheduler.queue_lengths())))
         self.metrics.set_kv_utilization_source(self._kv_utilization)
+        self.metrics.set_kv_decision_source(lambda: self.scheduler.decision_counts)
         self.stats = ServiceStats()  # event counts and plan latencies (bench-service)
         self._origin = time.monotonic()
         self.step_observer = step_observer

@@ -119,7 +119,7 @@ def cmd_compare_live(args: argparse.Namespace) -> int:
     print(f"astraea compare-live: {len(jobs)} jobs, {', '.join(policies)}, {args.workers} "
           f"workers, profile {args.profile}, time scale {args.time_scale:g}, live stack in "
           f"{where}", file=sys.stderr)
-    results = {}
+    results, decisions = {}, {}
     for policy in policies:
         sim = Simulation(jobs, profile, policy, num_workers=args.workers,
                          kv_blocks=args.kv_blocks).run()
@@ -130,6 +130,7 @@ def cmd_compare_live(args: argparse.Namespace) -> int:
                         else _replay_live(args, jobs, profile))
         live_row = run_row(live, "live", qps, args.seed, len(jobs), counts)
         results[policy] = (sim.summary, live_row, live)
+        decisions[policy] = (dict(sim.decision_counts), counts)
     nan = float("nan")
     print(f"{'policy':<16}{'jobs done':>10}{'sim mean':>10}{'live mean':>11}{'live/sim':>10}"
           f"{'sim p99':>9}{'live p99':>10}{'idle':>8}")
@@ -149,6 +150,15 @@ def cmd_compare_live(args: argparse.Namespace) -> int:
                 print(f"{policy} / vllm-fcfs mean JCT: simulator "
                       f"{sim.get('mean_jct_s', nan) / base_sim:.3f}, live "
                       f"{live_row.get('mean_jct_s', nan) / base_live:.3f}")
+    # Where live departs from the simulator, the KV decisions usually show why (memory
+    # seen fuller or emptier than it was when a decision landed).
+    print("KV decisions, simulator / live:")
+    for policy, (sim_counts, live_counts) in decisions.items():
+        keys = sorted(set(sim_counts) | set(live_counts or {}))
+        cells = [f"{k} {sim_counts.get(k, 0)} / "
+                 f"{'?' if live_counts is None else live_counts.get(k, 0)}" for k in keys]
+        print(f"  {policy:<14}{', '.join(cells) or 'none'}")
+        out[policy]["kv_decisions"] = {"simulator": sim_counts, "live": live_counts}
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"policies": out, "jobs": len(jobs), "qps": qps, "seed": args.seed,
@@ -257,12 +267,14 @@ def _live_in_processes(args: argparse.Namespace, policy: str, jobs, profile):
     """Replay `jobs` on a `Stack` of separate processes (as `astraea up` starts them)."""
     import asyncio
 
-    from astraea.tools.replay import replay
+    from astraea.tools.replay import replay, scrape_kv_decisions
     from astraea.tools.stack import Stack, StackConfig
 
     cfg = StackConfig(policy=policy, profile=args.profile, time_scale=args.time_scale,
                       workers=args.workers, kv_blocks=args.kv_blocks,
-                      control_plane_listen="127.0.0.1:0", predictor_listen="127.0.0.1:0")
+                      control_plane_listen="127.0.0.1:0", predictor_listen="127.0.0.1:0",
+                      control_plane_metrics="127.0.0.1:0")
     with Stack(cfg) as st:
-        return asyncio.run(replay(jobs, st.control_plane_address, profile, args.time_scale,
-                                  args.concurrency)), None
+        result = asyncio.run(replay(jobs, st.control_plane_address, profile, args.time_scale,
+                                    args.concurrency))
+        return result, scrape_kv_decisions(st.control_plane_metrics_url)
