@@ -83,6 +83,8 @@ class SimulatedEngine:
         self.worker_id = worker_id
         self.bs = profile.block_size
         total = kv_blocks if kv_blocks is not None else profile.kv_capacity_blocks
+        if total < 1:
+            raise ValueError(f"kv_blocks must be at least 1, got {total}")
         self.pool = BlockPool(total, self.bs)
         self.host_total = profile.host_swap_blocks
         self.host_used = 0
