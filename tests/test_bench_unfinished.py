@@ -7,6 +7,8 @@ import io
 import json
 from pathlib import Path
 
+import pytest
+
 from astraea.tools.bench.run import BenchSpec, run_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,3 +48,27 @@ def test_no_warning_when_every_job_finishes():
     (run,) = run_matrix(spec, parallel=1, log=log)
     assert run["jobs_completed"] == 20
     assert "never finished" not in log.getvalue()
+
+
+def test_kv_blocks_sizes_every_worker_pool_and_is_checked(tmp_path):
+    # The same two jobs on the built-in profile, its pool cut to 50 blocks by --kv-blocks:
+    # the 2,000-token prompt never fits; with a pool of 200 blocks both finish.
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps(job) + "\n" for job in [
+        {"job_id": "fits", "arrival_s": 0.0,
+         "segments": [{"prompt_tokens": 100, "output_tokens": 10, "tool": None}]},
+        {"job_id": "too-big", "arrival_s": 0.5,
+         "segments": [{"prompt_tokens": 2000, "output_tokens": 10, "tool": None}]},
+    ]))
+    done = {}
+    for blocks in (50, 200):
+        spec = BenchSpec(workload=str(trace), profile="gptj-6b-a100", policies=("astraea",),
+                         qps=(None,), jobs=2, seeds=(0,), kv_blocks=blocks)
+        (run,) = run_matrix(spec, parallel=1, log=io.StringIO())
+        done[blocks] = run["jobs_completed"]
+        assert spec.to_dict()["kv_blocks"] == blocks
+    assert done == {50: 1, 200: 2}
+    with pytest.raises(ValueError, match="--kv-blocks must be at least 1"):
+        run_matrix(BenchSpec(workload="infercept", profile="gptj-6b-a100",
+                             policies=("astraea",), qps=(1.0,), jobs=2, seeds=(0,),
+                             kv_blocks=0), parallel=1, log=io.StringIO())

@@ -29,6 +29,9 @@ class BenchSpec:
     num_workers: int = 1
     overrides: dict = field(default_factory=dict)
     prediction_error: tuple[float, ...] = (0.0,)  # σ of the log-normal factor on estimates
+    # GPU KV blocks per worker (None: the profile's). A pool no job's context could outgrow
+    # measures what the rest costs (batching, queueing) with memory out of the picture.
+    kv_blocks: int | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -36,6 +39,7 @@ class BenchSpec:
             "qps": list(self.qps), "jobs": self.jobs, "seeds": list(self.seeds),
             "predictor": self.predictor, "num_workers": self.num_workers,
             "overrides": dict(self.overrides), "prediction_error": list(self.prediction_error),
+            "kv_blocks": self.kv_blocks,
         }
 
 
@@ -50,6 +54,8 @@ def validate(spec: BenchSpec) -> None:
     if not spec.prediction_error or any(
             not (s >= 0 and math.isfinite(s)) for s in spec.prediction_error):
         raise ValueError("--prediction-error values must be finite numbers >= 0")
+    if spec.kv_blocks is not None and spec.kv_blocks < 1:
+        raise ValueError("--kv-blocks must be at least 1")
     SchedulerConfig().with_overrides(spec.overrides)
     load_profile(spec.profile)
 
@@ -81,7 +87,7 @@ def run_one(spec: BenchSpec, policy: str, qps: float | None, seed: int,
 
     sim = Simulation(jobs, profile, policy, num_workers=spec.num_workers,
                      predictor=spec.predictor, config=config, progress=progress,
-                     prediction_error=sigma, error_seed=seed)
+                     prediction_error=sigma, error_seed=seed, kv_blocks=spec.kv_blocks)
     result = sim.run()
     counts = result.decision_counts
     return {

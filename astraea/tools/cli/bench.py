@@ -36,6 +36,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="multiply every output-length and API-time estimate a policy receives "
                         "by exp(N(0, SIGMA^2)), drawn per (job, segment) and per (job, API "
                         "call); a list runs each (default 0: estimates as predicted)")
+    b.add_argument("--kv-blocks", type=int, default=None, metavar="N",
+                   help="GPU KV blocks per worker (default: the profile's); a pool too big to "
+                        "fill shows what batching and queueing cost with memory never binding")
     b.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override a scheduler setting, e.g. --set mlfq.num_levels=3")
     b.add_argument("--parallel", type=int, default=None, help="processes (default: all cores)")
@@ -75,7 +78,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
         qps=qps, jobs=args.jobs, seeds=args.seeds, predictor=args.predictor,
         num_workers=args.workers, overrides=_overrides(args.set or []),
-        prediction_error=args.prediction_error,
+        prediction_error=args.prediction_error, kv_blocks=args.kv_blocks,
     )
     from astraea.workloads import GENERATED
 
@@ -93,7 +96,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         error = ", prediction error sigma " + ",".join(f"{e:g}" for e in spec.prediction_error)
     print(f"astraea bench: {len(spec.policies)} policies x {len(spec.qps)} QPS x {sigmas}"
           f"{len(spec.seeds)} seeds, {spec.jobs} jobs each, profile {spec.profile}, "
-          f"predictor {spec.predictor}{error}", file=sys.stderr)
+          f"predictor {spec.predictor}{error}"
+          + (f", {spec.kv_blocks} KV blocks per worker" if spec.kv_blocks else ""),
+          file=sys.stderr)
     runs = run_matrix(spec, parallel=args.parallel)
     rows = aggregate(runs)
     print(format_tables(rows))

@@ -48,19 +48,6 @@ def make_estimator(kind: str, jobs: dict[str, JobTrace]) -> ServiceTimeEstimator
     raise ValueError(f"unknown predictor {kind!r}: use 'online' or 'oracle' (simulator only)")
 
 
-def _check_fits(jobs: list[JobTrace], block_size: int, blocks: int) -> None:
-    """ValueError for a job whose context at its longest needs more KV blocks than a worker
-    has: it could never run, and the simulation would end with it waiting."""
-    for j in jobs:
-        last_result = j.segments[-1].tool.result_tokens if j.segments[-1].tool else 0
-        longest = j.total_tokens - last_result
-        need = -(-longest // block_size)
-        if need > blocks:
-            raise ValueError(f"job {j.job_id} needs {need} KV blocks at its longest ({longest} "
-                             f"tokens) but a worker holds {blocks}: it could never run (give "
-                             "the workers more KV blocks, or cut the trace)")
-
-
 class Simulation:
     def __init__(self, jobs: list[JobTrace], profile: HardwareProfile, policy: str,
                  num_workers: int = 1, predictor: str = "online",
@@ -87,7 +74,6 @@ class Simulation:
                                                       error_seed)
         self.sched = build_scheduler(policy, profile, self.estimator, config)
         self.engines = [SimulatedEngine(profile, w, kv_blocks) for w in range(num_workers)]
-        _check_fits(jobs, profile.block_size, min(e.pool.total for e in self.engines))
         self.records = {j.job_id: JobRecord(j.job_id, j.category, j.arrival_s,
                                             api_s=j.api_time_s, output_tokens=j.output_tokens)
                         for j in jobs}
