@@ -39,6 +39,8 @@ def test_stack_config_backend() -> None:
         StackConfig(backend="tpu")
     with pytest.raises(StackError, match="vllm backend only"):
         StackConfig(model="/m")
+    with pytest.raises(StackError, match="vllm backend only"):
+        StackConfig(dtype="float32")
 
 
 def control_plane_mean_jct(span_dir) -> float:
@@ -69,6 +71,10 @@ def test_bench_vllm_cli(tmp_path, capsys) -> None:
         assert r["summary"]["jobs_completed"] == 4
         assert sum(r["kv_decisions"].values()) > 0  # the jobs paused for tools
         assert all(code == 0 for code in r["exit_codes"].values()), r["exit_codes"]
+        # The worker runs in the dtype the bench asks for (float32), not vLLM's "auto"
+        # (bfloat16 on CPU): the dtype a measured profile is taken in too.
+        worker_out = tmp_path / "logs" / r["policy"] / "logs" / "worker-w1.out"
+        assert "dtype=torch.float32" in worker_out.read_text()
     ratio = runs["astraea"]["summary"]["mean_jct_s"] / runs["vllm-fcfs"]["summary"]["mean_jct_s"]
     assert math.isclose(report["ratio_astraea_over_fcfs"], ratio)
     assert f"astraea / vllm-fcfs = {ratio:.3f}" in printed

@@ -23,7 +23,7 @@ def measured(tmp_path_factory):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert main(["profile", "--quick", "--model", str(model), "--kv-blocks", "256",
-                     "--out", str(out)]) == 0
+                     "--dtype", "float32", "--out", str(out)]) == 0
     return out, model, printed.getvalue()
 
 
@@ -41,6 +41,7 @@ def test_profile_loads_with_measured_step_times(measured):
     assert prof.context_window == 2048
     assert prof.attention_bandwidth_bytes_per_s > 0 and prof.swap_bandwidth_bytes_per_s > 0
     assert "astraea profile on" in prof.sources["measured_by"]
+    assert "(float32, block size 32" in prof.sources["measured_by"]
     assert [r["tokens"] for r in data["measured"]["prefill"]] == [p[0] for p in points]
 
 
@@ -75,3 +76,13 @@ def test_isotonic_fit_averages_a_slow_small_step_instead_of_lifting_every_size()
     assert fitted[3:] == measured[3:]  # already increasing: untouched
     assert sum(fitted) == pytest.approx(sum(measured))  # least squares keeps the mean
     assert _isotonic([3.0, 2.0, 1.0]) == pytest.approx([2.0, 2.0, 2.0])
+
+
+def test_a_profile_is_measured_in_the_dtype_a_worker_runs_by_default():
+    """A cost model measured in float32 misleads the scheduler about a worker running
+    bfloat16 (vLLM's "auto" on CPU): `astraea profile` and `astraea-worker` default alike."""
+    from astraea.tools.cli.main import build_parser
+    from worker.options import build_parser as worker_parser
+
+    assert build_parser().parse_args(["profile"]).dtype == "auto"
+    assert worker_parser().parse_args(["--control-plane", "x:1"]).dtype == "auto"

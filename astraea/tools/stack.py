@@ -81,6 +81,7 @@ class StackConfig:
     # `model`, a local Hugging Face folder; None: the tiny test model, built on first use).
     backend: str = "sim"
     model: str | None = None
+    dtype: str | None = None  # the vLLM workers' --dtype (None: theirs, vLLM's "auto")
     control_plane_listen: str = "127.0.0.1:50051"
     predictor: bool = True  # start the predictor service and link the control plane to it
     predictor_listen: str = "127.0.0.1:50071"
@@ -135,6 +136,8 @@ class StackConfig:
                              f"{self.backend!r}")
         if self.model is not None and self.backend != "vllm":
             raise StackError("model is for the vllm backend only")
+        if self.dtype is not None and self.backend != "vllm":
+            raise StackError("dtype is for the vllm backend only")
         if self.startup_timeout_s is None:
             self.startup_timeout_s = 120.0 if self.backend == "vllm" else 60.0
         if not self.startup_timeout_s > 0:
@@ -359,6 +362,8 @@ class Stack:
                         "--drain-timeout", repr(cfg.shutdown_timeout_s / 2), *common]
                 if cfg.model is not None:
                     args += ["--model", cfg.model]
+                if cfg.dtype is not None:
+                    args += ["--dtype", cfg.dtype]
                 if cfg.kv_blocks is not None:
                     args += ["--kv-blocks", str(cfg.kv_blocks)]
                 if sec:

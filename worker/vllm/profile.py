@@ -272,7 +272,7 @@ def profile_engine(engine: VllmEngine, grid: Grid = Grid(), *, name: str = "meas
         },
         "sources": {
             "measured_by": f"astraea profile on {today}, host {host}, vLLM engine in-process "
-                           f"({cfg.dtype}, block size {block_size}, {total_blocks} usable KV "
+                           f"({_dtype_name(vllm_cfg)}, block size {block_size}, {total_blocks} usable KV "
                            f"blocks, max_num_batched_tokens {budget})",
             "grid": grid_text,
             "step_time": "median wall time of an engine step prefilling N new tokens alone, "
@@ -297,11 +297,12 @@ def profile_engine(engine: VllmEngine, grid: Grid = Grid(), *, name: str = "meas
 
 
 def measure_to_file(model: str, out: Path, grid: Grid = Grid(), *, num_blocks: int = 512,
-                    name: str, log=None) -> dict:
-    """Start an engine on `model` with `num_blocks` KV blocks, profile it over `grid` and
-    write the profile to `out`. The simulator's loader must accept what was written: if it
-    does not, the file is removed and `ProfileError` raised."""
-    engine = VllmEngine(EngineConfig(model=model, num_blocks=num_blocks))
+                    name: str, log=None, dtype: str = "auto") -> dict:
+    """Start an engine on `model` with `num_blocks` KV blocks in `dtype` (vLLM's: "auto" is
+    what a worker runs by default), profile it over `grid` and write the profile to `out`.
+    The simulator's loader must accept what was written: if it does not, the file is removed
+    and `ProfileError` raised."""
+    engine = VllmEngine(EngineConfig(model=model, num_blocks=num_blocks, dtype=dtype))
     try:
         prof = profile_engine(engine, grid, name=name, log=log)
     finally:
@@ -314,6 +315,12 @@ def measure_to_file(model: str, out: Path, grid: Grid = Grid(), *, num_blocks: i
         out.unlink()
         raise
     return prof
+
+
+def _dtype_name(vllm_cfg) -> str:
+    """The dtype the engine runs in ("auto" resolved: vLLM runs a float32 checkpoint in
+    bfloat16 on CPU), as "float32", "bfloat16"..."""
+    return str(vllm_cfg.model_config.dtype).removeprefix("torch.")
 
 
 def _device_label(engine: VllmEngine) -> str:

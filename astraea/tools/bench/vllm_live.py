@@ -67,6 +67,10 @@ class VllmBenchConfig:
     # The control plane's cost model: a profile name or file, or MEASURE (the engine timed
     # on this machine before the runs, written to the log folder).
     profile: str = MEASURE
+    # The worker's dtype, and the measured profile's. float32: vLLM's "auto" runs a float32
+    # checkpoint in bfloat16 on CPU, which CPUs without AVX-512 BF16 emulate several times
+    # slower; and a profile measured in one dtype misleads the cost model about another.
+    dtype: str = "float32"
     log_dir: str | None = None
     log_level: str = "info"
 
@@ -130,6 +134,7 @@ def run_policy(cfg: VllmBenchConfig, policy: str, jobs: list[JobTrace], model: s
     span_dir = base / policy / "traces"
     stack_cfg = StackConfig(policy=policy, profile=cfg.profile, time_scale=1.0, workers=1,
                             kv_blocks=cfg.kv_blocks, backend="vllm", model=model,
+                            dtype=cfg.dtype,
                             control_plane_listen="127.0.0.1:0",
                             predictor_listen="127.0.0.1:0", log_dir=str(base / policy / "logs"),
                             log_level=cfg.log_level, span_dir=str(span_dir))
@@ -169,7 +174,8 @@ def run(cfg: VllmBenchConfig, log=sys.stderr) -> dict:
           f"vLLM worker ({model.name}) with {cfg.kv_blocks} KV blocks; logs in {base}",
           file=log, flush=True)
     if cfg.profile == MEASURE:
-        cfg = replace(cfg, profile=str(measure_profile(model, base / "profile.json", log)))
+        cfg = replace(cfg, profile=str(measure_profile(model, base / "profile.json", log,
+                                                       cfg.dtype)))
     prompt_ids = prompt_ids_for(_vocab_size(model), cfg.seed)
     runs = [run_policy(cfg, p, jobs, str(model), base, prompt_ids, log) for p in cfg.policies]
     by = {r.policy: r for r in runs}
@@ -185,13 +191,15 @@ def run(cfg: VllmBenchConfig, log=sys.stderr) -> dict:
             "wall_s": time.monotonic() - started}
 
 
-def measure_profile(model: Path, out: Path, log) -> Path:
-    """`astraea profile` of `model` on this machine (its default grid), written to `out`."""
+def measure_profile(model: Path, out: Path, log, dtype: str = "float32") -> Path:
+    """`astraea profile` of `model` in `dtype` on this machine (its default grid), written to
+    `out`."""
     from worker.vllm.profile import measure_to_file
 
     started = time.monotonic()
-    print(f"  measuring the engine on {model.name} (astraea profile) ...", file=log, flush=True)
-    measure_to_file(str(model), out, name=f"{model.name}-measured")
+    print(f"  measuring the engine on {model.name} in {dtype} (astraea profile) ...", file=log,
+          flush=True)
+    measure_to_file(str(model), out, name=f"{model.name}-measured", dtype=dtype)
     print(f"  profile in {time.monotonic() - started:.0f} s: {out}", file=log, flush=True)
     return out
 

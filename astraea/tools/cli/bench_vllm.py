@@ -29,6 +29,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     bv.add_argument("--profile", default=None,
                     help="the control plane's cost model: a profile name or file, or "
                          "'measure' (time the engine on this machine first, ~40 s)")
+    bv.add_argument("--dtype", default="float32",
+                    help="the worker's dtype, and the measured profile's (default float32: "
+                         "vLLM's auto runs bfloat16 on CPU, emulated on CPUs without AVX-512 "
+                         "BF16)")
     bv.add_argument("--log-dir", default=None, help="logs and traces (default: a temp dir)")
     bv.add_argument("--out", help="write the report as JSON")
     bv.set_defaults(func=cmd_bench_vllm)
@@ -38,7 +42,8 @@ def cmd_bench_vllm(args: argparse.Namespace) -> int:
     from astraea.tools.bench.vllm_live import VllmBenchConfig, format_report, run
 
     cfg = VllmBenchConfig(jobs=args.jobs, qps=args.qps, seed=args.seed,
-                          kv_blocks=args.kv_blocks, model=args.model, log_dir=args.log_dir)
+                          kv_blocks=args.kv_blocks, model=args.model, dtype=args.dtype,
+                          log_dir=args.log_dir)
     if args.policies is not None:
         cfg = replace(cfg, policies=tuple(p.strip() for p in args.policies.split(",")
                                           if p.strip()))

@@ -22,6 +22,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          "tiny (default; tests, demo) or small (recompute costs real time)")
     pf.add_argument("--kv-blocks", type=int, default=512,
                     help="KV pool size in blocks, vLLM's null block included")
+    pf.add_argument("--dtype", default="auto",
+                    help="the engine's dtype, as a worker's --dtype (default auto, the "
+                         "worker's default): a profile must be measured in the dtype the "
+                         "workers run")
     pf.add_argument("--name", default=None, help="profile name (default: <model>-<date>)")
     pf.add_argument("--out", default=None,
                     help="profile JSON to write (default: profiles/<name>.json here)")
@@ -51,10 +55,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if out.resolve().parent == builtin_dir or out.stem in BUILTIN_PROFILES:
         raise ValueError(f"{out}: will not overwrite a built-in profile")
     started = time.perf_counter()
-    print(f"astraea profile: starting vLLM on {model} ({args.kv_blocks} KV blocks)",
-          file=sys.stderr)
+    print(f"astraea profile: starting vLLM on {model} ({args.kv_blocks} KV blocks, dtype "
+          f"{args.dtype})", file=sys.stderr)
     prof = measure_to_file(model, out, QUICK_GRID if args.quick else Grid(),
-                           num_blocks=args.kv_blocks, name=name,
+                           num_blocks=args.kv_blocks, name=name, dtype=args.dtype,
                            log=lambda m: print(f"  {m}", file=sys.stderr))
     print(format_table(prof))
     print(f"\nwrote {out} in {time.perf_counter() - started:.0f} s")
