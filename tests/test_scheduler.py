@@ -302,3 +302,27 @@ def test_admission_decision_has_no_score_under_a_discipline_without_one(gptj):
     s.segment_submitted("a", 0.0, 100, "qa")
     s.build_plan(1.0, {0: view()})
     assert [(d.job_id, d.score) for d in seen] == [("a", None)]
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_new_jobs_wait_behind_a_job_under_way_that_does_not_fit(gptj, wait):
+    """Job u comes back from its tool with its KV on the host: it needs 8 blocks, 4 are free.
+    With `mlfq.new_jobs_wait_for_blocked` a new 2-block job does not take those 4 blocks
+    before it (another job under way still may); without, the new job goes in."""
+    config = SchedulerConfig().with_overrides({
+        "kv.watermark": "0", "mlfq.new_jobs_wait_for_blocked": str(wait).lower()})
+    s = build_scheduler("astraea", gptj, OnlineJobEstimator(), config)
+    for job_id, tokens in (("u", 100), ("w", 8)):
+        running_job(s, job_id, tokens=tokens)
+    assert s.segment_ended("u", 2.0, 10, 100, True, "qa", view(free=1, total=50)).action \
+        is KvAction.SWAP
+    assert s.segment_ended("w", 2.0, 4, 8, True, "qa", view(free=10, total=50)).action \
+        is KvAction.PRESERVE  # 12 tokens in one block, kept on the GPU
+    s.segment_submitted("u", 3.0, 5)  # 115 tokens from the host: 8 blocks
+    s.segment_submitted("w", 3.5, 2)  # 14 tokens: no new block
+    s.job_arrived("n", 3.5)
+    s.segment_submitted("n", 3.5, 32)  # 2 blocks
+    v = view(free=4, total=50, running=1)
+    admitted = [a.job_id for a in s.build_plan(4.0, {0: v}) if isinstance(a, Admit)]
+    assert admitted == (["w"] if wait else ["w", "n"])
+    assert s.jobs["u"].state is JobState.READY

@@ -93,7 +93,9 @@ def test_swap_before_discard_swaps_what_the_waste_rule_would_drop_if_the_host_ha
 # --- memory reservation for a starving job ---------------------------------------------------
 def test_reserve_ratio_stops_the_fill_at_a_starving_job_that_does_not_fit(gptj):
     def admitted(reserve: float) -> list[str]:
-        cfg = SchedulerConfig(mlfq=replace(PAPER, reserve_ratio=reserve))
+        # Both jobs are new: with new_jobs_wait_for_blocked the small one would wait anyway.
+        cfg = SchedulerConfig(mlfq=replace(PAPER, reserve_ratio=reserve,
+                                           new_jobs_wait_for_blocked=False))
         s = build_scheduler("astraea", gptj, OnlineJobEstimator(), cfg)
         s.job_arrived("big", 0.0)
         s.segment_submitted("big", 0.0, 3200)  # 200 blocks
@@ -149,12 +151,12 @@ def test_prefill_aging_lets_a_long_prompt_be_overtaken_only_for_a_while():
 def test_astraea_paper_turns_every_tail_setting_off(gptj):
     on = SchedulerConfig(mlfq=MlfqConfig(age_weight=10.0, t_exponent=0.5, reserve_ratio=4.0,
                                          prefill_aging_ratio=8.0, running_budget_share=0.125,
-                                         new_job_kv_share=0.9))
+                                         new_job_kv_share=0.9, new_jobs_wait_for_blocked=True))
     s = build_scheduler("astraea-paper", gptj, OnlineJobEstimator(), on)
     mlfq = s.discipline.config
     assert (mlfq.age_weight, mlfq.t_exponent, mlfq.reserve_ratio, mlfq.prefill_aging_ratio,
             mlfq.running_budget_share) == (0.0, 1.0, 0.0, 0.0, 0.0)
-    assert s.discipline.new_job_kv_share == 0.0
+    assert s.discipline.new_job_kv_share == 0.0 and not s.discipline.new_jobs_wait
     assert s.config.max_running_per_worker == 0
     assert s.kv_policy.config.swap_before_discard is False
 

@@ -63,6 +63,15 @@ class MlfqConfig:
     # running context). 0: no limit. Swept 0.8-1.0 on long-context sessions; no GPT-J
     # workload has prompts that long (docs/results/long-context-tuning.md).
     new_job_kv_share: float = 0.9
+    # True: once a ready job does not fit a worker's memory, jobs that have not started yet
+    # are not admitted to that worker behind it in the same fill (jobs under way still are).
+    # On bench-vllm under heavy overload (JCTs ~20 s) the fill let new jobs with prompts up
+    # to 4 of the 48 blocks pass longer ones until the queue drained (these finished
+    # 1.2-1.7x later than under InferCept); this setting balances the two, but its effect on
+    # the mean was within that host's run-to-run noise, so it is off. Simulator (GPT-J, 1,000
+    # jobs): InferCept mix QPS 3, 4, σ = 1 and heavy-tail QPS 4.5 within 0.1 %; chat QPS 2
+    # mean -0.4 %, p99 +0.9 %.
+    new_jobs_wait_for_blocked: bool = False
 
     def quota(self, level: int) -> float:
         return self.quota_base * self.quota_growth**level

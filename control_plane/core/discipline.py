@@ -31,6 +31,9 @@ class Discipline:
     # A job not yet started with a long prompt is admitted only while the KV of the jobs under
     # way on its worker plus its own fits in this share of its blocks (0: off; admission.py).
     new_job_kv_share = 0.0
+    # True: once a candidate does not fit a worker's memory, no job that has not started yet
+    # is admitted to that worker behind it in the same plan (jobs under way still may be).
+    new_jobs_wait = False
 
     def add(self, job: Job, now: float, predicted_s: float, need_blocks: int) -> None:
         raise NotImplementedError

@@ -39,6 +39,7 @@ class StatefulMlfq(Discipline):
             raise ValueError("mlfq.num_levels must be at least 1")
         self.config = config
         self.new_job_kv_share = config.new_job_kv_share
+        self.new_jobs_wait = config.new_jobs_wait_for_blocked
         self._levels = [HrrnQueue() for _ in range(config.num_levels)]
         self._predicted: dict[str, tuple[float, int]] = {}
         self._last_aging_s = float("-inf")

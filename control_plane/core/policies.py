@@ -87,7 +87,8 @@ def _astraea_paper(profile, estimator, config):
     # The paper's behaviour, stated explicitly so that no default of `astraea` leaks in.
     mlfq = replace(config.mlfq, work_conserving=False, prioritize_prefill=False,
                    prefill_aging_ratio=0.0, reserve_ratio=0.0, age_weight=0.0,
-                   t_exponent=1.0, running_budget_share=0.0, new_job_kv_share=0.0)
+                   t_exponent=1.0, running_budget_share=0.0, new_job_kv_share=0.0,
+                   new_jobs_wait_for_blocked=False)
     kv = replace(config.kv, reclaim_for_ready_jobs=False, swap_before_discard=False)
     config = replace(config, mlfq=mlfq, kv=kv)
     return Scheduler(StatefulMlfq(mlfq), PressureAdaptive(profile, estimator, kv),

@@ -249,9 +249,13 @@ class Scheduler:
         static = self.discipline.static_order and not self.discipline.preemptive
         floors: dict[int, int] = {}
         self.new_jobs.new_plan()
+        # Workers where a candidate did not fit: a job not started yet does not take memory
+        # there before it (`Discipline.new_jobs_wait`), so as not to stretch every job under way.
+        held: set[int] = set()
         for job in self.discipline.candidates(now, room):
             view, need = self._place(job, views)
             if (view is not None and view.running_seqs < view.max_seqs
+                    and (job.worker_id is not None or view.worker_id not in held)
                     and self.new_jobs.fits(job, now, view, need, self.predicted_compute_s)):
                 if not self._fits(view, need) and view.worker_id not in room_tried:
                     # Room is made for the most important blocked job of each worker only.
@@ -267,6 +271,8 @@ class Scheduler:
                         room[0] = self._most_room(views)
                     misses = 0
                     continue
+                if self.discipline.new_jobs_wait:
+                    held.add(view.worker_id)
             if self.discipline.blocking:
                 break
             misses += 1
