@@ -14,12 +14,8 @@ from astraea.tools.bench.run import BenchSpec, run_matrix
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_a_job_larger_than_the_kv_pool_is_reported_as_never_finished(tmp_path):
-    profile = json.loads((ROOT / "astraea/profiles/gptj-6b-a100.json").read_text())
-    # About 800 tokens of KV (50 blocks of 16): the second job's 2,000-token prompt never fits.
-    profile["gpu_memory_bytes"] = (12.1e9 + 800 * 458752) / 0.9
-    profile_path = tmp_path / "small-pool.json"
-    profile_path.write_text(json.dumps(profile))
+def two_job_trace(tmp_path) -> Path:
+    """A 100-token job and a 2,000-token one (125 blocks of 16), as a native trace."""
     trace = tmp_path / "trace.jsonl"
     trace.write_text("".join(json.dumps(job) + "\n" for job in [
         {"job_id": "fits", "arrival_s": 0.0,
@@ -27,6 +23,16 @@ def test_a_job_larger_than_the_kv_pool_is_reported_as_never_finished(tmp_path):
         {"job_id": "too-big", "arrival_s": 0.5,
          "segments": [{"prompt_tokens": 2000, "output_tokens": 10, "tool": None}]},
     ]))
+    return trace
+
+
+def test_a_job_larger_than_the_kv_pool_is_reported_as_never_finished(tmp_path):
+    profile = json.loads((ROOT / "astraea/profiles/gptj-6b-a100.json").read_text())
+    # About 800 tokens of KV (50 blocks of 16): the second job's 2,000-token prompt never fits.
+    profile["gpu_memory_bytes"] = (12.1e9 + 800 * 458752) / 0.9
+    profile_path = tmp_path / "small-pool.json"
+    profile_path.write_text(json.dumps(profile))
+    trace = two_job_trace(tmp_path)
     spec = BenchSpec(workload=str(trace), profile=str(profile_path),
                      policies=("vllm-fcfs", "astraea"), qps=(None,), jobs=2, seeds=(0,))
     log = io.StringIO()
@@ -53,13 +59,7 @@ def test_no_warning_when_every_job_finishes():
 def test_kv_blocks_sizes_every_worker_pool_and_is_checked(tmp_path):
     # The same two jobs on the built-in profile, its pool cut to 50 blocks by --kv-blocks:
     # the 2,000-token prompt never fits; with a pool of 200 blocks both finish.
-    trace = tmp_path / "trace.jsonl"
-    trace.write_text("".join(json.dumps(job) + "\n" for job in [
-        {"job_id": "fits", "arrival_s": 0.0,
-         "segments": [{"prompt_tokens": 100, "output_tokens": 10, "tool": None}]},
-        {"job_id": "too-big", "arrival_s": 0.5,
-         "segments": [{"prompt_tokens": 2000, "output_tokens": 10, "tool": None}]},
-    ]))
+    trace = two_job_trace(tmp_path)
     done = {}
     for blocks in (50, 200):
         spec = BenchSpec(workload=str(trace), profile="gptj-6b-a100", policies=("astraea",),

@@ -47,6 +47,12 @@ def decision_labels(key: str) -> tuple[str, str]:
     return key, "api_wait"
 
 
+def decision_key(action: str, cause: str) -> str:
+    """The `Scheduler.decision_counts` key of an (action, cause) pair: `decision_labels`
+    undone (a scrape of `astraea_kv_decisions_total` read back into the scheduler's terms)."""
+    return f"{PREEMPT_PREFIX}{action}" if cause == "preemption" else action
+
+
 class Metrics:
     """The shared instruments, created from one meter."""
 

@@ -229,6 +229,8 @@ def scrape_kv_decisions(metrics_url: str, timeout_s: float = 5.0) -> dict[str, i
 
     from prometheus_client.parser import text_string_to_metric_families
 
+    from astraea.telemetry.metrics import decision_key
+
     with urllib.request.urlopen(metrics_url, timeout=timeout_s) as r:
         text = r.read().decode()
     counts: dict[str, int] = {}
@@ -237,8 +239,7 @@ def scrape_kv_decisions(metrics_url: str, timeout_s: float = 5.0) -> dict[str, i
             continue
         for sample in family.samples:
             if sample.name.endswith("_total"):
-                action, cause = sample.labels["action"], sample.labels["cause"]
-                key = action if cause == "api_wait" else f"preempt_{action}"
+                key = decision_key(sample.labels["action"], sample.labels["cause"])
                 counts[key] = int(sample.value)
     return counts
 

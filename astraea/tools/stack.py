@@ -348,10 +348,10 @@ class Stack:
                 if cfg.state_dir:
                     args += ["--state-dir", str(self.log_dir / cfg.state_dir)]
                 if cfg.control_plane_metrics:
-                    host, port = _split(_resolve(cfg.control_plane_metrics))
+                    metrics = _resolve(cfg.control_plane_metrics)
+                    host, port = _split(metrics)
                     args += ["--metrics-host", host, "--metrics-port", port]
-                    where = _connect_address(f"{host}:{port}")
-                    self.control_plane_metrics_url = f"http://{where}/metrics"
+                    self.control_plane_metrics_url = f"http://{_connect_address(metrics)}/metrics"
                 cp = self._spawn(CONTROL_PLANE, "control_plane.service.server", *args)
                 self._wait_serving(cp, self.control_plane_address, deadline)
             workers = []

@@ -191,7 +191,7 @@ def run(cfg: VllmBenchConfig, log=sys.stderr) -> dict:
             "wall_s": time.monotonic() - started}
 
 
-def measure_profile(model: Path, out: Path, log, dtype: str = "float32") -> Path:
+def measure_profile(model: Path, out: Path, log, dtype: str) -> Path:
     """`astraea profile` of `model` in `dtype` on this machine (its default grid), written to
     `out`."""
     from worker.vllm.profile import measure_to_file
