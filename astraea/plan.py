@@ -112,6 +112,30 @@ class KvDecision:
     inputs: dict = field(default_factory=dict)
 
 
+# Why a KV decision was taken, as counted by the scheduler (`Scheduler.decision_counts`) and
+# labelled in the `astraea_kv_decisions_total` metric: at a tool call (the key is the action
+# alone: "swap"), taking memory back from a job in a tool wait for a ready job
+# ("reclaim_swap"), or preempting a running segment ("preempt_discard").
+DECISION_CAUSES = {"": "api_wait", "reclaim_": "reclaim", "preempt_": "preemption"}
+
+
+def decision_key(action: str, cause: str = "api_wait") -> str:
+    """The count key of an (action, cause) pair: `decision_labels` undone."""
+    for prefix, name in DECISION_CAUSES.items():
+        if name == cause:
+            return prefix + action
+    raise ValueError(f"unknown KV decision cause {cause!r}")
+
+
+def decision_labels(key: str) -> tuple[str, str]:
+    """(action, cause) of a count key: "swap" -> ("swap", "api_wait"), "preempt_discard" ->
+    ("discard", "preemption")."""
+    for prefix, name in DECISION_CAUSES.items():
+        if prefix and key.startswith(prefix):
+            return key[len(prefix):], name
+    return key, "api_wait"
+
+
 @dataclass(frozen=True)
 class AdmitDecision:
     """Why a job was admitted when it was, so a trace can explain it."""

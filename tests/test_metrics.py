@@ -332,3 +332,15 @@ def test_rpc_interceptors_label_every_outcome_with_its_status():
         finally:
             await server.stop(0)
     asyncio.run(aio())
+
+
+def test_decision_count_keys_and_metric_labels_convert_both_ways():
+    from astraea.plan import decision_key, decision_labels
+
+    pairs = {"swap": ("swap", "api_wait"), "reclaim_discard": ("discard", "reclaim"),
+             "preempt_swap": ("swap", "preemption")}
+    for key, labels in pairs.items():
+        assert decision_labels(key) == labels
+        assert decision_key(*labels) == key
+    with pytest.raises(ValueError, match="unknown KV decision cause 'later'"):
+        decision_key("swap", "later")

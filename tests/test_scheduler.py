@@ -211,6 +211,8 @@ def test_reclaim_evicts_paused_kv_for_a_ready_job_that_does_not_fit(gptj):
     assert [(e.job_id, e.action) for e in evicts] == [("paused", KvAction.SWAP)]
     assert s.jobs["paused"].kv_state is KvState.SWAPPED
     assert "paused" not in s.paused[0]
+    # Counted apart from the decision at the tool call (the metric's cause label "reclaim").
+    assert dict(s.decision_counts) == {"preserve": 1, "reclaim_swap": 1}
 
 
 def test_plas_preempts_a_lower_queue_call_to_admit_a_higher_one(gptj):

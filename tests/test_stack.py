@@ -53,7 +53,8 @@ def _cfg(tmp_path, **kw) -> StackConfig:
 
 
 def test_stack_runs_a_job_through_separate_processes_and_shuts_down_cleanly(tmp_path):
-    st = Stack(_cfg(tmp_path, control_plane_metrics="127.0.0.1:0"))
+    st = Stack(_cfg(tmp_path, control_plane_metrics="127.0.0.1:0",
+                    settings=["mlfq.num_levels=3"]))
     with st:
         pids = st.pids
         assert set(pids) == {"predictor", "control-plane", "worker-w1", "worker-w2"}
@@ -80,6 +81,7 @@ def test_stack_runs_a_job_through_separate_processes_and_shuts_down_cleanly(tmp_
     assert not [name for name, pid in pids.items() if _alive(pid)]
     logs = {name: path.read_text() for name, path in st.log_files.items()}
     assert '"event": "predictor connected"' in logs["control-plane"]
+    assert '"settings": {"mlfq.num_levels": 3}' in logs["control-plane"]  # passed as --set
     assert '"event": "job finished"' in logs["control-plane"]
     assert all('"event": "registered"' in logs[w] for w in ("worker-w1", "worker-w2"))
     assert st.stop() == st.exit_codes  # idempotent

@@ -24,6 +24,8 @@ from contextlib import contextmanager
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
+from astraea.plan import decision_labels
+
 DECISION_KINDS = ("build_plan", "kv_decision")
 # Bucket bounds for the scale of each quantity: default OTel buckets (0, 5, 10, 25 … 10000)
 # would put every sub-millisecond decision in one bucket.
@@ -33,24 +35,10 @@ DECISION_BUCKETS_MS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 25, 50, 100, 250, 1000
 QueueLengthSource = Callable[[], Mapping[int, int]]
 KvUtilizationSource = Callable[[], Mapping[int | str, float]]
 CountSource = Callable[[], int]
-# {"preserve": n, "swap": n, "discard": n, "preempt_swap": n, ...}: the scheduler's own counts
-# (`Scheduler.decision_counts`), read at collection: counting twice could drift from them.
+# {"preserve": n, "swap": n, "reclaim_swap": n, "preempt_discard": n, ...}: the scheduler's own
+# counts (`Scheduler.decision_counts`, keys: astraea.plan.decision_key), read at collection:
+# counting twice could drift from them.
 DecisionCountSource = Callable[[], Mapping[str, int]]
-PREEMPT_PREFIX = "preempt_"
-
-
-def decision_labels(key: str) -> tuple[str, str]:
-    """(action, cause) of a `Scheduler.decision_counts` key: "swap" -> ("swap", "api_wait"),
-    "preempt_discard" -> ("discard", "preemption")."""
-    if key.startswith(PREEMPT_PREFIX):
-        return key[len(PREEMPT_PREFIX):], "preemption"
-    return key, "api_wait"
-
-
-def decision_key(action: str, cause: str) -> str:
-    """The `Scheduler.decision_counts` key of an (action, cause) pair: `decision_labels`
-    undone (a scrape of `astraea_kv_decisions_total` read back into the scheduler's terms)."""
-    return f"{PREEMPT_PREFIX}{action}" if cause == "preemption" else action
 
 
 class Metrics:

@@ -415,7 +415,7 @@ class SchedulerFamilies:
             kv.add_metric([str(worker)], u)
         yield from (queues, kv)
         if m._decision_source is not None:
-            from astraea.telemetry.metrics import decision_labels
+            from astraea.plan import decision_labels
 
             decisions = CounterMetricFamily(
                 "astraea_kv_decisions", "KV decisions made, by action and cause",

@@ -64,9 +64,11 @@ class LocalStack:
 async def local_stack(policy: str = "astraea", profile: str = "gptj-6b-a100",
                       workers: int = 2, time_scale: float = 1.0,
                       listen: str = "127.0.0.1:0",
-                      kv_blocks: int | None = None) -> AsyncIterator[LocalStack]:
-    """A control plane and `workers` simulated workers in this process; yields a `LocalStack`
-    (its `address`) once every worker has registered, and stops them all on exit."""
+                      kv_blocks: int | None = None,
+                      scheduler_config=None) -> AsyncIterator[LocalStack]:
+    """A control plane (its policy's settings: `scheduler_config`, None: the defaults) and
+    `workers` simulated workers in this process; yields a `LocalStack` (its `address`) once
+    every worker has registered, and stops them all on exit."""
     from astraea.profile import load_profile
     from control_plane.service.context import ServiceConfig
     from control_plane.service.server import serve
@@ -74,7 +76,8 @@ async def local_stack(policy: str = "astraea", profile: str = "gptj-6b-a100",
     from worker.sim.backend import SimulatedBackend
 
     prof = load_profile(profile)
-    server = await serve(listen, policy, profile, ServiceConfig(time_scale=time_scale))
+    server = await serve(listen, policy, profile, ServiceConfig(time_scale=time_scale),
+                         scheduler_config)
     address = f"127.0.0.1:{server.port}"
     tasks = [asyncio.create_task(run_worker(
         address, SimulatedBackend(prof, time_scale=time_scale, kv_blocks=kv_blocks), f"w{i}"))
@@ -224,12 +227,12 @@ async def drive(jobs: list[JobTrace], profile: HardwareProfile, run: JobRunner,
 
 def scrape_kv_decisions(metrics_url: str, timeout_s: float = 5.0) -> dict[str, int]:
     """The KV decisions a control plane has made, read from its Prometheus endpoint, keyed as
-    `Scheduler.decision_counts` is ("swap", "preempt_discard", ...)."""
+    `Scheduler.decision_counts` is ("swap", "reclaim_swap", "preempt_discard", ...)."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    from astraea.telemetry.metrics import decision_key
+    from astraea.plan import decision_key
 
     with urllib.request.urlopen(metrics_url, timeout=timeout_s) as r:
         text = r.read().decode()
@@ -251,7 +254,8 @@ def run_row(result: ReplayResult, policy_label: str, qps: float | None, seed: in
     row = {"policy": policy_label, "qps": qps, "seed": seed, **result.summary, "jobs": jobs,
            "sim_wall_s": result.wall_s, "errors": len(result.errors)}
     if decision_counts is not None:
-        for k in ("preserve", "swap", "discard", "preempt_swap", "preempt_discard"):
+        for k in ("preserve", "swap", "discard", "reclaim_swap", "reclaim_discard",
+                  "preempt_swap", "preempt_discard"):
             row["kv_" + k] = decision_counts.get(k, 0)
     return row
 

@@ -41,6 +41,7 @@ A TOML file has the `StackConfig` field names as top-level keys, e.g.::
     control_plane_listen = "127.0.0.1:50051"
     predictor_listen = "127.0.0.1:50071"   # "" or predictor = false: no predictor service
     log_dir = "astraea-logs"
+    settings = ["mlfq.num_levels=3"]   # scheduling settings (control_plane/core/config.py)
     restart_max = 5             # restarts of one service within restart_window_s
 """
 
@@ -59,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from astraea.tools.devcerts import StackSecurity
+from control_plane.core.config import SchedulerConfig, parse_settings
 
 PREDICTOR, CONTROL_PLANE, GATEWAY = "predictor", "control-plane", "gateway"
 BACKENDS = ("sim", "vllm")
@@ -83,6 +85,9 @@ class StackConfig:
     model: str | None = None
     dtype: str | None = None  # the vLLM workers' --dtype (None: theirs, vLLM's "auto")
     control_plane_listen: str = "127.0.0.1:50051"
+    # Scheduling settings for the control plane ("section.field=value", its --set), e.g.
+    # ["mlfq.num_levels=3"]; names and defaults in control_plane/core/config.py.
+    settings: list[str] = field(default_factory=list)
     predictor: bool = True  # start the predictor service and link the control plane to it
     predictor_listen: str = "127.0.0.1:50071"
     log_dir: str | None = None  # None: a new temporary directory
@@ -159,6 +164,10 @@ class StackConfig:
             raise StackError("connect_control_plane attaches workers to a control plane this "
                              "stack did not start, whose CA and worker token it cannot know: "
                              "set secure = false (astraea up --insecure)")
+        try:
+            SchedulerConfig().with_overrides(parse_settings(self.settings))
+        except ValueError as e:
+            raise StackError(f"settings: {e}") from None
         if self.restart_max < 0:
             raise StackError(f"restart_max must be at least 0, got {self.restart_max}")
         for name in ("restart_window_s", "restart_backoff_s", "restart_stable_s"):
@@ -347,6 +356,8 @@ class Stack:
                     args += sec.control_plane_args()
                 if cfg.state_dir:
                     args += ["--state-dir", str(self.log_dir / cfg.state_dir)]
+                for setting in cfg.settings:
+                    args += ["--set", setting]
                 if cfg.control_plane_metrics:
                     metrics = _resolve(cfg.control_plane_metrics)
                     host, port = _split(metrics)

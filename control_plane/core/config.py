@@ -189,6 +189,20 @@ class SchedulerConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def changed(self) -> dict[str, object]:
+        """The settings that differ from the defaults, as {"section.field": value}: what a
+        log line or a report names."""
+        out = {}
+        default = SchedulerConfig()
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(default, f.name)
+            if hasattr(mine, "__dataclass_fields__"):
+                out.update({f"{f.name}.{g.name}": getattr(mine, g.name) for g in fields(mine)
+                            if getattr(mine, g.name) != getattr(theirs, g.name)})
+            elif mine != theirs:
+                out[f.name] = mine
+        return out
+
     def with_overrides(self, overrides: dict[str, str]) -> SchedulerConfig:
         """Apply `section.field=value` (or top-level `field=value`) overrides, e.g.
         {"mlfq.num_levels": "3"}."""
@@ -206,6 +220,18 @@ class SchedulerConfig:
             value = _parse_like(current, raw, key)
             cfg = replace(cfg, **{section: replace(sub, **{name: value})})
         return cfg
+
+
+def parse_settings(items: list[str]) -> dict[str, str]:
+    """`["mlfq.num_levels=3", ...]` (the `--set` flags of the CLIs) as overrides for
+    `SchedulerConfig.with_overrides`; ValueError names an item without `=`."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set takes section.field=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def _parse_like(current: object, raw: str, key: str) -> object:

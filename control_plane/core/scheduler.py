@@ -25,6 +25,7 @@ from astraea.plan import (
     PlanAction,
     Preempt,
     WorkerView,
+    decision_key,
 )
 from astraea.profile import HardwareProfile
 from control_plane.core.admission import NewJobGate
@@ -162,7 +163,7 @@ class Scheduler:
         job.running_since_s = None
         job.mark_preempted(now, generated_tokens)
         job.kv_state = KvState.SWAPPED if action is KvAction.SWAP else KvState.DISCARDED
-        self.decision_counts["preempt_" + action.value] += 1
+        self.decision_counts[decision_key(action.value, "preemption")] += 1
         self._enqueue(job, now)
 
     def job_cancelled(self, job_id: str, now: float) -> Job:
@@ -407,8 +408,8 @@ class Scheduler:
         self._blocked = None
         return job
 
-    def _record(self, decision: KvDecision, job: Job) -> None:
-        self.decision_counts[decision.action.value] += 1
+    def _record(self, decision: KvDecision, job: Job, cause: str = "api_wait") -> None:
+        self.decision_counts[decision_key(decision.action.value, cause)] += 1
         if self.on_decision is not None:
             self.on_decision(decision, job)
 
@@ -511,8 +512,11 @@ class Scheduler:
         else:
             view.free_blocks += blocks
 
-    def _evict(self, job: Job, decision: KvDecision, view: WorkerView, now: float) -> Evict:
-        self._record(decision, job)
+    def _evict(self, job: Job, decision: KvDecision, view: WorkerView, now: float,
+               cause: str = "api_wait") -> Evict:
+        """`cause` "reclaim": the memory is taken back for a ready job, not decided for the
+        wait (the policy revisiting a paused job, a control loop)."""
+        self._record(decision, job, cause)
         self._release_in_view(view, job, decision.action)
         self._apply_kv(job, decision.action)
         self.resident_ready.get(view.worker_id, {}).pop(job.job_id, None)
@@ -528,7 +532,7 @@ class Scheduler:
         paused = self.paused.get(view.worker_id)
         if short > 0 and paused:
             for d in self.kv_policy.reclaim(now, list(paused.values()), view, short):
-                actions.append(self._evict(self.jobs[d.job_id], d, view, now))
+                actions.append(self._evict(self.jobs[d.job_id], d, view, now, "reclaim"))
         if self.discipline.preemptive and not self._fits(view, need):
             actions.extend(self._preempt_for(job, now, view, need))
         if view.running_seqs == 0 and not self._fits(view, need) and not view.swapping_out_blocks:
@@ -551,7 +555,7 @@ class Scheduler:
             decision = KvDecision(victim.job_id, KvAction.DISCARD,
                                   "deadlock breaker: worker idle and the next job cannot fit",
                                   {"blocks_needed": need, "free_blocks": view.free_blocks})
-            out.append(self._evict(victim, decision, view, now))
+            out.append(self._evict(victim, decision, view, now, "reclaim"))
         return out
 
     def _preempt_for(self, job: Job, now: float, view: WorkerView, need: int) -> list[Preempt]:

@@ -46,7 +46,7 @@ from astraea.telemetry import (
     setup_service_telemetry,
 )
 from astraea.v1 import agent_pb2_grpc, worker_pb2, worker_pb2_grpc
-from control_plane.core.config import SchedulerConfig
+from control_plane.core.config import SchedulerConfig, parse_settings
 from control_plane.core.estimates import HintedEstimator, OnlineJobEstimator
 from control_plane.core.policies import POLICIES, build_scheduler
 from control_plane.service import limits
@@ -162,7 +162,8 @@ async def serve(listen: str = DEFAULT_LISTEN, policy: str = "astraea",
              asyncio.create_task(_housekeeping(cp), name="housekeeping"),
              *([asyncio.create_task(gate(), name="durable-gate")] if gate else []))
     log.info("control plane serving", port=port, policy=policy, profile=profile,
-             predictor=predictor or "local")
+             predictor=predictor or "local",
+             settings=(scheduler_config or SchedulerConfig()).changed() or "defaults")
     return RunningControlPlane(server, port, cp, planner, health, link, tasks)
 
 
@@ -238,7 +239,8 @@ async def _main_async(args: argparse.Namespace, metrics: Metrics | None = None) 
                               predictor=args.predictor, metrics=metrics,
                               predictor_timeout_s=args.predictor_timeout, auth=auth, tls=tls,
                               predictor_credentials=predictor_credentials,
-                              state=args.database or args.state_dir)
+                              state=args.database or args.state_dir,
+                              scheduler_config=args.scheduler_config)
     except (ProfileError, OSError, ValueError, StoreError) as e:
         log.error("cannot start", error=str(e))
         return 2
@@ -301,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long a lost database connection is retried (with backoff) "
                              "before the store fails for good; meanwhile new jobs get "
                              "UNAVAILABLE (default 60)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        dest="settings",
+                        help="override a scheduling setting (control_plane/core/config.py), "
+                             "e.g. --set mlfq.num_levels=3; repeat for more")
     limits.add_arguments(parser)
     security = add_server_arguments(parser)
     security.add_argument("--api-key-file", default=None, metavar="FILE",
@@ -326,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--database-reconnect must be >= 0")
     try:
         limits.Limits(**limits.from_args(args))
+        args.scheduler_config = SchedulerConfig().with_overrides(parse_settings(args.settings))
     except ValueError as e:
         parser.error(str(e))
     tel = setup_service_telemetry(parser, "astraea-control-plane", args.log_level, args)

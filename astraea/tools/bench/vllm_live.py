@@ -71,6 +71,8 @@ class VllmBenchConfig:
     # checkpoint in bfloat16 on CPU, which CPUs without AVX-512 BF16 emulate several times
     # slower; and a profile measured in one dtype misleads the cost model about another.
     dtype: str = "float32"
+    # Scheduling settings for every policy's control plane ("section.field=value").
+    settings: tuple[str, ...] = ()
     log_dir: str | None = None
     log_level: str = "info"
 
@@ -134,7 +136,7 @@ def run_policy(cfg: VllmBenchConfig, policy: str, jobs: list[JobTrace], model: s
     span_dir = base / policy / "traces"
     stack_cfg = StackConfig(policy=policy, profile=cfg.profile, time_scale=1.0, workers=1,
                             kv_blocks=cfg.kv_blocks, backend="vllm", model=model,
-                            dtype=cfg.dtype,
+                            dtype=cfg.dtype, settings=list(cfg.settings),
                             control_plane_listen="127.0.0.1:0",
                             predictor_listen="127.0.0.1:0", log_dir=str(base / policy / "logs"),
                             log_level=cfg.log_level, span_dir=str(span_dir))
@@ -162,6 +164,9 @@ def run(cfg: VllmBenchConfig, log=sys.stderr) -> dict:
         raise ValueError("--kv-blocks must be at least 1")
     if not cfg.policies:
         raise ValueError("--policies: give at least one policy")
+    from control_plane.core.config import SchedulerConfig, parse_settings
+
+    SchedulerConfig().with_overrides(parse_settings(list(cfg.settings)))  # before any engine
     started = time.monotonic()
     model = Path(resolve_model(cfg.model))
     jobs = tiny_agent_trace(cfg.jobs, cfg.seed, cfg.qps)
@@ -185,7 +190,8 @@ def run(cfg: VllmBenchConfig, log=sys.stderr) -> dict:
         mine = by["astraea"].summary.get("mean_jct_s", float("nan"))
         ratios = {p: mine / r.summary.get("mean_jct_s", float("nan"))
                   for p, r in by.items() if p != "astraea"}
-    return {"config": {**asdict(cfg), "policies": list(cfg.policies), "model": str(model)},
+    return {"config": {**asdict(cfg), "policies": list(cfg.policies), "model": str(model),
+                       "settings": list(cfg.settings)},
             "jobs": len(jobs), "runs": [asdict(r) for r in runs],
             "ratio_astraea_over_fcfs": ratios.get("vllm-fcfs"), "astraea_over": ratios,
             "wall_s": time.monotonic() - started}
@@ -220,4 +226,6 @@ def format_report(report: dict) -> str:
                      f"{kv.get('discard', 0):>9d}{len(r['stopped_early']):>6d}")
     for peer, ratio in report.get("astraea_over", {}).items():
         lines.append(f"mean JCT astraea / {peer} = {ratio:.3f} ({(ratio - 1) * 100:+.1f} %)")
+    if report["config"].get("settings"):
+        lines.append(f"scheduling settings: {' '.join(report['config']['settings'])}")
     return "\n".join(lines)

@@ -71,13 +71,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         write_json,
     )
     from astraea.tools.bench.run import BenchSpec, run_matrix
+    from control_plane.core.config import parse_settings
 
     qps: tuple = args.qps
     spec = BenchSpec(
         workload=args.workload, profile=args.profile,
         policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
         qps=qps, jobs=args.jobs, seeds=args.seeds, predictor=args.predictor,
-        num_workers=args.workers, overrides=_overrides(args.set or []),
+        num_workers=args.workers, overrides=parse_settings(args.set or []),
         prediction_error=args.prediction_error, kv_blocks=args.kv_blocks,
     )
     from astraea.workloads import GENERATED
@@ -184,13 +185,3 @@ def _ints(text: str) -> tuple[int, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers like 0,1,2 or 0-2, got {text!r}") from None
     return tuple(values)
-
-
-def _overrides(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"--set takes section.field=value, got {item!r}")
-        out[key.strip()] = value.strip()
-    return out

@@ -33,6 +33,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     help="the worker's dtype, and the measured profile's (default float32: "
                          "vLLM's auto runs bfloat16 on CPU, emulated on CPUs without AVX-512 "
                          "BF16)")
+    bv.add_argument("--set", dest="settings", action="append", default=[],
+                    metavar="SECTION.FIELD=VALUE",
+                    help="a scheduling setting for every policy's control plane (repeatable), "
+                         "e.g. --set mlfq.new_jobs_wait_for_blocked=true")
     bv.add_argument("--log-dir", default=None, help="logs and traces (default: a temp dir)")
     bv.add_argument("--out", help="write the report as JSON")
     bv.set_defaults(func=cmd_bench_vllm)
@@ -43,7 +47,7 @@ def cmd_bench_vllm(args: argparse.Namespace) -> int:
 
     cfg = VllmBenchConfig(jobs=args.jobs, qps=args.qps, seed=args.seed,
                           kv_blocks=args.kv_blocks, model=args.model, dtype=args.dtype,
-                          log_dir=args.log_dir)
+                          settings=tuple(args.settings), log_dir=args.log_dir)
     if args.policies is not None:
         cfg = replace(cfg, policies=tuple(p.strip() for p in args.policies.split(",")
                                           if p.strip()))

@@ -44,6 +44,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _replay_args(cl, jobs_default=200, qps_default=2.0, ts_default=0.05)
     cl.add_argument("--kv-blocks", type=int, default=None,
                     help="GPU KV blocks per worker, simulated and live (default: the profile's)")
+    cl.add_argument("--set", dest="settings", action="append", default=[],
+                    metavar="SECTION.FIELD=VALUE",
+                    help="a scheduling setting, simulated and live (repeatable), e.g. --set "
+                         "mlfq.num_levels=3")
     cl.add_argument("--processes", action="store_true",
                     help="run the live stack as separate processes (predictor, control plane, "
                          "workers; as `astraea up`) instead of in this process")
@@ -114,6 +118,9 @@ def cmd_compare_live(args: argparse.Namespace) -> int:
         raise ValueError("--policy: give at least one policy")
     args.stack = True
     args.control_plane = None
+    from control_plane.core.config import SchedulerConfig, parse_settings
+
+    args.scheduler_config = SchedulerConfig().with_overrides(parse_settings(args.settings))
     profile, jobs, qps = _replay_setup(args)
     where = "separate processes" if args.processes else "one process"
     print(f"astraea compare-live: {len(jobs)} jobs, {', '.join(policies)}, {args.workers} "
@@ -122,7 +129,7 @@ def cmd_compare_live(args: argparse.Namespace) -> int:
     results, decisions = {}, {}
     for policy in policies:
         sim = Simulation(jobs, profile, policy, num_workers=args.workers,
-                         kv_blocks=args.kv_blocks).run()
+                         config=args.scheduler_config, kv_blocks=args.kv_blocks).run()
         print(f"  [{policy}] simulator: mean JCT {sim.summary.get('mean_jct_s', float('nan')):.2f}"
               f" s ({sim.wall_s:.1f} s wall); live ...", file=sys.stderr, flush=True)
         args.policy = policy
@@ -200,7 +207,9 @@ def _replay_live(args: argparse.Namespace, jobs, profile):
             if args.workers < 1:
                 raise ValueError("--workers must be at least 1")
             async with local_stack(args.policy, args.profile, args.workers, args.time_scale,
-                                   kv_blocks=getattr(args, "kv_blocks", None)) as st:
+                                   kv_blocks=getattr(args, "kv_blocks", None),
+                                   scheduler_config=getattr(args, "scheduler_config",
+                                                            None)) as st:
                 print(f"astraea replay: in-process stack at {st.address} ({args.policy}, "
                       f"{args.workers} workers, time scale {args.time_scale:g})", file=sys.stderr)
                 res = await replay(jobs, st.address, profile, args.time_scale, args.concurrency)
@@ -272,6 +281,7 @@ def _live_in_processes(args: argparse.Namespace, policy: str, jobs, profile):
 
     cfg = StackConfig(policy=policy, profile=args.profile, time_scale=args.time_scale,
                       workers=args.workers, kv_blocks=args.kv_blocks,
+                      settings=list(args.settings),
                       control_plane_listen="127.0.0.1:0", predictor_listen="127.0.0.1:0",
                       control_plane_metrics="127.0.0.1:0")
     with Stack(cfg) as st:

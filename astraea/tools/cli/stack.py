@@ -46,6 +46,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     help="keep the control plane's state in memory: a restart loses every job "
                          "(and the gateway's: stored Responses and named sessions; else in "
                          "gateway-state/ in the log dir)")
+    up.add_argument("--set", dest="settings", action="append", default=None,
+                    metavar="SECTION.FIELD=VALUE",
+                    help="a scheduling setting for the control plane, e.g. --set "
+                         "mlfq.num_levels=3 (repeatable; see control_plane/core/config.py)")
     up.add_argument("--max-restarts", dest="restart_max", type=int, default=None, metavar="N",
                     help="a service that exits is restarted (backoff 0.5 s doubling to 10 s); "
                          "more than N restarts of one within --restart-window stop the stack "
@@ -275,7 +279,7 @@ def _stack_config(args: argparse.Namespace, defaults: dict | None = None, **fixe
     if getattr(args, "no_predictor", False):
         flags["predictor"] = False
     for name in ("http_listen", "api_keys", "predictor_state", "restart_max",
-                 "restart_window_s", "secure", "state_dir"):
+                 "restart_window_s", "secure", "state_dir", "settings"):
         if getattr(args, name, None) is not None:
             flags[name] = getattr(args, name)
     if flags.get("state_dir") == "":  # --no-state: the gateway's in memory too
