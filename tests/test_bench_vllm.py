@@ -10,9 +10,10 @@ from statistics import fmean
 
 import pytest
 
+from astraea.profile import load_profile
 from astraea.telemetry.span_files import load_spans
 from astraea.telemetry.spans import JCT_S, JOB
-from astraea.tools.bench.vllm_live import tiny_agent_trace
+from astraea.tools.bench.vllm_live import step_time_ratio, tiny_agent_trace
 from astraea.tools.stack import StackConfig, StackError
 
 
@@ -75,6 +76,15 @@ def test_bench_vllm_cli(tmp_path, capsys) -> None:
         # (bfloat16 on CPU): the dtype a measured profile is taken in too.
         worker_out = tmp_path / "logs" / r["policy"] / "logs" / "worker-w1.out"
         assert "dtype=torch.float32" in worker_out.read_text()
+        # The worker's timed steps, saved by the predictor, set against the cost model.
+        state = json.loads((tmp_path / "logs" / r["policy"] / "predictor-state.json").read_text())
+        samples = state["step_samples"]
+        assert samples and r["step_time_ratio"]["steps"] == len(samples)
+        gptj = load_profile("gptj-6b-a100")
+        assert r["step_time_ratio"]["total"] == pytest.approx(
+            sum(d for _, _, d in samples) / sum(gptj.step_time_s(t, c) for t, c, _ in samples))
+        assert f"{r['step_time_ratio']['total']:.2f}" in next(
+            line for line in printed.splitlines() if line.startswith(r["policy"] + " "))
     ratio = runs["astraea"]["summary"]["mean_jct_s"] / runs["vllm-fcfs"]["summary"]["mean_jct_s"]
     assert math.isclose(report["ratio_astraea_over_fcfs"], ratio)
     assert f"astraea / vllm-fcfs = {ratio:.3f}" in printed
@@ -95,6 +105,23 @@ def test_bench_vllm_cli(tmp_path, capsys) -> None:
         server["astraea"] / server["vllm-fcfs"], rel=0.15)
     assert report["astraea_over"]["infercept"] == pytest.approx(
         server["astraea"] / server["infercept"], rel=0.15)
+
+
+def test_step_time_ratio_sets_timed_steps_against_the_profile(tmp_path) -> None:
+    gptj = load_profile("gptj-6b-a100")
+    steps = [(256, 4096), (8, 20000), (32, 1000)]
+    state = tmp_path / "state.json"
+    # Twice the price for each step but the last, which took its price exactly.
+    durations = [2 * gptj.step_time_s(*steps[0]), 2 * gptj.step_time_s(*steps[1]),
+                 gptj.step_time_s(*steps[2])]
+    state.write_text(json.dumps({"step_samples": [[t, c, d] for (t, c), d in
+                                                  zip(steps, durations, strict=True)]}))
+    got = step_time_ratio(gptj, state)
+    assert got["steps"] == 3 and got["median"] == pytest.approx(2.0)
+    assert got["total"] == pytest.approx(sum(durations) / sum(gptj.step_time_s(*s) for s in steps))
+    assert step_time_ratio(gptj, tmp_path / "missing.json") == {}
+    state.write_text('{"step_samples": []}')
+    assert step_time_ratio(gptj, state) == {}
 
 
 def test_model_names_resolve_and_unknown_sizes_are_refused(tmp_path) -> None:

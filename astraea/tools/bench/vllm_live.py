@@ -9,7 +9,10 @@ as they are here. Then for each policy a `Stack` of separate processes is starte
 project's "small" model, with a KV pool of `kv_blocks` usable blocks of 32 tokens, small
 enough that the jobs cannot all stay resident), the trace is replayed with
 `astraea.tools.replay.replay` at time scale 1.0 (so JCTs are wall seconds), and the stack is
-stopped. The KV decisions are counted from the services' span files.
+stopped. The KV decisions are counted from the services' span files, and the engine's steps
+as the worker timed them (the predictor's saved step samples: the last 2,048) are set against
+the cost model's price for the same steps: `step_time_ratio` is their total measured time over
+the total the profile predicts (1: the control plane plans with the engine's real speed).
 
 The trace (`tiny_agent_trace`) is a scaled-down agent mix for the project's models, seeded: each
 job has a category of the InferCept mix (astraea.workloads.generator.INFERCEPT_MIX) and a
@@ -87,6 +90,8 @@ class PolicyRun:
     kv_decisions: dict[str, int] = field(default_factory=dict)
     exit_codes: dict[str, int] = field(default_factory=dict)
     log_dir: str = ""
+    # Measured / profile-predicted time of the engine's steps ({} when none were saved).
+    step_time_ratio: dict[str, float] = field(default_factory=dict)
 
 
 def tiny_agent_trace(n: int, seed: int, qps: float) -> list[JobTrace]:
@@ -139,7 +144,8 @@ def run_policy(cfg: VllmBenchConfig, policy: str, jobs: list[JobTrace], model: s
                             dtype=cfg.dtype, settings=list(cfg.settings),
                             control_plane_listen="127.0.0.1:0",
                             predictor_listen="127.0.0.1:0", log_dir=str(base / policy / "logs"),
-                            log_level=cfg.log_level, span_dir=str(span_dir))
+                            log_level=cfg.log_level, span_dir=str(span_dir),
+                            predictor_state=str(base / policy / "predictor-state.json"))
     started = time.monotonic()
     with Stack(stack_cfg) as st:
         print(f"  [{policy}] stack up in {time.monotonic() - started:.1f} s; replaying "
@@ -147,13 +153,35 @@ def run_policy(cfg: VllmBenchConfig, policy: str, jobs: list[JobTrace], model: s
         res = asyncio.run(replay(jobs, st.control_plane_address, load_profile(cfg.profile),
                                  1.0, log=log, prompt_ids=prompt_ids, stop_ends_job=True))
     counts = kv_decision_counts(load_spans(str(span_dir))) if span_dir.exists() else {}
+    steps = step_time_ratio(load_profile(cfg.profile), base / policy / "predictor-state.json")
     print(f"  [{policy}] {len(jobs) - len(res.errors)}/{len(jobs)} jobs in {res.wall_s:.1f} s; "
           f"({len(res.stopped_early)} ended early by EOS); KV decisions {counts}", file=log,
           flush=True)
     for job_id, err in list(res.errors.items())[:5]:
         print(f"  [{policy}] job {job_id} failed: {err}", file=log)
+    if steps:
+        print(f"  [{policy}] engine steps took {steps['total']:.2f}x what the cost model "
+              f"predicts (median step {steps['median']:.2f}x, {steps['steps']:.0f} steps)",
+              file=log, flush=True)
     return PolicyRun(policy, res.summary, res.errors, res.wall_s, res.stopped_early, counts,
-                     dict(st.exit_codes), str(st.log_dir))
+                     dict(st.exit_codes), str(st.log_dir), steps)
+
+
+def step_time_ratio(profile, state_file: Path) -> dict[str, float]:
+    """The worker's timed steps (saved by the predictor in `state_file`) against `profile`'s
+    price for each: {"total": measured sum / predicted sum, "median": the median step's
+    ratio, "steps": how many}; {} without a state file or steps."""
+    try:
+        samples = json.loads(state_file.read_text()).get("step_samples") or []
+    except (OSError, ValueError):
+        return {}
+    pairs = [(float(d), profile.step_time_s(int(t), int(c))) for t, c, d in samples]
+    pairs = [(d, p) for d, p in pairs if p > 0]
+    if not pairs:
+        return {}
+    ratios = sorted(d / p for d, p in pairs)
+    return {"total": sum(d for d, _ in pairs) / sum(p for _, p in pairs),
+            "median": ratios[len(ratios) // 2], "steps": float(len(pairs))}
 
 
 def run(cfg: VllmBenchConfig, log=sys.stderr) -> dict:
@@ -216,16 +244,19 @@ def format_report(report: dict) -> str:
     means = {r["policy"]: r["summary"].get("mean_jct_s", nan) for r in report["runs"]}
     fcfs = means.get("vllm-fcfs")
     lines = [f"{'policy':<14}{'jobs done':>11}{'mean JCT s':>12}{'xFCFS':>7}{'p99 JCT s':>11}"
-             f"{'preserve':>10}{'swap':>6}{'discard':>9}{'EOS':>6}"]
+             f"{'preserve':>10}{'swap':>6}{'discard':>9}{'EOS':>6}{'steps/model':>13}"]
     for r in report["runs"]:
         s, kv = r["summary"], r["kv_decisions"]
         x = f"{means[r['policy']] / fcfs:.3f}" if fcfs else "-"
         lines.append(f"{r['policy']:<14}{s.get('jobs_completed', 0):>7d}/{n:<3d}"
                      f"{s.get('mean_jct_s', nan):>12.2f}{x:>7}{s.get('p99_jct_s', nan):>11.2f}"
                      f"{kv.get('preserve', 0):>10d}{kv.get('swap', 0):>6d}"
-                     f"{kv.get('discard', 0):>9d}{len(r['stopped_early']):>6d}")
+                     f"{kv.get('discard', 0):>9d}{len(r['stopped_early']):>6d}"
+                     f"{r.get('step_time_ratio', {}).get('total', nan):>13.2f}")
     for peer, ratio in report.get("astraea_over", {}).items():
         lines.append(f"mean JCT astraea / {peer} = {ratio:.3f} ({(ratio - 1) * 100:+.1f} %)")
+    lines.append("steps/model: the engine's timed steps over the cost model's price for them "
+                 "(1: the control plane plans with the engine's real speed)")
     if report["config"].get("settings"):
         lines.append(f"scheduling settings: {' '.join(report['config']['settings'])}")
     return "\n".join(lines)
