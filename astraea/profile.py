@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -198,6 +199,12 @@ class HardwareProfile:
 
 def load_profile(name_or_path: str) -> HardwareProfile:
     """Load a built-in profile by name, or a profile JSON file by path."""
+    data, origin = load_profile_data(name_or_path)
+    return HardwareProfile.from_dict(data, origin)
+
+
+def load_profile_data(name_or_path: str) -> tuple[dict, str]:
+    """The JSON object of a built-in profile or a profile file, and where it came from."""
     path = Path(name_or_path)
     if path.suffix == ".json" or path.exists():
         if not path.exists():
@@ -215,4 +222,42 @@ def load_profile(name_or_path: str) -> HardwareProfile:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ProfileError(f"{origin}: invalid JSON: {e}") from None
-    return HardwareProfile.from_dict(data, origin)
+    if not isinstance(data, dict):
+        raise ProfileError(f"{origin}: a profile is a JSON object")
+    return data, origin
+
+
+# --- calibration against a live engine --------------------------------------------------------
+def step_time_ratio(profile: HardwareProfile,
+                    samples: Iterable[tuple[int, int, float]]) -> dict[str, float]:
+    """Steps an engine timed, as (tokens, context tokens read, seconds), against `profile`'s
+    price for each: {"total": measured sum / predicted sum, "median": the median step's
+    ratio, "steps": how many}; {} without steps."""
+    pairs = [(float(d), profile.step_time_s(int(t), int(c))) for t, c, d in samples]
+    pairs = [(d, p) for d, p in pairs if p > 0]
+    if not pairs:
+        return {}
+    ratios = sorted(d / p for d, p in pairs)
+    return {"total": sum(d for d, _ in pairs) / sum(p for _, p in pairs),
+            "median": ratios[len(ratios) // 2], "steps": float(len(pairs))}
+
+
+def scale_step_time(data: dict, factor: float, note: str) -> dict:
+    """A copy of the profile JSON `data` whose every step costs `factor` times as much (the
+    non-attention time and the attention read alike), with `note` as its calibration
+    source. Memory and swap figures are kept: a step-time factor says nothing about them."""
+    if not factor > 0:
+        raise ProfileError(f"a calibration factor must be positive, got {factor}")
+    out = json.loads(json.dumps(data))
+    step = out.get("step_time", {})
+    if step.get("kind") == "linear":
+        step["c_ms"] = float(step["c_ms"]) * factor
+        step["a_ms_per_token"] = float(step["a_ms_per_token"]) * factor
+    elif step.get("kind") == "table":
+        step["points_tokens_ms"] = [[t, float(ms) * factor] for t, ms in step["points_tokens_ms"]]
+    else:
+        raise ProfileError("step_time.kind must be 'linear' or 'table'")
+    out["attention_bandwidth_bytes_per_s"] = float(out["attention_bandwidth_bytes_per_s"]) / factor
+    out.setdefault("sources", {})["calibration"] = note
+    HardwareProfile.from_dict(out, "the calibrated profile")  # still a valid profile
+    return out

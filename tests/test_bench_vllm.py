@@ -10,10 +10,10 @@ from statistics import fmean
 
 import pytest
 
-from astraea.profile import load_profile
+from astraea.profile import load_profile, step_time_ratio
 from astraea.telemetry.span_files import load_spans
 from astraea.telemetry.spans import JCT_S, JOB
-from astraea.tools.bench.vllm_live import step_time_ratio, tiny_agent_trace
+from astraea.tools.bench.vllm_live import timed_steps, tiny_agent_trace
 from astraea.tools.stack import StackConfig, StackError
 
 
@@ -116,12 +116,11 @@ def test_step_time_ratio_sets_timed_steps_against_the_profile(tmp_path) -> None:
                  gptj.step_time_s(*steps[2])]
     state.write_text(json.dumps({"step_samples": [[t, c, d] for (t, c), d in
                                                   zip(steps, durations, strict=True)]}))
-    got = step_time_ratio(gptj, state)
+    got = step_time_ratio(gptj, json.loads(state.read_text())["step_samples"])
     assert got["steps"] == 3 and got["median"] == pytest.approx(2.0)
     assert got["total"] == pytest.approx(sum(durations) / sum(gptj.step_time_s(*s) for s in steps))
-    assert step_time_ratio(gptj, tmp_path / "missing.json") == {}
-    state.write_text('{"step_samples": []}')
-    assert step_time_ratio(gptj, state) == {}
+    assert step_time_ratio(gptj, []) == {}
+    assert timed_steps(tmp_path / "missing.json") == []
 
 
 def test_model_names_resolve_and_unknown_sizes_are_refused(tmp_path) -> None:

@@ -12,7 +12,7 @@ from astraea.tools.cli.main import main
 
 SUBCOMMANDS = ("bench", "report", "bench-overhead", "bench-service", "bench-soak",
                "bench-gateway", "bench-vllm", "trace", "replay", "compare-live", "up", "demo", "traces",
-               "profile", "profiles", "certs", "chaos")
+               "profile", "calibrate", "profiles", "certs", "chaos")
 
 
 def _help(capsys, argv: list[str]) -> str:

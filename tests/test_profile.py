@@ -135,3 +135,56 @@ def test_from_dict_round_trips_builtin_json():
 
     text = resources.files("astraea.profiles").joinpath("gptj-6b-a100.json").read_text()
     assert HardwareProfile.from_dict(json.loads(text)) == load_profile("gptj-6b-a100")
+
+
+# --- calibration against a live engine -----------------------------------------------------------
+def test_a_calibrated_profile_prices_every_step_by_the_live_factor(tmp_path, capsys):
+    from astraea.profile import step_time_ratio
+    from astraea.tools.cli.main import main
+
+    gptj = load_profile("gptj-6b-a100")  # a linear step model
+    steps = [(256, 4096), (8, 20000), (1, 300)]
+    # The engine took 1.5x the price of each step (its median too).
+    state = tmp_path / "predictor-state.json"
+    state.write_text(json.dumps({"step_samples": [[t, c, 1.5 * gptj.step_time_s(t, c)]
+                                                  for t, c in steps]}))
+    out = tmp_path / "calibrated.json"
+    assert main(["calibrate", "gptj-6b-a100", str(state), "--out", str(out)]) == 0
+    assert "3 steps took 1.500x" in capsys.readouterr().out
+    cal = load_profile(str(out))
+    for tokens, context in [*steps, (64, 0), (384, 100_000)]:
+        assert cal.step_time_s(tokens, context) == pytest.approx(
+            1.5 * gptj.step_time_s(tokens, context))
+    assert cal.prefill_time_s(1000, 500) == pytest.approx(1.5 * gptj.prefill_time_s(1000, 500))
+    # What a step factor says nothing about is kept.
+    assert (cal.kv_capacity_blocks, cal.swap_bandwidth_bytes_per_s, cal.context_window) == \
+        (gptj.kv_capacity_blocks, gptj.swap_bandwidth_bytes_per_s, gptj.context_window)
+    assert "x1.500" in cal.sources["calibration"] and cal.name == "gptj-6b-a100-calibrated"
+    # Calibrated against its own steps, a profile needs no more correction.
+    assert step_time_ratio(cal, json.loads(state.read_text())["step_samples"])["total"] == \
+        pytest.approx(1.0)
+
+
+def test_a_table_profile_calibrates_too_and_bad_step_files_are_refused(tmp_path, capsys):
+    from astraea.profile import load_profile_data, scale_step_time
+    from astraea.tools.cli.main import main
+
+    data, _ = load_profile_data("gptj-6b-a100")
+    data = {**data, "step_time": {"kind": "table",
+                                  "points_tokens_ms": [[1, 10.0], [64, 20.0], [512, 90.0]]}}
+    table = HardwareProfile.from_dict(data)
+    scaled = HardwareProfile.from_dict(scale_step_time(data, 0.5, "test"))
+    assert scaled.step_time_s(100, 2000) == pytest.approx(0.5 * table.step_time_s(100, 2000))
+    with pytest.raises(ProfileError, match="must be positive"):
+        scale_step_time(data, 0.0, "test")
+    for text, needle in (("{}", "no step_samples"), ("not json", "no step_samples"),
+                         ('{"step_samples": [[1, 2]]}', "[tokens, context, seconds] rows"),
+                         ('{"step_samples": []}', "no timed steps")):
+        (tmp_path / "s.json").write_text(text)
+        assert main(["calibrate", "gptj-6b-a100", str(tmp_path / "s.json"), "--out",
+                     str(tmp_path / "o.json")]) == 2
+        assert needle in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()
+    assert main(["calibrate", "gptj-6b-a100", str(tmp_path / "none.json"), "--out",
+                 str(tmp_path / "o.json")]) == 2
+    assert "no such file" in capsys.readouterr().err

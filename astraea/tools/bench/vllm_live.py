@@ -133,7 +133,7 @@ def _vocab_size(model: Path) -> int:
 
 def run_policy(cfg: VllmBenchConfig, policy: str, jobs: list[JobTrace], model: str,
                base: Path, prompt_ids, log=sys.stderr) -> PolicyRun:
-    from astraea.profile import load_profile
+    from astraea.profile import load_profile, step_time_ratio
     from astraea.telemetry.span_files import kv_decision_counts, load_spans
     from astraea.tools.replay import replay
     from astraea.tools.stack import Stack, StackConfig
@@ -153,7 +153,8 @@ def run_policy(cfg: VllmBenchConfig, policy: str, jobs: list[JobTrace], model: s
         res = asyncio.run(replay(jobs, st.control_plane_address, load_profile(cfg.profile),
                                  1.0, log=log, prompt_ids=prompt_ids, stop_ends_job=True))
     counts = kv_decision_counts(load_spans(str(span_dir))) if span_dir.exists() else {}
-    steps = step_time_ratio(load_profile(cfg.profile), base / policy / "predictor-state.json")
+    steps = step_time_ratio(load_profile(cfg.profile),
+                            timed_steps(base / policy / "predictor-state.json"))
     print(f"  [{policy}] {len(jobs) - len(res.errors)}/{len(jobs)} jobs in {res.wall_s:.1f} s; "
           f"({len(res.stopped_early)} ended early by EOS); KV decisions {counts}", file=log,
           flush=True)
@@ -167,21 +168,13 @@ def run_policy(cfg: VllmBenchConfig, policy: str, jobs: list[JobTrace], model: s
                      dict(st.exit_codes), str(st.log_dir), steps)
 
 
-def step_time_ratio(profile, state_file: Path) -> dict[str, float]:
-    """The worker's timed steps (saved by the predictor in `state_file`) against `profile`'s
-    price for each: {"total": measured sum / predicted sum, "median": the median step's
-    ratio, "steps": how many}; {} without a state file or steps."""
+def timed_steps(state_file: Path) -> list:
+    """The (tokens, context tokens read, seconds) of the steps a predictor saved in its state
+    file (its last 2,048); [] without one."""
     try:
-        samples = json.loads(state_file.read_text()).get("step_samples") or []
+        return json.loads(state_file.read_text()).get("step_samples") or []
     except (OSError, ValueError):
-        return {}
-    pairs = [(float(d), profile.step_time_s(int(t), int(c))) for t, c, d in samples]
-    pairs = [(d, p) for d, p in pairs if p > 0]
-    if not pairs:
-        return {}
-    ratios = sorted(d / p for d, p in pairs)
-    return {"total": sum(d for d, _ in pairs) / sum(p for _, p in pairs),
-            "median": ratios[len(ratios) // 2], "steps": float(len(pairs))}
+        return []
 
 
 def run(cfg: VllmBenchConfig, log=sys.stderr) -> dict:

@@ -32,6 +32,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     pf.add_argument("--quick", action="store_true", help="a small grid (tests, a smoke run)")
     pf.set_defaults(func=cmd_profile)
 
+    cb = sub.add_parser("calibrate", help="scale a profile's step times to what a live worker "
+                                          "timed (a predictor's state file): the simulator "
+                                          "then runs at the live engine's speed")
+    cb.add_argument("profile", help="built-in profile name or profile JSON path")
+    cb.add_argument("steps", help="a predictor's state file (its --state; `astraea up "
+                                  "--predictor-state`, bench-vllm's <policy>/"
+                                  "predictor-state.json): the steps the workers timed")
+    cb.add_argument("--out", required=True, help="the calibrated profile JSON to write")
+    cb.set_defaults(func=cmd_calibrate)
+
     p = sub.add_parser("profiles", help="list built-in hardware profiles")
     p.set_defaults(func=cmd_profiles)
 
@@ -63,6 +73,39 @@ def cmd_profile(args: argparse.Namespace) -> int:
     print(format_table(prof))
     print(f"\nwrote {out} in {time.perf_counter() - started:.0f} s")
     print(f"use it with: astraea bench --profile {out}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Write `args.profile` with its step times scaled by measured / predicted over the steps
+    in `args.steps`."""
+    import json
+
+    from astraea.profile import load_profile_data, scale_step_time, step_time_ratio
+
+    data, origin = load_profile_data(args.profile)
+    profile = load_profile(args.profile)
+    try:
+        samples = json.loads(Path(args.steps).read_text())["step_samples"]
+    except FileNotFoundError:
+        raise ValueError(f"{args.steps}: no such file") from None
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{args.steps}: not a predictor state file (no step_samples)") from None
+    if not isinstance(samples, list) or not all(
+            isinstance(s, list) and len(s) == 3 for s in samples):
+        raise ValueError(f"{args.steps}: step_samples must be [tokens, context, seconds] rows")
+    ratio = step_time_ratio(profile, samples)
+    if not ratio:
+        raise ValueError(f"{args.steps}: no timed steps to calibrate with")
+    note = (f"step times x{ratio['total']:.3f}: {ratio['steps']:.0f} steps timed live "
+            f"({args.steps}) took that much of what {origin} predicts (median step "
+            f"x{ratio['median']:.3f}); astraea calibrate, {datetime.date.today():%Y-%m-%d}")
+    out = scale_step_time(data, ratio["total"], note)
+    out["name"] = f"{data.get('name', Path(origin).stem)}-calibrated"
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"{ratio['steps']:.0f} steps took {ratio['total']:.3f}x what {origin} predicts "
+          f"(median step {ratio['median']:.3f}x); wrote {args.out}")
+    print(f"use it with: astraea bench --profile {args.out}")
     return 0
 
 
