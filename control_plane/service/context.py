@@ -17,7 +17,7 @@ from opentelemetry import metrics as otel_metrics
 from opentelemetry.trace import Tracer
 
 from astraea import wire
-from astraea.plan import JobState
+from astraea.plan import JobState, KvState
 from astraea.telemetry import Metrics, get_logger
 from astraea.v1 import agent_pb2, common_pb2, worker_pb2
 from control_plane.core.job import Job
@@ -187,10 +187,22 @@ class ControlPlane:
 
     def abort_on_worker(self, job: Job, reason: str) -> None:
         """Free whatever the job's worker holds for it (running segment, GPU or host KV, or
-        just its prefix-cache affinity: an Abort of a job the worker does not hold is a no-op)."""
-        if job.worker_id is not None:
-            self.send(job.worker_id, [wire.plan_action_to_proto(
-                wire.Abort(job.job_id, job.worker_id, reason))])
+        just its prefix-cache affinity: an Abort of a job the worker does not hold is a no-op).
+        The GPU blocks it frees count as free in the worker's view at once (reserved until a
+        report covers the Abort), as the simulator's engine frees them when the job ends:
+        otherwise every plan until that report saw them held, and reclaimed KV from jobs in
+        tool waits for room that was already there."""
+        if job.worker_id is None:
+            return
+        change = None
+        worker = self.registry.workers.get(job.worker_id)
+        if worker is not None and job.kv_state is KvState.RESIDENT:
+            blocks = worker.view.job_blocks(job.job_id, job.kv_positions)
+            if blocks > 0:
+                change = Reservation(free_blocks=blocks)
+                change.add_to(worker.view)
+        self.send(job.worker_id, [wire.plan_action_to_proto(
+            wire.Abort(job.job_id, job.worker_id, reason))], change)
 
     # --- job lifecycle --------------------------------------------------------------------
     def finish_job(self, entry: JobEntry, reason: str, cancel: bool, error: bool = False,
