@@ -68,3 +68,19 @@ def test_bench_vllm_refuses_a_bad_setting_before_starting_an_engine(capsys):
     assert astraea_main(["bench-vllm", "--policies", "astraea", "--set", "kv.nope=1"]) == 2
     assert "unknown scheduler setting 'kv.nope'" in capsys.readouterr().err
     assert time.monotonic() - started < 10  # no engine, no profile measured
+
+
+def test_astraea_up_passes_its_settings_to_the_stack(tmp_path):
+    from astraea.tools.cli.main import build_parser
+    from astraea.tools.cli.stack import up_config
+
+    args = build_parser().parse_args(["up", "--set", "mlfq.num_levels=3", "--set",
+                                      "kv.low_pressure=0.5", "--insecure"])
+    assert up_config(args).settings == ["mlfq.num_levels=3", "kv.low_pressure=0.5"]
+    toml = tmp_path / "stack.toml"
+    toml.write_text('settings = ["mlfq.num_levels=2"]\n')
+    args = build_parser().parse_args(["up", "--config", str(toml), "--insecure"])
+    assert up_config(args).settings == ["mlfq.num_levels=2"]
+    args = build_parser().parse_args(["up", "--set", "mlfq.bogus=1", "--insecure"])
+    with pytest.raises(StackError, match="unknown scheduler setting 'mlfq.bogus'"):
+        up_config(args)
