@@ -49,6 +49,7 @@ class Metrics:
         self._kv_source: KvUtilizationSource | None = None
         self._jobs_in_flight_source: CountSource | None = None
         self._decision_source: DecisionCountSource | None = None
+        self._step_ratio_source: KvUtilizationSource | None = None
         self._prom = None  # SchedulerFamilies, once export_prometheus is called
         self.jct = meter.create_histogram(
             "astraea.job.jct", unit="s", description="Job completion time, arrival to finish",
@@ -69,6 +70,10 @@ class Metrics:
         self.jobs_in_flight = meter.create_observable_gauge(
             "astraea.jobs.in_flight", callbacks=[self._observe_jobs], unit="{job}",
             description="Jobs started and not finished")
+        self.step_time_ratio = meter.create_observable_gauge(
+            "astraea.engine.step_time_ratio", callbacks=[self._observe_step_ratio], unit="1",
+            description="A worker's engine step times over what the cost model prices the same "
+                        "steps at, over its recent steps (1: the profile is calibrated)")
         self.kv_decisions = meter.create_observable_counter(
             "astraea.kv.decisions", callbacks=[self._observe_decisions], unit="{decision}",
             description="KV decisions made: at API waits (tool calls, reclaims) and preemptions")
@@ -100,6 +105,17 @@ class Metrics:
         """`source()` returns the scheduler's decision counts (`decision_labels` reads the
         keys); called at each collection."""
         self._decision_source = source
+
+    def set_step_time_ratio_source(self, source: KvUtilizationSource | None) -> None:
+        """`source()` returns {worker id: measured / predicted step time}; called at each
+        collection."""
+        self._step_ratio_source = source
+
+    def _observe_step_ratio(self, _options: CallbackOptions) -> list[Observation]:
+        if self._step_ratio_source is None:
+            return []
+        return [Observation(float(r), {"worker_id": str(w)})
+                for w, r in self._step_ratio_source().items()]
 
     def _observe_decisions(self, _options: CallbackOptions) -> list[Observation]:
         if self._decision_source is None:

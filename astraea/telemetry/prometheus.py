@@ -414,6 +414,15 @@ class SchedulerFamilies:
         for worker, u in sorted(_read(m._kv_source).items(), key=lambda wu: str(wu[0])):
             kv.add_metric([str(worker)], u)
         yield from (queues, kv)
+        if m._step_ratio_source is not None:
+            steps = GaugeMetricFamily(
+                "astraea_step_time_ratio", "A worker's engine step times over the cost "
+                "model's price for the same steps (recent steps; 1: the profile is calibrated)",
+                labels=["worker_id"])
+            for worker, r in sorted(_read(m._step_ratio_source).items(),
+                                    key=lambda wr: str(wr[0])):
+                steps.add_metric([str(worker)], r)
+            yield steps
         if m._decision_source is not None:
             from astraea.plan import decision_labels
 

@@ -7,6 +7,7 @@ the core half-updated: the event loop is the lock.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
 log = get_logger("astraea.control_plane")
 
+STEP_RATIO_STEPS = 200  # the step-time ratio gauge weighs about this many recent steps
+STEP_RATIO_DECAY = 1 - 1 / STEP_RATIO_STEPS
 PLAN_OVERHEAD_BYTES = 1024  # a ControlMessage around a plan's actions: tags, lengths, seq
 
 
@@ -85,6 +88,8 @@ class ControlPlane:
             lambda: dict(enumerate(self.scheduler.queue_lengths())))
         self.metrics.set_kv_utilization_source(self._kv_utilization)
         self.metrics.set_kv_decision_source(lambda: self.scheduler.decision_counts)
+        self._step_sums: dict[int, list[float]] = {}  # worker -> [measured, predicted] (decayed)
+        self.metrics.set_step_time_ratio_source(self._step_time_ratio)
         self.stats = ServiceStats()  # event counts and plan latencies (bench-service)
         self._origin = time.monotonic()
         self.step_observer = step_observer
@@ -98,11 +103,27 @@ class ControlPlane:
         """Scheduler time: monotonic seconds since start, in engine time (see time_scale)."""
         return (time.monotonic() - self._origin) / self.config.time_scale
 
-    def observe_steps(self, steps: Iterable[common_pb2.StepTiming]) -> None:
-        """A worker's engine step timings: forwarded to the step observer (the remote
-        predictor's link) if there is one; dropped otherwise (the core has no use for them)."""
+    def observe_steps(self, steps: Iterable[common_pb2.StepTiming],
+                      worker_id: int | None = None) -> None:
+        """A worker's engine step timings: set against the cost model's price for the same
+        steps (the `astraea_step_time_ratio` gauge: an operator sees a profile that does not
+        fit the engine) and forwarded to the step observer (the remote predictor's link)."""
+        steps = list(steps)
+        if worker_id is not None:
+            sums = self._step_sums.setdefault(worker_id, [0.0, 0.0])
+            profile = self.scheduler.profile
+            for s in steps:
+                predicted = profile.step_time_s(s.tokens, s.context_tokens_read)
+                if predicted > 0 and math.isfinite(s.duration_s):
+                    # Decayed sums: about the last STEP_RATIO_STEPS steps count.
+                    sums[0] = sums[0] * STEP_RATIO_DECAY + s.duration_s
+                    sums[1] = sums[1] * STEP_RATIO_DECAY + predicted
         if self.step_observer is not None:
             self.step_observer.observe_steps(steps)
+
+    def _step_time_ratio(self) -> dict[int, float]:
+        return {w: m / p for w, (m, p) in self._step_sums.items()
+                if p > 0 and w in self.registry.workers}
 
     def _kv_utilization(self) -> dict[int, float]:
         return {w: e.view.utilization for w, e in self.registry.workers.items()

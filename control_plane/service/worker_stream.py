@@ -172,7 +172,7 @@ class WorkerStreamServicer(worker_pb2_grpc.WorkerServiceServicer):
             elif kind == "admit_refused":
                 self._admit_refused(worker, msg.admit_refused)
             elif kind == "step_report":
-                self.cp.observe_steps(msg.step_report.steps)
+                self.cp.observe_steps(msg.step_report.steps, worker.worker_id)
             elif kind == "drain":
                 self.cp.worker_draining(worker.worker_id, msg.drain.reason)
             elif kind == "heartbeat":
