@@ -52,6 +52,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 
+from astraea.plan import decision_labels
+
 DEFAULT_METRICS_HOST = "127.0.0.1"
 PORT_ENV, HOST_ENV = "ASTRAEA_METRICS_PORT", "ASTRAEA_METRICS_HOST"
 # From a fast unary call (~1 ms) to a long streamed segment (minutes).
@@ -424,8 +426,6 @@ class SchedulerFamilies:
                 steps.add_metric([str(worker)], r)
             yield steps
         if m._decision_source is not None:
-            from astraea.plan import decision_labels
-
             decisions = CounterMetricFamily(
                 "astraea_kv_decisions", "KV decisions made, by action and cause",
                 labels=["action", "cause"])

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from astraea.tools.devcerts import StackSecurity
-from control_plane.core.config import SchedulerConfig, parse_settings
+from control_plane.core.config import SchedulerConfig
 
 PREDICTOR, CONTROL_PLANE, GATEWAY = "predictor", "control-plane", "gateway"
 BACKENDS = ("sim", "vllm")
@@ -165,7 +165,7 @@ class StackConfig:
                              "stack did not start, whose CA and worker token it cannot know: "
                              "set secure = false (astraea up --insecure)")
         try:
-            SchedulerConfig().with_overrides(parse_settings(self.settings))
+            SchedulerConfig.from_settings(self.settings)
         except ValueError as e:
             raise StackError(f"settings: {e}") from None
         if self.restart_max < 0:

@@ -203,6 +203,12 @@ class SchedulerConfig:
                 out[f.name] = mine
         return out
 
+    @classmethod
+    def from_settings(cls, items: list[str]) -> SchedulerConfig:
+        """The defaults with the CLIs' `--set section.field=value` items applied; ValueError
+        names an item that is malformed, unknown or of the wrong type."""
+        return cls().with_overrides(parse_settings(items))
+
     def with_overrides(self, overrides: dict[str, str]) -> SchedulerConfig:
         """Apply `section.field=value` (or top-level `field=value`) overrides, e.g.
         {"mlfq.num_levels": "3"}."""

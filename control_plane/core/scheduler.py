@@ -514,8 +514,9 @@ class Scheduler:
 
     def _evict(self, job: Job, decision: KvDecision, view: WorkerView, now: float,
                cause: str = "api_wait") -> Evict:
-        """`cause` "reclaim": the memory is taken back for a ready job, not decided for the
-        wait (the policy revisiting a paused job, a control loop)."""
+        """`cause`: "api_wait" for a decision about the wait itself (the policy revisiting a
+        paused job, a control loop), "reclaim" when the memory is taken back for a ready job
+        (making room, the deadlock breaker)."""
         self._record(decision, job, cause)
         self._release_in_view(view, job, decision.action)
         self._apply_kv(job, decision.action)

@@ -46,7 +46,7 @@ from astraea.telemetry import (
     setup_service_telemetry,
 )
 from astraea.v1 import agent_pb2_grpc, worker_pb2, worker_pb2_grpc
-from control_plane.core.config import SchedulerConfig, parse_settings
+from control_plane.core.config import SchedulerConfig
 from control_plane.core.estimates import HintedEstimator, OnlineJobEstimator
 from control_plane.core.policies import POLICIES, build_scheduler
 from control_plane.service import limits
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--database-reconnect must be >= 0")
     try:
         limits.Limits(**limits.from_args(args))
-        args.scheduler_config = SchedulerConfig().with_overrides(parse_settings(args.settings))
+        args.scheduler_config = SchedulerConfig.from_settings(args.settings)
     except ValueError as e:
         parser.error(str(e))
     tel = setup_service_telemetry(parser, "astraea-control-plane", args.log_level, args)

@@ -185,9 +185,9 @@ def run(cfg: VllmBenchConfig, log=sys.stderr) -> dict:
         raise ValueError("--kv-blocks must be at least 1")
     if not cfg.policies:
         raise ValueError("--policies: give at least one policy")
-    from control_plane.core.config import SchedulerConfig, parse_settings
+    from control_plane.core.config import SchedulerConfig
 
-    SchedulerConfig().with_overrides(parse_settings(list(cfg.settings)))  # before any engine
+    SchedulerConfig.from_settings(list(cfg.settings))  # refused before any engine starts
     started = time.monotonic()
     model = Path(resolve_model(cfg.model))
     jobs = tiny_agent_trace(cfg.jobs, cfg.seed, cfg.qps)

@@ -118,9 +118,9 @@ def cmd_compare_live(args: argparse.Namespace) -> int:
         raise ValueError("--policy: give at least one policy")
     args.stack = True
     args.control_plane = None
-    from control_plane.core.config import SchedulerConfig, parse_settings
+    from control_plane.core.config import SchedulerConfig
 
-    args.scheduler_config = SchedulerConfig().with_overrides(parse_settings(args.settings))
+    args.scheduler_config = SchedulerConfig.from_settings(args.settings)
     profile, jobs, qps = _replay_setup(args)
     where = "separate processes" if args.processes else "one process"
     print(f"astraea compare-live: {len(jobs)} jobs, {', '.join(policies)}, {args.workers} "
