@@ -88,7 +88,6 @@ class ControlPlane:
             lambda: dict(enumerate(self.scheduler.queue_lengths())))
         self.metrics.set_kv_utilization_source(self._kv_utilization)
         self.metrics.set_kv_decision_source(lambda: self.scheduler.decision_counts)
-        self._step_sums: dict[int, list[float]] = {}  # worker -> [measured, predicted] (decayed)
         self.metrics.set_step_time_ratio_source(self._step_time_ratio)
         self.stats = ServiceStats()  # event counts and plan latencies (bench-service)
         self._origin = time.monotonic()
@@ -109,8 +108,9 @@ class ControlPlane:
         steps (the `astraea_step_time_ratio` gauge: an operator sees a profile that does not
         fit the engine) and forwarded to the step observer (the remote predictor's link)."""
         steps = list(steps)
-        if worker_id is not None:
-            sums = self._step_sums.setdefault(worker_id, [0.0, 0.0])
+        worker = self.registry.workers.get(worker_id) if worker_id is not None else None
+        if worker is not None:  # the sums leave with the worker's entry
+            sums = worker.step_sums
             profile = self.scheduler.profile
             for s in steps:
                 predicted = profile.step_time_s(s.tokens, s.context_tokens_read)
@@ -122,8 +122,8 @@ class ControlPlane:
             self.step_observer.observe_steps(steps)
 
     def _step_time_ratio(self) -> dict[int, float]:
-        return {w: m / p for w, (m, p) in self._step_sums.items()
-                if p > 0 and w in self.registry.workers}
+        return {w: e.step_sums[0] / e.step_sums[1] for w, e in self.registry.workers.items()
+                if e.step_sums[1] > 0}
 
     def _kv_utilization(self) -> dict[int, float]:
         return {w: e.view.utilization for w, e in self.registry.workers.items()

@@ -39,6 +39,8 @@ class WorkerEntry:
     draining: str | None = None
     # What plans sent to it changed on `view` and its reports do not show yet.
     reservations: Reservations = field(default_factory=Reservations)
+    # [measured, predicted] engine step seconds, decayed: the step-time ratio gauge.
+    step_sums: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
     def next_plan(self, actions, change: Reservation | None = None) -> worker_pb2.ControlMessage:
         """The ControlMessage carrying `actions` as the next plan; `change` is what the plan
