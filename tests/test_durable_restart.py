@@ -64,13 +64,14 @@ async def _wait_serving(port: int, proc: subprocess.Popen) -> None:
 
 
 def _running_with_tokens(state_dir: str) -> int:
-    """Jobs whose stored state is mid-segment with output tokens stored."""
+    """Jobs whose stored state is mid-segment with output tokens stored (output stored for
+    the segment the job is at: one that ended moved the job to the next)."""
     with contextlib.closing(sqlite3.connect(f"file:{state_dir}/astraea.db?mode=ro",
                                             uri=True, timeout=5)) as db:
         return db.execute(
             "SELECT COUNT(DISTINCT j.job_id) FROM astraea_jobs j JOIN astraea_transcript t "
             "ON t.job_id = j.job_id AND t.segment = j.segment_index AND t.role = 'output' "
-            "WHERE j.state = 'ready' AND j.finished_unix_s IS NULL").fetchone()[0]
+            "WHERE j.state <> 'finished' AND j.finished_unix_s IS NULL").fetchone()[0]
 
 
 def _budget(job: int, segment: int) -> int:

@@ -32,7 +32,8 @@ __all__ = ["SCHEMA_VERSION", "UPDATABLE_FIELDS", "GatewaySession", "JobRecord", 
 
 
 def open_store(target: str | os.PathLike, *, batch_interval_s: float = 0.01,
-               batch_max_ops: int = 512, reconnect_timeout_s: float = 60.0) -> Store:
+               batch_max_ops: int = 512, reconnect_timeout_s: float = 60.0,
+               writer: str = "thread") -> Store:
     """Open (creating if needed) the store `target` names:
 
     * a directory path (created if missing): SQLite in `<dir>/astraea.db`;
@@ -42,8 +43,12 @@ def open_store(target: str | os.PathLike, *, batch_interval_s: float = 0.01,
 
     Writes are committed every `batch_interval_s` seconds or `batch_max_ops` writes,
     whichever first (see interface.py for what that means for durability). A PostgreSQL
-    connection lost later is reopened for up to `reconnect_timeout_s`. Anything else raises
-    `StoreError` saying what is accepted.
+    connection lost later is reopened for up to `reconnect_timeout_s`. SQLite's `writer`:
+    "thread" (any thread may call the store) or "process" (its statements run in a child
+    process that the caller's event loop drives: for an asyncio owner that calls the store
+    from its loop's thread only, like the control plane; see child_writer.py). PostgreSQL's
+    statements always go through a thread (its server is already another process). Anything
+    else raises `StoreError` saying what is accepted.
     """
     from astraea.store.postgres import open_postgres, redact
     from astraea.store.sqlite import DB_FILE, open_sqlite
@@ -60,7 +65,8 @@ def open_store(target: str | os.PathLike, *, batch_interval_s: float = 0.01,
         path = Path(text.split("://", 1)[1])
         if not str(path) or str(path) == ".":
             raise StoreError(f"{text}: no file named: use sqlite:///path/to/file.db")
-        return open_sqlite(path / DB_FILE if path.is_dir() else path, **batching)
+        return open_sqlite(path / DB_FILE if path.is_dir() else path, writer=writer,
+                           **batching)
     if scheme:
         raise StoreError(f"{redact(text)}: unsupported store scheme {scheme!r}: pass a state "
                          "directory, sqlite:///path or postgresql://user@host/db")
@@ -68,4 +74,4 @@ def open_store(target: str | os.PathLike, *, batch_interval_s: float = 0.01,
     if path.exists() and not path.is_dir():
         raise StoreError(f"{text}: not a directory: a state directory holds {DB_FILE} (for a "
                          f"single file, say sqlite://{text})")
-    return open_sqlite(path / DB_FILE, **batching)
+    return open_sqlite(path / DB_FILE, writer=writer, **batching)

@@ -20,7 +20,8 @@ milliseconds or every few hundred writes, whichever comes first). So:
   reconnects with backoff and commits the batch that was cut, for a bounded time. Meanwhile
   writes and flushes wait, reads raise `StoreError` at once, and `outage` says why; past the
   bound the store fails as above.
-* Any thread may call any method; writes from one thread are applied in the order made.
+* Any thread may call any method; writes from one thread are applied in the order made. (A
+  SQLite store opened with `writer="process"` is the exception: one thread, its event loop's.)
 """
 
 from __future__ import annotations
@@ -163,6 +164,10 @@ class Store(ABC):
     @abstractmethod
     def close(self) -> None:
         """Commit what is queued and release the database. Idempotent."""
+
+    async def close_async(self) -> None:
+        """`close` for an asyncio caller."""
+        await asyncio.to_thread(self.close)
 
     @property
     def outage(self) -> str | None:

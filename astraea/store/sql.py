@@ -169,7 +169,8 @@ class SqlStore(Store):
                  on_close: Callable[[], None] | None = None,
                  reconnect: Callable[[], Any] | None = None,
                  lost: Callable[[Any, BaseException], bool] | None = None,
-                 reconnect_timeout_s: float = 60.0) -> None:
+                 reconnect_timeout_s: float = 60.0,
+                 writer: Callable[[Any], Any] | None = None) -> None:
         if not batch_interval_s >= 0:
             raise ValueError(f"batch_interval_s must be >= 0, got {batch_interval_s}")
         if not (isinstance(batch_max_ops, int) and batch_max_ops >= 1):
@@ -187,6 +188,9 @@ class SqlStore(Store):
                 if on_close is not None:
                     on_close()
             raise
+        if writer is not None:  # another writer takes over from the schema's connection
+            self._writer = writer(conn)
+            return
         # The writer thread owns the connection from here on (writer.py).
         self._writer = BatchWriter(conn, url, interval_s=batch_interval_s,
                                    max_ops=batch_max_ops, pipeline=dialect.pipeline,
@@ -243,6 +247,12 @@ class SqlStore(Store):
     def close(self) -> None:
         self._writer.close()
 
+    async def close_async(self) -> None:
+        if isinstance(self._writer, BatchWriter):
+            await asyncio.to_thread(self.close)
+        else:  # a writer driven by this thread's loop (child_writer.py)
+            self.close()
+
     @property
     def outage(self) -> str | None:
         return self._writer.outage
@@ -251,6 +261,11 @@ class SqlStore(Store):
     def commits(self) -> int:
         """Transactions committed so far (every flush that found writes costs one)."""
         return self._writer.commits
+
+    @property
+    def statements(self) -> int:
+        """Write statements committed so far."""
+        return self._writer.statements
 
     def pending_writes(self) -> int:
         """Operations queued and not yet taken by the writer (a backlog gauge)."""

@@ -14,6 +14,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+from astraea.store.child_writer import ChildWriter
 from astraea.store.records import StoreError
 from astraea.store.sql import Dialect, SqlStore
 
@@ -25,8 +26,15 @@ SQLITE = Dialect(name="sqlite", placeholder="?", real="REAL", int="INTEGER", blo
                  begin_schema=("BEGIN IMMEDIATE",))
 
 
-def open_sqlite(path: str | os.PathLike, **batching) -> SqlStore:
-    """The store in the SQLite file `path` (created with its directory if missing)."""
+WRITERS = ("thread", "process")
+
+
+def open_sqlite(path: str | os.PathLike, *, writer: str = "thread", **batching) -> SqlStore:
+    """The store in the SQLite file `path` (created with its directory if missing). `writer`:
+    "thread" (writer.py: any thread may call the store) or "process" (child_writer.py: the
+    statements run in a child process driven from the caller's event loop; one thread only)."""
+    if writer not in WRITERS:
+        raise StoreError(f"unknown store writer {writer!r}: {' or '.join(WRITERS)}")
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,4 +62,16 @@ def open_sqlite(path: str | os.PathLike, **batching) -> SqlStore:
     except BaseException:
         lock.close()
         raise
-    return SqlStore(conn, SQLITE, str(path), on_close=lock.close, **batching)
+    if writer == "thread":
+        return SqlStore(conn, SQLITE, str(path), on_close=lock.close, **batching)
+
+    def in_child(schema_conn: sqlite3.Connection) -> ChildWriter:
+        schema_conn.close()  # the child opens its own
+        return ChildWriter(str(path), str(path), interval_s=batching["batch_interval_s"],
+                           max_ops=batching["batch_max_ops"], keep_fds=(lock.fileno(),),
+                           on_close=lock.close)
+    try:
+        return SqlStore(conn, SQLITE, str(path), writer=in_child, **batching)
+    except BaseException:
+        lock.close()
+        raise

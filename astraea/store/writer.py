@@ -66,6 +66,7 @@ class BatchWriter:
         self._closed = False
         self._outage: str | None = None
         self.commits = 0  # transactions committed (a gauge for tests and benchmarks)
+        self.statements = 0  # write statements committed (the same)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -175,6 +176,7 @@ class BatchWriter:
         answers: list[tuple[Future, list]] = []
         waiters: list[Future] = []
         closing: Future | None = None
+        statements = 0
         sql_ops = any(k == WRITE or (k == READ and not f.done()) for k, _, f in ops)
         # PostgreSQL: a pipeline sends the round's statements without waiting for each reply;
         # leaving the block waits for all, so nothing is answered before the server committed.
@@ -183,6 +185,7 @@ class BatchWriter:
                 c.execute("BEGIN")
             for kind, payload, fut in ops:
                 if kind == WRITE:
+                    statements += len(payload)
                     for sql, params in payload:
                         runs.add(sql, params)
                 elif kind == READ:
@@ -200,6 +203,7 @@ class BatchWriter:
                 c.execute("COMMIT")
         if sql_ops:
             self.commits += 1
+            self.statements += statements
         for fut, rows in answers:
             fut.set_result(rows)
         for fut in waiters:

@@ -62,6 +62,10 @@ class ServiceConfig(Limits):
     # How long the durable store (PostgreSQL) may stay unreachable before it fails for good;
     # meanwhile StartJob is refused UNAVAILABLE and streams hold their events.
     store_reconnect_timeout_s: float = 60.0
+    # Where SQLite's statements run: "process" (a child process the event loop drives; a
+    # writer thread would take the interpreter lock from the loop at every commit) or
+    # "thread" (astraea/store/child_writer.py explains). PostgreSQL's always use a thread.
+    store_writer: str = "process"
 
 
 class StepObserver(Protocol):

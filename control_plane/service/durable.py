@@ -3,12 +3,23 @@
 What is written, and when (the store batches its writes; `flush` makes them durable):
 
 * StartJob: the job (`put_job`), flushed before the answer: an accepted job is durable.
-* RunSegment accepted: its prompt and state "ready"; tokens streamed: appended to the
+* RunSegment accepted: its prompt (a stored prompt for the job's current segment is what
+  says the segment was accepted: no state is written for it); tokens streamed: appended to the
   transcript (its length is the segment's progress); segment end: its progress and finish
   reason, the job's state, segment count, context and token totals; tool call START/END: the
   job's meta. None of these waits for a commit (the event gate below does).
 * EndJob / CancelJob / a job ending otherwise: `finish_job` (flushed before EndJob and
   CancelJob answer).
+
+Coalescing. The job's row and its output are written often (three row updates and a few
+token chunks per segment), and each write costs the event loop and the store's writer thread a
+little: that, not the commits, is most of what durability costs. So row updates and output
+chunks wait in `_rows` / `_chunks` until the gate next runs (at once, on the loop's next turn)
+and go to the store merged: one update per job with the latest value of each field set since
+(exactly what the updates would have left, one after the other), one chunk per segment with
+the tokens streamed since. Everything merged is queued before the flush that releases the
+events after it, so the gate's promise holds; a job's pending writes are queued before its
+`finish_job` and before any read of it.
 
 The event gate. A client must never have seen something the store could lose, or a resumed
 stream could not continue where the client stands. So every RunSegment event (tokens, done)
@@ -80,6 +91,10 @@ class Durability:
         self.failed: StoreError | None = None
         self.stopping = False  # set when the process stops: see job_finished
         self._last_segment: dict[str, tuple[int, int, str]] = {}  # see segment_ended
+        # Writes waiting to be merged (see "Coalescing" above): job id -> fields to set;
+        # (job id, segment) -> [offset of the first token, the tokens since].
+        self._rows: dict[str, dict] = {}
+        self._chunks: dict[tuple[str, int], list] = {}
 
     # --- writes -------------------------------------------------------------------------
     def job_started(self, entry: JobEntry) -> None:
@@ -98,15 +113,22 @@ class Durability:
         req = seg.request
         prompt = (req.prompt_text if req.WhichOneof("input") == "prompt_text"
                   else list(req.prompt_token_ids.ids))
-        self.store.put_prompt(job_id, seg.index, prompt)
-        self.store.update_job(job_id, state=JobState.READY.value)
+        self.store.put_prompt(job_id, seg.index, prompt)  # accepted: see restore
 
     def tokens(self, entry: JobEntry, seg: SegmentCall, ids: list[int]) -> None:
-        """`ids` were just streamed (`seg.next_index` already counts them). One write per
-        chunk: the stored output's length is the segment's progress (its segment_progress
-        row is written at its end only)."""
-        self.store.append_output(entry.job.job_id, seg.index, ids,
-                                 at=seg.next_index - len(ids))
+        """`ids` were just streamed (`seg.next_index` already counts them). The stored
+        output's length is the segment's progress (its segment_progress row is written at its
+        end only)."""
+        key, at = (entry.job.job_id, seg.index), seg.next_index - len(ids)
+        chunk = self._chunks.get(key)
+        if chunk is None:
+            self._chunks[key] = [at, list(ids)]
+            self._wake.set()
+        elif chunk[0] + len(chunk[1]) == at:
+            chunk[1].extend(ids)
+        else:  # not contiguous (a resumed segment): the stored chunks stay keyed by offset
+            self.store.append_output(key[0], key[1], chunk[1], at=chunk[0])
+            self._chunks[key] = [at, list(ids)]
 
     def segment_ended(self, entry: JobEntry, seg: SegmentCall, finish_reason: int) -> None:
         job = entry.job
@@ -114,16 +136,31 @@ class Durability:
         self.store.segment_progress(job.job_id, seg.index, seg.next_index, reason)
         if job.state is JobState.FINISHED:  # its last segment: see job_finished
             self._last_segment[job.job_id] = (seg.index, seg.next_index, reason)
-        self.store.update_job(job.job_id, state=job.state.value,
-                              segment_index=job.segment_index,
-                              context_tokens=job.context_tokens,
-                              generated_tokens=entry.generated_total)
+        self._update(job.job_id, state=job.state.value, segment_index=job.segment_index,
+                     context_tokens=job.context_tokens, generated_tokens=entry.generated_total)
 
     def tool_reported(self, entry: JobEntry, category: str) -> None:
         """A tool call opened (START) or closed (END: `entry.tool_started_s` is None)."""
-        self.store.update_job(entry.job.job_id, meta={
+        self._update(entry.job.job_id, meta={
             "client": entry.client, "tool_open": entry.tool_started_s is not None,
             "tool_category": category})
+
+    def _update(self, job_id: str, **fields) -> None:
+        row = self._rows.get(job_id)
+        if row is None:
+            self._rows[job_id] = fields
+            self._wake.set()
+        else:
+            row.update(fields)
+
+    def drain(self) -> None:
+        """Queue the merged writes in the store."""
+        rows, self._rows = self._rows, {}
+        chunks, self._chunks = self._chunks, {}
+        for job_id, fields in rows.items():
+            self.store.update_job(job_id, **fields)
+        for (job_id, segment), (at, ids) in chunks.items():
+            self.store.append_output(job_id, segment, ids, at=at)
 
     def job_finished(self, entry: JobEntry, reason: str, error: bool) -> None:
         if self.stopping and error:
@@ -136,6 +173,7 @@ class Durability:
         # is pruned: its client may not have had the done event yet, and resume it.
         last = self._last_segment.pop(job_id, None)
         try:
+            self.drain()  # its own writes land before its end, not after
             self.store.finish_job(job_id, finished_unix_s=entry.finished_unix_s,
                                   reason=reason, state=JobState.FINISHED.value,
                                   generated_tokens=entry.generated_total,
@@ -153,6 +191,7 @@ class Durability:
         outage = self.store.outage
         if outage is not None:
             raise StoreError(outage)
+        self.drain()
         done = asyncio.ensure_future(self.store.flush_async())
         while True:
             finished, _ = await asyncio.wait((done,), timeout=OUTAGE_POLL_S)
@@ -202,11 +241,12 @@ class Durability:
             await self._wake.wait()
             self._wake.clear()
             batch, self._pending = self._pending, []
-            if self.failed is None:
-                try:
+            try:
+                self.drain()
+                if batch and self.failed is None:  # writes alone commit on the store's timer
                     await self.store.flush_async()
-                except StoreError as e:  # streams go on; durability is lost, say so once
-                    self._failed(e)
+            except StoreError as e:  # streams go on; durability is lost, say so once
+                self._failed(e)
             for queue, event in batch:
                 queue.put_nowait(event)
 
@@ -221,9 +261,12 @@ class Durability:
         return len(records)
 
     def _restore_one(self, cp, r: JobRecord, now: float, wall: float) -> None:
-        running = r.state in (JobState.READY.value, JobState.RUNNING.value)
-        api_wait = r.state == JobState.API_WAIT.value
         pieces = self.store.get_transcript(r.job_id)
+        # Its current segment was accepted (its prompt stored) and had not ended. The state
+        # says so too in a store written by an earlier build.
+        running = r.state in (JobState.READY.value, JobState.RUNNING.value) or any(
+            p.segment == r.segment_index and p.role == "prompt" for p in pieces)
+        api_wait = r.state == JobState.API_WAIT.value and not running
         # Scheduler time restarts at 0 with the process: the arrival keeps its age.
         arrival = now - max(0.0, wall - r.arrival_unix_s) / cp.config.time_scale
         job = cp.scheduler.job_restored(r.job_id, arrival, r.category or "unknown",
@@ -323,6 +366,7 @@ class Durability:
                     job.state is JobState.API_WAIT and request.resume_from_index > 0))):
             return None
         last = job.segment_index - 1
+        self.drain()  # a read sees the writes queued before it
         segs = [s for s in self.store.get_segments(job.job_id) if s.segment == last]
         if not segs or segs[0].finish_reason is None:
             return None

@@ -98,8 +98,11 @@ class RunningControlPlane:
                 await task
         if self.predictor_link is not None:
             await self.predictor_link.close()
-        if self.control_plane.durable is not None:  # commits what is queued
-            await asyncio.to_thread(self.control_plane.durable.store.close)
+        durable = self.control_plane.durable
+        if durable is not None:
+            with contextlib.suppress(StoreError):  # failed: logged when it did
+                durable.drain()  # the merged writes the gate had not queued yet
+            await durable.store.close_async()  # commits what is queued
 
 
 async def serve(listen: str = DEFAULT_LISTEN, policy: str = "astraea",
@@ -170,7 +173,8 @@ async def serve(listen: str = DEFAULT_LISTEN, policy: str = "astraea",
 def _open_state(cp: ControlPlane, state: str):
     """Open the store, restore its unfinished jobs into `cp`; returns the event gate's loop
     to run (durable.py). StoreError if the store cannot be opened."""
-    store = open_store(state, reconnect_timeout_s=cp.config.store_reconnect_timeout_s)
+    store = open_store(state, reconnect_timeout_s=cp.config.store_reconnect_timeout_s,
+                       writer=cp.config.store_writer)
     try:
         cp.durable = Durability(store)
         restored = cp.durable.restore(cp)
@@ -235,6 +239,7 @@ async def _main_async(args: argparse.Namespace, metrics: Metrics | None = None) 
                               ServiceConfig(time_scale=args.time_scale,
                                             worker_timeout_s=args.worker_timeout,
                                             store_reconnect_timeout_s=args.database_reconnect,
+                                            store_writer=args.store_writer,
                                             **limits.from_args(args)),
                               predictor=args.predictor, metrics=metrics,
                               predictor_timeout_s=args.predictor_timeout, auth=auth, tls=tls,
@@ -303,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long a lost database connection is retried (with backoff) "
                              "before the store fails for good; meanwhile new jobs get "
                              "UNAVAILABLE (default 60)")
+    parser.add_argument("--store-writer", choices=("process", "thread"),
+                        default=ServiceConfig.store_writer,
+                        help="where SQLite's statements run: a child process driven by the "
+                             "event loop (default) or a thread of this process")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         dest="settings",
                         help="override a scheduling setting (control_plane/core/config.py), "

@@ -4,13 +4,14 @@
 
 One process, one event loop, as in the control plane: `--streams` job loops each run segments
 the way the benchmark's clients do (StartJob, then per segment: RunSegment, two token chunks,
-the segment's end, a tool call START and END; EndJob after `--segments` segments) and make the
-store writes `control_plane/service/durable.py` makes for them, with the real event gate
+the segment's end, a tool call START and END; EndJob after `--segments` segments) through the
+control plane's own `Durability` (control_plane/service/durable.py), with the real event gate
 (`Durability.emit` / `run_gate`: every event waits for a commit issued after its writes). Each
 event also burns `--work-us` of CPU on the loop, standing in for the control plane's own work.
 Runs alternate in memory (events released at once, no store) and with each store given, so a
-busy shared machine weighs on all alike. Reported per run: segments/s, and CPU ms per segment
-of the whole process and of the event loop's thread (the rest is the store's writer thread).
+busy shared machine weighs on all alike. Reported per run: segments/s, CPU ms per segment
+of the whole process and of the event loop's thread (the rest is the store's writer thread),
+commits, and write statements per segment (a job's start and end included).
 The difference from the in-memory run is what durability costs per segment; `astraea
 bench-service` gives what the whole control plane costs per segment, to set it against.
 """
@@ -40,15 +41,20 @@ def _spin(us: float) -> None:
 
 
 async def _run(target: str | None, args: argparse.Namespace) -> dict:
-    from astraea.store import JobRecord, open_store
+    from astraea.plan import JobState
+    from astraea.store import open_store
+    from astraea.v1 import agent_pb2, common_pb2
+    from control_plane.core.job import Job
     from control_plane.service.durable import Durability
+    from control_plane.service.registry import JobEntry, SegmentCall
 
     store = open_store(target) if target else None
     durable = Durability(store) if store is not None else None
     gate = asyncio.create_task(durable.run_gate()) if durable is not None else None
     done, stop = 0, False
     work = args.work_us
-    meta = {"client": "ipv4:127.0.0.1:50000"}
+    request = agent_pb2.RunSegmentRequest(prompt_token_ids=common_pb2.TokenIds(ids=[1] * 8))
+    sampling = common_pb2.SamplingParams(max_tokens=4)
 
     async def event() -> None:
         _spin(work)
@@ -62,38 +68,43 @@ async def _run(target: str | None, args: argparse.Namespace) -> dict:
     async def job_loop() -> None:
         nonlocal done
         while not stop:
-            j = uuid.uuid4().hex
+            entry = JobEntry(job=Job(job_id=uuid.uuid4().hex, arrival_s=0.0, category="qa"),
+                             arrival_unix_s=time.time(), client="127.0.0.1")
+            job = entry.job
             _spin(work)
-            if store is not None:
-                store.put_job(JobRecord(job_id=j, owner="", category="qa",
-                                        arrival_unix_s=time.time(), meta=meta))
+            if durable is not None:
+                durable.job_started(entry)
                 await durable.flush()
             for s in range(args.segments):
                 _spin(work)
-                if store is not None:
-                    store.put_prompt(j, s, [1] * 8)
-                    store.update_job(j, state="ready")
+                seg = SegmentCall(index=s, new_tokens=8, max_tokens=4, sampling=sampling,
+                                  request=request, calls_tool=True, tool_category="search",
+                                  submitted_s=0.0, wait_before=0.0)
+                if durable is not None:
+                    durable.segment_accepted(entry, seg)
                 await asyncio.sleep(0)
-                for c in range(2):
-                    if store is not None:
-                        store.append_output(j, s, [5, 6], at=2 * c)
+                for _ in range(2):
+                    seg.next_index += 2
+                    entry.generated_total += 2
+                    if durable is not None:
+                        durable.tokens(entry, seg, [5, 6])
                     await event()
-                if store is not None:
-                    store.segment_progress(j, s, 4, "FINISH_REASON_TOOL_CALL")
-                    store.update_job(j, state="api_wait", segment_index=s + 1,
-                                     context_tokens=12 * (s + 1), generated_tokens=4 * (s + 1))
+                job.state, job.segment_index, job.context_tokens = (
+                    JobState.API_WAIT, s + 1, 12 * (s + 1))
+                if durable is not None:
+                    durable.segment_ended(entry, seg, common_pb2.FINISH_REASON_TOOL_CALL)
                 await event()
                 for tool_open in (True, False):
                     _spin(work)
-                    if store is not None:
-                        store.update_job(j, meta={**meta, "tool_open": tool_open,
-                                                  "tool_category": "search"})
+                    entry.tool_started_s = 0.0 if tool_open else None
+                    if durable is not None:
+                        durable.tool_reported(entry, "search")
                     await asyncio.sleep(args.tool_ms / 1e3 if tool_open else 0)
                 done += 1
             _spin(work)
-            if store is not None:
-                store.finish_job(j, finished_unix_s=time.time(), reason="EndJob",
-                                 generated_tokens=4 * args.segments)
+            job.state, entry.finished_unix_s = JobState.FINISHED, time.time()
+            if durable is not None:
+                durable.job_finished(entry, "EndJob", error=False)
                 await durable.flush()
 
     tasks = [asyncio.create_task(job_loop()) for _ in range(args.streams)]
@@ -103,15 +114,22 @@ async def _run(target: str | None, args: argparse.Namespace) -> dict:
     d1, c1, m1, t1 = done, _cpu(), time.thread_time(), time.perf_counter()
     stop = True
     await asyncio.gather(*tasks)
-    commits = None
+    commits = statements = None
     if store is not None:
         gate.cancel()
-        commits = getattr(store, "commits", None)
+        durable.drain()
+        store.flush()
+        commits, statements = store.commits, store.statements
         store.close()
     n = max(1, d1 - d0)
     return {"segments_per_s": n / (t1 - t0), "cpu_ms_per_segment": 1e3 * (c1 - c0) / n,
             "loop_cpu_ms_per_segment": 1e3 * (m1 - m0) / n, "commits": commits,
+            "statements_per_segment": None if statements is None else statements / max(1, done),
             "load_average": os.getloadavg()[0]}
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.database:
         modes.append(("postgresql", args.database))
     print(f"{'mode':10} {'segments/s':>10} {'CPU ms/seg':>10} {'loop thread':>11} "
-          f"{'commits':>8} {'load':>5}")
+          f"{'commits':>8} {'writes/seg':>10} {'load':>5}")
     for _ in range(args.rounds):
         for name, target in modes:
             if name == "sqlite":  # a fresh state directory per run
@@ -144,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             r = asyncio.run(_run(target, args))
             print(f"{name:10} {r['segments_per_s']:10.1f} {r['cpu_ms_per_segment']:10.3f} "
                   f"{r['loop_cpu_ms_per_segment']:11.3f} {r['commits'] or '-':>8} "
+                  f"{_fmt(r['statements_per_segment']):>10} "
                   f"{r['load_average']:5.1f}", flush=True)
     return 0
 

@@ -22,6 +22,26 @@ import time
 from astraea.tools.bench.service_load import DEFAULT_PROFILE
 
 
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of this process's running children (Linux /proc)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids = f.read().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
+            except (OSError, IndexError, ValueError):
+                pass  # exited meanwhile
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     """The control plane as `astraea-control-plane` runs it, plus the stdin command channel."""
     from control_plane.service import server as cp_server
@@ -36,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cprofile", default=None)
     p.add_argument("--grpc-floor", action="store_true")
     p.add_argument("--state-dir", default=None, help="the control plane's durable state")
+    p.add_argument("--store-writer", default="process", choices=("process", "thread"))
     p.add_argument("--max-unfinished-jobs", type=int, default=0,
                    help="the control plane's admission bound (0: its default)")
     args = p.parse_args(argv)
@@ -56,11 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             running = await cp_server.serve(args.listen, args.policy, args.profile,
                                             ServiceConfig(time_scale=args.time_scale,
+                                                          store_writer=args.store_writer,
                                                           **limits),
                                             metrics=tel.metrics, state=args.state_dir)
             port, stats = running.port, running.control_plane.stats
         cp_server.freeze_startup_objects()  # as astraea-control-plane's main does
         gc_time = _GcTimer()
+        children_cpu0 = _children_cpu_s()
         reply({"ready": True, "port": port, "pid": os.getpid()})
         loop = asyncio.get_running_loop()
         prof = None
@@ -72,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 if cmd == "reset":
                     gc_time.reset()
+                    children_cpu0 = _children_cpu_s()
                     if args.cprofile:
                         import cProfile
 
@@ -86,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                         prof.dump_stats(args.cprofile)
                         prof = None
                     snap["plans_total"] = running.planner.plans if running is not None else 0
+                    # Its child processes (the SQLite writer: astraea/store/child_writer.py)
+                    # work for it too.
+                    snap["children_cpu_s"] = _children_cpu_s() - children_cpu0
                     snap["gc"] = gc_time.snapshot()
                     reply(snap)
                 elif cmd == "interval":

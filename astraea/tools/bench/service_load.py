@@ -90,6 +90,7 @@ class ServiceBenchConfig:
     # it allows would be refused at StartJob.
     max_unfinished_jobs: int = 0
     database: str | None = None  # or its --database (a postgresql:// URL)
+    store_writer: str = "process"  # its --store-writer (SQLite)
 
     def check(self) -> None:
         if self.jobs < 1 or self.workers < 1 or self.segments_per_job < 1:
@@ -119,6 +120,7 @@ class _Host:
             args += ["--state-dir", cfg.database]  # serve() takes a URL there too
         if cfg.max_unfinished_jobs:
             args += ["--max-unfinished-jobs", str(cfg.max_unfinished_jobs)]
+        args += ["--store-writer", cfg.store_writer]
         self.log = log_dir / "control-plane.log"
         with open(self.log, "wb") as err:
             self.popen = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -454,10 +456,12 @@ def run(cfg: ServiceBenchConfig, log=None) -> dict:
         "client_segment_latency": summarize_ms(window.latency_s),
         # CPU the control plane spent per completed segment, and the segments/s one fully
         # busy core would give at that cost (an extrapolation, labelled as such).
-        "control_plane_cpu_ms_per_segment": (1e3 * cp["cpu_s"] / window.segments
-                                             if window.segments else math.nan),
+        "control_plane_cpu_ms_per_segment": (
+            1e3 * (cp["cpu_s"] + cp.get("children_cpu_s", 0.0)) / window.segments
+            if window.segments else math.nan),
         "control_plane_gc": cp.get("gc"),
         "cpu_percent": {"control_plane": cp["cpu_percent"],
+                        "control_plane_children": 100 * cp.get("children_cpu_s", 0.0) / cp_s,
                         "load_generator": 100 * (marks["self_cpu1"] - marks["self_cpu0"]) / span,
                         "workers": worker_cpu},
         "loadavg_start": list(marks["load0"]),
@@ -497,7 +501,10 @@ def format_report(r: dict) -> str:
         f"bench-service: {c['jobs']} jobs in flight, {what}, "
         f"{c['segments_per_job']} segments/job x {c['tokens']} tokens, "
         f"tool {c['tool_ms']:g} ms{'' if c['tool_reports'] else ' (not reported)'}, time "
-        f"scale {c['time_scale']:g}, {r['window_s']:.1f} s window",
+        f"scale {c['time_scale']:g}, {r['window_s']:.1f} s window, state "
+        + ("in memory" if not (c.get("state_dir") or c.get("database")) else
+           "PostgreSQL" if c.get("database") else
+           f"SQLite (statements in a {c.get('store_writer', 'thread')})"),
         f"load average {' '.join(f'{x:.2f}' for x in r['loadavg_start'])} (start), "
         f"{' '.join(f'{x:.2f}' for x in r['loadavg_end'])} (end), {r['cpus']} CPUs",
         "",
@@ -521,7 +528,10 @@ def format_report(r: dict) -> str:
                      f"{_num(s['max_ms'], '.2f', 9)}{s['count']:>10,}")
     lines += [
         "",
-        f"CPU % (100 = one core): control plane {cpu['control_plane']:.0f}, load generator "
+        f"CPU % (100 = one core): control plane {cpu['control_plane']:.0f}"
+        + (f" (and its store process {cpu['control_plane_children']:.0f})"
+           if cpu.get("control_plane_children") else "")
+        + f", load generator "
         f"{cpu['load_generator']:.0f}, workers "
         + ", ".join(f"{x:.0f}" for x in cpu["workers"]),
         "control-plane events by kind: " + ", ".join(

@@ -49,6 +49,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          "what durability costs (default: in memory)")
     bs.add_argument("--database", default=None, metavar="URL",
                     help="the same with a PostgreSQL database (postgresql://user@host/db)")
+    bs.add_argument("--store-writer", choices=("process", "thread"), default="process",
+                    help="where the control plane runs SQLite's statements (its "
+                         "--store-writer): a child process (default) or a thread")
     bs.add_argument("--out", help="write the report as JSON")
     bs.set_defaults(func=cmd_bench_service)
 
@@ -64,7 +67,7 @@ def cmd_bench_service(args: argparse.Namespace) -> int:
         tool_reports=not args.no_tool_reports,
         kv_blocks=args.kv_blocks, log_level=args.log_level, log_dir=args.log_dir,
         cprofile=args.cprofile, grpc_floor=args.grpc_floor, state_dir=args.state_dir,
-        database=args.database)
+        database=args.database, store_writer=args.store_writer)
     report = run(cfg)
     print(format_report(report))
     if args.out:
