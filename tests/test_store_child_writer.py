@@ -179,3 +179,38 @@ def test_a_killed_owner_takes_its_writer_process_and_lock_with_it(tmp_path):
 def test_an_unknown_writer_is_refused(tmp_path):
     with pytest.raises(StoreError, match="unknown store writer"):
         open_store(tmp_path, writer="fork")
+
+
+_INTERRUPTED_OWNER = textwrap.dedent("""
+    import asyncio, sys
+    from astraea.store import JobRecord, open_store
+
+    async def main():
+        store = open_store(sys.argv[1], batch_interval_s=3600, batch_max_ops=10**6,
+                           writer="process")
+        try:
+            store.put_job(JobRecord("early", "k", "qa", 1000.0))
+            await store.flush_async()
+            store.put_job(JobRecord("late", "k", "qa", 1001.0))  # committed by close only
+            print("ready", flush=True)
+            await asyncio.sleep(600)
+        finally:
+            store.close()
+
+    asyncio.run(main())
+""")
+
+
+def test_a_ctrl_c_to_the_owners_group_lets_it_commit_its_last_round(tmp_path):
+    owner = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_OWNER, str(tmp_path)],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        assert owner.stdout.readline().strip() == "ready", owner.stderr.read()
+        os.killpg(owner.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        owner.wait(30)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+    with open_store(tmp_path, writer="process") as store:
+        assert [j.job_id for j in store.load_unfinished()] == ["early", "late"]

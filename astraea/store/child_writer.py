@@ -14,7 +14,9 @@ called from one thread (the event loop's; a caller without a running loop gets i
 at its next flush or read), and a read blocks that thread until the child answers (reads are
 rare: recovery at start, a resumed segment). The child holds the state file's lock with its
 parent (the same open file), exits when its stdin closes (a round cut mid-frame is never run;
-one being run is rolled back by SQLite if the child dies), and its death fails the store.
+one being run is rolled back by SQLite if the child dies), runs in a session of its own (a
+Ctrl-C meant for the owner reaches it only as that EOF, after the owner's last round), and its
+death fails the store.
 
     python -m astraea.store.child_writer PATH   # the child: frames in on stdin, answers out
 """
@@ -64,7 +66,10 @@ class ChildWriter:
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "astraea.store.child_writer", path],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=keep_fds)
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=keep_fds,
+                # Out of the terminal's process group: a Ctrl-C meant for the owner must not
+                # kill the child before the owner's last round (it exits on EOF instead).
+                start_new_session=True)
         except OSError as e:
             raise StoreError(f"{url}: cannot start the store's writer process: {e}") from None
         self._out_fd, self._in_fd = self._proc.stdin.fileno(), self._proc.stdout.fileno()
