@@ -214,3 +214,19 @@ def test_a_ctrl_c_to_the_owners_group_lets_it_commit_its_last_round(tmp_path):
             owner.kill()
     with open_store(tmp_path, writer="process") as store:
         assert [j.job_id for j in store.load_unfinished()] == ["early", "late"]
+
+
+def test_one_store_used_from_one_loop_after_another(tmp_path):
+    store = open_store(tmp_path, batch_interval_s=0.01, writer="process")
+    try:
+        async def write(job_id):
+            store.put_job(_job(job_id))
+            await asyncio.wait_for(store.flush_async(), 30)
+
+        asyncio.run(write("a"))
+        asyncio.run(write("b"))  # the first loop is closed: the store follows the second
+        store.put_job(_job("c"))  # and none: sent with the next flush
+        store.flush()
+        assert [j.job_id for j in store.load_unfinished()] == ["a", "b", "c"]
+    finally:
+        store.close()

@@ -128,14 +128,25 @@ class ChildWriter:
 
     # --- rounds out -----------------------------------------------------------------------
     def _attach(self) -> None:
-        """Follow the child's answers on the running loop (once one runs)."""
-        if self._loop is not None:
-            return
+        """Follow the child's answers on the caller's running loop, if any (a caller that
+        runs one loop after another moves with it)."""
         try:
-            self._loop = asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
         except RuntimeError:
+            loop = None
+        if loop is self._loop:
             return
-        self._loop.add_reader(self._in_fd, self._readable)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._in_fd)
+            self._loop.remove_writer(self._out_fd)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._loop = loop
+        if loop is not None:
+            loop.add_reader(self._in_fd, self._readable)
+            if self._sent:
+                loop.add_writer(self._out_fd, self._writable)
 
     def _send(self, flush: Future | None = None, read: Future | None = None) -> None:
         if self._timer is not None:
