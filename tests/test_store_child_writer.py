@@ -182,8 +182,12 @@ def test_an_unknown_writer_is_refused(tmp_path):
 
 
 _INTERRUPTED_OWNER = textwrap.dedent("""
-    import asyncio, sys
+    import asyncio, signal, sys
     from astraea.store import JobRecord, open_store
+
+    # Started in the background, a process may inherit SIGINT ignored (and pass that on to
+    # its children): this one takes Ctrl-C as a terminal's foreground program does.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     async def main():
         store = open_store(sys.argv[1], batch_interval_s=3600, batch_max_ops=10**6,
