@@ -12,12 +12,11 @@ What is written, and when (the store batches its writes; `flush` makes them dura
   CancelJob answer).
 
 Coalescing. The job's row and its output are written often (three row updates and a few
-token chunks per segment), and each write costs the event loop and the store's writer thread a
-little: that, not the commits, is most of what durability costs. So row updates and output
-chunks wait in `_rows` / `_chunks` until the gate next runs (at once, on the loop's next turn)
-and go to the store merged: one update per job with the latest value of each field set since
-(exactly what the updates would have left, one after the other), one chunk per segment with
-the tokens streamed since. Everything merged is queued before the flush that releases the
+token chunks per segment), and each write costs the event loop and the store a little. So
+row updates and output chunks wait in `_rows` / `_chunks` until the gate next runs (at once,
+on the loop's next turn) and go to the store merged: one update per job with the latest value
+of each field set since (exactly what the updates would have left, one after the other), one
+chunk per segment with the tokens streamed since. Everything merged is queued before the flush that releases the
 events after it, so the gate's promise holds; a job's pending writes are queued before its
 `finish_job` and before any read of it.
 
