@@ -136,22 +136,27 @@ class ChildWriter:
             loop = None
         if loop is self._loop:
             return
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self._in_fd)
-            self._loop.remove_writer(self._out_fd)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._detach()
         self._loop = loop
         if loop is not None:
             loop.add_reader(self._in_fd, self._readable)
             if self._sent:
                 loop.add_writer(self._out_fd, self._writable)
 
-    def _send(self, flush: Future | None = None, read: Future | None = None) -> None:
+    def _detach(self) -> None:
+        """Stop following the child on the current loop (and its timer)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._in_fd)
+            self._loop.remove_writer(self._out_fd)
+        self._cancel_timer()
+
+    def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _send(self, flush: Future | None = None, read: Future | None = None) -> None:
+        self._cancel_timer()
         if self._failed is not None:
             return
         ops, self._ops = self._ops, []
@@ -243,12 +248,7 @@ class ChildWriter:
         if self._stopped:
             return
         self._stopped = True
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self._in_fd)
-            self._loop.remove_writer(self._out_fd)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._detach()
         with contextlib.suppress(OSError):
             self._proc.stdin.close()  # the child's EOF: it exits
         try:
@@ -266,9 +266,9 @@ class ChildWriter:
 def _child(path: str) -> int:
     """Run each round read from stdin as one transaction; answer ("ok", rows of its read or
     None) or ("error", why), then stop."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
+    from astraea.store.sqlite import connect  # not at the top: sqlite.py imports this module
+
+    conn = connect(path)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     while True:
         header = inp.read(_HEADER.size)

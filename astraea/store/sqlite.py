@@ -29,6 +29,19 @@ SQLITE = Dialect(name="sqlite", placeholder="?", real="REAL", int="INTEGER", blo
 WRITERS = ("thread", "process")
 
 
+def connect(path: str | os.PathLike) -> sqlite3.Connection:
+    """A connection in autocommit mode, WAL, `synchronous=NORMAL` (the store's and its writer
+    process's); StoreError if the file system refuses WAL."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode.lower() != "wal":
+        conn.close()
+        raise StoreError(f"{path}: SQLite cannot use WAL mode here (got {mode!r}; a network "
+                         "file system?)")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
 def open_sqlite(path: str | os.PathLike, *, writer: str = "thread", **batching) -> SqlStore:
     """The store in the SQLite file `path` (created with its directory if missing). `writer`:
     "thread" (writer.py: any thread may call the store) or "process" (child_writer.py: the
@@ -48,14 +61,7 @@ def open_sqlite(path: str | os.PathLike, *, writer: str = "thread", **batching) 
         raise StoreError(f"{path}: another process has this state file open (a control plane "
                          "still running?); each needs its own state directory") from None
     try:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                               timeout=30.0)
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            conn.close()
-            raise StoreError(f"{path}: SQLite cannot use WAL mode here (got {mode!r}; a "
-                             "network file system?)")
-        conn.execute("PRAGMA synchronous=NORMAL")
+        conn = connect(path)
     except sqlite3.Error as e:
         lock.close()
         raise StoreError(f"{path}: cannot open the SQLite database: {e}") from None

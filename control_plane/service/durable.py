@@ -16,9 +16,9 @@ token chunks per segment), and each write costs the event loop and the store a l
 row updates and output chunks wait in `_rows` / `_chunks` until the gate next runs (at once,
 on the loop's next turn) and go to the store merged: one update per job with the latest value
 of each field set since (exactly what the updates would have left, one after the other), one
-chunk per segment with the tokens streamed since. Everything merged is queued before the flush that releases the
-events after it, so the gate's promise holds; a job's pending writes are queued before its
-`finish_job` and before any read of it.
+chunk per segment with the tokens streamed since. Everything merged is queued before the
+flush that releases the events after it, so the gate's promise holds; a job's pending writes
+are queued before its `finish_job` and before any read of it.
 
 The event gate. A client must never have seen something the store could lose, or a resumed
 stream could not continue where the client stands. So every RunSegment event (tokens, done)

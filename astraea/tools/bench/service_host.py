@@ -14,32 +14,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import math
 import os
 import sys
 import time
 
-from astraea.tools.bench.service_load import DEFAULT_PROFILE
+from astraea.tools.bench.service_load import DEFAULT_PROFILE, _proc_cpu_s
 
 
 def _children_cpu_s() -> float:
     """User + system CPU seconds of this process's running children (Linux /proc)."""
-    total = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
+    pids = []
     for task in os.listdir("/proc/self/task"):
-        try:
+        with contextlib.suppress(OSError):
             with open(f"/proc/self/task/{task}/children") as f:
-                pids = f.read().split()
-        except OSError:
-            continue
-        for pid in pids:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / tick
-            except (OSError, IndexError, ValueError):
-                pass  # exited meanwhile
-    return total
+                pids += f.read().split()
+    cpu = (_proc_cpu_s(int(pid)) for pid in pids)
+    return sum(c for c in cpu if not math.isnan(c))  # NaN: exited meanwhile
 
 
 def main(argv: list[str] | None = None) -> int:
