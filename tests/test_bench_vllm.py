@@ -13,14 +13,15 @@ import pytest
 from astraea.profile import load_profile, step_time_ratio
 from astraea.telemetry.span_files import load_spans
 from astraea.telemetry.spans import JCT_S, JOB
-from astraea.tools.bench.vllm_live import timed_steps, tiny_agent_trace
+from astraea.tools.bench.vllm_live import timed_steps
 from astraea.tools.stack import StackConfig, StackError
+from astraea.workloads import generate_tiny_agent
 
 
 def test_tiny_trace_is_seeded_and_small() -> None:
-    jobs = tiny_agent_trace(20, seed=3, qps=4.0)
-    assert jobs == tiny_agent_trace(20, seed=3, qps=4.0)
-    assert jobs != tiny_agent_trace(20, seed=4, qps=4.0)
+    jobs = generate_tiny_agent(20, seed=3, qps=4.0)
+    assert jobs == generate_tiny_agent(20, seed=3, qps=4.0)
+    assert jobs != generate_tiny_agent(20, seed=4, qps=4.0)
     for j in jobs:
         calls = [s.tool for s in j.segments if s.tool]
         assert 2 <= len(calls) <= 4 and j.segments[-1].tool is None

@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 
 from astraea.tools.cli.main import main
-from astraea.workloads import GENERATED, generate_chat, generate_heavy_tail, load_trace
+from astraea.workloads import (
+    GENERATED,
+    generate_chat,
+    generate_heavy_tail,
+    generate_tiny_agent,
+    load_trace,
+)
 from astraea.workloads.heavy_tail import CATEGORIES
+from astraea.workloads.tiny_agent import MAX_JOB_TOKENS
 
 
 def calls(jobs, category=None):
@@ -90,7 +97,19 @@ def test_chat_conversations_fit_a_small_window():
         generate_chat(5, seed=0, context_window=8)
 
 
-@pytest.mark.parametrize("shape", ["heavy-tail", "chat"])
+def test_tiny_agent_jobs_are_the_same_with_or_without_arrivals():
+    timed = generate_tiny_agent(30, seed=1, qps=4.0)
+    untimed = generate_tiny_agent(30, seed=1)
+    assert all(j.arrival_s is None for j in untimed)
+    assert [j.segments for j in untimed[:1]] == [j.segments for j in timed[:1]]
+    assert all(j.total_tokens <= MAX_JOB_TOKENS for j in timed + untimed)
+    with pytest.raises(ValueError, match="context_window"):
+        generate_tiny_agent(5, seed=0, context_window=512)
+    with pytest.raises(ValueError, match="qps"):
+        generate_tiny_agent(5, seed=0, qps=0.0)
+
+
+@pytest.mark.parametrize("shape", ["heavy-tail", "chat", "tiny-agent"])
 def test_trace_gen_writes_the_shape_and_bench_runs_it_by_name(tmp_path, shape):
     assert shape in GENERATED
     out = tmp_path / f"{shape}.jsonl"

@@ -15,11 +15,10 @@ import pytest
 
 from astraea.plan import Admit, JobState, KvAction
 from astraea.profile import HardwareProfile, load_profile
-from astraea.tools.bench.vllm_live import tiny_agent_trace
 from astraea.tools.sim.metrics import JobRecord, idle_jct_s, summarize
 from astraea.tools.sim.oracle import TraceOracle
 from astraea.tools.sim.simulator import Simulation
-from astraea.workloads import JobTrace, Segment, ToolCall, generate_mix
+from astraea.workloads import JobTrace, Segment, ToolCall, generate_mix, generate_tiny_agent
 from control_plane.core.config import SchedulerConfig
 from control_plane.core.estimates import OnlineJobEstimator
 from control_plane.core.job import Job
@@ -244,7 +243,7 @@ def test_the_tiny_agent_trace_runs_on_a_48_block_pool(policy, overrides):
     has 2" under astraea and astraea-paper)."""
     profile = HardwareProfile.from_dict(SMALL_48, "small-48.json")
     config = SchedulerConfig().with_overrides(overrides)
-    sim = CheckedSimulation(tiny_agent_trace(200, 1, 4.0), profile, policy, config=config)
+    sim = CheckedSimulation(generate_tiny_agent(200, 1, 4.0), profile, policy, config=config)
     result = sim.run()
     assert sim.violations == []
     assert result.summary["jobs_completed"] == 200

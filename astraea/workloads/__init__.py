@@ -10,11 +10,12 @@ from astraea.workloads.heavy_tail import generate_heavy_tail
 from astraea.workloads.infercept_format import read_infercept
 from astraea.workloads.long_context import generate_long_context
 from astraea.workloads.native import read_native, write_native
+from astraea.workloads.tiny_agent import generate_tiny_agent
 from astraea.workloads.trace import JobTrace, Segment, ToolCall, TraceError
 
 __all__ = [
     "GENERATED", "INFERCEPT_MIX", "JobTrace", "Segment", "ToolCall", "TraceError", "generate_mix",
-    "generate_long_context", "generate_heavy_tail", "generate_chat",
+    "generate_long_context", "generate_heavy_tail", "generate_chat", "generate_tiny_agent",
     "load_trace", "read_infercept", "read_native", "with_poisson_arrivals", "write_native",
     "take_jobs",
 ]
@@ -26,6 +27,7 @@ GENERATED = {
     "long-context": generate_long_context,  # coding-agent sessions (long_context.py)
     "heavy-tail": generate_heavy_tail,  # 5 tool categories, log-normal σ 1.5 (heavy_tail.py)
     "chat": generate_chat,  # conversations with minutes-long human replies (chat.py)
+    "tiny-agent": generate_tiny_agent,  # bench-vllm's jobs, for the small models (tiny_agent.py)
 }
 
 

@@ -14,14 +14,10 @@ as the worker timed them (the predictor's saved step samples: the last 2,048) ar
 the cost model's price for the same steps: `step_time_ratio` is their total measured time over
 the total the profile predicts (1: the control plane plans with the engine's real speed).
 
-The trace (`tiny_agent_trace`) is a scaled-down agent mix for the project's models, seeded: each
-job has a category of the InferCept mix (astraea.workloads.generator.INFERCEPT_MIX) and a
-first prompt of 32-200 tokens, 2-4 tool calls, 8-48 output tokens per segment and 8-32
-result tokens per tool. It keeps the mix's shape (several paused segments per job, tools of
-different lengths per category) but not its sizes: contexts of a few hundred tokens instead
-of ~1,500, and tool calls of 0.1-1.0 s instead of 0.1 ms-30 s, so that 36 jobs run in about a
-minute per policy on two CPU cores and fit the models' context window. Arrivals are
-Poisson at `qps`. Prompt token ids are drawn from the model's vocabulary (skipping <s> and
+The trace is the tiny-agent workload (astraea/workloads/tiny_agent.py): a scaled-down
+InferCept mix for the project's models, seeded, with Poisson arrivals at `qps`; `astraea bench
+--workload tiny-agent --kv-blocks 48 --profile P` replays the same jobs in the simulator.
+Prompt token ids are drawn from the model's vocabulary (skipping <s> and
 </s>), seeded per job and segment, so both policies see the same tokens. The random model
 may emit </s> before a segment's budget: that job then ends there (greedy decoding is
 token-exact under every KV action, so it ends at the same point under every policy); the
@@ -39,18 +35,9 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from astraea.workloads.trace import JobTrace, Segment, ToolCall
+from astraea.workloads.tiny_agent import generate_tiny_agent
+from astraea.workloads.trace import JobTrace
 
-# Category -> (tool name, tool duration range in s): the InferCept categories, with durations
-# squeezed into 0.1-1.0 s in the order of the paper's means (calculator fastest).
-TOOLS: dict[str, tuple[str, float, float]] = {
-    "math": ("calculator", 0.1, 0.2),
-    "ve": ("virtual_env", 0.1, 0.3),
-    "qa": ("wikipedia", 0.3, 0.7),
-    "image": ("image_gen", 0.5, 1.0),
-    "tts": ("text_to_speech", 0.5, 1.0),
-    "chatbot": ("human_reply", 0.6, 1.0),
-}
 # Astraea against every peer, vllm-fcfs first (the ratios' baseline).
 DEFAULT_POLICIES = ("vllm-fcfs", "infercept", "continuum", "autellix-plas", "astraea")
 MEASURE = "measure"  # --profile: time this machine's engine first (astraea profile)
@@ -92,31 +79,6 @@ class PolicyRun:
     log_dir: str = ""
     # Measured / profile-predicted time of the engine's steps ({} when none were saved).
     step_time_ratio: dict[str, float] = field(default_factory=dict)
-
-
-def tiny_agent_trace(n: int, seed: int, qps: float) -> list[JobTrace]:
-    """`n` seeded agent jobs sized for the tiny model (see the module docstring)."""
-    if n < 1:
-        raise ValueError("--jobs must be at least 1")
-    if not qps > 0:
-        raise ValueError("--qps must be positive")
-    rng = random.Random(seed)
-    categories = sorted(TOOLS)
-    jobs, t = [], 0.0
-    for i in range(n):
-        category = rng.choice(categories)
-        tool, lo, hi = TOOLS[category]
-        calls = rng.randint(2, 4)
-        segments = []
-        for k in range(calls + 1):
-            call = None
-            if k < calls:
-                call = ToolCall(tool, category, round(rng.uniform(lo, hi), 3), rng.randint(8, 32))
-            segments.append(Segment(rng.randint(32, 200) if k == 0 else 0,
-                                    rng.randint(8, 48), call))
-        t += rng.expovariate(qps)
-        jobs.append(JobTrace(f"j{i}", tuple(segments), round(t, 4), category))
-    return jobs
 
 
 def prompt_ids_for(vocab_size: int, seed: int):
@@ -190,7 +152,9 @@ def run(cfg: VllmBenchConfig, log=sys.stderr) -> dict:
     SchedulerConfig.from_settings(list(cfg.settings))  # refused before any engine starts
     started = time.monotonic()
     model = Path(resolve_model(cfg.model))
-    jobs = tiny_agent_trace(cfg.jobs, cfg.seed, cfg.qps)
+    if not cfg.qps > 0:
+        raise ValueError("--qps must be positive")
+    jobs = generate_tiny_agent(cfg.jobs, cfg.seed, cfg.qps)
     longest = max(j.total_tokens for j in jobs)
     if longest > cfg.kv_blocks * 32:
         raise ValueError(f"a job of {longest} tokens does not fit {cfg.kv_blocks} blocks of 32")

@@ -18,8 +18,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--workload", default="infercept",
                    help="'infercept' (the generated InferCept mix), 'long-context' (generated "
                         "coding-agent sessions), 'heavy-tail' (log-normal tool latencies over "
-                        "1000x), 'chat' (minutes-long human replies) or a trace file (native "
-                        "JSONL or InferCept JSON)")
+                        "1000x), 'chat' (minutes-long human replies), 'tiny-agent' (bench-vllm's "
+                        "jobs, sized for the small models) or a trace file (native JSONL or "
+                        "InferCept JSON)")
     b.add_argument("--profile", default="gptj-6b-a100",
                    help=f"built-in ({', '.join(BUILTIN_PROFILES)}) or a profile JSON path")
     b.add_argument("--policies", default=DEFAULT_POLICIES)

@@ -14,13 +14,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("trace", help="agent traces")
     tsub = t.add_subparsers(dest="trace_command", required=True)
     g = tsub.add_parser("gen", help="write a generated agent trace (native JSONL)")
-    g.add_argument("--shape", choices=("infercept", "long-context", "heavy-tail", "chat"),
+    g.add_argument("--shape", choices=("infercept", "long-context", "heavy-tail", "chat", "tiny-agent"),
                    default="infercept",
                    help="'infercept': the InferCept agent mix; 'long-context': coding-agent "
                         "sessions (15-120k-token prompts, dozens of 0.02-5 s tool calls; use a "
                         "long-window profile such as llama3-8b-h100); 'heavy-tail': five tool "
                         "categories, log-normal durations (σ 1.5) with means 0.05-50 s; "
-                        "'chat': conversations whose user replies take minutes")
+                        "'chat': conversations whose user replies take minutes; 'tiny-agent': "
+                        "bench-vllm's jobs, sized for the project's small models")
     g.add_argument("--jobs", type=int, default=1000)
     g.add_argument("--qps", type=float, default=None,
                    help="Poisson arrival rate; omit for a trace without arrivals")
