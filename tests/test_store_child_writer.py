@@ -70,6 +70,26 @@ def test_writes_batch_commit_on_the_loops_timer_and_reads_see_them(tmp_path):
     asyncio.run(main())
 
 
+def test_a_flush_whose_waiter_was_cancelled_leaves_the_store_working(tmp_path):
+    """A flush awaited with a timeout that expires (asyncio.wait_for cancels it): the child's
+    answer arrives for a cancelled future later; the store must go on."""
+    async def main():
+        store = open_store(tmp_path, writer="process")
+        try:
+            store.put_job(_job("j"))
+            waiter = asyncio.ensure_future(store.flush_async())
+            await asyncio.sleep(0)  # the round is sent
+            waiter.cancel()
+            store.update_job("j", context_tokens=9)
+            await asyncio.wait_for(store.flush_async(), 30)
+            assert _outside(tmp_path, "SELECT context_tokens FROM astraea_jobs") == [(9,)]
+            assert waiter.cancelled()
+        finally:
+            await store.close_async()
+
+    asyncio.run(main())
+
+
 def test_rounds_larger_than_a_pipe_holds_do_not_deadlock(tmp_path):
     async def main():
         # 256 chunks of 4,000 tokens: a 4 MB round each way through 64 KB pipes, and a read

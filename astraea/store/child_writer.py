@@ -77,6 +77,7 @@ class ChildWriter:
         os.set_blocking(self._in_fd, False)
         self._ops: list = []  # queued, not yet sent
         self._sent = bytearray()  # framed rounds the pipe has not taken yet
+        self._waiting_pipe = False  # `_writable` is registered with the loop for the pipe
         self._received = bytearray()
         self._rounds: collections.deque = collections.deque()  # sent rounds' (flushes, read)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -89,14 +90,7 @@ class ChildWriter:
 
     # --- the callers' side (BatchWriter's) ----------------------------------------------------
     def put(self, kind: int, payload: Any = None) -> Future | None:
-        if threading.get_ident() != self._thread:
-            raise RuntimeError("this store is driven by one thread's event loop; it was "
-                               "called from another thread")
-        if self._failed is not None:
-            raise self._failed
-        if self._closed:
-            raise StoreError(f"{self._url}: the store is closed")
-        self._attach()
+        self._usable()
         if kind == WRITE:
             self._ops.append((WRITE, payload))
             if len(self._ops) >= self._max_ops:
@@ -116,8 +110,28 @@ class ChildWriter:
             self._send(flush=fut)
         return fut
 
+    async def flush_async(self) -> None:
+        """`put(FLUSH)` awaited on the loop that reads the answers: an asyncio future set
+        there (a thread's future would wake the loop through its self-pipe)."""
+        self._usable()
+        fut = self._loop.create_future()
+        self._send(flush=fut)
+        await fut
+
     def pending(self) -> int:
         return len(self._ops)
+
+    def _usable(self) -> None:
+        """Refuse a call from another thread, or after failure or close; follow the
+        caller's loop."""
+        if threading.get_ident() != self._thread:
+            raise RuntimeError("this store is driven by one thread's event loop; it was "
+                               "called from another thread")
+        if self._failed is not None:
+            raise self._failed
+        if self._closed:
+            raise StoreError(f"{self._url}: the store is closed")
+        self._attach()
 
     def close(self) -> None:
         if not self._closed and self._failed is None:
@@ -142,12 +156,14 @@ class ChildWriter:
             loop.add_reader(self._in_fd, self._readable)
             if self._sent:
                 loop.add_writer(self._out_fd, self._writable)
+                self._waiting_pipe = True
 
     def _detach(self) -> None:
         """Stop following the child on the current loop (and its timer)."""
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._in_fd)
             self._loop.remove_writer(self._out_fd)
+        self._waiting_pipe = False
         self._cancel_timer()
 
     def _cancel_timer(self) -> None:
@@ -155,7 +171,8 @@ class ChildWriter:
             self._timer.cancel()
             self._timer = None
 
-    def _send(self, flush: Future | None = None, read: Future | None = None) -> None:
+    def _send(self, flush: Future | asyncio.Future | None = None,
+              read: Future | None = None) -> None:
         self._cancel_timer()
         if self._failed is not None:
             return
@@ -178,7 +195,9 @@ class ChildWriter:
         except OSError as e:
             self._fail(f"cannot send to the store's writer process: {e}")
             return
-        if self._loop is not None:  # wake when the pipe takes more, only while needed
+        if self._loop is not None and bool(self._sent) != self._waiting_pipe:
+            # Wake when the pipe takes more, only while needed (most rounds fit at once).
+            self._waiting_pipe = bool(self._sent)
             if self._sent:
                 self._loop.add_writer(self._out_fd, self._writable)
             else:
@@ -214,7 +233,7 @@ class ChildWriter:
                 return
             if read is not None:
                 read.set_result(value)
-            if flush is not None:
+            if flush is not None and not flush.done():  # an awaiting task may be cancelled
                 flush.set_result(None)
 
     def _wait(self, fut: Future, timeout: float | None) -> None:

@@ -179,6 +179,7 @@ class SqlStore(Store):
             raise ValueError(f"reconnect_timeout_s must be >= 0, got {reconnect_timeout_s}")
         self._conn, self._dialect, self._url = conn, dialect, url
         self._sql = {k: v.replace("?", dialect.placeholder) for k, v in _SQL.items()}
+        self._update_sql: dict[tuple[str, ...], str] = {}  # update_job's, by columns set
         try:
             self._init_schema()
         except BaseException:
@@ -242,7 +243,7 @@ class SqlStore(Store):
             raise StoreError(f"{self._url}: flush did not complete in {timeout} s") from None
 
     async def flush_async(self) -> None:
-        await asyncio.wrap_future(self._writer.put(FLUSH))
+        await self._writer.flush_async()
 
     def close(self) -> None:
         self._writer.close()
@@ -283,10 +284,13 @@ class SqlStore(Store):
     def update_job(self, job_id: str, **fields) -> None:
         rec.check_id(job_id, "job_id")
         columns = rec.check_update(fields)  # names from a fixed set: safe to put in the SQL
-        p = self._dialect.placeholder
-        sets = ", ".join(f"{name}={p}" for name in columns)
-        self._write((f"UPDATE astraea_jobs SET {sets} WHERE job_id={p}",
-                     (*columns.values(), job_id)))
+        names = tuple(columns)
+        sql = self._update_sql.get(names)
+        if sql is None:  # a few combinations recur (the control plane's updates): built once
+            p = self._dialect.placeholder
+            sets = ", ".join(f"{name}={p}" for name in names)
+            sql = self._update_sql[names] = f"UPDATE astraea_jobs SET {sets} WHERE job_id={p}"
+        self._write((sql, (*columns.values(), job_id)))
 
     def finish_job(self, job_id: str, *, finished_unix_s: float, reason: str,
                    state: str = "finished", generated_tokens: int | None = None,

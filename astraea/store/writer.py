@@ -21,6 +21,7 @@ database stays unreachable past the timeout, the store fails for good, as on any
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import threading
@@ -94,6 +95,10 @@ class BatchWriter:
         elif self._sleeping and not self._wake.is_set():  # read after the append (the GIL)
             self._wake.set()
         return fut
+
+    async def flush_async(self) -> None:
+        """`put(FLUSH)` awaited from an event loop (the thread answers it)."""
+        await asyncio.wrap_future(self.put(FLUSH))
 
     @property
     def outage(self) -> str | None:

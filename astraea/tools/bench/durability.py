@@ -1,6 +1,7 @@
 """What durable state costs the control plane's process, apart from everything else it does.
 
-    python -m astraea.tools.bench.durability --state-dir /tmp/s [--database URL] --rounds 3
+    python -m astraea.tools.bench.durability --state-dir /tmp/s [--database URL] --rounds 3 \
+        [--store-writer process|thread]
 
 One process, one event loop, as in the control plane: `--streams` job loops each run segments
 the way the benchmark's clients do (StartJob, then per segment: RunSegment, two token chunks,
@@ -11,7 +12,8 @@ event also burns `--work-us` of CPU on the loop, standing in for the control pla
 Runs alternate in memory (events released at once, no store) and with each store given, so a
 busy shared machine weighs on all alike. Reported per run: segments/s, CPU ms per segment
 of the whole process and of the event loop's thread (the rest is the store's writer thread),
-commits, and write statements per segment (a job's start and end included).
+of SQLite's writer process (`--store-writer process`, the control plane's default), commits,
+and write statements per segment (a job's start and end included).
 The difference from the in-memory run is what durability costs per segment; `astraea
 bench-service` gives what the whole control plane costs per segment, to set it against.
 """
@@ -43,12 +45,14 @@ def _spin(us: float) -> None:
 async def _run(target: str | None, args: argparse.Namespace) -> dict:
     from astraea.plan import JobState
     from astraea.store import open_store
+    from astraea.tools.bench.service_host import _children_cpu_s
     from astraea.v1 import agent_pb2, common_pb2
     from control_plane.core.job import Job
     from control_plane.service.durable import Durability
     from control_plane.service.registry import JobEntry, SegmentCall
 
-    store = open_store(target) if target else None
+    writer = args.store_writer if target and not target.startswith("postgres") else "thread"
+    store = open_store(target, writer=writer) if target else None
     durable = Durability(store) if store is not None else None
     gate = asyncio.create_task(durable.run_gate()) if durable is not None else None
     done, stop = 0, False
@@ -110,8 +114,10 @@ async def _run(target: str | None, args: argparse.Namespace) -> dict:
     tasks = [asyncio.create_task(job_loop()) for _ in range(args.streams)]
     await asyncio.sleep(args.warmup)
     d0, c0, m0, t0 = done, _cpu(), time.thread_time(), time.perf_counter()
+    k0 = _children_cpu_s()
     await asyncio.sleep(args.seconds)
     d1, c1, m1, t1 = done, _cpu(), time.thread_time(), time.perf_counter()
+    k1 = _children_cpu_s()
     stop = True
     await asyncio.gather(*tasks)
     commits = statements = None
@@ -124,6 +130,7 @@ async def _run(target: str | None, args: argparse.Namespace) -> dict:
     n = max(1, d1 - d0)
     return {"segments_per_s": n / (t1 - t0), "cpu_ms_per_segment": 1e3 * (c1 - c0) / n,
             "loop_cpu_ms_per_segment": 1e3 * (m1 - m0) / n, "commits": commits,
+            "child_cpu_ms_per_segment": 1e3 * (k1 - k0) / n,
             "statements_per_segment": None if statements is None else statements / max(1, done),
             "load_average": os.getloadavg()[0]}
 
@@ -139,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="measure SQLite state, in a new directory under this one per run")
     p.add_argument("--database", default=None, help="measure this PostgreSQL database too")
     p.add_argument("--rounds", type=int, default=3, help="alternations of every mode")
+    p.add_argument("--store-writer", choices=("process", "thread"), default="process",
+                   help="where SQLite's statements run (the control plane's --store-writer)")
     p.add_argument("--streams", type=int, default=50, help="job loops in flight")
     p.add_argument("--segments", type=int, default=8, help="segments per job")
     p.add_argument("--work-us", type=float, default=400.0,
@@ -153,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.database:
         modes.append(("postgresql", args.database))
     print(f"{'mode':10} {'segments/s':>10} {'CPU ms/seg':>10} {'loop thread':>11} "
-          f"{'commits':>8} {'writes/seg':>10} {'load':>5}")
+          f"{'child':>6} {'commits':>8} {'writes/seg':>10} {'load':>5}")
     for _ in range(args.rounds):
         for name, target in modes:
             if name == "sqlite":  # a fresh state directory per run
@@ -161,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                 target = tempfile.mkdtemp(prefix="run-", dir=args.state_dir)
             r = asyncio.run(_run(target, args))
             print(f"{name:10} {r['segments_per_s']:10.1f} {r['cpu_ms_per_segment']:10.3f} "
-                  f"{r['loop_cpu_ms_per_segment']:11.3f} {r['commits'] or '-':>8} "
+                  f"{r['loop_cpu_ms_per_segment']:11.3f} {r['child_cpu_ms_per_segment']:6.3f} "
+                  f"{r['commits'] or '-':>8} "
                   f"{_fmt(r['statements_per_segment']):>10} "
                   f"{r['load_average']:5.1f}", flush=True)
     return 0
