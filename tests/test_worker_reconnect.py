@@ -14,6 +14,7 @@ from structlog.testing import capture_logs
 
 from astraea import wire
 from astraea.client import AsyncAgentClient
+from astraea.client.retry import RetryPolicy
 from astraea.profile import load_profile
 from control_plane.service.context import ServiceConfig
 from control_plane.service.server import serve
@@ -44,7 +45,11 @@ async def _crash(server) -> None:
 
 
 async def _one_job(address: str, job_id: str, tokens: int) -> list[int]:
+    # With the SDK's retries, as a client of a restarted control plane runs: the process's
+    # gRPC connections to the address may still be backing off from the crash (they share
+    # subchannels), and a first call then fails UNAVAILABLE at once.
     async with AsyncAgentClient(address, timeout=WAIT_S) as client:
+        client.retry = RetryPolicy(total_s=WAIT_S, max_backoff_s=0.5)
         await client.start_job(job_id, category="qa")
         seg = await client.run_segment(job_id, prompt_token_ids=[1] * 16, max_tokens=tokens)
         return list(seg.tokens)

@@ -305,7 +305,8 @@ class Scheduler:
     def may_act(self, now: float, views: dict[int, WorkerView] | None = None) -> bool:
         """Whether `build_plan` may return an action now: a job waits for admission, or the KV
         policy may revisit a paused job. False means the plan is certainly empty, so a caller
-        may skip it (the simulator does, after engine steps that changed nothing).
+        may skip it (the simulator does, after engine steps that changed nothing, and the
+        control plane's planner after reports that changed nothing it could act on).
 
         With the workers' `views`, also False while the last plan was empty and nothing has
         happened since but time passing and memory shrinking within `blocked_floor` (engine
