@@ -17,11 +17,10 @@ the total the profile predicts (1: the control plane plans with the engine's rea
 The trace is the tiny-agent workload (astraea/workloads/tiny_agent.py): a scaled-down
 InferCept mix for the project's models, seeded, with Poisson arrivals at `qps`; `astraea bench
 --workload tiny-agent --kv-blocks 48 --profile P` replays the same jobs in the simulator.
-Prompt token ids are drawn from the model's vocabulary (skipping <s> and
-</s>), seeded per job and segment, so both policies see the same tokens. The random model
-may emit </s> before a segment's budget: that job then ends there (greedy decoding is
-token-exact under every KV action, so it ends at the same point under every policy); the
-report counts such jobs.
+Prompt token ids are drawn from the model's vocabulary (skipping <s> and </s>), seeded per
+job and segment, so both policies see the same tokens. The random model may emit </s> before
+a segment's budget: that job then ends there (greedy decoding is token-exact under every KV
+action, so it ends at the same point under every policy); the report counts such jobs.
 """
 
 from __future__ import annotations
