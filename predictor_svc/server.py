@@ -369,21 +369,24 @@ def _run(args: argparse.Namespace) -> int:
         (tls, "plaintext (--tls-cert, --tls-key)")) if not flag])
     if warning:
         log.warning(warning)
+    stop = threading.Event()
+    received: list[int] = []
+
+    def _on_signal(signum, _frame) -> None:
+        # Neither logging nor stop.set() here: the handler runs in the main thread, which may
+        # hold the log writer's lock or the event's at that instant (plain Locks: deadlock; a
+        # SIGTERM just after the "serving" line hung the process so).
+        received.append(signum)
+        threading.Thread(target=stop.set, daemon=True).start()
+
+    # Before "serving": a SIGTERM from anyone who saw that line gets the graceful stop.
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     log.info("predictor serving on %s:%d (profile %s)", args.listen.rsplit(":", 1)[0],
              running.port, args.profile)
     saver = _periodic_save(running, args)
-
-    stop = threading.Event()
-
-    def _on_signal(signum, _frame) -> None:
-        log.info("received %s, shutting down", signal.Signals(signum).name)
-        # Not stop.set() here: the handler runs in the main thread, which may hold the
-        # event's lock inside stop.wait() at that instant (a plain Lock: deadlock).
-        threading.Thread(target=stop.set, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
     stop.wait()
+    log.info("received %s, shutting down", signal.Signals(received[0]).name)
     running.health.enter_graceful_shutdown()  # NOT_SERVING during the drain
     # Stop first, so observations from calls finishing within the grace are saved too.
     running.stop(args.grace).wait()
