@@ -52,3 +52,11 @@ def test_importing_the_command_line_loads_no_heavy_module():
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True).stdout.strip()
     assert loaded == "[]", loaded
+
+
+def test_bench_service_offers_the_stores_writers(capsys):
+    # The parser writes the list out (it must not import the store): it must stay the same.
+    from astraea.store import STORE_WRITERS
+
+    text = _help(capsys, ["bench-service", "--help"])
+    assert "{" + ",".join(STORE_WRITERS) + "}" in text

@@ -28,7 +28,10 @@ from astraea.store.sql import SCHEMA_VERSION
 
 __all__ = ["SCHEMA_VERSION", "UPDATABLE_FIELDS", "GatewaySession", "JobRecord", "SchemaVersionError",
            "SegmentProgress", "Store", "StoreError", "StoredResponse", "TranscriptPiece",
-           "open_store"]
+           "STORE_WRITERS", "open_store"]
+
+# Where SQLite's statements can run (open_store's `writer`; the services' --store-writer).
+STORE_WRITERS = ("thread", "process")
 
 
 def open_store(target: str | os.PathLike, *, batch_interval_s: float = 0.01,

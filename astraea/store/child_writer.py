@@ -140,6 +140,10 @@ class ChildWriter:
         self._closed = True
         self._stop_child()
 
+    async def close_async(self) -> None:
+        """`close` on the loop's own thread, the only one that may drive this writer."""
+        self.close()
+
     # --- rounds out -----------------------------------------------------------------------
     def _attach(self) -> None:
         """Follow the child's answers on the caller's running loop, if any (a caller that

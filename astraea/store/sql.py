@@ -12,7 +12,6 @@ postgres.py) only open the connection and name the dialect.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -249,10 +248,7 @@ class SqlStore(Store):
         self._writer.close()
 
     async def close_async(self) -> None:
-        if isinstance(self._writer, BatchWriter):
-            await asyncio.to_thread(self.close)
-        else:  # a writer driven by this thread's loop (child_writer.py)
-            self.close()
+        await self._writer.close_async()
 
     @property
     def outage(self) -> str | None:

@@ -14,6 +14,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+from astraea.store import STORE_WRITERS
 from astraea.store.child_writer import ChildWriter
 from astraea.store.records import StoreError
 from astraea.store.sql import Dialect, SqlStore
@@ -24,9 +25,6 @@ SQLITE = Dialect(name="sqlite", placeholder="?", real="REAL", int="INTEGER", blo
                  # IMMEDIATE takes the write lock at once: two processes creating the schema
                  # at the same time are serialized, not failed halfway.
                  begin_schema=("BEGIN IMMEDIATE",))
-
-
-WRITERS = ("thread", "process")
 
 
 def connect(path: str | os.PathLike) -> sqlite3.Connection:
@@ -46,8 +44,8 @@ def open_sqlite(path: str | os.PathLike, *, writer: str = "thread", **batching) 
     """The store in the SQLite file `path` (created with its directory if missing). `writer`:
     "thread" (writer.py: any thread may call the store) or "process" (child_writer.py: the
     statements run in a child process driven from the caller's event loop; one thread only)."""
-    if writer not in WRITERS:
-        raise StoreError(f"unknown store writer {writer!r}: {' or '.join(WRITERS)}")
+    if writer not in STORE_WRITERS:
+        raise StoreError(f"unknown store writer {writer!r}: {' or '.join(STORE_WRITERS)}")
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -100,6 +100,10 @@ class BatchWriter:
         """`put(FLUSH)` awaited from an event loop (the thread answers it)."""
         await asyncio.wrap_future(self.put(FLUSH))
 
+    async def close_async(self) -> None:
+        """`close` from an event loop: the wait for the thread happens off the loop."""
+        await asyncio.to_thread(self.close)
+
     @property
     def outage(self) -> str | None:
         return self._outage

@@ -37,7 +37,7 @@ from astraea.auth import (
 )
 from astraea.profile import ProfileError, load_profile
 from astraea.rpc_guard import AioRequestGuard
-from astraea.store import StoreError, open_store
+from astraea.store import STORE_WRITERS, StoreError, open_store
 from astraea.telemetry import (
     Metrics,
     add_log_level_argument,
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long a lost database connection is retried (with backoff) "
                              "before the store fails for good; meanwhile new jobs get "
                              "UNAVAILABLE (default 60)")
-    parser.add_argument("--store-writer", choices=("process", "thread"),
+    parser.add_argument("--store-writer", choices=STORE_WRITERS,
                         default=ServiceConfig.store_writer,
                         help="where SQLite's statements run: a child process driven by the "
                              "event loop (default) or a thread of this process")

@@ -30,6 +30,8 @@ import time
 import uuid
 from pathlib import Path
 
+from astraea.store import STORE_WRITERS
+
 
 def _cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="measure SQLite state, in a new directory under this one per run")
     p.add_argument("--database", default=None, help="measure this PostgreSQL database too")
     p.add_argument("--rounds", type=int, default=3, help="alternations of every mode")
-    p.add_argument("--store-writer", choices=("process", "thread"), default="process",
+    p.add_argument("--store-writer", choices=STORE_WRITERS, default="process",
                    help="where SQLite's statements run (the control plane's --store-writer)")
     p.add_argument("--streams", type=int, default=50, help="job loops in flight")
     p.add_argument("--segments", type=int, default=8, help="segments per job")

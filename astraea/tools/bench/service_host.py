@@ -21,6 +21,7 @@ import os
 import sys
 import time
 
+from astraea.store import STORE_WRITERS
 from astraea.tools.bench.service_load import DEFAULT_PROFILE, _proc_cpu_s
 
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cprofile", default=None)
     p.add_argument("--grpc-floor", action="store_true")
     p.add_argument("--state-dir", default=None, help="the control plane's durable state")
-    p.add_argument("--store-writer", default="process", choices=("process", "thread"))
+    p.add_argument("--store-writer", default="process", choices=STORE_WRITERS)
     p.add_argument("--max-unfinished-jobs", type=int, default=0,
                    help="the control plane's admission bound (0: its default)")
     args = p.parse_args(argv)

@@ -49,7 +49,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          "what durability costs (default: in memory)")
     bs.add_argument("--database", default=None, metavar="URL",
                     help="the same with a PostgreSQL database (postgresql://user@host/db)")
-    bs.add_argument("--store-writer", choices=("process", "thread"), default="process",
+    # astraea.store.STORE_WRITERS, written out: the parser must not import the store
+    bs.add_argument("--store-writer", choices=("thread", "process"), default="process",
                     help="where the control plane runs SQLite's statements (its "
                          "--store-writer): a child process (default) or a thread")
     bs.add_argument("--out", help="write the report as JSON")
