@@ -101,7 +101,7 @@ def test_tiny_agent_jobs_are_the_same_with_or_without_arrivals():
     timed = generate_tiny_agent(30, seed=1, qps=4.0)
     untimed = generate_tiny_agent(30, seed=1)
     assert all(j.arrival_s is None for j in untimed)
-    assert [j.segments for j in untimed[:1]] == [j.segments for j in timed[:1]]
+    assert [j.segments for j in untimed] == [j.segments for j in timed]
     assert all(j.total_tokens <= MAX_JOB_TOKENS for j in timed + untimed)
     with pytest.raises(ValueError, match="context_window"):
         generate_tiny_agent(5, seed=0, context_window=512)

@@ -62,9 +62,12 @@ def generate_tiny_agent(num_jobs: int, seed: int, qps: float | None = None,
                                 rng.randint(*RESULT_TOKENS))
             segments.append(Segment(rng.randint(*PROMPT_TOKENS) if k == 0 else 0,
                                     rng.randint(*OUTPUT_TOKENS), call))
+        # Drawn with or without `qps`, so that both give the same jobs (expovariate(qps) is
+        # this draw over qps, the sequence bench-vllm's runs were recorded with).
+        gap = rng.expovariate(1.0)
         arrival = None
         if qps is not None:
-            t += rng.expovariate(qps)
+            t += gap / qps
             arrival = round(t, 4)
         jobs.append(JobTrace(f"j{i}", tuple(segments), arrival, category))
     return jobs
