@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from astraea.plan import JobState, KvAction, WorkerView
@@ -153,6 +155,36 @@ def test_pressure_adaptive_preserves_below_low_pressure_even_for_a_long_call(gpt
     p = PressureAdaptive(gptj, FixedEstimator(remaining=1000.0), KvPolicyConfig())
     v = view(gptj, free=6000, total=10_000, step_time_s=0.03)  # utilisation 0.4
     assert p.on_api_yield(paused_job("j", 2000), 1.0, v).action is KvAction.PRESERVE
+
+
+def test_pressure_adaptive_swaps_below_low_pressure_when_the_copy_is_free(gptj):
+    # 64 tokens of GPT-J KV copy in 1.2 ms, under a tenth of a 30 ms step: the job swaps out,
+    # and its memory is there for a ready job; 2,000 tokens take 37 ms and stay.
+    p = PressureAdaptive(gptj, FixedEstimator(remaining=5.0), KvPolicyConfig())
+    v = view(gptj, free=6000, total=10_000, step_time_s=0.03)  # utilisation 0.4
+    assert gptj.swap_time_s(64) < 0.003 < gptj.swap_time_s(2000)
+    d = p.on_api_yield(paused_job("small", 64), 1.0, v)
+    assert (d.action, d.reason) == (KvAction.SWAP, "low memory pressure, free copy")
+    assert p.on_api_yield(paused_job("big", 2000), 1.0, v).action is KvAction.PRESERVE
+    # Off (`kv.free_copy_step_share=0`), or with nothing else running (no step to hide the
+    # copy behind: the job alone would wait for it on its return): kept.
+    off = PressureAdaptive(gptj, FixedEstimator(remaining=5.0),
+                           KvPolicyConfig(free_copy_step_share=0.0))
+    assert off.on_api_yield(paused_job("small", 64), 1.0, v).action is KvAction.PRESERVE
+    idle = replace(v, running_seqs=0)
+    assert p.on_api_yield(paused_job("small", 64), 1.0, idle).action is KvAction.PRESERVE
+
+
+def test_a_free_copy_still_needs_a_long_enough_call_host_room_and_the_step_budget(gptj):
+    v = view(gptj, free=6000, total=10_000, step_time_s=0.03)
+    soon = PressureAdaptive(gptj, FixedEstimator(remaining=1e-4), KvPolicyConfig())
+    assert soon.on_api_yield(paused_job("j", 64), 1.0, v).action is KvAction.PRESERVE
+    p = PressureAdaptive(gptj, FixedEstimator(remaining=5.0), KvPolicyConfig())
+    full_host = view(gptj, free=6000, total=10_000, step_time_s=0.03, host_free=0)
+    assert p.on_api_yield(paused_job("j", 64), 1.0, full_host).action is KvAction.PRESERVE
+    # One 30 ms step hides 1,634 tokens: ten 150-token copies, not an eleventh.
+    actions = [p.on_api_yield(paused_job(f"j{i}", 150), 1.0, v).action for i in range(11)]
+    assert actions == [KvAction.SWAP] * 10 + [KvAction.PRESERVE]
 
 
 def test_pressure_adaptive_under_full_pressure_discards_a_long_call_without_budget(gptj):

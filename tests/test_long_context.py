@@ -137,7 +137,7 @@ def test_the_long_context_run_that_crashed_completes(llama):
 
 
 # --- `mlfq.new_job_kv_share`: a new long prompt waits for the KV of the jobs under way ---------
-def _one_job_paused_in(llama, tool: str, share: str):
+def _one_job_paused_in(llama, tool: str, share: str, free_copy: str = "0.1"):
     """Astraea on a 9,000-block worker: job "a" (64,100 tokens, 4,007 blocks) is paused in a
     `tool` call with its KV preserved, and new job "b" (80,000 tokens, 5,000 blocks) does not
     fit in the free memory: only reclaiming a's KV makes room for it. A shell call is
@@ -146,7 +146,8 @@ def _one_job_paused_in(llama, tool: str, share: str):
     for _ in range(10):
         estimator.observe_api("shell", 2.0)
         estimator.observe_api("human", 300.0)
-    config = SchedulerConfig().with_overrides({"mlfq.new_job_kv_share": share})
+    config = SchedulerConfig().with_overrides({"mlfq.new_job_kv_share": share,
+                                               "kv.free_copy_step_share": free_copy})
     sched = build_scheduler("astraea", llama, estimator, config)
     sched.job_arrived("a", 0.0, "coding-agent")
     sched.segment_submitted("a", 0.0, 64_000, tool)
@@ -185,6 +186,19 @@ def test_a_new_long_prompt_does_not_evict_a_job_about_to_return(llama):
     # a finishes: its memory is b's.
     on.segment_ended("a", 9.0, 50, 300, False, None, view(9000, 9000 - 5030, 1, 16_000, 3, 0.05))
     assert plan_at(on, 9.0, 9000 - 1001, running=1) == [("Admit", "b")]
+
+
+def test_a_new_prompt_whose_room_free_copies_make_is_not_held(llama):
+    """The same scene beside another job's 2.5 s steps: a's 5,000 blocks the prompt displaces
+    copy to the host in 0.21 s, under a tenth of a step (`kv.free_copy_step_share`), so a goes
+    out and comes back without delaying anyone, and b is not held for it."""
+    on = _one_job_paused_in(llama, "shell", "0.9")
+    assert llama.swap_time_s(5000 * 16) == pytest.approx(0.21, abs=0.005)
+    plan = on.build_plan(5.5, {0: view(9000, 9000 - 4007, 1, 0, 2, 2.5)})
+    assert [(type(x).__name__, x.job_id) for x in plan] == [("Evict", "a")]
+    # With no copy free, the same long steps change nothing: b is held.
+    off = _one_job_paused_in(llama, "shell", "0.9", free_copy="0")
+    assert off.build_plan(5.5, {0: view(9000, 9000 - 4007, 1, 0, 2, 2.5)}) == []
 
 
 def test_a_job_in_a_long_api_wait_does_not_hold_back_a_new_one(llama):

@@ -311,8 +311,10 @@ def test_new_jobs_wait_behind_a_job_under_way_that_does_not_fit(gptj, wait):
     """Job u comes back from its tool with its KV on the host: it needs 8 blocks, 4 are free.
     With `mlfq.new_jobs_wait_for_blocked` a new 2-block job does not take those 4 blocks
     before it (another job under way still may); without, the new job goes in."""
+    # No copy is free here: w's few tokens stay on the GPU, and no reserve stops the fill.
     config = SchedulerConfig().with_overrides({
-        "kv.watermark": "0", "mlfq.new_jobs_wait_for_blocked": str(wait).lower()})
+        "kv.watermark": "0", "mlfq.new_jobs_wait_for_blocked": str(wait).lower(),
+        "kv.free_copy_step_share": "0"})
     s = build_scheduler("astraea", gptj, OnlineJobEstimator(), config)
     for job_id, tokens in (("u", 100), ("w", 8)):
         running_job(s, job_id, tokens=tokens)

@@ -31,10 +31,11 @@ def ready(name: str, arrival: float, ready_since: float, waited: float = 0.0) ->
     return j
 
 
-def view(free: int = 5000, max_seqs: int = 256) -> WorkerView:
+def view(free: int = 5000, max_seqs: int = 256, step_time_s: float = 0.02,
+         running: int = 0) -> WorkerView:
     return WorkerView(worker_id=0, total_blocks=5000, free_blocks=free, block_size=16,
-                      host_free_blocks=10_000, running_seqs=0, max_seqs=max_seqs,
-                      running_context_tokens=0, step_time_s=0.02, step_index=0)
+                      host_free_blocks=10_000, running_seqs=running, max_seqs=max_seqs,
+                      running_context_tokens=0, step_time_s=step_time_s, step_index=0)
 
 
 # --- HRRN with the job's age ----------------------------------------------------------------
@@ -91,23 +92,35 @@ def test_swap_before_discard_swaps_what_the_waste_rule_would_drop_if_the_host_ha
 
 
 # --- memory reservation for a starving job ---------------------------------------------------
-def test_reserve_ratio_stops_the_fill_at_a_starving_job_that_does_not_fit(gptj):
-    def admitted(reserve: float) -> list[str]:
-        # Both jobs are new: with new_jobs_wait_for_blocked the small one would wait anyway.
-        cfg = SchedulerConfig(mlfq=replace(PAPER, reserve_ratio=reserve,
-                                           new_jobs_wait_for_blocked=False))
-        s = build_scheduler("astraea", gptj, OnlineJobEstimator(), cfg)
-        s.job_arrived("big", 0.0)
-        s.segment_submitted("big", 0.0, 3200)  # 200 blocks
-        s.job_arrived("small", 59.0)
-        s.segment_submitted("small", 59.0, 16)  # 1 block
-        # At 60 s big has waited 60 s: its ratio is far above 4; 150 blocks are admissible
-        # (200 free less the 1 % watermark).
-        return [a.job_id for a in s.build_plan(60.0, {0: view(free=200)})
-                if isinstance(a, Admit)]
+def _admitted_beside_a_starving_job(gptj, reserve: float, step_time_s: float,
+                                    running: int = 1) -> list[str]:
+    # Both jobs are new: with new_jobs_wait_for_blocked the small one would wait anyway.
+    cfg = SchedulerConfig(mlfq=replace(PAPER, reserve_ratio=reserve,
+                                       new_jobs_wait_for_blocked=False))
+    s = build_scheduler("astraea", gptj, OnlineJobEstimator(), cfg)
+    s.job_arrived("big", 0.0)
+    s.segment_submitted("big", 0.0, 3200)  # 200 blocks
+    s.job_arrived("small", 59.0)
+    s.segment_submitted("small", 59.0, 16)  # 1 block
+    # At 60 s big has waited 60 s: its ratio is far above 4; 150 blocks are admissible
+    # (200 free less the 1 % watermark).
+    plan = s.build_plan(60.0, {0: view(free=200, step_time_s=step_time_s, running=running)})
+    return [a.job_id for a in plan if isinstance(a, Admit)]
 
-    assert admitted(0.0) == ["small"]  # work-conserving: the small one takes the memory
-    assert admitted(4.0) == []  # the memory that frees up is kept for the starving job
+
+def test_reserve_ratio_stops_the_fill_at_a_starving_job_whose_memory_comes_by_free_copies(gptj):
+    # Copying big's 3,200 tokens of GPT-J KV takes 59 ms: free beside 1 s steps (a tenth).
+    assert gptj.swap_time_s(3200) == pytest.approx(0.0587, abs=1e-4)
+    assert _admitted_beside_a_starving_job(gptj, 0.0, 1.0) == ["small"]  # work-conserving
+    assert _admitted_beside_a_starving_job(gptj, 4.0, 1.0) == []  # kept for the starving job
+
+
+def test_reserve_ratio_lets_the_fill_go_on_where_copies_are_slow(gptj):
+    # Beside 20 ms steps the same copy takes three steps: holding the fill would idle the
+    # engine for as long, so the small job goes (long-context sessions lost p99 to it).
+    assert _admitted_beside_a_starving_job(gptj, 4.0, 0.02) == ["small"]
+    # On an idle engine no copy hides behind a step: the fill goes on there too.
+    assert _admitted_beside_a_starving_job(gptj, 4.0, 1.0, running=0) == ["small"]
 
 
 # --- the running-segment cap ---------------------------------------------------------------
@@ -159,6 +172,7 @@ def test_astraea_paper_turns_every_tail_setting_off(gptj):
     assert s.discipline.new_job_kv_share == 0.0 and not s.discipline.new_jobs_wait
     assert s.config.max_running_per_worker == 0
     assert s.kv_policy.config.swap_before_discard is False
+    assert s.kv_policy.config.free_copy_step_share == 0.0
 
 
 # --- the per-load goal lines ------------------------------------------------------------------

@@ -6,8 +6,10 @@ the worker's jobs under way that run, hold their KV while ready, or are predicte
 their API wait within the new job's predicted compute time fit in the share. Otherwise it
 gets in by reclaiming the KV of jobs due back in a moment, and every job then runs slower
 (docs/results/long-context-tuning.md). Jobs under way that wait in the queue without KV are
-left to the discipline's order; a prompt larger than the share alone is not held. Pure, like
-the rest of the core.
+left to the discipline's order; a prompt larger than the share alone is not held, nor one
+whose room free copies make (`kv.free_copy_step_share`: the contexts it displaces go to the
+host and back within a step). On a pool so small that ordinary prompts need a tenth of it,
+holding those only starved them (docs/results/tiny-agent.md). Pure, like the rest of the core.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ from control_plane.core.job import Job
 
 
 class NewJobGate:
-    def __init__(self, share: float, watermark: float, estimator: ServiceTimeEstimator) -> None:
+    def __init__(self, share: float, watermark: float, estimator: ServiceTimeEstimator,
+                 free_copy: Callable[[int, WorkerView], bool] = lambda tokens, view: False,
+                 ) -> None:
         self.share = share  # 0: every new job passes
         self.watermark = watermark
         self.estimator = estimator
+        self.free_copy = free_copy  # whether copying that many tokens of KV delays nobody
         # Per worker: jobs admitted to it at least once and not finished, wherever their KV is.
         self.under_way: dict[int, dict[str, Job]] = {}
         self._sums: dict[int, list] = {}  # per worker, within one plan: see `_blocks`
@@ -56,6 +61,8 @@ class NewJobGate:
             return True
         if need < (1 - self.share) * view.total_blocks:
             return True  # a prompt that fits in the headroom the share leaves displaces little
+        if self.free_copy(need * view.block_size, view):
+            return True  # the contexts it displaces go to the host and back at no one's cost
         room = self.share * view.total_blocks - int(self.watermark * view.total_blocks) - need
         if room < 0:
             return True  # a prompt larger than the share could never pass: not held

@@ -38,8 +38,12 @@ class MlfqConfig:
     # Reserve memory for a starving job: when a candidate whose response ratio is at least
     # this cannot be admitted (it does not fit), the fill stops there instead of handing the
     # memory that frees up to smaller jobs behind it. 0: never (a large context can then be
-    # passed over for as long as smaller segments keep arriving).
-    reserve_ratio: float = 0.0
+    # passed over for as long as smaller segments keep arriving). Honoured only while the
+    # blocks it waits for could come by free copies (`kv.free_copy_step_share`): there the
+    # wait is a step or two; where copies are slow it idled the engine (long-context
+    # sessions, 2 and 4 both: p99 +0.5 %). On the tiny-agent pool it is what keeps a job
+    # under way from being overtaken by new ones (docs/results/tiny-agent.md).
+    reserve_ratio: float = 2.0
     # HRRN's W also credits the job's progress: W_eff = W + age_weight·(age − W), age − W
     # being the time it spent running or in API calls. 0: the paper's W (ready-but-waiting
     # time only); 1: W is the job's age. Jobs under way then outrank new ones sooner: they
@@ -101,6 +105,16 @@ class KvPolicyConfig:
     swap_before_discard: bool = True
     # Keep at least this share of blocks free when admitting (vLLM's watermark, 1 %).
     watermark: float = 0.01
+    # A KV copy to or from the host is *free* when other jobs run on the worker and it takes
+    # at most this share of its engine step: a job swapped in that fast joins the next step
+    # as a preserved one would (alone on an idle engine it would wait for its copy). Below `low_pressure` a paused job is swapped rather than preserved when its
+    # copy is free (its memory may serve a ready job, and it costs the job nothing), and
+    # the new-job gate (`mlfq.new_job_kv_share`) does not hold a prompt whose room could be
+    # made by free copies; a starving job's reserve (`mlfq.reserve_ratio`) is honoured only
+    # then. 0: never free. The small model on CPU copies a context in ~8 % of a 7 ms step;
+    # GPT-J's 1,500-token contexts take most of a step, long-context sessions seconds
+    # (swept 0.05-1.0: docs/results/tiny-agent.md).
+    free_copy_step_share: float = 0.1
 
 
 @dataclass(frozen=True)

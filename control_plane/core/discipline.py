@@ -24,6 +24,9 @@ SPAN = 16  # jobs per run whose least need `Plas.candidates` keeps
 class Discipline:
     name = "base"
     blocking = False  # stop at the first candidate that does not fit
+    # `blocking` is a reserve for one starving candidate, not the discipline's order: the
+    # scheduler honours it only where the memory it waits for comes back fast.
+    reserves = False
     preemptive = False  # may preempt running segments of lower priority
     # `candidates` has no side effects and its order and filter do not depend on `now`: an
     # empty plan then stays empty until an event, a control tick or more free memory.

@@ -13,7 +13,8 @@ Policies:
 * `MinWaste`        — InferCept: swap, in order of preserve waste, what the per-iteration swap
                       budget can hide; preserve or discard the rest by the smaller waste.
 * `TimeToLive`      — Continuum: pin the KV for a TTL chosen from the tool's duration CDF.
-* `PressureAdaptive`— Astraea: preserve while memory is plentiful; as utilisation rises the
+* `PressureAdaptive`— Astraea: preserve while memory is plentiful (unless the copy out and
+                      back is free: a small share of a step); as utilisation rises the
                       preserve waste is weighed in full; and when a ready job does not fit,
                       reclaim memory from the paused jobs whose KV wastes the most.
 """
@@ -142,6 +143,11 @@ class KvPolicy:
 
     def forget(self, job: Job) -> None:
         """The job left the paused set (returned, evicted or cancelled)."""
+
+    def copy_is_free(self, tokens: int, view: WorkerView) -> bool:
+        """Whether copying `tokens` of KV between GPU and host on the worker of `view` costs
+        nobody any time (`kv.free_copy_step_share`). Default: no copy is free."""
+        return False
 
     def next_deadline(self) -> float | None:
         """The earliest time this policy wants to revisit without another event."""
@@ -368,6 +374,12 @@ class PressureAdaptive(MinWaste):
         super().__init__(profile, estimator)
         self.config = config
 
+    def copy_is_free(self, tokens: int, view: WorkerView) -> bool:
+        # Only behind other jobs' steps: on an idle engine the job itself waits for its copy.
+        share = self.config.free_copy_step_share
+        return (share > 0 and view.running_seqs > 0
+                and self.profile.swap_time_s(tokens) <= share * view.step_time_s)
+
     def pressure_weight(self, utilization: float) -> float:
         lo, hi = self.config.low_pressure, self.config.high_pressure
         return min(max((utilization - lo) / max(hi - lo, 1e-9), 0.0), 1.0)
@@ -376,8 +388,7 @@ class PressureAdaptive(MinWaste):
         u = view.utilization
         weight = self.pressure_weight(u)
         if weight <= 0.0:
-            return KvDecision(job.job_id, KvAction.PRESERVE, "low memory pressure",
-                              {"utilization": u})
+            return self._low_pressure(job, now, view)
         w = self._waste(job, now, view)
         inputs = {**w.as_inputs(), "utilization": u, "pressure_weight": weight}
         preserve = w.preserve * weight
@@ -392,6 +403,21 @@ class PressureAdaptive(MinWaste):
                                   "pressure: swap rather than discard (host has room)", inputs)
             return KvDecision(job.job_id, KvAction.DISCARD, "pressure: discard < weighted preserve", inputs)
         return KvDecision(job.job_id, KvAction.PRESERVE, "pressure: weighted preserve <= discard", inputs)
+
+    def _low_pressure(self, job: Job, now: float, view: WorkerView) -> KvDecision:
+        """Free memory costs nobody anything, so the KV stays, unless its copy out and back
+        is free too (the budget hides it, and swapping it in takes a small share of a step):
+        then it leaves, and the memory is there for a ready job without a reclaim."""
+        inputs = {"utilization": view.utilization}
+        context = job.context_tokens
+        if (self.copy_is_free(context, view) and self._can_swap(job, view)
+                and self.budget.left(view) >= context):
+            remaining = self.estimator.remaining_api_s(job, now)
+            if remaining > 2 * self.profile.swap_time_s(context):
+                self.budget.spend(view, context)
+                return KvDecision(job.job_id, KvAction.SWAP, "low memory pressure, free copy",
+                                  {**inputs, "remaining_api_s": remaining})
+        return KvDecision(job.job_id, KvAction.PRESERVE, "low memory pressure", inputs)
 
     def revisit(self, now: float, paused: list[Job], view: WorkerView) -> list[KvDecision]:
         return []

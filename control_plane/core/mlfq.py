@@ -33,6 +33,7 @@ LEVEL_PRIORITY_GAP = 1e9
 
 class StatefulMlfq(Discipline):
     name = "stateful-mlfq"
+    reserves = True
 
     def __init__(self, config: MlfqConfig) -> None:
         if config.num_levels < 1:

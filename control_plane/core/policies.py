@@ -89,7 +89,8 @@ def _astraea_paper(profile, estimator, config):
                    prefill_aging_ratio=0.0, reserve_ratio=0.0, age_weight=0.0,
                    t_exponent=1.0, running_budget_share=0.0, new_job_kv_share=0.0,
                    new_jobs_wait_for_blocked=False)
-    kv = replace(config.kv, reclaim_for_ready_jobs=False, swap_before_discard=False)
+    kv = replace(config.kv, reclaim_for_ready_jobs=False, swap_before_discard=False,
+                 free_copy_step_share=0.0)
     config = replace(config, mlfq=mlfq, kv=kv)
     return Scheduler(StatefulMlfq(mlfq), PressureAdaptive(profile, estimator, kv),
                       profile, estimator, config)
@@ -160,7 +161,10 @@ POLICIES: dict[str, PolicySpec] = {
             "(kv.swap_before_discard); the worker prefills admitted segments in MLFQ order; "
             "HRRN counts a share of the job's age in W and ranks by W / T^0.5 "
             "(mlfq.age_weight, mlfq.t_exponent); running segments are capped at 1/8 of the "
-            "step token budget (mlfq.running_budget_share).",
+            "step token budget (mlfq.running_budget_share); where a KV copy takes under a "
+            "tenth of a step (kv.free_copy_step_share) paused jobs swap even at low pressure, "
+            "the new-job gate holds no prompt, and a starving job reserves the memory it "
+            "waits for (mlfq.reserve_ratio).",
             "Astraea (arXiv 2512.14142) and this project's improvements (docs/design.md).",
             _astraea,
         ),

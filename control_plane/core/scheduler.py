@@ -64,7 +64,8 @@ class Scheduler:
         self.running: dict[int, dict[str, Job]] = {}
         self.paused: dict[int, dict[str, Job]] = {}  # API_WAIT with KV resident on the worker
         self.resident_ready: dict[int, dict[str, Job]] = {}  # READY with KV resident, not running
-        self.new_jobs = NewJobGate(discipline.new_job_kv_share, self.config.kv.watermark, estimator)
+        self.new_jobs = NewJobGate(discipline.new_job_kv_share, self.config.kv.watermark,
+                                   estimator, kv_policy.copy_is_free)
         self.decision_counts: Counter[str] = Counter()
         self.on_decision = on_decision  # every KV decision, with its inputs (for traces)
         self.on_admit = on_admit  # every admission, with the queue and score it won with
@@ -274,7 +275,7 @@ class Scheduler:
                     continue
                 if self.discipline.new_jobs_wait:
                     held.add(view.worker_id)
-            if self.discipline.blocking:
+            if self.discipline.blocking and self._holds_fill(view, need):
                 break
             misses += 1
             if (misses >= self.config.max_skipped_candidates
@@ -288,6 +289,11 @@ class Scheduler:
                                  (v.running_seqs, v.host_free_blocks, v.swapping_out_blocks))
                              for w, v in views.items()}
         return actions
+
+    def _holds_fill(self, view: WorkerView | None, need: int) -> bool:
+        # A reserve holds the fill only where its blocks come by free copies (docs/design.md).
+        return not self.discipline.reserves or (
+            view is not None and self.kv_policy.copy_is_free(need * view.block_size, view))
 
     def _note_floor(self, view: WorkerView, need: int, floors: dict[int, int]) -> bool:
         """Before room is made for a blocked job: note the free blocks below which the KV
@@ -515,9 +521,8 @@ class Scheduler:
 
     def _evict(self, job: Job, decision: KvDecision, view: WorkerView, now: float,
                cause: str = "api_wait") -> Evict:
-        """`cause`: "api_wait" for a decision about the wait itself (the policy revisiting a
-        paused job, a control loop), "reclaim" when the memory is taken back for a ready job
-        (making room, the deadlock breaker)."""
+        """`cause`: "api_wait" for a decision about the wait itself (a policy's revisit, a
+        control loop); "reclaim" when a ready job takes the memory back (make room, deadlock)."""
         self._record(decision, job, cause)
         self._release_in_view(view, job, decision.action)
         self._apply_kv(job, decision.action)
