@@ -24,8 +24,7 @@ from control_plane.core.job import Job
 
 class NewJobGate:
     def __init__(self, share: float, watermark: float, estimator: ServiceTimeEstimator,
-                 free_copy: Callable[[int, WorkerView], bool] = lambda tokens, view: False,
-                 ) -> None:
+                 free_copy: Callable[[int, WorkerView], bool]) -> None:
         self.share = share  # 0: every new job passes
         self.watermark = watermark
         self.estimator = estimator

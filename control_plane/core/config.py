@@ -107,13 +107,14 @@ class KvPolicyConfig:
     watermark: float = 0.01
     # A KV copy to or from the host is *free* when other jobs run on the worker and it takes
     # at most this share of its engine step: a job swapped in that fast joins the next step
-    # as a preserved one would (alone on an idle engine it would wait for its copy). Below `low_pressure` a paused job is swapped rather than preserved when its
-    # copy is free (its memory may serve a ready job, and it costs the job nothing), and
-    # the new-job gate (`mlfq.new_job_kv_share`) does not hold a prompt whose room could be
-    # made by free copies; a starving job's reserve (`mlfq.reserve_ratio`) is honoured only
-    # then. 0: never free. The small model on CPU copies a context in ~8 % of a 7 ms step;
-    # GPT-J's 1,500-token contexts take most of a step, long-context sessions seconds
-    # (swept 0.05-1.0: docs/results/tiny-agent.md).
+    # as a preserved one would (alone on an idle engine it would wait for its copy). Below
+    # `low_pressure` a paused job is swapped rather than preserved when its copy is free (its
+    # memory may serve a ready job, and it costs the job nothing), and the new-job gate
+    # (`mlfq.new_job_kv_share`) does not hold a prompt whose room could be made by free
+    # copies; a starving job's reserve (`mlfq.reserve_ratio`) is honoured only then. 0: never
+    # free. The small model on CPU copies a context in ~8 % of a 7 ms step; GPT-J's
+    # 1,500-token contexts take most of a step, long-context sessions seconds (swept
+    # 0.05-1.0: docs/results/tiny-agent.md).
     free_copy_step_share: float = 0.1
 
 

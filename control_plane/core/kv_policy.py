@@ -162,6 +162,11 @@ class KvPolicy:
     def _can_swap(self, job: Job, view: WorkerView) -> bool:
         return view.host_free_blocks >= view.blocks_for(job.kv_positions)
 
+    def _swap_worth(self, job: Job, remaining_api_s: float, view: WorkerView) -> bool:
+        """The call outlasts the copy's round trip and the host has room for the KV."""
+        round_trip = 2 * self.profile.swap_time_s(job.context_tokens)
+        return remaining_api_s > round_trip and self._can_swap(job, view)
+
 
 class AlwaysDiscard(KvPolicy):
     name = "discard"
@@ -188,10 +193,9 @@ class MinWaste(KvPolicy):
     def _decide(self, job: Job, now: float, view: WorkerView, reason_prefix: str) -> KvDecision:
         w = self._waste(job, now, view)
         inputs = w.as_inputs()
-        round_trip = 2 * self.profile.swap_time_s(job.context_tokens)
         # Inside the budget the transfer hides behind compute, so its waste is ~0 as long as
         # it is back before the API returns.
-        swap_worth = w.remaining_api_s > round_trip and self._can_swap(job, view)
+        swap_worth = self._swap_worth(job, w.remaining_api_s, view)
         if swap_worth and self.budget.left(view) >= job.context_tokens:
             self.budget.spend(view, job.context_tokens)
             self._swap_wanted.pop(job.job_id, None)
@@ -392,8 +396,7 @@ class PressureAdaptive(MinWaste):
         w = self._waste(job, now, view)
         inputs = {**w.as_inputs(), "utilization": u, "pressure_weight": weight}
         preserve = w.preserve * weight
-        round_trip = 2 * self.profile.swap_time_s(job.context_tokens)
-        swap_worth = w.remaining_api_s > round_trip and self._can_swap(job, view)
+        swap_worth = self._swap_worth(job, w.remaining_api_s, view)
         if swap_worth and self.budget.left(view) >= job.context_tokens and preserve > 0:
             self.budget.spend(view, job.context_tokens)
             return KvDecision(job.job_id, KvAction.SWAP, "pressure: swap hidden by budget", inputs)
@@ -410,10 +413,9 @@ class PressureAdaptive(MinWaste):
         then it leaves, and the memory is there for a ready job without a reclaim."""
         inputs = {"utilization": view.utilization}
         context = job.context_tokens
-        if (self.copy_is_free(context, view) and self._can_swap(job, view)
-                and self.budget.left(view) >= context):
+        if self.copy_is_free(context, view) and self.budget.left(view) >= context:
             remaining = self.estimator.remaining_api_s(job, now)
-            if remaining > 2 * self.profile.swap_time_s(context):
+            if self._swap_worth(job, remaining, view):
                 self.budget.spend(view, context)
                 return KvDecision(job.job_id, KvAction.SWAP, "low memory pressure, free copy",
                                   {**inputs, "remaining_api_s": remaining})
