@@ -23,10 +23,7 @@ SPAN = 16  # jobs per run whose least need `Plas.candidates` keeps
 
 class Discipline:
     name = "base"
-    blocking = False  # stop at the first candidate that does not fit
-    # `blocking` is a reserve for one starving candidate, not the discipline's order: the
-    # scheduler honours it only where the memory it waits for comes back fast.
-    reserves = False
+    blocking = False  # stop at the first candidate that does not fit (vLLM's waiting queue)
     preemptive = False  # may preempt running segments of lower priority
     # `candidates` has no side effects and its order and filter do not depend on `now`: an
     # empty plan then stays empty until an event, a control tick or more free memory.
@@ -37,6 +34,13 @@ class Discipline:
     # True: once a candidate does not fit a worker's memory, no job that has not started yet
     # is admitted to that worker behind it in the same plan (jobs under way still may be).
     new_jobs_wait = False
+
+    @property
+    def reserving(self) -> bool:
+        """Asked after a candidate did not fit: whether it is starving, so the memory freed
+        next should wait for it (the scheduler stops the fill only where that memory comes
+        back fast). Default: no reserve."""
+        return False
 
     def add(self, job: Job, now: float, predicted_s: float, need_blocks: int) -> None:
         raise NotImplementedError

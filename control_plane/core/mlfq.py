@@ -33,7 +33,6 @@ LEVEL_PRIORITY_GAP = 1e9
 
 class StatefulMlfq(Discipline):
     name = "stateful-mlfq"
-    reserves = True
 
     def __init__(self, config: MlfqConfig) -> None:
         if config.num_levels < 1:
@@ -48,9 +47,9 @@ class StatefulMlfq(Discipline):
         self._last_ratio = 0.0  # response ratio of the candidate offered last
 
     @property
-    def blocking(self) -> bool:
-        """The scheduler asks after a candidate could not be admitted: stop the fill when
-        that candidate is starving (`reserve_ratio`), so freed memory waits for it."""
+    def reserving(self) -> bool:
+        """The candidate offered last is starving: its response ratio is `reserve_ratio` or
+        more."""
         reserve = self.config.reserve_ratio
         return reserve > 0 and self._last_ratio >= reserve
 

@@ -275,7 +275,8 @@ class Scheduler:
                     continue
                 if self.discipline.new_jobs_wait:
                     held.add(view.worker_id)
-            if self.discipline.blocking and self._holds_fill(view, need):
+            if self.discipline.blocking or (self.discipline.reserving
+                                            and self._copies_free(view, need)):
                 break
             misses += 1
             if (misses >= self.config.max_skipped_candidates
@@ -290,10 +291,9 @@ class Scheduler:
                              for w, v in views.items()}
         return actions
 
-    def _holds_fill(self, view: WorkerView | None, need: int) -> bool:
+    def _copies_free(self, view: WorkerView | None, need: int) -> bool:
         # A reserve holds the fill only where its blocks come by free copies (docs/design.md).
-        return not self.discipline.reserves or (
-            view is not None and self.kv_policy.copy_is_free(need * view.block_size, view))
+        return view is not None and self.kv_policy.copy_is_free(need * view.block_size, view)
 
     def _note_floor(self, view: WorkerView, need: int, floors: dict[int, int]) -> bool:
         """Before room is made for a blocked job: note the free blocks below which the KV
