@@ -201,7 +201,7 @@ def test_pressure_adaptive_under_full_pressure_discards_a_long_call_without_budg
 
 def test_pressure_adaptive_swaps_within_the_budget_under_pressure(gptj):
     p = PressureAdaptive(gptj, FixedEstimator(remaining=30.0), KvPolicyConfig())
-    v = view(gptj, free=500, total=10_000, step_time_s=0.03)
+    v = view(gptj, free=200, total=10_000, step_time_s=0.03)  # u = 0.98
     assert p.on_api_yield(paused_job("j", 1000), 1.0, v).action is KvAction.SWAP
 
 

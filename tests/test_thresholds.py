@@ -92,11 +92,11 @@ WASTE_RULE = KvPolicyConfig(swap_before_discard=False)
 
 
 def test_the_default_thresholds():
-    assert (KvPolicyConfig().low_pressure, KvPolicyConfig().high_pressure) == (0.9, 0.99)
+    assert (KvPolicyConfig().low_pressure, KvPolicyConfig().high_pressure) == (0.97, 0.99)
 
 
 @pytest.mark.parametrize("free, weight", [
-    (1001, 0.0), (1000, 0.0), (999, 1 / 900), (550, 0.5), (101, 1 - 1 / 900), (100, 1.0),
+    (301, 0.0), (300, 0.0), (299, 1 / 200), (200, 0.5), (101, 1 - 1 / 200), (100, 1.0),
     (0, 1.0)])
 def test_pressure_weight_at_and_either_side_of_the_default_thresholds(gptj, free, weight):
     p = PressureAdaptive(gptj, Remaining(1.0), KvPolicyConfig())
@@ -104,9 +104,9 @@ def test_pressure_weight_at_and_either_side_of_the_default_thresholds(gptj, free
 
 
 @pytest.mark.parametrize("free, action, reason", [
-    (1001, KvAction.PRESERVE, "low memory pressure"),  # utilisation 0.8999
-    (1000, KvAction.PRESERVE, "low memory pressure"),  # exactly at the threshold, 0.9
-    (999, KvAction.DISCARD, "pressure: discard < weighted preserve"),  # 0.9001
+    (301, KvAction.PRESERVE, "low memory pressure"),  # utilisation 0.9699
+    (300, KvAction.PRESERVE, "low memory pressure"),  # exactly at the threshold, 0.97
+    (299, KvAction.DISCARD, "pressure: discard < weighted preserve"),  # 0.9701
 ])
 def test_a_long_call_is_preserved_up_to_the_low_threshold_and_discarded_just_past_it(
         gptj, free, action, reason):
@@ -120,7 +120,7 @@ def test_a_long_call_is_preserved_up_to_the_low_threshold_and_discarded_just_pas
 
 
 @pytest.mark.parametrize("free, action", [
-    (150, KvAction.PRESERVE),  # 0.985: weight 0.94, 0.94 × preserve < discard
+    (150, KvAction.PRESERVE),  # 0.985: weight 0.75, 0.75 × preserve < discard
     (100, KvAction.DISCARD),  # exactly at the high threshold, 0.99: weight 1
     (50, KvAction.DISCARD),  # past it: still weight 1
 ])

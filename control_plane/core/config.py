@@ -85,9 +85,11 @@ class MlfqConfig:
 class KvPolicyConfig:
     """Pressure-adaptive KV decisions during API waits (docs/design.md, "KV policy during API waits")."""
 
-    # Below this KV utilisation every API wait preserves: free memory costs nobody anything.
-    # (Swept 0.5–0.99 on the InferCept mix: docs/results/README.md, "How the defaults were chosen".)
-    low_pressure: float = 0.9
+    # Below this KV utilisation every API wait preserves: free memory costs nobody anything,
+    # and reclaim gives it back when a ready job wants it. 0.97 since reclaim and swap before
+    # discard (0.9 before): heavy loads of the mix 1-5 % faster; from 0.985 chat's paused
+    # conversations fill the pool (docs/results/tail-tuning.md, "The low-pressure threshold").
+    low_pressure: float = 0.97
     # At or above this utilisation the preserve waste counts in full (InferCept's rule).
     high_pressure: float = 0.99
     # When a ready job does not fit, reclaim memory from jobs paused in API waits (swap if the
