@@ -89,8 +89,9 @@ def _astraea_paper(profile, estimator, config):
                    prefill_aging_ratio=0.0, reserve_ratio=0.0, age_weight=0.0,
                    t_exponent=1.0, running_budget_share=0.0, new_job_kv_share=0.0,
                    new_jobs_wait_for_blocked=False)
+    # The paper gives no thresholds: the replica keeps those it was first run with.
     kv = replace(config.kv, reclaim_for_ready_jobs=False, swap_before_discard=False,
-                 free_copy_step_share=0.0)
+                 free_copy_step_share=0.0, low_pressure=0.9, high_pressure=0.99)
     config = replace(config, mlfq=mlfq, kv=kv)
     return Scheduler(StatefulMlfq(mlfq), PressureAdaptive(profile, estimator, kv),
                       profile, estimator, config)
@@ -171,8 +172,9 @@ POLICIES: dict[str, PolicySpec] = {
         PolicySpec(
             "astraea-paper",
             "Astraea as the paper's text reads: only the first non-empty MLFQ level is "
-            "considered, and the worker keeps admission order for prefill; the same "
-            "pressure-adaptive KV policy, without reclaim.",
+            "considered, and the worker keeps admission order for prefill; the "
+            "pressure-adaptive KV policy from 90 % (the paper gives no thresholds), without "
+            "reclaim.",
             "Astraea (arXiv 2512.14142).",
             _astraea_paper,
         ),
