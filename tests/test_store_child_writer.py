@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import signal
 import sqlite3
 import subprocess
@@ -194,6 +195,23 @@ def test_a_killed_owner_takes_its_writer_process_and_lock_with_it(tmp_path):
             time.sleep(0.05)
     with store:
         assert [j.job_id for j in store.load_unfinished()] == [f"job-{i}" for i in range(20)]
+
+
+def test_a_writer_process_whose_owner_died_mid_round_exits_quietly(tmp_path):
+    # The owner sent a round and was killed before reading the answer: the child's answer
+    # meets a pipe nobody reads. It exits cleanly, and prints no traceback into the log the
+    # owner shared with it (the restarted control plane's, which is read as JSON lines).
+    from astraea.store.child_writer import _HEADER
+
+    child = subprocess.Popen(
+        [sys.executable, "-m", "astraea.store.child_writer", str(tmp_path / "astraea.db")],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # the dead owner's end of the answer pipe
+    body = pickle.dumps([])  # an empty round: answered ("ok", None)
+    child.stdin.write(_HEADER.pack(len(body)) + body)
+    child.stdin.close()
+    assert child.wait(30) == 0
+    assert child.stderr.read().decode() == ""
 
 
 def test_an_unknown_writer_is_refused(tmp_path):

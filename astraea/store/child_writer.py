@@ -307,8 +307,15 @@ def _child(path: str) -> int:
         except Exception as e:  # noqa: BLE001 - the parent fails the store with this
             answer = ("error", f"{type(e).__name__}: {e}")
         frame = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
-        out.write(_HEADER.pack(len(frame)) + frame)
-        out.flush()
+        try:
+            out.write(_HEADER.pack(len(frame)) + frame)
+            out.flush()
+        except BrokenPipeError:
+            # The parent died (SIGKILL) after sending the round: the round is committed and
+            # nobody reads the answer. Exit quietly, stdout pointed at devnull so that the
+            # interpreter's last flush does not print a traceback into the parent's log.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+            return 0
         if answer[0] != "ok":
             return 1
 
