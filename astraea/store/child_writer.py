@@ -196,6 +196,9 @@ class ChildWriter:
                 del self._sent[:n]
         except BlockingIOError:
             pass  # the child is busy: the rest goes when the pipe takes it
+        except BrokenPipeError:  # its end of the pipe is closed: the child is gone
+            self._child_exited()
+            return
         except OSError as e:
             self._fail(f"cannot send to the store's writer process: {e}")
             return
@@ -218,10 +221,7 @@ class ChildWriter:
         else:
             why = ""
         if not data:
-            code = self._proc.poll()
-            self._fail(f"the store's writer process exited{why and ': ' + why}"
-                       f"{'' if code is None else f' (code {code})'}; writes not yet "
-                       "committed are lost")
+            self._child_exited(why)
             return
         self._received += data
         while len(self._received) >= _HEADER.size:
@@ -257,6 +257,12 @@ class ChildWriter:
                 self._readable()
 
     # --- failure and the end ----------------------------------------------------------------
+    def _child_exited(self, why: str = "") -> None:
+        code = self._proc.poll()
+        self._fail(f"the store's writer process exited{why and ': ' + why}"
+                   f"{'' if code is None else f' (code {code})'}; writes not yet "
+                   "committed are lost")
+
     def _fail(self, why: str) -> None:
         if self._failed is None:
             self._failed = StoreError(f"{self._url}: {why}")
