@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from processes import alive
 
 from astraea.client import AgentClient, AstraeaError
 from astraea.tools.cli.main import main
@@ -25,19 +26,6 @@ def _no_telemetry_export(monkeypatch):
     # The services inherit the environment: no OTLP exports or console spans from tests.
     for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "ASTRAEA_TELEMETRY_CONSOLE", "ASTRAEA_LOG_LEVEL"):
         monkeypatch.delenv(name, raising=False)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0); Stack.stop reaps its children, so none should remain.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _free_port() -> int:
@@ -59,7 +47,7 @@ def test_stack_runs_a_job_through_separate_processes_and_shuts_down_cleanly(tmp_
         pids = st.pids
         assert set(pids) == {"predictor", "control-plane", "worker-w1", "worker-w2"}
         assert len(set(pids.values())) == 4 and os.getpid() not in pids.values()
-        assert all(_alive(pid) for pid in pids.values())
+        assert all(alive(pid) for pid in pids.values())
         assert st.predictor_address and st.control_plane_address.startswith("127.0.0.1:")
         client = AgentClient(st.control_plane_address)
         try:
@@ -78,7 +66,7 @@ def test_stack_runs_a_job_through_separate_processes_and_shuts_down_cleanly(tmp_
         assert sum(decisions.values()) == 1, decisions
         assert set(decisions) <= {"preserve", "swap", "discard"}
     assert st.exit_codes == dict.fromkeys(pids, 0)
-    assert not [name for name, pid in pids.items() if _alive(pid)]
+    assert not [name for name, pid in pids.items() if alive(pid)]
     logs = {name: path.read_text() for name, path in st.log_files.items()}
     assert '"event": "predictor connected"' in logs["control-plane"]
     assert '"settings": {"mlfq.num_levels": 3}' in logs["control-plane"]  # passed as --set
@@ -97,7 +85,7 @@ def test_a_worker_that_cannot_reach_its_control_plane_fails_startup_with_its_log
     assert f"worker-w1 did not register with the control plane at {dead} within 5 s" in msg
     assert "control plane lost, reconnecting" in msg  # the tail of the worker's log
     assert str(st.log_files["worker-w1"]) in msg
-    assert not any(_alive(pid) for pid in st.pids.values())
+    assert not any(alive(pid) for pid in st.pids.values())
 
 
 def test_startup_failure_stops_the_processes_already_started(tmp_path):
@@ -113,7 +101,7 @@ def test_startup_failure_stops_the_processes_already_started(tmp_path):
     finally:
         busy.close()
     assert set(st.pids) == {"predictor", "control-plane"}
-    assert not any(_alive(pid) for pid in st.pids.values())
+    assert not any(alive(pid) for pid in st.pids.values())
     assert st.exit_codes["predictor"] == 0
 
 
@@ -172,7 +160,7 @@ def test_astraea_up_serves_until_sigterm_then_stops_every_service(tmp_path):
     assert "stopped (all exited 0)" in err
     pids = [int(line.rsplit("pid ", 1)[1].rstrip(")")) for line in err.splitlines()
             if "(pid " in line]
-    assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
+    assert len(pids) == 2 and not any(alive(pid) for pid in pids)
 
 
 def test_astraea_demo_prints_both_tables_and_where_each_job_can_be_seen(tmp_path, capsys):

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import alive
 
 from astraea.store import JobRecord, StoreError, TranscriptPiece, open_store
 
@@ -140,13 +141,7 @@ def test_a_call_from_another_thread_is_refused(tmp_path):
 
 def _wait_dead(pid: int) -> None:
     deadline = time.monotonic() + 30
-    while True:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                    return
-        except FileNotFoundError:
-            return
+    while alive(pid):
         assert time.monotonic() < deadline, f"process {pid} outlived SIGKILL"
         time.sleep(0.01)
 
