@@ -24,11 +24,11 @@ from control_plane.core.job import Job
 
 class NewJobGate:
     def __init__(self, share: float, watermark: float, estimator: ServiceTimeEstimator,
-                 free_copy: Callable[[int, WorkerView], bool]) -> None:
+                 free_copy: Callable[[WorkerView | None, int], bool]) -> None:
         self.share = share  # 0: every new job passes
         self.watermark = watermark
         self.estimator = estimator
-        self.free_copy = free_copy  # whether copying that many tokens of KV delays nobody
+        self.free_copy = free_copy  # whether copying that many blocks of KV delays nobody
         # Per worker: jobs admitted to it at least once and not finished, wherever their KV is.
         self.under_way: dict[int, dict[str, Job]] = {}
         self._sums: dict[int, list] = {}  # per worker, within one plan: see `_blocks`
@@ -60,7 +60,7 @@ class NewJobGate:
             return True
         if need < (1 - self.share) * view.total_blocks:
             return True  # a prompt that fits in the headroom the share leaves displaces little
-        if self.free_copy(need * view.block_size, view):
+        if self.free_copy(view, need):
             return True  # the contexts it displaces go to the host and back at no one's cost
         room = self.share * view.total_blocks - int(self.watermark * view.total_blocks) - need
         if room < 0:

@@ -65,7 +65,7 @@ class Scheduler:
         self.paused: dict[int, dict[str, Job]] = {}  # API_WAIT with KV resident on the worker
         self.resident_ready: dict[int, dict[str, Job]] = {}  # READY with KV resident, not running
         self.new_jobs = NewJobGate(discipline.new_job_kv_share, self.config.kv.watermark,
-                                   estimator, kv_policy.copy_is_free)
+                                   estimator, self._copies_free)
         self.decision_counts: Counter[str] = Counter()
         self.on_decision = on_decision  # every KV decision, with its inputs (for traces)
         self.on_admit = on_admit  # every admission, with the queue and score it won with
@@ -292,7 +292,7 @@ class Scheduler:
         return actions
 
     def _copies_free(self, view: WorkerView | None, need: int) -> bool:
-        # A reserve holds the fill only where its blocks come by free copies (docs/design.md).
+        # `need` blocks come by free copies: a reserve holds, the new-job gate passes (design.md).
         return view is not None and self.kv_policy.copy_is_free(need * view.block_size, view)
 
     def _note_floor(self, view: WorkerView, need: int, floors: dict[int, int]) -> bool:
