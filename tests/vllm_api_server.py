@@ -34,8 +34,8 @@ from worker.vllm.config import EngineConfig, max_model_len_of
 # environment gives reaches the stack's workers, which inherit it, just the same).
 WORKER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 # `astraea-worker --backend vllm` without --dtype: vLLM's "auto", which on CPU downcasts
-# the tiny model's float32 weights to bfloat16 (vllm/config/model.py). A float32 server
-# would decode other tokens than the worker after a few steps.
+# the tiny model's float32 weights to bfloat16 (vllm/config/model.py). A server on another
+# dtype than the worker decodes other tokens after a few steps.
 WORKER_DTYPE = "auto"
 
 
@@ -59,10 +59,10 @@ def engine_flags(config: EngineConfig) -> list[str]:
     return flags
 
 
-def worker_engine_config(model: str) -> EngineConfig:
-    """The engine of a stack's vLLM worker started with no engine options (as
-    `astraea.tools.stack.Stack` starts it): vLLM sizes the KV pool, dtype auto."""
-    return EngineConfig(model=model, num_blocks=None, dtype=WORKER_DTYPE)
+def worker_engine_config(model: str, dtype: str = WORKER_DTYPE) -> EngineConfig:
+    """The engine of a stack's vLLM worker started with no engine options but `dtype` (as
+    `astraea.tools.stack.Stack` starts it, `StackConfig.dtype`): vLLM sizes the KV pool."""
+    return EngineConfig(model=model, num_blocks=None, dtype=dtype)
 
 
 @dataclass
