@@ -93,25 +93,28 @@ def clients(servers):
 MIN_LEAD = 1e-4
 
 
-def _assert_greedy_is_clear(client: openai.OpenAI, chat: bool, **kw) -> None:
-    """The premise of each comparison: at every token of vLLM's greedy reply to `kw`, the
-    best token leads the second by at least MIN_LEAD. A failure here is the test's premise
-    breaking (a model or dtype with ties), not the gateway."""
+def _clear_greedy_text(client: openai.OpenAI, chat: bool, **kw) -> str:
+    """vLLM's greedy reply to `kw`, after checking the premise of each comparison: at every
+    token the best leads the second by at least MIN_LEAD. A failure here is the test's
+    premise breaking (a model or dtype with ties), not the gateway."""
     # vLLM's own option: top tokens keyed by id, so two that print alike stay two.
     ids = {"return_tokens_as_token_ids": True}
     if chat:
         r = client.chat.completions.create(model=MODEL, temperature=0, logprobs=True,
                                            top_logprobs=2, extra_body=ids, **kw)
         tops = [[t.logprob for t in token.top_logprobs] for token in r.choices[0].logprobs.content]
+        text = r.choices[0].message.content
     else:
         r = client.completions.create(model=MODEL, temperature=0, logprobs=2, extra_body=ids,
                                       **kw)
         tops = [list(top.values()) for top in r.choices[0].logprobs.top_logprobs]
+        text = r.choices[0].text
     assert len(tops) == r.usage.completion_tokens and all(len(t) >= 2 for t in tops)
     leads = [best - second for best, second in (sorted(t, reverse=True)[:2] for t in tops)]
     assert min(leads) >= MIN_LEAD, (
         f"vLLM's greedy reply is a near-tie at token {leads.index(min(leads))} (lead "
         f"{min(leads):.2e}): which token comes out there is float noise")
+    return text
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,7 @@ def _same(vllm: Outcome, ours: Outcome) -> None:
 def test_chat_completions_match_vllm(clients, case, stream):
     vllm_client, ours = clients
     kw = CHAT_CASES[case]
-    _assert_greedy_is_clear(vllm_client, True, **kw)
+    _clear_greedy_text(vllm_client, True, **kw)
     reference = _chat(vllm_client, stream, **kw)
     assert reference.completion_tokens > 0
     _same(reference, _chat(ours, stream, **kw))
@@ -177,7 +180,7 @@ def test_a_reply_cut_inside_a_character_ends_before_it_as_in_vllm(clients, strea
     # The tiny model starts this reply with bytes of no whole character, and the budget
     # ends it there: vLLM never ends a text with a cut character, so there is no text.
     kw = dict(messages=[ASK], max_tokens=3)
-    _assert_greedy_is_clear(vllm_client, True, **kw)
+    _clear_greedy_text(vllm_client, True, **kw)
     reference = _chat(vllm_client, stream, **kw)
     assert (reference.text, reference.completion_tokens) == ("", 3)
     _same(reference, _chat(ours, stream, **kw))
@@ -197,13 +200,12 @@ def _stop_in(text: str) -> str:
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_a_stop_string_ends_the_chat_reply_as_in_vllm(clients, stream):
     vllm_client, ours = clients
-    _assert_greedy_is_clear(vllm_client, True, messages=[SYSTEM, ASK], max_tokens=40)
-    free = _chat(vllm_client, False, messages=[SYSTEM, ASK], max_tokens=40)
-    stop = _stop_in(free.text)
+    free = _clear_greedy_text(vllm_client, True, messages=[SYSTEM, ASK], max_tokens=40)
+    stop = _stop_in(free)
     kw = dict(messages=[SYSTEM, ASK], max_tokens=40, stop=[stop, "never in the text"])
     reference = _chat(vllm_client, stream, **kw)
     assert reference.finish_reason == "stop"
-    assert reference.text == free.text[:free.text.index(stop)]
+    assert reference.text == free[:free.index(stop)]
     _same(reference, _chat(ours, stream, **kw))
 
 
@@ -218,7 +220,7 @@ COMPLETION_CASES = {
 def test_text_completions_match_vllm(clients, case, stream):
     vllm_client, ours = clients
     kw = COMPLETION_CASES[case]
-    _assert_greedy_is_clear(vllm_client, False, **kw)
+    _clear_greedy_text(vllm_client, False, **kw)
     reference = _complete(vllm_client, stream, **kw)
     assert reference.completion_tokens > 0
     _same(reference, _complete(ours, stream, **kw))
@@ -227,9 +229,7 @@ def test_text_completions_match_vllm(clients, case, stream):
 def test_a_stop_string_ends_the_text_completion_as_in_vllm(clients):
     vllm_client, ours = clients
     kw = dict(prompt="The cache is cut into", max_tokens=40)
-    _assert_greedy_is_clear(vllm_client, False, **kw)
-    free = _complete(vllm_client, False, **kw)
-    stop = _stop_in(free.text)
+    stop = _stop_in(_clear_greedy_text(vllm_client, False, **kw))
     reference = _complete(vllm_client, False, stop=stop, **kw)
     assert reference.finish_reason == "stop"
     _same(reference, _complete(ours, False, stop=stop, **kw))

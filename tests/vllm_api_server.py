@@ -33,10 +33,6 @@ from worker.vllm.config import EngineConfig, max_model_len_of
 # What worker/vllm/engine.py sets for vLLM on CPU (as defaults: a value the caller's
 # environment gives reaches the stack's workers, which inherit it, just the same).
 WORKER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-# `astraea-worker --backend vllm` without --dtype: vLLM's "auto", which on CPU downcasts
-# the tiny model's float32 weights to bfloat16 (vllm/config/model.py). A server on another
-# dtype than the worker decodes other tokens after a few steps.
-WORKER_DTYPE = "auto"
 
 
 def engine_flags(config: EngineConfig) -> list[str]:
@@ -59,9 +55,12 @@ def engine_flags(config: EngineConfig) -> list[str]:
     return flags
 
 
-def worker_engine_config(model: str, dtype: str = WORKER_DTYPE) -> EngineConfig:
+def worker_engine_config(model: str, dtype: str) -> EngineConfig:
     """The engine of a stack's vLLM worker started with no engine options but `dtype` (as
-    `astraea.tools.stack.Stack` starts it, `StackConfig.dtype`): vLLM sizes the KV pool."""
+    `astraea.tools.stack.Stack` starts it, `StackConfig.dtype`): vLLM sizes the KV pool.
+    The server must run the worker's dtype: on another it decodes other tokens after a few
+    steps. A worker without --dtype runs vLLM's "auto", which on CPU downcasts the tiny
+    model's float32 weights to bfloat16 (vllm/config/model.py)."""
     return EngineConfig(model=model, num_blocks=None, dtype=dtype)
 
 
